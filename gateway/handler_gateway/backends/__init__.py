@@ -1,0 +1,261 @@
+"""Queue backends: the storage interface the gateway's operations run on, and its factory.
+
+A backend persists job records and applies a transition's `Effects` atomically (queue, counters,
+worker assignment, stop signals, dead letters) and wakes long-polls through channels. Two
+implementations pass the same contract suite: `memory://` (embedded) and `redis://` (Streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from handler_gateway.jobs import Change, JobRecord
+from handler_gateway.models import EndpointConfig
+
+Transition = Callable[[JobRecord], Change | None]
+
+
+class BackendUnavailable(Exception):
+    """The backend (Redis) cannot be reached; the request must be retried later (HTTP 503)."""
+
+
+@dataclass
+class WorkerRecord:
+    id: str
+    last_seen: float
+    draining: bool = False
+    jobs: set[str] = field(default_factory=set)
+
+    @property
+    def state(self) -> str:
+        if self.draining:
+            return "draining"
+        return "running" if self.jobs else "idle"
+
+
+def queue_channel(endpoint: str) -> str:
+    return f"queue:{endpoint}"
+
+
+def job_channel(endpoint: str, job_id: str) -> str:
+    return f"job:{endpoint}:{job_id}"
+
+
+def stop_channel(endpoint: str, worker: str) -> str:
+    return f"stop:{endpoint}:{worker}"
+
+
+def change_channels(change: Change) -> list[str]:
+    """Channels to wake after `change` is stored."""
+    job = change.job
+    channels = []
+    if change.effects.enqueue or change.effects.release_worker:
+        # A released job frees a slot of a capacity-limited worker: its take may go on.
+        channels.append(queue_channel(job.endpoint))
+    if job.terminal:
+        channels.append(job_channel(job.endpoint, job.id))
+    if change.effects.stop_worker:
+        channels.append(stop_channel(job.endpoint, change.effects.stop_worker))
+    return channels
+
+
+class Notifier:
+    """In-process wake-ups for long-polls, keyed by channel name.
+
+    Take `version(channel)` before checking storage and pass it to `wait(..., since=...)`: a
+    notification that lands in between is not lost (the wait returns at once).
+    """
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._versions: dict[str, int] = {}
+
+    MAX_VERSIONS = 10_000
+
+    def version(self, channel: str) -> int:
+        return self._versions.get(channel, 0)
+
+    async def wait(self, channel: str, timeout: float, since: int | None = None) -> bool:
+        """Wait until `channel` is notified or `timeout` passes; True when notified."""
+        if since is not None and self._versions.get(channel, 0) != since:
+            return True
+        if timeout <= 0:
+            return False
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(channel, set())
+        waiters.add(future)
+        try:
+            await asyncio.wait_for(future, timeout)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiters.discard(future)
+            if not waiters:
+                self._waiters.pop(channel, None)
+
+    def notify(self, channel: str) -> None:
+        if len(self._versions) >= self.MAX_VERSIONS:
+            # Forget idle channels; a reader holding an old version just wakes once for nothing.
+            self._versions = {c: v for c, v in self._versions.items() if c in self._waiters}
+        self._versions[channel] = self._versions.get(channel, 0) + 1
+        for future in self._waiters.get(channel, ()):
+            if not future.done():
+                future.set_result(None)
+
+
+class Backend(ABC):
+    """Storage of endpoints, jobs, streams and workers. All methods may raise BackendUnavailable."""
+
+    notifier: Notifier
+
+    # -- endpoints -------------------------------------------------------------------------
+    @abstractmethod
+    async def put_endpoint(self, config: EndpointConfig) -> None: ...
+
+    @abstractmethod
+    async def get_endpoint(self, endpoint: str) -> EndpointConfig | None: ...
+
+    @abstractmethod
+    async def delete_endpoint(self, endpoint: str) -> bool:
+        """Remove the endpoint with all its jobs, queue, streams and workers."""
+
+    @abstractmethod
+    async def list_endpoints(self) -> list[EndpointConfig]: ...
+
+    # -- jobs --------------------------------------------------------------------------------
+    @abstractmethod
+    async def create_job(self, change: Change) -> None:
+        """Store a new job and enqueue it (a `jobs.new_job` change)."""
+
+    @abstractmethod
+    async def get_job(self, endpoint: str, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    async def update_job(self, endpoint: str, job_id: str, transition: Transition) -> Change | None:
+        """Apply `transition` to the stored job atomically; None when it is absent or unchanged."""
+
+    @abstractmethod
+    async def claim_jobs(self, endpoint: str, count: int, transition: Transition) -> list[Change]:
+        """Pop up to `count` queued jobs, applying `transition` (start) to each atomically.
+
+        Entries whose job is no longer queued are dropped. Returns every change applied (a
+        start, or an expiry when the job's ttl passed while queued).
+        """
+
+    @abstractmethod
+    async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
+        """Ids at the head of the queue (oldest first), for ttl sweeps."""
+
+    @abstractmethod
+    async def active_job_ids(self, endpoint: str) -> list[str]:
+        """Ids of the endpoint's IN_PROGRESS jobs."""
+
+    @abstractmethod
+    async def purge_queue(self, endpoint: str, transition: Transition) -> list[Change]:
+        """Apply `transition` (cancel) to every queued job and empty the queue."""
+
+    # -- streams -----------------------------------------------------------------------------
+    @abstractmethod
+    async def append_chunk(
+        self, endpoint: str, job_id: str, chunk: Any, expire_at: float
+    ) -> None: ...
+
+    @abstractmethod
+    async def read_chunks(self, endpoint: str, job_id: str, start: int) -> list[Any]: ...
+
+    # -- workers -----------------------------------------------------------------------------
+    @abstractmethod
+    async def touch_worker(self, endpoint: str, worker: str, now: float) -> None: ...
+
+    @abstractmethod
+    async def get_workers(self, endpoint: str) -> dict[str, WorkerRecord]: ...
+
+    @abstractmethod
+    async def set_draining(
+        self, endpoint: str, worker: str, draining: bool, now: float
+    ) -> None: ...
+
+    @abstractmethod
+    async def remove_worker(self, endpoint: str, worker: str) -> None: ...
+
+    @abstractmethod
+    async def worker_draining(self, endpoint: str, worker: str) -> bool: ...
+
+    @abstractmethod
+    async def worker_job_count(self, endpoint: str, worker: str) -> int: ...
+
+    async def poll_worker(self, endpoint: str, worker: str, now: float) -> tuple[int, bool]:
+        """Mark the worker seen; return (jobs it holds, draining). One round trip where it can."""
+        await self.touch_worker(endpoint, worker, now)
+        held = await self.worker_job_count(endpoint, worker)
+        return held, await self.worker_draining(endpoint, worker)
+
+    @abstractmethod
+    async def due_stop_signals(
+        self, endpoint: str, worker: str, now: float, resend_after: float
+    ) -> list[str]:
+        """Jobs the worker must stop, not sent within `resend_after` s; marks them sent now.
+
+        A stop stays pending until cleared: the SDK drops a stop that arrives before the job's
+        task exists, so it is sent again until the worker lets go of the job.
+        """
+
+    @abstractmethod
+    async def pending_stop_signals(self, endpoint: str, worker: str) -> dict[str, float]:
+        """Pending stops of the worker: job id -> when last sent (0: never)."""
+
+    @abstractmethod
+    async def clear_stop_signals(self, endpoint: str, worker: str, job_ids: list[str]) -> None: ...
+
+    # -- figures -----------------------------------------------------------------------------
+    @abstractmethod
+    async def counters(self, endpoint: str) -> dict[str, int]: ...
+
+    @abstractmethod
+    async def add_counters(self, endpoint: str, deltas: dict[str, int]) -> None: ...
+
+    @abstractmethod
+    async def all_counters(self, endpoints: list[str]) -> dict[str, dict[str, int]]: ...
+
+    @abstractmethod
+    async def activity(self, endpoints: list[str]) -> dict[str, float | None]: ...
+
+    @abstractmethod
+    async def dead_letters(self, endpoint: str) -> list[str]: ...
+
+    # -- housekeeping ------------------------------------------------------------------------
+    @abstractmethod
+    async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """True when `owner` holds the named lease (one sweeper among gateway replicas)."""
+
+    @abstractmethod
+    async def forget_expired(self, endpoint: str, now: float) -> int:
+        """Delete terminal job records past their expiry (where storage does not expire them)."""
+
+    async def recover(self, now: float) -> int:
+        """Re-queue deliveries a dead gateway replica left half-done. Returns how many."""
+        return 0
+
+    @abstractmethod
+    async def ping(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+def open_backend(url: str, **options: Any) -> Backend:
+    """`memory://` or `redis://host:port/db` (options: key `prefix`, `replica` name)."""
+    if url.startswith("memory://"):
+        from handler_gateway.backends.memory import MemoryBackend
+
+        return MemoryBackend()
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from handler_gateway.backends.redis_streams import RedisBackend
+
+        return RedisBackend(url, **options)
+    raise ValueError(f"unknown backend URL '{url}': use memory:// or redis://host:port/db")

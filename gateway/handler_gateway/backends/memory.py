@@ -1,0 +1,263 @@
+"""The embedded in-memory backend (`memory://`): one process, no persistence; for dev and tests.
+
+Operations run without awaiting inside, so each one is atomic on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from handler_gateway.backends import (
+    Backend,
+    Notifier,
+    Transition,
+    WorkerRecord,
+    change_channels,
+)
+from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
+from handler_gateway.models import EndpointConfig
+
+
+class _EndpointState:
+    def __init__(self, config: EndpointConfig):
+        self.config = config
+        self.jobs: dict[str, JobRecord] = {}
+        self.queue: deque[str] = deque()
+        self.active: set[str] = set()
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.chunks: dict[str, list[Any]] = {}
+        self.workers: dict[str, WorkerRecord] = {}
+        self.stops: dict[str, dict[str, float]] = {}
+        self.dead: list[str] = []
+        self.activity: float | None = None
+
+
+class MemoryBackend(Backend):
+    def __init__(self) -> None:
+        self.notifier = Notifier()
+        self._endpoints: dict[str, _EndpointState] = {}
+        self._leases: dict[str, tuple[str, float]] = {}
+
+    def _state(self, endpoint: str) -> _EndpointState | None:
+        return self._endpoints.get(endpoint)
+
+    # -- endpoints -------------------------------------------------------------------------
+    async def put_endpoint(self, config: EndpointConfig) -> None:
+        state = self._endpoints.get(config.id)
+        if state is None:
+            self._endpoints[config.id] = _EndpointState(config)
+        else:
+            state.config = config
+
+    async def get_endpoint(self, endpoint: str) -> EndpointConfig | None:
+        state = self._state(endpoint)
+        return state.config if state else None
+
+    async def delete_endpoint(self, endpoint: str) -> bool:
+        return self._endpoints.pop(endpoint, None) is not None
+
+    async def list_endpoints(self) -> list[EndpointConfig]:
+        return [state.config for state in self._endpoints.values()]
+
+    # -- jobs --------------------------------------------------------------------------------
+    def _apply(self, state: _EndpointState, old: JobRecord | None, change: Change) -> None:
+        job, effects = change.job, change.effects
+        state.jobs[job.id] = job
+        if job.status == JobStatus.IN_PROGRESS:
+            state.active.add(job.id)
+        else:
+            state.active.discard(job.id)
+        if effects.enqueue:
+            state.queue.append(job.id)
+        for name, delta in effects.counters.items():
+            state.counters[name] = state.counters.get(name, 0) + delta
+        if effects.release_worker and effects.release_worker in state.workers:
+            state.workers[effects.release_worker].jobs.discard(job.id)
+        if effects.assign_worker:
+            worker = state.workers.setdefault(
+                effects.assign_worker, WorkerRecord(effects.assign_worker, job.started_at or 0)
+            )
+            worker.jobs.add(job.id)
+        if effects.stop_worker:
+            state.stops.setdefault(effects.stop_worker, {})[job.id] = 0.0
+        if effects.activity:
+            state.activity = max(
+                state.activity or 0.0, job.finished_at or job.started_at or job.created_at
+            )
+        if effects.dead_letter:
+            state.dead.append(job.id)
+        if effects.undead_letter and job.id in state.dead:
+            state.dead.remove(job.id)
+        for channel in change_channels(change):
+            self.notifier.notify(channel)
+
+    async def create_job(self, change: Change) -> None:
+        state = self._state(change.job.endpoint)
+        if state is None:
+            raise KeyError(change.job.endpoint)
+        self._apply(state, None, change)
+
+    async def get_job(self, endpoint: str, job_id: str) -> JobRecord | None:
+        state = self._state(endpoint)
+        return state.jobs.get(job_id) if state else None
+
+    async def update_job(self, endpoint: str, job_id: str, transition: Transition) -> Change | None:
+        state = self._state(endpoint)
+        job = state.jobs.get(job_id) if state else None
+        if job is None:
+            return None
+        change = transition(job)
+        if change is not None:
+            self._apply(state, job, change)
+        return change
+
+    async def claim_jobs(self, endpoint: str, count: int, transition: Transition) -> list[Change]:
+        state = self._state(endpoint)
+        changes: list[Change] = []
+        started = 0
+        while state and state.queue and started < count:
+            job = state.jobs.get(state.queue.popleft())
+            change = transition(job) if job is not None else None
+            if change is None:
+                continue
+            self._apply(state, job, change)
+            changes.append(change)
+            started += change.job.status == JobStatus.IN_PROGRESS
+        return changes
+
+    async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
+        state = self._state(endpoint)
+        return list(state.queue)[:limit] if state else []
+
+    async def active_job_ids(self, endpoint: str) -> list[str]:
+        state = self._state(endpoint)
+        return list(state.active) if state else []
+
+    async def purge_queue(self, endpoint: str, transition: Transition) -> list[Change]:
+        state = self._state(endpoint)
+        changes: list[Change] = []
+        while state and state.queue:
+            job = state.jobs.get(state.queue.popleft())
+            change = transition(job) if job is not None else None
+            if change is not None:
+                self._apply(state, job, change)
+                changes.append(change)
+        return changes
+
+    # -- streams -----------------------------------------------------------------------------
+    async def append_chunk(self, endpoint: str, job_id: str, chunk: Any, expire_at: float) -> None:
+        state = self._state(endpoint)
+        if state is not None:
+            state.chunks.setdefault(job_id, []).append(chunk)
+
+    async def read_chunks(self, endpoint: str, job_id: str, start: int) -> list[Any]:
+        state = self._state(endpoint)
+        return list(state.chunks.get(job_id, [])[start:]) if state else []
+
+    # -- workers -----------------------------------------------------------------------------
+    async def touch_worker(self, endpoint: str, worker: str, now: float) -> None:
+        state = self._state(endpoint)
+        if state is None:
+            return
+        record = state.workers.setdefault(worker, WorkerRecord(worker, now))
+        record.last_seen = now
+
+    async def get_workers(self, endpoint: str) -> dict[str, WorkerRecord]:
+        state = self._state(endpoint)
+        if state is None:
+            return {}
+        return {
+            key: WorkerRecord(w.id, w.last_seen, w.draining, set(w.jobs))
+            for key, w in state.workers.items()
+        }
+
+    async def set_draining(self, endpoint: str, worker: str, draining: bool, now: float) -> None:
+        state = self._state(endpoint)
+        if state is not None:
+            state.workers.setdefault(worker, WorkerRecord(worker, now)).draining = draining
+            self.notifier.notify(f"drain:{endpoint}:{worker}")
+
+    async def remove_worker(self, endpoint: str, worker: str) -> None:
+        state = self._state(endpoint)
+        if state is not None:
+            state.workers.pop(worker, None)
+            state.stops.pop(worker, None)
+
+    async def worker_draining(self, endpoint: str, worker: str) -> bool:
+        state = self._state(endpoint)
+        record = state.workers.get(worker) if state else None
+        return bool(record and record.draining)
+
+    async def worker_job_count(self, endpoint: str, worker: str) -> int:
+        state = self._state(endpoint)
+        record = state.workers.get(worker) if state else None
+        return len(record.jobs) if record else 0
+
+    async def due_stop_signals(
+        self, endpoint: str, worker: str, now: float, resend_after: float
+    ) -> list[str]:
+        state = self._state(endpoint)
+        pending = state.stops.get(worker, {}) if state else {}
+        due = [job for job, sent in pending.items() if now - sent >= resend_after]
+        for job in due:
+            pending[job] = now
+        return due
+
+    async def pending_stop_signals(self, endpoint: str, worker: str) -> dict[str, float]:
+        state = self._state(endpoint)
+        return dict(state.stops.get(worker, {})) if state else {}
+
+    async def clear_stop_signals(self, endpoint: str, worker: str, job_ids: list[str]) -> None:
+        state = self._state(endpoint)
+        pending = state.stops.get(worker) if state else None
+        for job in job_ids if pending is not None else ():
+            pending.pop(job, None)
+
+    # -- figures -----------------------------------------------------------------------------
+    async def counters(self, endpoint: str) -> dict[str, int]:
+        state = self._state(endpoint)
+        return dict(state.counters) if state else dict.fromkeys(COUNTERS, 0)
+
+    async def add_counters(self, endpoint: str, deltas: dict[str, int]) -> None:
+        state = self._state(endpoint)
+        if state is not None:
+            for name, delta in deltas.items():
+                state.counters[name] = state.counters.get(name, 0) + delta
+
+    async def all_counters(self, endpoints: list[str]) -> dict[str, dict[str, int]]:
+        return {endpoint: await self.counters(endpoint) for endpoint in endpoints}
+
+    async def activity(self, endpoints: list[str]) -> dict[str, float | None]:
+        return {
+            endpoint: (state.activity if (state := self._state(endpoint)) else None)
+            for endpoint in endpoints
+        }
+
+    async def dead_letters(self, endpoint: str) -> list[str]:
+        state = self._state(endpoint)
+        return list(state.dead) if state else []
+
+    # -- housekeeping ------------------------------------------------------------------------
+    async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        return True
+
+    async def forget_expired(self, endpoint: str, now: float) -> int:
+        state = self._state(endpoint)
+        if state is None:
+            return 0
+        expired = [
+            job_id
+            for job_id, job in state.jobs.items()
+            if job.terminal and job.expires_at <= now and job_id not in state.dead
+        ]
+        for job_id in expired:
+            del state.jobs[job_id]
+            state.chunks.pop(job_id, None)
+        return len(expired)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,339 @@
+"""The job record and its state machine: pure transitions that return the new record + effects.
+
+No I/O. Backends persist a `Change` atomically (record, queue, counters, signals); the
+operations layer decides which transition to apply. Times are unix seconds (floats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobStatus(StrEnum):
+    IN_QUEUE = "IN_QUEUE"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
+
+
+TERMINAL = frozenset(
+    {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMED_OUT}
+)
+RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELLED})
+
+# Counter names (kept per endpoint). inQueue/inProgress are gauges, the rest only grow.
+STATUS_COUNTERS = {
+    JobStatus.IN_QUEUE: "inQueue",
+    JobStatus.IN_PROGRESS: "inProgress",
+    JobStatus.COMPLETED: "completed",
+    JobStatus.FAILED: "failed",
+    JobStatus.CANCELLED: "cancelled",
+    JobStatus.TIMED_OUT: "timedOut",
+}
+COUNTERS = (*STATUS_COUNTERS.values(), "retried", "ignoredResults", "deadLettered")
+
+# Errors the gateway itself puts on jobs.
+LOST_WORKER_ERROR = "worker {worker} stopped sending heartbeats while running the job"
+RETRIES_EXHAUSTED_ERROR = (
+    "job failed: its worker was lost {attempts} times (maxRetries={max_retries}); "
+    "moved to the dead-letter queue"
+)
+EXECUTION_TIMEOUT_ERROR = "job exceeded its execution timeout of {seconds:g} s"
+TTL_EXPIRED_ERROR = "job expired in the queue after its ttl of {seconds:g} s"
+# Terminal records stay readable at least this long, even when their ttl has passed.
+MIN_RESULT_RETENTION_S = 60.0
+
+
+class JobRecord(BaseModel):
+    """Everything the gateway knows about one job (stored as JSON by the backends)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    id: str
+    endpoint: str
+    status: JobStatus = JobStatus.IN_QUEUE
+    input: Any = None
+    webhook: str | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    heartbeat_at: float | None = None
+    worker_id: str | None = None
+    output: Any = None
+    progress: Any = None
+    error: Any = None
+    redeliveries: int = 0
+    execution_timeout_s: float
+    ttl_s: float
+    max_retries: int
+    stream_cursor: int = 0
+    stop_pod: bool = False
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def expires_at(self) -> float:
+        """When the record may be deleted (terminal records are kept a minimum time)."""
+        by_ttl = self.created_at + self.ttl_s
+        if self.finished_at is not None:
+            return max(by_ttl, self.finished_at + MIN_RESULT_RETENTION_S)
+        return by_ttl
+
+    def delay_ms(self) -> int | None:
+        if self.started_at is None:
+            return None
+        return int(round((self.started_at - self.created_at) * 1000))
+
+    def execution_ms(self) -> int | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return int(round((self.finished_at - self.started_at) * 1000))
+
+
+@dataclass
+class Effects:
+    """What must happen atomically together with storing the new record."""
+
+    enqueue: bool = False  # (re)append the job to its endpoint's queue
+    stop_worker: str | None = None  # tell this worker (job-stop) to stop the job
+    release_worker: str | None = None  # the job no longer belongs to this worker
+    assign_worker: str | None = None  # the job now runs on this worker
+    activity: bool = False  # record "now" as the endpoint's last activity (scale-to-zero clock)
+    dead_letter: bool = False  # append to the endpoint's dead-letter list
+    undead_letter: bool = False  # remove from the dead-letter list
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def count(self, name: str, delta: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + delta
+
+
+@dataclass
+class Change:
+    """A transition's result: the new record and what has to happen with it."""
+
+    job: JobRecord
+    effects: Effects = field(default_factory=Effects)
+    note: str = ""
+
+
+def status_counter_deltas(old: JobStatus | None, new: JobStatus) -> dict[str, int]:
+    """Counter deltas of moving a job from `old` (None: new job) to `new`."""
+    deltas: dict[str, int] = {}
+    if old == new:
+        return deltas
+    if old in (JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS):
+        deltas[STATUS_COUNTERS[old]] = -1
+    if new in (JobStatus.IN_QUEUE, JobStatus.IN_PROGRESS) or new in TERMINAL:
+        deltas[STATUS_COUNTERS[new]] = deltas.get(STATUS_COUNTERS[new], 0) + 1
+    return deltas
+
+
+def _change(
+    old: JobRecord, new: JobRecord, effects: Effects | None = None, note: str = ""
+) -> Change:
+    effects = effects or Effects()
+    for name, delta in status_counter_deltas(old.status, new.status).items():
+        effects.count(name, delta)
+    return Change(new, effects, note)
+
+
+def new_job(
+    job_id: str,
+    endpoint: str,
+    job_input: Any,
+    now: float,
+    *,
+    execution_timeout_s: float,
+    ttl_s: float,
+    max_retries: int,
+    webhook: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Change:
+    job = JobRecord(
+        id=job_id,
+        endpoint=endpoint,
+        input=job_input,
+        webhook=webhook,
+        created_at=now,
+        execution_timeout_s=execution_timeout_s,
+        ttl_s=ttl_s,
+        max_retries=max_retries,
+        extra=extra or {},
+    )
+    effects = Effects(enqueue=True, activity=True)
+    effects.count("inQueue")
+    return Change(job, effects, "submitted")
+
+
+def start(job: JobRecord, worker: str, now: float) -> Change | None:
+    """A worker took the job. None when it is no longer queued (cancelled, purged, expired)."""
+    if job.status != JobStatus.IN_QUEUE:
+        return None
+    if now >= job.created_at + job.ttl_s:
+        return expire_in_queue(job, now)
+    new = job.model_copy(
+        update={
+            "status": JobStatus.IN_PROGRESS,
+            "started_at": now,
+            "heartbeat_at": now,
+            "worker_id": worker,
+        }
+    )
+    return _change(job, new, Effects(assign_worker=worker, activity=True), "started")
+
+
+def expire_in_queue(job: JobRecord, now: float) -> Change | None:
+    if job.status != JobStatus.IN_QUEUE or now < job.created_at + job.ttl_s:
+        return None
+    new = job.model_copy(
+        update={
+            "status": JobStatus.TIMED_OUT,
+            "finished_at": now,
+            "error": TTL_EXPIRED_ERROR.format(seconds=job.ttl_s),
+        }
+    )
+    return _change(job, new, note="expired")
+
+
+def finish(job: JobRecord, worker: str, body: dict[str, Any], now: float) -> Change | None:
+    """A worker posted a final result. None when it must be ignored (stale or duplicate)."""
+    if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
+        return None
+    error = body.get("error")
+    output = body.get("output")
+    update: dict[str, Any] = {
+        "finished_at": now,
+        "stop_pod": bool(body.get("stopPod")),
+        "progress": None,
+    }
+    if error not in (None, ""):
+        update.update(status=JobStatus.FAILED, error=error, output=output)
+    else:
+        update.update(status=JobStatus.COMPLETED, output=output)
+    new = job.model_copy(update=update)
+    effects = Effects(release_worker=worker, activity=True)
+    return _change(job, new, effects, new.status.value.lower())
+
+
+def progress(job: JobRecord, worker: str, value: Any, now: float) -> Change | None:
+    """A progress update (`{"status": "IN_PROGRESS", "output": ...}`); never overwrites a result."""
+    if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
+        return None
+    return Change(job.model_copy(update={"progress": value, "heartbeat_at": now}), note="progress")
+
+
+def heartbeat(job: JobRecord, worker: str, now: float, min_interval: float = 0.0) -> Change | None:
+    """The worker is still on the job (ping, stream chunk); skipped when touched very recently."""
+    if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
+        return None
+    if job.heartbeat_at is not None and now - job.heartbeat_at < min_interval:
+        return None
+    return Change(job.model_copy(update={"heartbeat_at": now}), note="heartbeat")
+
+
+def cancel(job: JobRecord, now: float) -> Change | None:
+    if job.terminal:
+        return None
+    new = job.model_copy(update={"status": JobStatus.CANCELLED, "finished_at": now})
+    effects = Effects()
+    if job.status == JobStatus.IN_PROGRESS and job.worker_id:
+        effects.stop_worker = job.worker_id
+        effects.release_worker = job.worker_id
+    return _change(job, new, effects, "cancelled")
+
+
+def time_out(job: JobRecord, now: float) -> Change | None:
+    """Enforce the execution timeout of a running job (older SDKs never call job-stop)."""
+    if job.status != JobStatus.IN_PROGRESS or job.started_at is None:
+        return None
+    if now < job.started_at + job.execution_timeout_s:
+        return None
+    new = job.model_copy(
+        update={
+            "status": JobStatus.TIMED_OUT,
+            "finished_at": now,
+            "error": EXECUTION_TIMEOUT_ERROR.format(seconds=job.execution_timeout_s),
+        }
+    )
+    effects = Effects(stop_worker=job.worker_id, release_worker=job.worker_id)
+    return _change(job, new, effects, "timed out")
+
+
+def lose_worker(job: JobRecord, now: float, lost_after_s: float) -> Change | None:
+    """Re-queue a running job whose worker went silent; dead-letter it after maxRetries."""
+    if job.status != JobStatus.IN_PROGRESS:
+        return None
+    last = job.heartbeat_at or job.started_at or job.created_at
+    if now - last < lost_after_s:
+        return None
+    worker = job.worker_id
+    attempts = job.redeliveries + 1
+    effects = Effects(release_worker=worker)
+    if attempts > job.max_retries:
+        new = job.model_copy(
+            update={
+                "status": JobStatus.FAILED,
+                "finished_at": now,
+                "redeliveries": attempts,
+                "error": RETRIES_EXHAUSTED_ERROR.format(
+                    attempts=attempts, max_retries=job.max_retries
+                ),
+            }
+        )
+        effects.dead_letter = True
+        effects.count("deadLettered")
+        return _change(job, new, effects, f"dead-lettered (lost {worker})")
+    new = job.model_copy(
+        update={
+            "status": JobStatus.IN_QUEUE,
+            "started_at": None,
+            "heartbeat_at": None,
+            "worker_id": None,
+            "progress": None,
+            "redeliveries": attempts,
+            "error": None,
+            "extra": {**job.extra, "lastError": LOST_WORKER_ERROR.format(worker=worker)},
+        }
+    )
+    effects.enqueue = True
+    effects.count("retried")
+    return _change(job, new, effects, f"re-queued (lost {worker})")
+
+
+def requeue(job: JobRecord, now: float, reset_attempts: bool) -> Change | None:
+    """Client `retry` of a finished-unsuccessfully job, or an admin dead-letter replay."""
+    if job.status not in RETRYABLE:
+        return None
+    new = job.model_copy(
+        update={
+            "status": JobStatus.IN_QUEUE,
+            "created_at": now,
+            "started_at": None,
+            "finished_at": None,
+            "heartbeat_at": None,
+            "worker_id": None,
+            "output": None,
+            "progress": None,
+            "error": None,
+            "stream_cursor": 0,
+            "redeliveries": 0 if reset_attempts else job.redeliveries,
+        }
+    )
+    effects = Effects(enqueue=True, undead_letter=True)
+    effects.count("retried")
+    return _change(job, new, effects, "retried")
+
+
+def advance_cursor(job: JobRecord, cursor: int) -> Change | None:
+    if cursor <= job.stream_cursor:
+        return None
+    return Change(job.model_copy(update={"stream_cursor": cursor}), note="stream read")

@@ -1,0 +1,100 @@
+"""Prometheus metrics of the gateway, per endpoint, on a registry of its own.
+
+Counters and histograms are fed by job changes; queue gauges are read from the backend at
+scrape time (every replica reports the same shared figures: aggregate them with `max`).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from handler_gateway.jobs import TERMINAL, Change, JobStatus
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["endpoint"]
+        self.submitted = Counter(
+            "handler_gateway_jobs_submitted", "Jobs accepted", labels, registry=self.registry
+        )
+        self.finished = Counter(
+            "handler_gateway_jobs_finished",
+            "Jobs that ended, by final status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.retried = Counter(
+            "handler_gateway_jobs_retried",
+            "Jobs re-queued (lost worker, retry, replay)",
+            labels,
+            registry=self.registry,
+        )
+        self.ignored = Counter(
+            "handler_gateway_results_ignored",
+            "Worker results for jobs that were cancelled, timed out or reassigned",
+            labels,
+            registry=self.registry,
+        )
+        self.delay = Histogram(
+            "handler_gateway_job_delay_seconds",
+            "Time from submission to a worker taking the job",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.execution = Histogram(
+            "handler_gateway_job_execution_seconds",
+            "Time from a worker taking the job to its end",
+            labels,
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_queue = Gauge(
+            "handler_gateway_queue_depth",
+            "Jobs waiting in the queue",
+            labels,
+            registry=self.registry,
+        )
+        self.in_progress = Gauge(
+            "handler_gateway_jobs_in_progress",
+            "Jobs running on workers",
+            labels,
+            registry=self.registry,
+        )
+        self.workers = Gauge(
+            "handler_gateway_workers",
+            "Workers seen recently, by state",
+            ["endpoint", "state"],
+            registry=self.registry,
+        )
+
+    def on_change(self, change: Change) -> None:
+        job = change.job
+        if change.note == "submitted":
+            self.submitted.labels(job.endpoint).inc()
+        elif job.status == JobStatus.IN_PROGRESS and change.note == "started":
+            delay = job.delay_ms()
+            if delay is not None:
+                self.delay.labels(job.endpoint).observe(delay / 1000)
+        if job.status in TERMINAL and change.effects.counters:
+            self.finished.labels(job.endpoint, job.status.value).inc()
+            execution = job.execution_ms()
+            if execution is not None:
+                self.execution.labels(job.endpoint).observe(execution / 1000)
+        if change.effects.counters.get("retried"):
+            self.retried.labels(job.endpoint).inc()
+
+    def on_ignored(self, endpoint: str) -> None:
+        self.ignored.labels(endpoint).inc()
+
+    def render(self, figures: dict) -> bytes:
+        """Exposition text, with queue gauges set from `figures` (Gateway.queues())."""
+        for endpoint, fig in figures.items():
+            self.in_queue.labels(endpoint).set(fig.inQueue)
+            self.in_progress.labels(endpoint).set(fig.inProgress)
+            for state in ("idle", "running", "draining"):
+                self.workers.labels(endpoint, state).set(getattr(fig.workers, state))
+        return generate_latest(self.registry)

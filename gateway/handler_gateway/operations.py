@@ -1,0 +1,439 @@
+"""The gateway's operations on endpoints, jobs and workers, shared by every backend.
+
+Routes call these; they pick the pure transition (`jobs.py`), let the backend store it
+atomically, and do what follows (metrics, webhooks, long-poll waits). The sweeper enforces
+execution timeouts, re-queues jobs of silent workers, expires queued jobs and old results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from handler_gateway import jobs
+from handler_gateway.backends import Backend, WorkerRecord, job_channel, queue_channel, stop_channel
+from handler_gateway.jobs import Change, JobRecord, JobStatus
+from handler_gateway.models import (
+    EndpointConfig,
+    Health,
+    HealthJobs,
+    HealthWorkers,
+    QueueFigures,
+    RunRequest,
+)
+
+log = logging.getLogger("handler_gateway")
+
+
+class NotFound(Exception):
+    """An unknown endpoint or job (HTTP 404)."""
+
+
+class Conflict(Exception):
+    """The request does not fit the job's state (HTTP 409)."""
+
+
+@dataclass
+class Timings:
+    """Long-poll and sweep timings (seconds)."""
+
+    take_hold: float = 25.0  # below the SDK's 90 s job-take timeout
+    stop_hold: float = 25.0
+    runsync_wait: float = 30.0
+    runsync_wait_max: float = 300.0
+    recheck: float = 1.0  # long-polls re-check storage at least this often
+    sweep_interval: float = 0.5
+    heartbeat_write_interval: float = 1.0
+    stop_resend: float = 3.0  # a pending stop is sent again after this long
+    endpoint_cache: float = 1.0  # endpoint configs are re-read from the backend this often
+
+
+class Gateway:
+    def __init__(
+        self,
+        backend: Backend,
+        timings: Timings | None = None,
+        observers: list[Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.backend = backend
+        self.timings = timings or Timings()
+        self.observers = observers or []  # metrics, webhooks: on_change(change), on_ignored(ep)
+        self.clock = clock
+        self.replica = uuid.uuid4().hex[:12]
+        self.stopping = False
+        self._endpoints: dict[str, tuple[EndpointConfig, float]] = {}
+
+    # -- endpoints -------------------------------------------------------------------------
+    async def endpoint(self, endpoint_id: str) -> EndpointConfig:
+        """The endpoint's config; cached for `endpoint_cache` s (other replicas' edits lag that)."""
+        now = self.clock()
+        cached = self._endpoints.get(endpoint_id)
+        if cached is not None and now - cached[1] < self.timings.endpoint_cache:
+            return cached[0]
+        config = await self.backend.get_endpoint(endpoint_id)
+        if config is None:
+            self._endpoints.pop(endpoint_id, None)
+            raise NotFound(f"endpoint '{endpoint_id}' not found")
+        self._endpoints[endpoint_id] = (config, now)
+        return config
+
+    async def put_endpoint(self, config: EndpointConfig) -> bool:
+        existed = await self.backend.get_endpoint(config.id) is not None
+        await self.backend.put_endpoint(config)
+        self._endpoints.pop(config.id, None)
+        return not existed
+
+    async def delete_endpoint(self, endpoint_id: str) -> None:
+        self._endpoints.pop(endpoint_id, None)
+        if not await self.backend.delete_endpoint(endpoint_id):
+            raise NotFound(f"endpoint '{endpoint_id}' not found")
+
+    # -- client side -------------------------------------------------------------------------
+    def _observe(self, changes: list[Change] | Change | None) -> None:
+        if changes is None:
+            return
+        for change in changes if isinstance(changes, list) else [changes]:
+            for observer in self.observers:
+                observer.on_change(change)
+
+    async def submit(self, endpoint_id: str, request: RunRequest) -> JobRecord:
+        config = await self.endpoint(endpoint_id)
+        policy = request.policy
+        now = self.clock()
+        extra: dict[str, Any] = {}
+        if policy is not None and policy.lowPriority:
+            extra["lowPriority"] = True
+        if request.s3Config:
+            extra["s3Config"] = request.s3Config
+        change = jobs.new_job(
+            str(uuid.uuid4()),
+            endpoint_id,
+            request.input,
+            now,
+            execution_timeout_s=(
+                policy.executionTimeout / 1000
+                if policy and policy.executionTimeout
+                else config.executionTimeoutSeconds
+            ),
+            ttl_s=policy.ttl / 1000 if policy and policy.ttl else config.ttlSeconds,
+            max_retries=config.maxRetries,
+            webhook=request.webhook,
+            extra=extra,
+        )
+        await self.backend.create_job(change)
+        self._observe(change)
+        return change.job
+
+    async def job(self, endpoint_id: str, job_id: str) -> JobRecord:
+        job = await self.backend.get_job(endpoint_id, job_id)
+        if job is None:
+            await self.endpoint(endpoint_id)
+            raise NotFound(f"job '{job_id}' not found in endpoint '{endpoint_id}'")
+        return job
+
+    async def wait_terminal(self, endpoint_id: str, job_id: str, wait: float) -> JobRecord:
+        """The job once it has ended, or as it is after `wait` seconds (runsync)."""
+        deadline = self.clock() + wait
+        channel = job_channel(endpoint_id, job_id)
+        notifier = self.backend.notifier
+        while True:
+            seen = notifier.version(channel)
+            job = await self.job(endpoint_id, job_id)
+            remaining = deadline - self.clock()
+            if job.terminal or remaining <= 0:
+                return job
+            await notifier.wait(channel, min(remaining, self.timings.recheck), since=seen)
+
+    async def stream(
+        self, endpoint_id: str, job_id: str, cursor: int | None
+    ) -> tuple[JobRecord, list[Any], int]:
+        """New chunks from `cursor` (or the job's shared cursor, advanced: each chunk once)."""
+        job = await self.job(endpoint_id, job_id)
+        start = job.stream_cursor if cursor is None else max(cursor, 0)
+        chunks = await self.backend.read_chunks(endpoint_id, job_id, start)
+        end = start + len(chunks)
+        if cursor is None and chunks:
+            change = await self.backend.update_job(
+                endpoint_id, job_id, lambda j: jobs.advance_cursor(j, end)
+            )
+            if change is None:  # another reader took these chunks first
+                fresh = await self.job(endpoint_id, job_id)
+                return fresh, [], fresh.stream_cursor
+            job = change.job
+        return job, chunks, end
+
+    async def cancel(self, endpoint_id: str, job_id: str) -> JobRecord:
+        await self.job(endpoint_id, job_id)
+        change = await self.backend.update_job(
+            endpoint_id, job_id, lambda j: jobs.cancel(j, self.clock())
+        )
+        self._observe(change)
+        return change.job if change else await self.job(endpoint_id, job_id)
+
+    async def retry(self, endpoint_id: str, job_id: str) -> JobRecord:
+        job = await self.job(endpoint_id, job_id)
+        change = await self.backend.update_job(
+            endpoint_id, job_id, lambda j: jobs.requeue(j, self.clock(), reset_attempts=True)
+        )
+        if change is None:
+            raise Conflict(
+                f"job '{job_id}' is {job.status.value}; only FAILED, TIMED_OUT or CANCELLED "
+                "jobs can be retried"
+            )
+        self._observe(change)
+        return change.job
+
+    async def purge(self, endpoint_id: str) -> int:
+        await self.endpoint(endpoint_id)
+        changes = await self.backend.purge_queue(
+            endpoint_id, lambda j: jobs.cancel(j, self.clock())
+        )
+        self._observe(changes)
+        return len(changes)
+
+    def _live_workers(self, workers: dict[str, WorkerRecord], config: EndpointConfig, now: float):
+        return [
+            worker
+            for worker in workers.values()
+            if worker.jobs or now - worker.last_seen <= config.lost_after_s
+        ]
+
+    def _worker_counts(self, live: list[WorkerRecord]) -> HealthWorkers:
+        counts = HealthWorkers()
+        for worker in live:
+            setattr(counts, worker.state, getattr(counts, worker.state) + 1)
+        return counts
+
+    async def health(self, endpoint_id: str) -> Health:
+        config = await self.endpoint(endpoint_id)
+        counters = await self.backend.counters(endpoint_id)
+        workers = await self.backend.get_workers(endpoint_id)
+        live = self._live_workers(workers, config, self.clock())
+        return Health(
+            jobs=HealthJobs(**{k: v for k, v in counters.items() if k in HealthJobs.model_fields}),
+            workers=self._worker_counts(live),
+        )
+
+    # -- worker side -------------------------------------------------------------------------
+    async def take(
+        self,
+        endpoint_id: str,
+        worker: str,
+        count: int,
+        hold: float,
+        capacity: int | None = None,
+    ) -> list[JobRecord]:
+        """Long-poll for up to `count` jobs; [] after `hold` seconds (or while draining).
+
+        With `capacity`, the worker never holds more than that many jobs: a take from a full
+        worker waits until one of its jobs ends (the loader gives the SDK a spare slot so it
+        keeps such a long-poll open instead of sleeping a second between jobs).
+        """
+        await self.endpoint(endpoint_id)
+        deadline = self.clock() + hold
+        notifier, channel = self.backend.notifier, queue_channel(endpoint_id)
+        while True:
+            seen = notifier.version(channel)
+            held, draining = await self.backend.poll_worker(endpoint_id, worker, self.clock())
+            allowed = count if capacity is None else min(count, capacity - held)
+            if allowed > 0 and not draining:
+                changes = await self.backend.claim_jobs(
+                    endpoint_id, allowed, lambda job: jobs.start(job, worker, self.clock())
+                )
+                self._observe(changes)
+                started = [c.job for c in changes if c.job.status == JobStatus.IN_PROGRESS]
+                if started:
+                    return started
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return []
+            await notifier.wait(channel, min(remaining, self.timings.recheck), since=seen)
+
+    async def stop_signals(self, endpoint_id: str, worker: str, hold: float) -> list[str]:
+        await self.endpoint(endpoint_id)
+        deadline = self.clock() + hold
+        notifier, channel = self.backend.notifier, stop_channel(endpoint_id, worker)
+        while True:
+            seen = notifier.version(channel)
+            now = self.clock()
+            await self.backend.touch_worker(endpoint_id, worker, now)
+            signals = await self.backend.due_stop_signals(
+                endpoint_id, worker, now, self.timings.stop_resend
+            )
+            remaining = deadline - self.clock()
+            if signals or remaining <= 0:
+                return signals
+            await notifier.wait(channel, min(remaining, self.timings.recheck), since=seen)
+
+    async def done(
+        self, endpoint_id: str, worker: str, job_id: str, body: dict[str, Any], is_stream: bool
+    ) -> str:
+        """Store a worker's result. Returns accepted | progress | duplicate | ignored."""
+        await self.endpoint(endpoint_id)
+        now = self.clock()
+        if body.get("status") == JobStatus.IN_PROGRESS:
+            change = await self.backend.update_job(
+                endpoint_id, job_id, lambda j: jobs.progress(j, worker, body.get("output"), now)
+            )
+            return "progress" if change else await self._ignored(endpoint_id, job_id, worker)
+        if is_stream and not body.get("output") and not body.get("error"):
+            chunks = await self.backend.read_chunks(endpoint_id, job_id, 0)
+            if chunks:
+                body = {**body, "output": chunks}
+        change = await self.backend.update_job(
+            endpoint_id, job_id, lambda j: jobs.finish(j, worker, body, now)
+        )
+        if change is None:
+            return await self._ignored(endpoint_id, job_id, worker)
+        self._observe(change)
+        return "accepted"
+
+    async def _ignored(self, endpoint_id: str, job_id: str, worker: str) -> str:
+        await self.backend.clear_stop_signals(endpoint_id, worker, [job_id])
+        job = await self.backend.get_job(endpoint_id, job_id)
+        if (
+            job is not None
+            and job.worker_id == worker
+            and job.status in (JobStatus.COMPLETED, JobStatus.FAILED)
+        ):
+            return "duplicate"
+        await self.backend.add_counters(endpoint_id, {"ignoredResults": 1})
+        for observer in self.observers:
+            observer.on_ignored(endpoint_id)
+        return "ignored"
+
+    async def stream_chunk(self, endpoint_id: str, worker: str, job_id: str, chunk: Any) -> str:
+        await self.endpoint(endpoint_id)
+        job = await self.backend.get_job(endpoint_id, job_id)
+        if job is None or job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
+            return await self._ignored(endpoint_id, job_id, worker)
+        await self.backend.append_chunk(endpoint_id, job_id, chunk, job.expires_at)
+        await self._heartbeat(endpoint_id, worker, job_id)
+        return "accepted"
+
+    async def _heartbeat(self, endpoint_id: str, worker: str, job_id: str) -> None:
+        now = self.clock()
+        interval = self.timings.heartbeat_write_interval
+        await self.backend.update_job(
+            endpoint_id, job_id, lambda j: jobs.heartbeat(j, worker, now, interval)
+        )
+
+    async def ping(self, endpoint_id: str, worker: str, job_ids: list[str]) -> None:
+        await self.endpoint(endpoint_id)
+        now = self.clock()
+        await self.backend.touch_worker(endpoint_id, worker, now)
+        for job_id in job_ids:
+            await self._heartbeat(endpoint_id, worker, job_id)
+        # A stop the worker acted on: the job is gone from its pings (sent a while ago).
+        pending = await self.backend.pending_stop_signals(endpoint_id, worker)
+        settled = [
+            job_id
+            for job_id, sent in pending.items()
+            if job_id not in job_ids and sent and now - sent >= self.timings.stop_resend / 2
+        ]
+        await self.backend.clear_stop_signals(endpoint_id, worker, settled)
+
+    # -- admin -------------------------------------------------------------------------------
+    async def queues(self) -> dict[str, QueueFigures]:
+        configs = {config.id: config for config in await self.backend.list_endpoints()}
+        ids = list(configs)
+        counters = await self.backend.all_counters(ids)
+        activity = await self.backend.activity(ids)
+        now = self.clock()
+        figures = {}
+        for endpoint_id, config in configs.items():
+            live = self._live_workers(await self.backend.get_workers(endpoint_id), config, now)
+            figures[endpoint_id] = QueueFigures(
+                inQueue=counters[endpoint_id].get("inQueue", 0),
+                inProgress=counters[endpoint_id].get("inProgress", 0),
+                workers=self._worker_counts(live),
+                workerStates={worker.id: worker.state for worker in live},
+                lastActivity=activity.get(endpoint_id),
+            )
+        return figures
+
+    async def drain(self, endpoint_id: str, worker: str, draining: bool) -> list[str]:
+        """Mark a worker (un)draining; returns the jobs it still holds."""
+        await self.endpoint(endpoint_id)
+        await self.backend.set_draining(endpoint_id, worker, draining, self.clock())
+        record = (await self.backend.get_workers(endpoint_id)).get(worker)
+        return sorted(record.jobs) if record else []
+
+    async def dead_letters(self, endpoint_id: str) -> list[JobRecord]:
+        await self.endpoint(endpoint_id)
+        found = []
+        for job_id in await self.backend.dead_letters(endpoint_id):
+            job = await self.backend.get_job(endpoint_id, job_id)
+            if job is not None:
+                found.append(job)
+        return found
+
+    async def replay(self, endpoint_id: str, ids: list[str] | None) -> list[str]:
+        await self.endpoint(endpoint_id)
+        dead = await self.backend.dead_letters(endpoint_id)
+        unknown = sorted(set(ids or []) - set(dead))
+        if unknown:
+            raise NotFound(f"not in the dead-letter queue of '{endpoint_id}': {unknown}")
+        replayed = []
+        for job_id in ids if ids is not None else dead:
+            change = await self.backend.update_job(
+                endpoint_id, job_id, lambda j: jobs.requeue(j, self.clock(), reset_attempts=True)
+            )
+            if change is not None:
+                self._observe(change)
+                replayed.append(job_id)
+        return replayed
+
+    # -- sweeper -----------------------------------------------------------------------------
+    async def sweep(self) -> list[Change]:
+        """One pass: timeouts, lost workers, queued-job expiry, old records, stale workers."""
+        if not await self.backend.acquire_lease("sweeper", self.replica, 5.0):
+            return []
+        changes: list[Change] = []
+        now = self.clock()
+        await self.backend.recover(now)
+        for config in await self.backend.list_endpoints():
+            endpoint_id, lost_after = config.id, config.lost_after_s
+            for job_id in await self.backend.active_job_ids(endpoint_id):
+                change = await self.backend.update_job(
+                    endpoint_id,
+                    job_id,
+                    lambda j, after=lost_after: (
+                        jobs.time_out(j, now) or jobs.lose_worker(j, now, after)
+                    ),
+                )
+                if change is not None:
+                    changes.append(change)
+            for job_id in await self.backend.queued_job_ids(endpoint_id, 100):
+                change = await self.backend.update_job(
+                    endpoint_id, job_id, lambda j: jobs.expire_in_queue(j, now)
+                )
+                if change is not None:
+                    changes.append(change)
+            await self.backend.forget_expired(endpoint_id, now)
+            stale_after = max(lost_after * 2, 60.0)
+            for worker in (await self.backend.get_workers(endpoint_id)).values():
+                if not worker.jobs and now - worker.last_seen > stale_after:
+                    await self.backend.remove_worker(endpoint_id, worker.id)
+        self._observe(changes)
+        for change in changes:
+            log.info("job %s/%s %s", change.job.endpoint, change.job.id, change.note)
+        return changes
+
+    async def run_sweeper(self) -> None:
+        """Sweep until `stopping` is set (a flag as well as cancellation: redis-py may swallow one)."""
+        while not self.stopping:
+            try:
+                await self.sweep()
+            except Exception as exc:  # keep sweeping; the backend may be back next time
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc
+                log.warning("sweep failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(self.timings.sweep_interval)

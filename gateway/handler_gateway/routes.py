@@ -1,0 +1,557 @@
+"""aiohttp routes of the gateway: RunPod client and worker routes, admin API, health, metrics.
+
+Thin glue: parse, authenticate, call `Gateway` operations, render JSON. Every error is JSON
+`{"error": ...}` with a 4xx/5xx status; a backend outage is a 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from handler_gateway.backends import Backend, BackendUnavailable
+from handler_gateway.jobs import JobRecord, JobStatus
+from handler_gateway.keys import Keys, Verdict
+from handler_gateway.metrics import GatewayMetrics
+from handler_gateway.models import (
+    ENDPOINT_ID,
+    DeadLetterList,
+    DrainResult,
+    EndpointConfig,
+    EndpointList,
+    EndpointSummary,
+    JobView,
+    PurgeResult,
+    QueuesView,
+    ReplayRequest,
+    ReplayResult,
+    RunRequest,
+    StreamChunk,
+    StreamView,
+    WorkerView,
+)
+from handler_gateway.openapi import build_openapi
+from handler_gateway.operations import Conflict, Gateway, NotFound, Timings
+from handler_gateway.webhooks import WebhookSender
+
+log = logging.getLogger("handler_gateway")
+
+GATEWAY = web.AppKey("gateway", Gateway)
+KEYS = web.AppKey("keys", Keys)
+METRICS = web.AppKey("metrics", GatewayMetrics)
+WEBHOOKS = web.AppKey("webhooks", WebhookSender)
+SWEEPER = web.AppKey("sweeper", asyncio.Task)
+RUN_SWEEPER = web.AppKey("run_sweeper", bool)
+DEFAULT_MAX_BODY = 10 * 1024 * 1024
+MAX_BATCH = 256
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class BadRequest(Exception):
+    """Client input the gateway cannot use (HTTP 400)."""
+
+
+def error(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers or None)
+
+
+def respond(model: BaseModel, status: int = 200) -> web.Response:
+    return web.json_response(model.model_dump(mode="json", exclude_none=True), status=status)
+
+
+def job_view(job: JobRecord) -> JobView:
+    view = JobView(
+        id=job.id,
+        status=job.status.value,
+        delayTime=job.delay_ms(),
+        executionTime=job.execution_ms(),
+        workerId=job.worker_id,
+        retries=job.redeliveries or None,
+    )
+    if job.status == JobStatus.IN_PROGRESS:
+        view.output = job.progress
+    elif job.status != JobStatus.IN_QUEUE:
+        view.output = job.output
+        view.error = job.error
+    return view
+
+
+def job_view_dict(job: JobRecord) -> dict[str, Any]:
+    return job_view(job).model_dump(mode="json", exclude_none=True)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except NotFound as exc:
+        return error(404, str(exc))
+    except Conflict as exc:
+        return error(409, str(exc))
+    except BadRequest as exc:
+        return error(400, str(exc))
+    except BackendUnavailable as exc:
+        return error(
+            503, f"queue backend unavailable, retry shortly: {exc}", **{"Retry-After": "1"}
+        )
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error(413, f"request body too large: {exc.text}")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(exc.status, exc.reason)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error(500, "internal error in the gateway")
+
+
+# -- request helpers ---------------------------------------------------------------------------
+async def json_body(request: web.Request, required: bool = True) -> Any:
+    """The body parsed as JSON whatever its Content-Type (the runpod SDK claims form data)."""
+    raw = await request.read()
+    if not raw.strip():
+        if required:
+            raise BadRequest("request body is empty; expected JSON")
+        return None
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def parse_model(model: type[BaseModel], data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        if first["type"] == "missing":
+            message = f'"{where}" is required'
+        else:
+            message = f"invalid {where}: {first['msg']}"
+        raise BadRequest(message) from None
+
+
+def int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter {name} must be an integer, got '{raw}'") from None
+    if not low <= value <= high:
+        raise BadRequest(f"query parameter {name} must be between {low} and {high}")
+    return value
+
+
+def endpoint_id(request: web.Request) -> str:
+    value = request.match_info["endpoint"]
+    if not ENDPOINT_ID.match(value):
+        raise NotFound(f"endpoint '{value}' not found")
+    return value
+
+
+async def authorize_client(request: web.Request) -> str:
+    endpoint = endpoint_id(request)
+    config = await request.app[GATEWAY].endpoint(endpoint)
+    verdict = request.app[KEYS].client_verdict(
+        request.headers.get("Authorization"), config.workerToken
+    )
+    _check(verdict, "a client API key (Authorization: Bearer <key>)")
+    return endpoint
+
+
+async def authorize_worker(request: web.Request) -> str:
+    endpoint = endpoint_id(request)
+    gateway = request.app[GATEWAY]
+    config = await gateway.endpoint(endpoint)
+    keys = request.app[KEYS]
+    header = request.headers.get("Authorization")
+    verdict = keys.worker_verdict(header, config.workerToken, ())
+    if verdict == Verdict.UNAUTHORIZED and header:
+        others = [c.workerToken for c in await gateway.backend.list_endpoints() if c.id != endpoint]
+        verdict = keys.worker_verdict(header, config.workerToken, others)
+    _check(verdict, f"the worker token of endpoint '{endpoint}'")
+    return endpoint
+
+
+def authorize_admin(request: web.Request) -> None:
+    verdict = request.app[KEYS].admin_verdict(request.headers.get("Authorization"))
+    _check(verdict, "an admin key (Authorization: Bearer <key>)")
+
+
+def _check(verdict: Verdict, needed: str) -> None:
+    if verdict == Verdict.UNAUTHORIZED:
+        raise web.HTTPUnauthorized(
+            reason=f"missing or unknown credentials: this route needs {needed}"
+        )
+    if verdict == Verdict.FORBIDDEN:
+        raise web.HTTPForbidden(
+            reason=f"these credentials may not call this route: it needs {needed}"
+        )
+
+
+# -- client routes -----------------------------------------------------------------------------
+async def run(request: web.Request) -> web.Response:
+    endpoint = await authorize_client(request)
+    body = parse_model(RunRequest, await json_body(request))
+    job = await request.app[GATEWAY].submit(endpoint, body)
+    return web.json_response({"id": job.id, "status": job.status.value})
+
+
+async def runsync(request: web.Request) -> web.Response:
+    endpoint = await authorize_client(request)
+    body = parse_model(RunRequest, await json_body(request))
+    gateway = request.app[GATEWAY]
+    timings = gateway.timings
+    wait_ms = int_query(
+        request, "wait", int(timings.runsync_wait * 1000), 0, int(timings.runsync_wait_max * 1000)
+    )
+    job = await gateway.submit(endpoint, body)
+    job = await gateway.wait_terminal(endpoint, job.id, wait_ms / 1000)
+    if job.terminal:
+        return respond(job_view(job))
+    return web.json_response({"id": job.id, "status": job.status.value})
+
+
+async def status(request: web.Request) -> web.Response:
+    endpoint = await authorize_client(request)
+    job = await request.app[GATEWAY].job(endpoint, request.match_info["job"])
+    return respond(job_view(job))
+
+
+async def stream(request: web.Request) -> web.Response:
+    endpoint = await authorize_client(request)
+    cursor = request.query.get("cursor")
+    start = int_query(request, "cursor", 0, 0, 10**9) if cursor is not None else None
+    job, chunks, end = await request.app[GATEWAY].stream(endpoint, request.match_info["job"], start)
+    status_value = job.status.value
+    error_value = job.error
+    if job.status == JobStatus.CANCELLED:
+        # runpod's Job.stream() only stops on COMPLETED/FAILED/TIMED_OUT: end it with FAILED.
+        status_value, error_value = JobStatus.FAILED.value, "job was cancelled"
+    view = StreamView(
+        id=job.id,
+        status=status_value,
+        stream=[StreamChunk(output=chunk) for chunk in chunks],
+        cursor=end,
+        error=error_value if job.terminal else None,
+    )
+    return web.json_response(view.model_dump(mode="json", exclude_none=True))
+
+
+async def cancel(request: web.Request) -> web.Response:
+    endpoint = await authorize_client(request)
+    job = await request.app[GATEWAY].cancel(endpoint, request.match_info["job"])
+    return respond(job_view(job))
+
+
+async def retry(request: web.Request) -> web.Response:
+    endpoint = await authorize_client(request)
+    job = await request.app[GATEWAY].retry(endpoint, request.match_info["job"])
+    return web.json_response({"id": job.id, "status": job.status.value})
+
+
+async def purge_queue(request: web.Request) -> web.Response:
+    endpoint = await authorize_client(request)
+    removed = await request.app[GATEWAY].purge(endpoint)
+    return respond(PurgeResult(removed=removed))
+
+
+async def health(request: web.Request) -> web.Response:
+    endpoint = await authorize_client(request)
+    return respond(await request.app[GATEWAY].health(endpoint))
+
+
+# -- worker routes -----------------------------------------------------------------------------
+def take_payload(job: JobRecord) -> dict[str, Any]:
+    payload: dict[str, Any] = {"id": job.id, "input": job.input}
+    if job.webhook:
+        payload["webhook"] = job.webhook
+    return payload
+
+
+def capacity_query(request: web.Request) -> int | None:
+    """`capacity`: the most jobs this worker may hold (set by handler_worker's loader)."""
+    if "capacity" not in request.query:
+        return None
+    return int_query(request, "capacity", 1, 1, MAX_BATCH)
+
+
+async def job_take(request: web.Request) -> web.Response:
+    endpoint = await authorize_worker(request)
+    gateway = request.app[GATEWAY]
+    taken = await gateway.take(
+        endpoint,
+        request.match_info["worker"],
+        1,
+        gateway.timings.take_hold,
+        capacity_query(request),
+    )
+    if not taken:
+        return web.Response(status=204)
+    return web.json_response(take_payload(taken[0]))
+
+
+async def job_take_batch(request: web.Request) -> web.Response:
+    endpoint = await authorize_worker(request)
+    gateway = request.app[GATEWAY]
+    size = int_query(request, "batch_size", 1, 1, MAX_BATCH)
+    taken = await gateway.take(
+        endpoint,
+        request.match_info["worker"],
+        size,
+        gateway.timings.take_hold,
+        capacity_query(request),
+    )
+    if not taken:
+        return web.Response(status=204)
+    return web.json_response([take_payload(job) for job in taken])
+
+
+async def job_stop(request: web.Request) -> web.Response:
+    endpoint = await authorize_worker(request)
+    gateway = request.app[GATEWAY]
+    ids = await gateway.stop_signals(
+        endpoint, request.match_info["worker"], gateway.timings.stop_hold
+    )
+    if not ids:
+        return web.Response(status=204)
+    return web.json_response({"jobsToStop": ids})
+
+
+async def job_done(request: web.Request) -> web.Response:
+    endpoint = await authorize_worker(request)
+    body = await json_body(request)
+    if not isinstance(body, dict):
+        raise BadRequest("result body must be a JSON object")
+    outcome = await request.app[GATEWAY].done(
+        endpoint,
+        request.match_info["worker"],
+        request.match_info["job"],
+        body,
+        request.query.get("isStream", "false").lower() == "true",
+    )
+    return web.json_response({"result": outcome})
+
+
+async def job_stream(request: web.Request) -> web.Response:
+    endpoint = await authorize_worker(request)
+    body = await json_body(request)
+    if not isinstance(body, dict) or "output" not in body:
+        raise BadRequest('stream body must be a JSON object with "output"')
+    outcome = await request.app[GATEWAY].stream_chunk(
+        endpoint, request.match_info["worker"], request.match_info["job"], body["output"]
+    )
+    return web.json_response({"result": outcome})
+
+
+async def ping(request: web.Request) -> web.Response:
+    endpoint = await authorize_worker(request)
+    job_ids = [j for j in request.query.get("job_id", "").split(",") if j]
+    await request.app[GATEWAY].ping(endpoint, request.match_info["worker"], job_ids)
+    return web.json_response({"status": "ok"})
+
+
+# -- admin routes ------------------------------------------------------------------------------
+def summary(config: EndpointConfig) -> EndpointSummary:
+    return EndpointSummary(**config.model_dump(exclude={"workerToken"}))
+
+
+def admin_endpoint_id(request: web.Request) -> str:
+    value = request.match_info["endpoint"]
+    if not ENDPOINT_ID.match(value):
+        raise BadRequest(
+            f"endpoint id '{value}' is invalid: use letters, digits, '.', '_' and '-' "
+            "(at most 253 characters, starting and ending with a letter or digit)"
+        )
+    return value
+
+
+async def put_endpoint(request: web.Request) -> web.Response:
+    authorize_admin(request)
+    endpoint = admin_endpoint_id(request)
+    data = await json_body(request)
+    if isinstance(data, dict) and data.get("id") not in (None, endpoint):
+        raise BadRequest(f"body id '{data['id']}' does not match the URL's '{endpoint}'")
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    config = parse_model(EndpointConfig, {**data, "id": endpoint})
+    created = await request.app[GATEWAY].put_endpoint(config)
+    return respond(summary(config), status=201 if created else 200)
+
+
+async def get_endpoint(request: web.Request) -> web.Response:
+    authorize_admin(request)
+    return respond(summary(await request.app[GATEWAY].endpoint(admin_endpoint_id(request))))
+
+
+async def delete_endpoint(request: web.Request) -> web.Response:
+    authorize_admin(request)
+    endpoint = admin_endpoint_id(request)
+    await request.app[GATEWAY].delete_endpoint(endpoint)
+    return web.json_response({"deleted": endpoint})
+
+
+async def list_endpoints(request: web.Request) -> web.Response:
+    authorize_admin(request)
+    configs = await request.app[GATEWAY].backend.list_endpoints()
+    return respond(
+        EndpointList(endpoints=[summary(c) for c in sorted(configs, key=lambda c: c.id)])
+    )
+
+
+async def queues(request: web.Request) -> web.Response:
+    authorize_admin(request)
+    gateway = request.app[GATEWAY]
+    return respond(QueuesView(endpoints=await gateway.queues(), time=gateway.clock()))
+
+
+async def workers(request: web.Request) -> web.Response:
+    authorize_admin(request)
+    endpoint = admin_endpoint_id(request)
+    gateway = request.app[GATEWAY]
+    await gateway.endpoint(endpoint)
+    records = await gateway.backend.get_workers(endpoint)
+    views = [
+        WorkerView(id=w.id, state=w.state, jobs=sorted(w.jobs), lastSeen=w.last_seen)
+        for w in sorted(records.values(), key=lambda w: w.id)
+    ]
+    return web.json_response({"workers": [v.model_dump() for v in views]})
+
+
+async def drain(request: web.Request) -> web.Response:
+    authorize_admin(request)
+    endpoint = admin_endpoint_id(request)
+    worker = request.match_info["worker"]
+    draining = request.method == "POST"
+    held = await request.app[GATEWAY].drain(endpoint, worker, draining)
+    return respond(DrainResult(endpoint=endpoint, worker=worker, draining=draining, jobs=held))
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    authorize_admin(request)
+    endpoint = admin_endpoint_id(request)
+    found = await request.app[GATEWAY].dead_letters(endpoint)
+    return respond(DeadLetterList(endpoint=endpoint, jobs=[job_view(job) for job in found]))
+
+
+async def replay(request: web.Request) -> web.Response:
+    authorize_admin(request)
+    endpoint = admin_endpoint_id(request)
+    data = await json_body(request, required=False)
+    body = parse_model(ReplayRequest, data if data is not None else {})
+    replayed = await request.app[GATEWAY].replay(endpoint, body.ids)
+    return respond(ReplayResult(replayed=replayed))
+
+
+# -- service routes ----------------------------------------------------------------------------
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        await request.app[GATEWAY].backend.ping()
+    except BackendUnavailable as exc:
+        return error(503, f"queue backend unavailable: {exc}", **{"Retry-After": "1"})
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    text = request.app[METRICS].render(await gateway.queues())
+    return web.Response(body=text, content_type="text/plain", charset="utf-8")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(build_openapi())
+
+
+CLIENT_ROUTES = [
+    ("POST", "run", run),
+    ("POST", "runsync", runsync),
+    ("GET", "status/{job}", status),
+    ("POST", "status/{job}", status),
+    ("GET", "stream/{job}", stream),
+    ("POST", "stream/{job}", stream),
+    ("POST", "cancel/{job}", cancel),
+    ("POST", "retry/{job}", retry),
+    ("POST", "purge-queue", purge_queue),
+    ("GET", "health", health),
+]
+WORKER_ROUTES = [
+    ("GET", "job-take/{worker}", job_take),
+    ("GET", "job-take-batch/{worker}", job_take_batch),
+    ("GET", "job-stop/{worker}", job_stop),
+    ("POST", "job-done/{worker}/{job}", job_done),
+    ("POST", "job-stream/{worker}/{job}", job_stream),
+    ("GET", "ping/{worker}", ping),
+]
+ADMIN_ROUTES = [
+    ("GET", "endpoints", list_endpoints),
+    ("PUT", "endpoints/{endpoint}", put_endpoint),
+    ("GET", "endpoints/{endpoint}", get_endpoint),
+    ("DELETE", "endpoints/{endpoint}", delete_endpoint),
+    ("GET", "endpoints/{endpoint}/workers", workers),
+    ("POST", "endpoints/{endpoint}/workers/{worker}/drain", drain),
+    ("DELETE", "endpoints/{endpoint}/workers/{worker}/drain", drain),
+    ("GET", "endpoints/{endpoint}/dlq", dead_letters),
+    ("POST", "endpoints/{endpoint}/dlq/replay", replay),
+    ("GET", "queues", queues),
+]
+
+
+async def _start_sweeper(app: web.Application) -> None:
+    if app[RUN_SWEEPER]:
+        app[SWEEPER] = asyncio.get_running_loop().create_task(app[GATEWAY].run_sweeper())
+
+
+async def _stop(app: web.Application) -> None:
+    app[GATEWAY].stopping = True
+    if SWEEPER in app:
+        app[SWEEPER].cancel()
+        await asyncio.wait([app[SWEEPER]], timeout=5)
+    await app[WEBHOOKS].close()
+    await app[GATEWAY].backend.close()
+
+
+def create_app(
+    backend: Backend,
+    keys: Keys,
+    timings: Timings | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
+    run_sweeper: bool = True,
+) -> web.Application:
+    """The gateway application on `backend` (closed with the app)."""
+    app = web.Application(middlewares=[errors_middleware], client_max_size=max_body)
+    gateway_metrics = GatewayMetrics()
+    webhooks = WebhookSender(job_view_dict)
+    app[METRICS] = gateway_metrics
+    app[WEBHOOKS] = webhooks
+    app[GATEWAY] = Gateway(backend, timings, observers=[gateway_metrics, webhooks])
+    app[KEYS] = keys
+    app[RUN_SWEEPER] = run_sweeper
+    for method, path, handler in CLIENT_ROUTES + WORKER_ROUTES:
+        app.router.add_route(method, "/v2/{endpoint}/" + path, handler)
+    for method, path, handler in ADMIN_ROUTES:
+        app.router.add_route(method, "/admin/v1/" + path, handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    app.on_startup.append(_start_sweeper)
+    app.on_cleanup.append(_stop)
+    return app

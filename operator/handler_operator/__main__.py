@@ -1,0 +1,32 @@
+"""Operator entry point: `python -m handler_operator` runs the kopf handlers.
+
+Watches the namespaces in HANDLER_OPERATOR_NAMESPACES (comma separated) or the whole cluster;
+serves kopf's liveness probe on HANDLER_OPERATOR_LIVENESS_PORT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import kopf
+
+from handler_operator import handlers  # noqa: F401  (registers the handlers)
+from handler_operator.settings import OperatorSettings
+
+
+def main() -> int:
+    settings = OperatorSettings.from_env(os.environ)
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz",
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

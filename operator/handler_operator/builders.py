@@ -1,0 +1,269 @@
+"""Pure builders of the Kubernetes objects a HandlerDeployment owns (no I/O).
+
+`build_deployment`, `build_secret`, `build_service_account` return plain dicts ready for
+server-side apply; owner references are added by the kopf handlers. `check_spec` reports what
+the schema cannot catch as `SpecProblem`s (reason + message) for the Ready condition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from handler_gateway.urls import worker_webhook_env
+from handler_operator.models import GROUP, HandlerDeployment
+from handler_operator.settings import OperatorSettings
+
+WORKER_CONTAINER = "worker"
+TOKEN_KEY = "token"
+HEARTBEAT_CONDITION = f"{GROUP}/heartbeat"
+GPU_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
+GPU_PRODUCT_LABEL = {"nvidia": "nvidia.com/gpu.product", "amd": "amd.com/gpu.product-name"}
+# Product label values that name the other vendor's hardware.
+FOREIGN_PRODUCT_HINTS = {
+    "nvidia": ("AMD", "INSTINCT", "RADEON", "MI2", "MI3"),
+    "amd": ("NVIDIA", "TESLA", "GEFORCE", "QUADRO", "H100", "A100", "L40", "RTX"),
+}
+
+
+def labels(hd: HandlerDeployment) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "handler-worker",
+        "app.kubernetes.io/instance": hd.name,
+        "app.kubernetes.io/managed-by": "handler-operator",
+        f"{GROUP}/endpoint": hd.endpoint_id,
+    }
+
+
+def selector_labels(hd: HandlerDeployment) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "handler-worker", "app.kubernetes.io/instance": hd.name}
+
+
+def selector_string(hd: HandlerDeployment) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector_labels(hd).items())
+
+
+def secret_name(hd: HandlerDeployment) -> str:
+    return f"{hd.name}-worker-token"
+
+
+def service_account_name(hd: HandlerDeployment) -> str:
+    return f"{hd.name}-worker"
+
+
+def gpu_summary(hd: HandlerDeployment) -> str:
+    gpu = hd.spec.resources.gpu
+    if gpu is None or gpu.count == 0:
+        return "none"
+    return f"{gpu.count}x {gpu.product or gpu.vendor}"
+
+
+def _metadata(hd: HandlerDeployment, name: str) -> dict[str, Any]:
+    return {"name": name, "namespace": hd.namespace, "labels": labels(hd)}
+
+
+def build_secret(hd: HandlerDeployment, token: str) -> dict[str, Any]:
+    """The endpoint's worker token (workers send it as RUNPOD_AI_API_KEY)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(hd, secret_name(hd)),
+        "type": "Opaque",
+        "stringData": {TOKEN_KEY: token},
+    }
+
+
+def build_service_account(hd: HandlerDeployment) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(hd, service_account_name(hd)),
+        "automountServiceAccountToken": False,
+    }
+
+
+def runtime_env(hd: HandlerDeployment, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """The env the runtime owns (PROTOCOL.md); user env cannot override any of it."""
+    jobs = hd.spec.jobs
+    env: list[dict[str, Any]] = [
+        {"name": "HANDLER_MODULE", "value": hd.spec.handler.module},
+        {"name": "HANDLER_CONCURRENCY", "value": str(jobs.concurrency)},
+    ]
+    env += [
+        {"name": name, "value": value}
+        for name, value in worker_webhook_env(settings.gateway_url, hd.endpoint_id).items()
+    ]
+    env += [
+        {"name": "RUNPOD_POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {
+            "name": "RUNPOD_AI_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": secret_name(hd), "key": TOKEN_KEY}},
+        },
+        {"name": "RUNPOD_ENDPOINT_ID", "value": hd.endpoint_id},
+        {"name": "RUNPOD_PING_INTERVAL", "value": str(jobs.heartbeatIntervalSeconds * 1000)},
+        {"name": "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "value": "true"},
+    ]
+    return env
+
+
+def _resources(hd: HandlerDeployment) -> dict[str, Any]:
+    spec = hd.spec.resources
+    limits = dict(spec.limits)
+    requests = dict(spec.requests)
+    gpu = spec.gpu
+    if gpu is not None and gpu.count > 0:
+        limits[GPU_RESOURCE[gpu.vendor]] = str(gpu.count)
+    resources: dict[str, Any] = {}
+    if requests:
+        resources["requests"] = requests
+    if limits:
+        resources["limits"] = limits
+    return resources
+
+
+def _affinity(hd: HandlerDeployment) -> dict[str, Any] | None:
+    gpu = hd.spec.resources.gpu
+    if gpu is None or gpu.count == 0 or not gpu.product:
+        return None
+    term = {
+        "matchExpressions": [
+            {"key": GPU_PRODUCT_LABEL[gpu.vendor], "operator": "In", "values": [gpu.product]}
+        ]
+    }
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
+        }
+    }
+
+
+def _tolerations(hd: HandlerDeployment, settings: OperatorSettings) -> list[dict[str, Any]]:
+    tolerations = list(hd.spec.tolerations)
+    gpu = hd.spec.resources.gpu
+    if settings.gpu_tolerations and gpu is not None and gpu.count > 0:
+        default = {"key": GPU_RESOURCE[gpu.vendor], "operator": "Exists", "effect": "NoSchedule"}
+        if default not in tolerations:
+            tolerations.append(default)
+    return tolerations
+
+
+def spec_hash(hd: HandlerDeployment) -> str:
+    """Digest of the spec, recorded on the pod template (what a rollout changed)."""
+    raw = json.dumps(hd.spec.model_dump(mode="json", exclude={"scaling"}), sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def build_deployment(
+    hd: HandlerDeployment, settings: OperatorSettings, replicas: int
+) -> dict[str, Any]:
+    """The worker Deployment (apply it whole: `replicas` is ours as well, one field manager)."""
+    spec = hd.spec
+    container: dict[str, Any] = {
+        "name": WORKER_CONTAINER,
+        "image": spec.image or settings.default_image,
+        "env": runtime_env(hd, settings) + list(spec.env),
+        "resources": _resources(hd),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.imagePullPolicy:
+        container["imagePullPolicy"] = spec.imagePullPolicy
+    if spec.envFrom:
+        container["envFrom"] = list(spec.envFrom)
+    if spec.volumeMounts:
+        container["volumeMounts"] = list(spec.volumeMounts)
+    pod: dict[str, Any] = {
+        "serviceAccountName": service_account_name(hd),
+        "automountServiceAccountToken": False,
+        # The SDK finishes in-flight jobs on SIGTERM: give it the whole execution timeout.
+        "terminationGracePeriodSeconds": spec.jobs.executionTimeoutSeconds
+        + settings.termination_grace_extra_seconds,
+        # Ready once the gateway has heard the worker's heartbeat (the operator sets it).
+        "readinessGates": [{"conditionType": HEARTBEAT_CONDITION}],
+        "containers": [container],
+    }
+    optional = {
+        "runtimeClassName": spec.runtimeClassName,
+        "priorityClassName": spec.priorityClassName,
+        "nodeSelector": dict(spec.nodeSelector) or None,
+        "affinity": _affinity(hd),
+        "tolerations": _tolerations(hd, settings) or None,
+        "imagePullSecrets": [s.model_dump() for s in spec.imagePullSecrets] or None,
+        "volumes": list(spec.volumes) or None,
+    }
+    pod.update({key: value for key, value in optional.items() if value is not None})
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(hd, hd.name),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector_labels(hd)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {
+                    "labels": {**spec.podLabels, **labels(hd)},
+                    "annotations": {**spec.podAnnotations, f"{GROUP}/spec-hash": spec_hash(hd)},
+                },
+                "spec": pod,
+            },
+        },
+    }
+
+
+APPLIED_HASH = f"{GROUP}/applied-hash"
+
+
+def with_applied_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` annotated with a digest of itself: an unchanged object needs no new apply."""
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
+    annotations = {**obj["metadata"].get("annotations", {}), APPLIED_HASH: digest}
+    return {**obj, "metadata": {**obj["metadata"], "annotations": annotations}}
+
+
+def needs_apply(desired: dict[str, Any], live: dict[str, Any] | None) -> bool:
+    if live is None:
+        return True
+    wanted = desired["metadata"]["annotations"][APPLIED_HASH]
+    return (live["metadata"].get("annotations") or {}).get(APPLIED_HASH) != wanted
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    """A spec the schema accepts but the operator cannot serve (reason: CamelCase constant)."""
+
+    reason: str
+    message: str
+
+
+def check_spec(
+    hd: HandlerDeployment, existing_secrets: set[str] | None = None
+) -> list[SpecProblem]:
+    """What the schema cannot catch: vendor/product mismatches, missing pull secrets."""
+    problems = []
+    gpu = hd.spec.resources.gpu
+    if gpu is not None and gpu.product:
+        upper = gpu.product.upper()
+        if any(hint in upper for hint in FOREIGN_PRODUCT_HINTS[gpu.vendor]):
+            problems.append(
+                SpecProblem(
+                    "GpuProductMismatch",
+                    f"GPU product '{gpu.product}' does not look like a {gpu.vendor} GPU "
+                    f"(resources.gpu.vendor={gpu.vendor})",
+                )
+            )
+    if existing_secrets is not None:
+        for secret in hd.spec.imagePullSecrets:
+            if secret.name not in existing_secrets:
+                problems.append(
+                    SpecProblem(
+                        "ImagePullSecretMissing",
+                        f"image pull secret '{secret.name}' does not exist in namespace "
+                        f"'{hd.namespace}'",
+                    )
+                )
+    return problems

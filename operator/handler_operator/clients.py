@@ -1,0 +1,199 @@
+"""The only code that talks to Kubernetes and to the gateway's admin API (aiohttp, async).
+
+`KubeApi` does server-side apply with one field manager, reads, status patches and events;
+`GatewayAdmin` registers endpoints and reads queue figures. Retryable failures raise
+`Unavailable`; the kopf handlers turn that into `kopf.TemporaryError`.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from typing import Any
+
+import aiohttp
+
+from handler_operator.settings import FIELD_MANAGER
+
+API_PATHS = {
+    ("v1", "Secret"): "/api/v1/namespaces/{ns}/secrets",
+    ("v1", "ServiceAccount"): "/api/v1/namespaces/{ns}/serviceaccounts",
+    ("v1", "Pod"): "/api/v1/namespaces/{ns}/pods",
+    ("v1", "Event"): "/api/v1/namespaces/{ns}/events",
+    ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{ns}/deployments",
+    ("keda.sh/v1alpha1", "ScaledObject"): "/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects",
+    (
+        "handlerops.dev/v1alpha1",
+        "HandlerDeployment",
+    ): "/apis/handlerops.dev/v1alpha1/namespaces/{ns}/handlerdeployments",
+}
+
+
+class Unavailable(Exception):
+    """A call failed in a way worth retrying (connection, 5xx, 409 conflict)."""
+
+
+class NotFound(Exception):
+    pass
+
+
+def collection_path(api_version: str, kind: str, namespace: str) -> str:
+    return API_PATHS[(api_version, kind)].format(ns=namespace)
+
+
+class KubeApi:
+    def __init__(self, host: str, headers: dict[str, str], ssl_context: ssl.SSLContext | bool):
+        self.host = host.rstrip("/")
+        self.headers = headers
+        self.ssl = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+        self.writes = 0  # apply/patch/delete calls made (tests count spurious updates)
+
+    @classmethod
+    def from_kubeconfig(cls, config_file: str | None = None) -> KubeApi:
+        """From a kubeconfig (explicit path) or the in-cluster service account."""
+        from kubernetes import client, config
+
+        configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(config_file=config_file, client_configuration=configuration)
+        headers = {}
+        token = configuration.api_key.get("authorization") or configuration.api_key.get(
+            "BearerToken"
+        )
+        if token:
+            headers["Authorization"] = token if token.startswith("Bearer ") else f"Bearer {token}"
+        context: ssl.SSLContext | bool = False
+        if configuration.host.startswith("https"):
+            context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+            if configuration.cert_file:
+                context.load_cert_chain(configuration.cert_file, configuration.key_file)
+            if not configuration.verify_ssl:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        return cls(configuration.host, headers, context)
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        try:
+            async with self._session.request(
+                method, self.host + path, headers=headers, ssl=self.ssl, **kwargs
+            ) as response:
+                text = await response.text()
+                if response.status == 404:
+                    raise NotFound(f"{method} {path}: not found")
+                if response.status in (409, 429) or response.status >= 500:
+                    raise Unavailable(f"{method} {path}: HTTP {response.status}: {text[:300]}")
+                if response.status >= 400:
+                    raise ValueError(f"{method} {path}: HTTP {response.status}: {text[:500]}")
+                return json.loads(text) if text else None
+        except aiohttp.ClientError as exc:
+            raise Unavailable(f"{method} {path}: {exc}") from exc
+
+    async def apply(self, obj: dict[str, Any], force: bool = True) -> dict[str, Any]:
+        """Server-side apply with our field manager (force only takes back our own fields)."""
+        meta = obj["metadata"]
+        path = (
+            f"{collection_path(obj['apiVersion'], obj['kind'], meta['namespace'])}/{meta['name']}"
+        )
+        params = {"fieldManager": FIELD_MANAGER, "force": "true" if force else "false"}
+        self.writes += 1
+        return await self._request(
+            "PATCH",
+            path,
+            params=params,
+            data=json.dumps(obj),
+            headers={"Content-Type": "application/apply-patch+yaml"},
+        )
+
+    async def get(
+        self, api_version: str, kind: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        try:
+            return await self._request(
+                "GET", f"{collection_path(api_version, kind, namespace)}/{name}"
+            )
+        except NotFound:
+            return None
+
+    async def list(
+        self, api_version: str, kind: str, namespace: str, selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        params = {"labelSelector": selector} if selector else {}
+        body = await self._request(
+            "GET", collection_path(api_version, kind, namespace), params=params
+        )
+        return list((body or {}).get("items") or [])
+
+    async def patch_status(
+        self, api_version: str, kind: str, namespace: str, name: str, status: dict[str, Any]
+    ) -> None:
+        path = f"{collection_path(api_version, kind, namespace)}/{name}/status"
+        self.writes += 1
+        await self._request(
+            "PATCH",
+            path,
+            data=json.dumps({"status": status}),
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class GatewayAdmin:
+    """The gateway's admin API (`/admin/v1/...`)."""
+
+    def __init__(self, url: str, key: str):
+        self.url = url.rstrip("/")
+        self.key = key
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _request(self, method: str, path: str, body: Any = None) -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        try:
+            async with self._session.request(
+                method, self.url + path, json=body, headers=headers
+            ) as response:
+                payload = await response.json(content_type=None)
+                if response.status == 404:
+                    raise NotFound(str(payload))
+                if response.status >= 500:
+                    raise Unavailable(f"gateway {method} {path}: HTTP {response.status}: {payload}")
+                if response.status >= 400:
+                    raise ValueError(f"gateway {method} {path}: HTTP {response.status}: {payload}")
+                return payload
+        except aiohttp.ClientError as exc:
+            raise Unavailable(f"gateway {method} {path}: {exc}") from exc
+
+    async def put_endpoint(self, endpoint: str, config: dict[str, Any]) -> None:
+        await self._request("PUT", f"/admin/v1/endpoints/{endpoint}", config)
+
+    async def delete_endpoint(self, endpoint: str) -> None:
+        try:
+            await self._request("DELETE", f"/admin/v1/endpoints/{endpoint}")
+        except NotFound:
+            return
+
+    async def queues(self) -> dict[str, Any]:
+        return (await self._request("GET", "/admin/v1/queues"))["endpoints"]
+
+    async def purge(self, endpoint: str) -> None:
+        # Purge is a client route; the admin key is a client key as well.
+        await self._request("POST", f"/v2/{endpoint}/purge-queue")
+
+    async def drain(self, endpoint: str, worker: str, draining: bool = True) -> list[str]:
+        method = "POST" if draining else "DELETE"
+        body = await self._request(method, f"/admin/v1/endpoints/{endpoint}/workers/{worker}/drain")
+        return list(body["jobs"])
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

@@ -1,0 +1,97 @@
+"""Status conditions of a HandlerDeployment: types, reasons (constants) and the pure setter.
+
+`lastTransitionTime` changes only when a condition's status changes, as Kubernetes expects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+READY = "Ready"
+HANDLER_HEALTHY = "HandlerHealthy"
+SCALING = "Scaling"
+QUEUE_HEALTHY = "QueueHealthy"
+TYPES = (READY, HANDLER_HEALTHY, SCALING, QUEUE_HEALTHY)
+
+# Reasons (CamelCase, as `kubectl describe` shows them).
+RECONCILED = "Reconciled"
+INVALID_SPEC = "InvalidSpec"
+GPU_PRODUCT_MISMATCH = "GpuProductMismatch"
+IMAGE_PULL_SECRET_MISSING = "ImagePullSecretMissing"
+GATEWAY_UNAVAILABLE = "GatewayUnavailable"
+WORKERS_NOT_READY = "WorkersNotReady"
+WORKERS_READY = "WorkersReady"
+SCALED_TO_ZERO = "ScaledToZero"
+HANDLER_OK = "HandlerLoaded"
+CRASH_LOOP = "HandlerCrashLoop"
+NO_WORKERS = "NoWorkers"
+WAITING_FOR_CAPACITY = "WaitingForCapacity"
+SCALING_STABLE = "Stable"
+QUEUE_OK = "QueueReachable"
+
+
+def set_condition(
+    conditions: list[dict[str, Any]] | None,
+    type_: str,
+    status: bool | None,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int | None = None,
+) -> list[dict[str, Any]]:
+    """A new list with condition `type_` set (True/False/Unknown for True/False/None)."""
+    value = "Unknown" if status is None else ("True" if status else "False")
+    result = [dict(c) for c in conditions or [] if c.get("type") != type_]
+    previous = next((c for c in conditions or [] if c.get("type") == type_), None)
+    changed = previous is None or previous.get("status") != value
+    condition = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": now if changed else previous.get("lastTransitionTime", now),
+    }
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    result.append(condition)
+    order = {name: index for index, name in enumerate(TYPES)}
+    return sorted(result, key=lambda c: order.get(c["type"], len(order)))
+
+
+def crash_message(pod: dict[str, Any]) -> str | None:
+    """The loader's error of a crash-looping worker pod (termination message), or None."""
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = status.get("state") or {}
+        last = (status.get("lastState") or {}).get("terminated") or {}
+        terminated = state.get("terminated") or {}
+        waiting = state.get("waiting") or {}
+        for candidate in (terminated, last):
+            if candidate and candidate.get("exitCode", 0) != 0:
+                message = (candidate.get("message") or "").strip()
+                reason = candidate.get("reason") or "Error"
+                return message or f"worker exited with code {candidate.get('exitCode')} ({reason})"
+        if waiting.get("reason") in (
+            "CrashLoopBackOff",
+            "CreateContainerConfigError",
+            "ImagePullBackOff",
+            "ErrImagePull",
+            "InvalidImageName",
+        ):
+            return waiting.get("message") or waiting["reason"]
+    return None
+
+
+def unschedulable_message(pod: dict[str, Any]) -> str | None:
+    """Why a worker pod waits for capacity (PodScheduled=False, Unschedulable), or None."""
+    status = pod.get("status") or {}
+    if status.get("phase") != "Pending":
+        return None
+    for condition in status.get("conditions") or []:
+        if (
+            condition.get("type") == "PodScheduled"
+            and condition.get("status") == "False"
+            and condition.get("reason") == "Unschedulable"
+        ):
+            name = (pod.get("metadata") or {}).get("name", "pod")
+            return f"{name} waits for capacity: {condition.get('message') or 'unschedulable'}"
+    return None

@@ -1,0 +1,368 @@
+"""kopf handlers: reconcile HandlerDeployments into worker objects, surface crash loops, drain.
+
+Thin glue over the pure builders and the clients: create/update/resume run one idempotent
+reconcile (server-side apply, one field manager); pod events feed HandlerHealthy; deployment
+status feeds READY; the finalizer drains (or purges) the endpoint before deregistering it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import os
+import secrets
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from handler_operator import builders, conditions
+from handler_operator.clients import GatewayAdmin, KubeApi, Unavailable
+from handler_operator.metrics import RECONCILE_SECONDS, RECONCILES, start_metrics_server
+from handler_operator.models import GROUP, PLURAL, VERSION, HandlerDeployment
+from handler_operator.settings import OperatorSettings
+
+HD = (GROUP, VERSION, PLURAL)
+WORKER_LABELS = {"app.kubernetes.io/managed-by": "handler-operator"}
+ON_DELETE_ANNOTATION = f"{GROUP}/on-delete"  # "drain" (default) or "purge"
+
+
+def now_iso() -> str:
+    return (
+        datetime.datetime.now(datetime.UTC)
+        .replace(microsecond=0)
+        .isoformat()
+        .replace("+00:00", "Z")
+    )
+
+
+def _validation_message(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    operator = OperatorSettings.from_env(os.environ)
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.level = 20  # INFO and up become Kubernetes events
+    settings.watching.server_timeout = 300
+    memo.settings = operator
+    memo.kube = KubeApi.from_kubeconfig(os.environ.get("KUBECONFIG"))
+    memo.gateway = GatewayAdmin(operator.admin_url, operator.gateway_admin_key)
+    if operator.metrics_port:
+        start_metrics_server(operator.metrics_port)
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> Any:
+    """In-cluster service account, else the kubeconfig named by KUBECONFIG (read at call time)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.cleanup()
+async def close_clients(memo: kopf.Memo, **_: Any) -> None:
+    await memo.kube.close()
+    await memo.gateway.close()
+
+
+async def _write_status(memo: kopf.Memo, body: kopf.Body, status: dict[str, Any]) -> None:
+    await memo.kube.patch_status(
+        f"{GROUP}/{VERSION}",
+        "HandlerDeployment",
+        body.metadata.namespace,
+        body.metadata.name,
+        status,
+    )
+
+
+async def _worker_token(kube: KubeApi, hd: HandlerDeployment, uid: str) -> str:
+    """The endpoint's worker token: kept while this CR lives, new for a re-created CR."""
+    secret = await kube.get("v1", "Secret", hd.namespace, builders.secret_name(hd))
+    if secret:
+        owners = {ref.get("uid") for ref in secret["metadata"].get("ownerReferences") or []}
+        raw = (secret.get("data") or {}).get(builders.TOKEN_KEY)
+        if uid in owners and raw:
+            return base64.b64decode(raw).decode()
+        string = (secret.get("stringData") or {}).get(builders.TOKEN_KEY)
+        if uid in owners and string:
+            return string
+    return secrets.token_urlsafe(32)
+
+
+def _replicas(hd: HandlerDeployment, current: dict[str, Any] | None) -> int:
+    """Keep what the autoscaler set; a fixed `scaling.replicas` wins; clamp to min/max."""
+    scaling = hd.spec.scaling
+    if scaling.replicas is not None:
+        return scaling.replicas
+    replicas = (current or {}).get("spec", {}).get("replicas", scaling.minReplicas)
+    return max(scaling.minReplicas, min(replicas, scaling.maxReplicas))
+
+
+async def reconcile_hd(body: kopf.Body, memo: kopf.Memo, logger: Any) -> None:
+    meta, status = body.metadata, body.get("status") or {}
+    generation = meta.get("generation")
+    current = list(status.get("conditions") or [])
+    try:
+        hd = HandlerDeployment.model_validate(dict(body))
+    except ValidationError as exc:
+        message = _validation_message(exc)
+        await _write_status(
+            memo,
+            body,
+            {
+                "observedGeneration": generation,
+                "conditions": conditions.set_condition(
+                    current,
+                    conditions.READY,
+                    False,
+                    conditions.INVALID_SPEC,
+                    message,
+                    now_iso(),
+                    generation,
+                ),
+            },
+        )
+        kopf.warn(body, reason=conditions.INVALID_SPEC, message=message)
+        raise kopf.PermanentError(message) from None
+
+    kube: KubeApi = memo.kube
+    pull_secrets = set()
+    for secret in hd.spec.imagePullSecrets:
+        if await kube.get("v1", "Secret", hd.namespace, secret.name):
+            pull_secrets.add(secret.name)
+    problems = builders.check_spec(hd, pull_secrets)
+    if problems:
+        message = "; ".join(p.message for p in problems)
+        await _write_status(
+            memo,
+            body,
+            {
+                "observedGeneration": generation,
+                "endpointId": hd.endpoint_id,
+                "conditions": conditions.set_condition(
+                    current,
+                    conditions.READY,
+                    False,
+                    problems[0].reason,
+                    message,
+                    now_iso(),
+                    generation,
+                ),
+            },
+        )
+        kopf.warn(body, reason=problems[0].reason, message=message)
+        raise kopf.PermanentError(message)
+
+    settings: OperatorSettings = memo.settings
+    token = await _worker_token(kube, hd, meta.get("uid", ""))
+    jobs = hd.spec.jobs
+    try:
+        await memo.gateway.put_endpoint(
+            hd.endpoint_id,
+            {
+                "workerToken": token,
+                "executionTimeoutSeconds": jobs.executionTimeoutSeconds,
+                "ttlSeconds": jobs.ttlSeconds,
+                "maxRetries": jobs.maxRetries,
+                "heartbeatIntervalSeconds": jobs.heartbeatIntervalSeconds,
+            },
+        )
+    except Unavailable as exc:
+        await _write_status(
+            memo,
+            body,
+            {
+                "conditions": conditions.set_condition(
+                    current,
+                    conditions.READY,
+                    False,
+                    conditions.GATEWAY_UNAVAILABLE,
+                    str(exc),
+                    now_iso(),
+                    generation,
+                )
+            },
+        )
+        raise kopf.TemporaryError(f"gateway unavailable: {exc}", delay=5) from exc
+
+    live = {
+        "ServiceAccount": await kube.get(
+            "v1", "ServiceAccount", hd.namespace, builders.service_account_name(hd)
+        ),
+        "Secret": await kube.get("v1", "Secret", hd.namespace, builders.secret_name(hd)),
+        "Deployment": await kube.get("apps/v1", "Deployment", hd.namespace, hd.name),
+    }
+    replicas = _replicas(hd, live["Deployment"])
+    objects = [
+        builders.build_service_account(hd),
+        builders.build_secret(hd, token),
+        builders.build_deployment(hd, settings, replicas),
+    ]
+    kopf.adopt(objects, owner=body)
+    try:
+        for obj in map(builders.with_applied_hash, objects):
+            if builders.needs_apply(obj, live[obj["kind"]]):  # unchanged: no write at all
+                await kube.apply(obj)
+    except Unavailable as exc:
+        raise kopf.TemporaryError(str(exc), delay=5) from exc
+
+    ready = status.get("readyReplicas") or 0
+    reason = (
+        conditions.SCALED_TO_ZERO
+        if replicas == 0
+        else (conditions.WORKERS_READY if ready else conditions.WORKERS_NOT_READY)
+    )
+    new_status = {
+        "observedGeneration": generation,
+        "endpointId": hd.endpoint_id,
+        "selector": builders.selector_string(hd),
+        "gpu": builders.gpu_summary(hd),
+        "desiredReplicas": replicas,
+        "ready": f"{ready}/{replicas}",
+        "conditions": conditions.set_condition(
+            current,
+            conditions.READY,
+            True,
+            reason,
+            f"worker Deployment {hd.name} reconciled ({replicas} desired)",
+            now_iso(),
+            generation,
+        ),
+    }
+    if any(status.get(key) != value for key, value in new_status.items()):
+        await _write_status(memo, body, new_status)
+        kopf.info(body, reason=conditions.RECONCILED, message=f"applied generation {generation}")
+
+
+@kopf.on.resume(*HD)
+@kopf.on.create(*HD)
+@kopf.on.update(*HD, field="spec")
+async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    outcome = "error"
+    with RECONCILE_SECONDS.time():
+        try:
+            await reconcile_hd(body, memo, logger)
+            outcome = "ok"
+        except kopf.PermanentError:
+            outcome = "invalid"
+            raise
+        except kopf.TemporaryError:
+            outcome = "retry"
+            raise
+        finally:
+            RECONCILES.labels(outcome).inc()
+
+
+@kopf.on.delete(*HD)
+async def finalize(body: kopf.Body, memo: kopf.Memo, logger: Any, retry: int, **_: Any) -> None:
+    """Drain (wait for the queue to empty, bounded) or purge, then deregister the endpoint."""
+    endpoint = (body.get("status") or {}).get(
+        "endpointId"
+    ) or f"{body.metadata.namespace}--{body.metadata.name}"
+    settings: OperatorSettings = memo.settings
+    policy = body.metadata.annotations.get(ON_DELETE_ANNOTATION)
+    purge = policy == "purge" or (policy is None and settings.purge_on_delete)
+    try:
+        if purge:
+            await memo.gateway.purge(endpoint)
+        else:
+            figures = (await memo.gateway.queues()).get(endpoint)
+            busy = figures and (figures["inQueue"] or figures["inProgress"])
+            if busy and retry * 5 < settings.drain_timeout_seconds:
+                raise kopf.TemporaryError(
+                    f"draining {endpoint}: {figures['inQueue']} queued, "
+                    f"{figures['inProgress']} running",
+                    delay=5,
+                )
+        await memo.gateway.delete_endpoint(endpoint)
+    except Unavailable as exc:
+        raise kopf.TemporaryError(f"gateway unavailable: {exc}", delay=5) from exc
+    logger.info("endpoint %s deregistered", endpoint)
+
+
+async def _owner_hd(memo: kopf.Memo, namespace: str, name: str | None) -> dict[str, Any] | None:
+    if not name:
+        return None
+    return await memo.kube.get(f"{GROUP}/{VERSION}", "HandlerDeployment", namespace, name)
+
+
+@kopf.on.event("", "v1", "pods", labels=WORKER_LABELS)
+async def worker_pod_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    """HandlerHealthy follows the workers: the loader's termination message on a crash loop."""
+    pod = event.get("object") or {}
+    meta = pod.get("metadata") or {}
+    namespace = meta.get("namespace", "default")
+    owner = await _owner_hd(
+        memo, namespace, (meta.get("labels") or {}).get("app.kubernetes.io/instance")
+    )
+    if owner is None or event.get("type") == "DELETED":
+        return
+    current = (owner.get("status") or {}).get("conditions") or []
+    waiting = conditions.unschedulable_message(pod)
+    if waiting is not None:
+        # Reported, never deleted: the cluster autoscaler may be bringing a GPU node up.
+        new = conditions.set_condition(
+            current, conditions.SCALING, False, conditions.WAITING_FOR_CAPACITY, waiting, now_iso()
+        )
+        if new != current:
+            await memo.kube.patch_status(
+                f"{GROUP}/{VERSION}",
+                "HandlerDeployment",
+                namespace,
+                owner["metadata"]["name"],
+                {"conditions": new},
+            )
+        return
+    message = conditions.crash_message(pod)
+    if message is None:
+        running = (pod.get("status") or {}).get("phase") == "Running"
+        if not running:
+            return
+        new = conditions.set_condition(
+            current,
+            conditions.HANDLER_HEALTHY,
+            True,
+            conditions.HANDLER_OK,
+            "workers are running",
+            now_iso(),
+        )
+    else:
+        new = conditions.set_condition(
+            current, conditions.HANDLER_HEALTHY, False, conditions.CRASH_LOOP, message, now_iso()
+        )
+    if new != current:
+        await memo.kube.patch_status(
+            f"{GROUP}/{VERSION}",
+            "HandlerDeployment",
+            namespace,
+            owner["metadata"]["name"],
+            {"conditions": new},
+        )
+        if message is not None:
+            kopf.warn(owner, reason=conditions.CRASH_LOOP, message=message)
+
+
+@kopf.on.field("apps", "v1", "deployments", field="status", labels=WORKER_LABELS)
+async def worker_deployment_status(new: Any, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    """READY and replicas of `kubectl get hd` follow the worker Deployment."""
+    owner = await _owner_hd(
+        memo, meta.namespace, (meta.labels or {}).get("app.kubernetes.io/instance")
+    )
+    if owner is None:
+        return
+    status = dict(new or {})
+    ready = status.get("readyReplicas") or 0
+    desired = (owner.get("status") or {}).get("desiredReplicas") or 0
+    await memo.kube.patch_status(
+        f"{GROUP}/{VERSION}",
+        "HandlerDeployment",
+        meta.namespace,
+        owner["metadata"]["name"],
+        {
+            "replicas": status.get("replicas") or 0,
+            "readyReplicas": ready,
+            "ready": f"{ready}/{desired}",
+        },
+    )

@@ -1,0 +1,272 @@
+"""The HandlerDeployment custom resource as pydantic models: the single source of the CRD schema.
+
+Pure: pydantic only. `crds.py` turns these models into `crds/handlerdeployments.yaml`; the
+operator parses every CR through them, so the API server and the operator agree on defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GROUP = "handlerops.dev"
+VERSION = "v1alpha1"
+KIND = "HandlerDeployment"
+PLURAL = "handlerdeployments"
+SHORT_NAME = "hd"
+CATEGORY = "handlerops"
+
+MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+RESERVED_ENV_PREFIXES = ("RUNPOD_", "HANDLER_")
+RESERVED_ENV_RULE = "self.all(e, !e.name.startsWith('RUNPOD_') && !e.name.startsWith('HANDLER_'))"
+
+# A Kubernetes object (EnvVar, Volume, Toleration ...) kept as-is: the API server validates it.
+K8sObject = dict[str, Any]
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class HandlerSpec(_Spec):
+    """Which Python module serves the jobs."""
+
+    module: str = Field(
+        ...,
+        pattern=MODULE_PATTERN,
+        description="Dotted module name exporting `handler` (HANDLER_MODULE), importable in the "
+        "image, e.g. handlers.sdxl.",
+    )
+
+
+class GpuSpec(_Spec):
+    """GPUs per worker."""
+
+    count: int = Field(1, ge=0, le=16, description="GPUs per worker pod (0: CPU only).")
+    vendor: Literal["nvidia", "amd"] = Field(
+        "nvidia", description="Device plugin vendor: nvidia (nvidia.com/gpu) or amd (amd.com/gpu)."
+    )
+    product: str | None = Field(
+        None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="GPU product label value (nvidia.com/gpu.product, amd.com/gpu.product-name); "
+        "workers are scheduled only on such nodes, e.g. NVIDIA-A100-SXM4-80GB.",
+    )
+
+
+class ResourcesSpec(_Spec):
+    """Compute resources of each worker."""
+
+    gpu: GpuSpec | None = Field(None, description="GPUs per worker; omit for CPU-only handlers.")
+    requests: dict[str, str] = Field(
+        default_factory=dict,
+        description="Container resource requests, e.g. {cpu: '4', memory: 16Gi}.",
+    )
+    limits: dict[str, str] = Field(
+        default_factory=dict, description="Container resource limits (the GPU limit is added)."
+    )
+
+
+class ScalingSpec(_Spec):
+    """How many workers run; scaled on the endpoint's queue."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.maxReplicas >= self.minReplicas",
+                    "message": "maxReplicas must be greater than or equal to minReplicas",
+                }
+            ]
+        },
+    )
+
+    minReplicas: int = Field(
+        0, ge=0, le=1000, description="Workers kept at all times (0: scale to zero)."
+    )
+    maxReplicas: int = Field(1, ge=0, le=1000, description="Most workers at once.")
+    replicas: int | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="Fixed worker count (set by `kubectl scale hd`); while set, the autoscaler "
+        "is off. Remove it to autoscale again.",
+    )
+    targetQueuePerWorker: int = Field(
+        1,
+        ge=1,
+        le=10000,
+        description="Queued plus running jobs one worker should hold: desired workers = "
+        "ceil((inQueue + inProgress) / targetQueuePerWorker).",
+    )
+    scaleToZeroAfterSeconds: int = Field(
+        60, ge=0, le=86400, description="Idle time before the last workers are removed."
+    )
+    scaleDownStabilizationSeconds: int = Field(
+        30,
+        ge=0,
+        le=3600,
+        description="Scale down only to the highest recommendation of this window.",
+    )
+    pendingTimeoutSeconds: int = Field(
+        600,
+        ge=10,
+        le=86400,
+        description="How long pods may wait for GPU capacity before Scaling reports WaitingForCapacity.",
+    )
+    engine: Literal["builtin", "keda"] = Field(
+        "builtin", description="builtin: the operator's 1 s loop; keda: render a KEDA ScaledObject."
+    )
+
+
+class JobsSpec(_Spec):
+    """Job defaults of the endpoint (a job's own policy overrides them)."""
+
+    executionTimeoutSeconds: int = Field(
+        600, ge=1, le=7 * 86400, description="Max run time of a job."
+    )
+    ttlSeconds: int = Field(
+        86400, ge=10, le=30 * 86400, description="Lifetime of a job and its result."
+    )
+    maxRetries: int = Field(
+        2, ge=0, le=100, description="Redeliveries after a lost worker before the DLQ."
+    )
+    concurrency: int = Field(
+        1, ge=1, le=256, description="Jobs one worker runs at once (HANDLER_CONCURRENCY)."
+    )
+    heartbeatIntervalSeconds: int = Field(
+        5, ge=1, le=600, description="Worker heartbeat period (RUNPOD_PING_INTERVAL)."
+    )
+
+
+class ImagePullSecret(_Spec):
+    name: str = Field(..., min_length=1, max_length=253)
+
+
+class HandlerDeploymentSpec(_Spec):
+    """Desired state of a HandlerDeployment."""
+
+    handler: HandlerSpec
+    image: str | None = Field(
+        None, min_length=1, description="Worker image; the operator's default image when omitted."
+    )
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    jobs: JobsSpec = Field(default_factory=JobsSpec)
+    env: list[K8sObject] = Field(
+        default_factory=list,
+        description="Extra container env (Kubernetes EnvVar); RUNPOD_* and HANDLER_* are reserved.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": RESERVED_ENV_RULE,
+                    "message": "env names starting with RUNPOD_ or HANDLER_ are set by the operator",
+                }
+            ]
+        },
+    )
+    envFrom: list[K8sObject] = Field(
+        default_factory=list, description="Kubernetes EnvFromSource list."
+    )
+    volumes: list[K8sObject] = Field(default_factory=list, description="Pod volumes.")
+    volumeMounts: list[K8sObject] = Field(
+        default_factory=list, description="Worker container mounts."
+    )
+    tolerations: list[K8sObject] = Field(default_factory=list, description="Extra pod tolerations.")
+    nodeSelector: dict[str, str] = Field(default_factory=dict)
+    runtimeClassName: str | None = Field(None, description="e.g. nvidia")
+    imagePullSecrets: list[ImagePullSecret] = Field(default_factory=list)
+    podAnnotations: dict[str, str] = Field(default_factory=dict)
+    podLabels: dict[str, str] = Field(default_factory=dict)
+    priorityClassName: str | None = None
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: list[K8sObject]) -> list[K8sObject]:
+        for item in env:
+            name = item.get("name")
+            if not isinstance(name, str) or not name:
+                raise ValueError("every env entry needs a name")
+            if name.startswith(RESERVED_ENV_PREFIXES):
+                raise ValueError(
+                    f"env {name} is reserved: RUNPOD_* and HANDLER_* are set by the operator"
+                )
+        return env
+
+    @model_validator(mode="after")
+    def _scaling_bounds(self) -> HandlerDeploymentSpec:
+        if self.scaling.maxReplicas < self.scaling.minReplicas:
+            raise ValueError("scaling.maxReplicas must be greater than or equal to minReplicas")
+        return self
+
+
+class Condition(BaseModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    lastTransitionTime: str | None = None
+    observedGeneration: int | None = None
+
+
+class QueueStatus(BaseModel):
+    inQueue: int = 0
+    inProgress: int = 0
+
+
+class HandlerDeploymentStatus(BaseModel):
+    """Observed state, written by the operator (kopf adds keys of its own)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    observedGeneration: int | None = None
+    endpointId: str | None = None
+    replicas: int | None = None
+    readyReplicas: int | None = None
+    desiredReplicas: int | None = None
+    ready: str | None = Field(None, description="readyReplicas/desired, for kubectl get")
+    gpu: str | None = Field(None, description="GPU summary, for kubectl get")
+    selector: str | None = Field(
+        None, description="label selector of the workers (scale subresource)"
+    )
+    queue: QueueStatus | None = None
+    lastScaleTime: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+class HandlerDeployment(BaseModel):
+    """A whole CR as the operator reads it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    apiVersion: str = f"{GROUP}/{VERSION}"
+    kind: str = KIND
+    metadata: dict[str, Any]
+    spec: HandlerDeploymentSpec
+    status: HandlerDeploymentStatus | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata["name"]
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.get("namespace") or "default"
+
+    @property
+    def endpoint_id(self) -> str:
+        return endpoint_id(self.namespace, self.name)
+
+
+def endpoint_id(namespace: str, name: str) -> str:
+    """The gateway endpoint of a CR: `<namespace>--<name>`."""
+    return f"{namespace}--{name}"
+
+
+def is_module_name(value: str) -> bool:
+    return re.match(MODULE_PATTERN, value) is not None

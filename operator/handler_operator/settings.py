@@ -1,0 +1,53 @@
+"""Operator settings (pydantic): from HANDLER_OPERATOR_* environment variables or flags.
+
+Pure model; `from_env` reads a mapping you pass in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pydantic import BaseModel, Field
+
+ENV_PREFIX = "HANDLER_OPERATOR_"
+FIELD_MANAGER = "handler-operator"
+
+
+class OperatorSettings(BaseModel):
+    gateway_url: str = Field(
+        "http://handler-gateway.handler-operator.svc:8080",
+        description="Gateway URL as workers reach it (in-cluster Service)",
+    )
+    gateway_admin_url: str | None = Field(
+        None, description="Gateway URL the operator calls (default: gateway_url)"
+    )
+    gateway_admin_key: str = ""
+    default_image: str = "ghcr.io/handler-operator/handler-worker:0.1.0"
+    namespaces: list[str] = Field(default_factory=list, description="watched; empty: cluster-wide")
+    gpu_tolerations: bool = Field(True, description="tolerate the vendor's GPU taint by default")
+    termination_grace_extra_seconds: int = 30
+    metrics_port: int = Field(8081, description="0 turns the metrics server off")
+    liveness_port: int = 8080
+    purge_on_delete: bool = Field(
+        False, description="cancel queued jobs when a HandlerDeployment is deleted (else drain)"
+    )
+    drain_timeout_seconds: int = 600
+
+    @property
+    def admin_url(self) -> str:
+        return self.gateway_admin_url or self.gateway_url
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> OperatorSettings:
+        values: dict[str, object] = {}
+        for name, field in cls.model_fields.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is None:
+                continue
+            if field.annotation is bool:
+                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif name == "namespaces":
+                values[name] = [n.strip() for n in raw.split(",") if n.strip()]
+            else:
+                values[name] = raw
+        return cls.model_validate(values)

@@ -1,0 +1,78 @@
+"""Real parts end to end: gateway subprocess + `python -m handler_worker` + `runpod.Endpoint`."""
+
+from __future__ import annotations
+
+import time
+
+from tests.conftest import EXAMPLES
+from tests.processes import http_json
+
+
+def test_run_status_output(endpoint, workers):
+    workers("handler", [str(EXAMPLES / "hello")])
+    job = endpoint.run({"name": "e2e"})
+    assert job.status() in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
+    assert job.output(timeout=60) == {"greeting": "Hello, e2e!"}
+    assert job.status() == "COMPLETED"
+
+
+def test_run_sync(endpoint, workers):
+    workers("handler", [str(EXAMPLES / "typed")])
+    assert endpoint.run_sync({"numbers": [1, 2]}, timeout=60)["sum"] == 3.0
+
+
+def test_stream_yields_every_chunk_once_in_order(endpoint, workers):
+    workers("handler", [str(EXAMPLES / "streaming")])
+    words = [f"w{n}" for n in range(12)]
+    job = endpoint.run({"text": " ".join(words), "delay": 0.15})
+    chunks = list(job.stream())
+    assert [c["token"] for c in chunks] == words
+    assert [c["index"] for c in chunks] == list(range(12))
+
+
+def test_cancel_stops_the_running_job(endpoint, workers, gateway):
+    workers("handlers.echo_async")
+    job = endpoint.run({"sleep": 30})
+    deadline = time.monotonic() + 30
+    while job.status() != "IN_PROGRESS" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job.cancel()["status"] == "CANCELLED"
+    # The SDK stops the job on job-stop (the gateway re-sends a stop the SDK dropped), so the
+    # worker is free for the next job long before the cancelled one would have ended.
+    assert endpoint.run_sync({"sleep": 0, "next": True}, timeout=20)["echo"]["next"] is True
+    assert job.status() == "CANCELLED"
+
+
+def test_health_counts(endpoint, workers):
+    workers("handler", [str(EXAMPLES / "hello")])
+    for _ in range(3):
+        endpoint.run_sync({"name": "x"}, timeout=60)
+    health = endpoint.health()
+    assert health["jobs"]["completed"] == 3
+    assert health["jobs"]["inQueue"] == 0 and health["jobs"]["inProgress"] == 0
+    assert health["workers"]["idle"] + health["workers"]["running"] == 1
+
+
+def test_failed_job_reports_the_error(endpoint, workers):
+    workers("handlers.raises")
+    job = endpoint.run({"value": 3})
+    deadline = time.monotonic() + 60
+    while job.status() not in ("FAILED", "COMPLETED") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job.status() == "FAILED"
+    assert endpoint.run_sync({"value": 4}, timeout=60) is None  # the SDK's run_sync on failure
+
+
+def test_concurrency_modifier_worker_uses_batch_take(endpoint, workers, gateway):
+    workers("handlers.batched")
+    jobs = [endpoint.run({"n": n}) for n in range(8)]
+    for job in jobs:
+        assert job.output(timeout=60)["id"] == job.job_id
+    status, body = http_json("GET", f"{gateway.url}/admin/v1/endpoints/ep/workers")
+    assert status == 200 and body["workers"][0]["id"] == "worker-1"
+
+
+def test_purge_queue(endpoint):
+    for n in range(3):
+        endpoint.run({"n": n})
+    assert endpoint.purge_queue() == {"removed": 3, "status": "completed"}

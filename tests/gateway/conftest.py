@@ -1,0 +1,188 @@
+"""Gateway fixtures: an app per backend (memory, real Redis) with short long-poll timings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from handler_gateway.backends import open_backend
+from handler_gateway.keys import Keys
+from handler_gateway.operations import Timings
+from handler_gateway.routes import GATEWAY, create_app
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+CLIENT_KEY = "client-key-for-tests"
+ADMIN_KEY = "admin-key-for-tests"
+WORKER_TOKEN = "worker-token-0123456789"
+OTHER_TOKEN = "other-token-0123456789"
+FAST = Timings(
+    take_hold=0.6,
+    stop_hold=0.6,
+    runsync_wait=2.0,
+    runsync_wait_max=10.0,
+    recheck=0.2,
+    sweep_interval=0.1,
+    heartbeat_write_interval=0.0,
+    stop_resend=0.3,
+)
+
+
+def redis_available() -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 6379), 0.5):
+        return True
+    return False
+
+
+def backend_params():
+    return [
+        "memory",
+        pytest.param(
+            "redis",
+            marks=pytest.mark.skipif(not redis_available(), reason="no Redis on 127.0.0.1:6379"),
+        ),
+    ]
+
+
+def clean_redis_prefix(prefix: str, url: str = REDIS_URL) -> None:
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(params=backend_params())
+def backend_kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_backend(backend_kind):
+    prefixes: list[str] = []
+
+    def make():
+        if backend_kind == "memory":
+            return open_backend("memory://")
+        prefix = f"test-{uuid.uuid4().hex[:10]}"
+        prefixes.append(prefix)
+        return open_backend(REDIS_URL, prefix=prefix)
+
+    yield make
+    for prefix in prefixes:
+        clean_redis_prefix(prefix)
+
+
+@dataclass
+class Api:
+    """A test client with the keys and helpers the contract tests use."""
+
+    client: TestClient
+    endpoint: str = "ep"
+
+    @property
+    def gateway(self):
+        return self.client.app[GATEWAY]
+
+    def client_headers(self, key: str = CLIENT_KEY) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    def worker_headers(self, token: str = WORKER_TOKEN) -> dict[str, str]:
+        return {"Authorization": token}
+
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    async def register(self, endpoint: str | None = None, **config) -> dict:
+        body = {"workerToken": WORKER_TOKEN, **config}
+        response = await self.client.put(
+            f"/admin/v1/endpoints/{endpoint or self.endpoint}",
+            json=body,
+            headers=self.admin_headers(),
+        )
+        assert response.status in (200, 201), await response.text()
+        return await response.json()
+
+    async def run(self, job_input, **extra) -> str:
+        response = await self.client.post(
+            f"/v2/{self.endpoint}/run",
+            json={"input": job_input, **extra},
+            headers=self.client_headers(),
+        )
+        assert response.status == 200, await response.text()
+        return (await response.json())["id"]
+
+    async def status(self, job_id: str) -> dict:
+        response = await self.client.get(
+            f"/v2/{self.endpoint}/status/{job_id}", headers=self.client_headers()
+        )
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+    async def take(self, worker: str = "w1", batch: int | None = None):
+        route = "job-take" if batch is None else "job-take-batch"
+        query = "?job_in_progress=0" + (f"&batch_size={batch}" if batch else "")
+        response = await self.client.get(
+            f"/v2/{self.endpoint}/{route}/{worker}{query}", headers=self.worker_headers()
+        )
+        if response.status == 204:
+            return None
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+    async def done(self, worker: str, job_id: str, body: dict, stream: bool = False) -> dict:
+        # The runpod SDK posts JSON labelled as form data: do the same.
+        import json
+
+        response = await self.client.post(
+            f"/v2/{self.endpoint}/job-done/{worker}/{job_id}?isStream={str(stream).lower()}",
+            data=json.dumps(body),
+            headers={**self.worker_headers(), "Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+    async def chunk(self, worker: str, job_id: str, output) -> dict:
+        response = await self.client.post(
+            f"/v2/{self.endpoint}/job-stream/{worker}/{job_id}?isStream=false",
+            json={"output": output},
+            headers=self.worker_headers(),
+        )
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+    async def health(self) -> dict:
+        response = await self.client.get(
+            f"/v2/{self.endpoint}/health", headers=self.client_headers()
+        )
+        assert response.status == 200
+        return await response.json()
+
+    async def wait_status(self, job_id: str, wanted: str, timeout: float = 5.0) -> dict:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            view = await self.status(job_id)
+            if view["status"] == wanted or asyncio.get_running_loop().time() > deadline:
+                assert view["status"] == wanted, view
+                return view
+            await asyncio.sleep(0.05)
+
+
+@pytest_asyncio.fixture
+async def api(make_backend) -> AsyncIterator[Api]:
+    keys = Keys(frozenset({CLIENT_KEY}), frozenset({ADMIN_KEY}))
+    app = create_app(make_backend(), keys, FAST, max_body=1024 * 1024)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    api = Api(client)
+    await api.register()
+    yield api
+    await client.close()

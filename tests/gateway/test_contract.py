@@ -1,0 +1,440 @@
+"""The gateway contract, run against every backend: routes, status transitions, delivery rules."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from handler_gateway import jobs
+
+
+async def test_run_take_done_completes(api):
+    job_id = await api.run({"prompt": "cat"})
+    assert (await api.status(job_id))["status"] == "IN_QUEUE"
+    taken = await api.take("w1")
+    assert taken == {"id": job_id, "input": {"prompt": "cat"}}
+    view = await api.status(job_id)
+    assert view["status"] == "IN_PROGRESS" and view["workerId"] == "w1"
+    assert await api.done("w1", job_id, {"output": {"image": "x"}}) == {"result": "accepted"}
+    view = await api.status(job_id)
+    assert view["status"] == "COMPLETED"
+    assert view["output"] == {"image": "x"}
+    assert view["delayTime"] >= 0 and view["executionTime"] >= 0
+
+
+async def test_failed_result(api):
+    job_id = await api.run({"x": 1})
+    await api.take("w1")
+    await api.done("w1", job_id, {"error": '{"error_message": "boom"}'})
+    view = await api.status(job_id)
+    assert view["status"] == "FAILED" and "boom" in view["error"]
+
+
+async def test_fifo_order(api):
+    ids = [await api.run({"n": n}) for n in range(5)]
+    assert [(await api.take("w1"))["id"] for _ in ids] == ids
+
+
+async def test_take_long_polls_then_204(api):
+    start = time.monotonic()
+    assert await api.take("w1") is None
+    assert time.monotonic() - start >= api.gateway.timings.take_hold * 0.9
+
+
+async def test_take_wakes_when_a_job_arrives(api):
+    waiter = asyncio.create_task(api.take("w1"))
+    await asyncio.sleep(0.1)
+    start = time.monotonic()
+    job_id = await api.run({"late": True})
+    taken = await waiter
+    assert taken["id"] == job_id
+    assert time.monotonic() - start < api.gateway.timings.take_hold / 2
+
+
+async def test_take_batch(api):
+    ids = [await api.run({"n": n}) for n in range(5)]
+    first = await api.take("w1", batch=3)
+    second = await api.take("w1", batch=3)
+    assert [j["id"] for j in first] == ids[:3]
+    assert [j["id"] for j in second] == ids[3:]
+
+
+async def test_capacity_caps_what_a_worker_holds(api):
+    first, second, third = [await api.run({"n": n}) for n in range(3)]
+    url = f"/v2/{api.endpoint}/job-take-batch/w1?capacity=2&batch_size=5"
+    taken = await (await api.client.get(url, headers=api.worker_headers())).json()
+    assert [j["id"] for j in taken] == [first, second]
+    # Full: the next take waits, and gets a job the moment one of the worker's jobs ends.
+    waiter = asyncio.create_task(api.client.get(url, headers=api.worker_headers()))
+    await asyncio.sleep(0.2)
+    assert not waiter.done()
+    await api.done("w1", first, {"output": 1})
+    response = await asyncio.wait_for(waiter, 2)
+    assert [j["id"] for j in await response.json()] == [third]
+
+
+async def test_runsync_returns_the_result(api):
+    async def worker():
+        job = None
+        while job is None:
+            job = await api.take("w1")
+        await api.done("w1", job["id"], {"output": job["input"]["v"] * 2})
+
+    task = asyncio.create_task(worker())
+    response = await api.client.post(
+        f"/v2/{api.endpoint}/runsync", json={"input": {"v": 21}}, headers=api.client_headers()
+    )
+    await task
+    body = await response.json()
+    assert body["status"] == "COMPLETED" and body["output"] == 42
+
+
+async def test_runsync_returns_in_queue_after_its_wait(api):
+    start = time.monotonic()
+    response = await api.client.post(
+        f"/v2/{api.endpoint}/runsync?wait=300", json={"input": {}}, headers=api.client_headers()
+    )
+    body = await response.json()
+    assert body["status"] == "IN_QUEUE" and set(body) == {"id", "status"}
+    assert 0.25 <= time.monotonic() - start < 2
+
+
+async def test_progress_is_shown_and_never_overwrites_the_result(api):
+    job_id = await api.run({})
+    await api.take("w1")
+    assert (await api.done("w1", job_id, {"status": "IN_PROGRESS", "output": {"pct": 50}}))[
+        "result"
+    ] == "progress"
+    assert (await api.status(job_id))["output"] == {"pct": 50}
+    await api.done("w1", job_id, {"output": "final"})
+    late = await api.done("w1", job_id, {"status": "IN_PROGRESS", "output": {"pct": 99}})
+    assert late["result"] == "duplicate"
+    assert (await api.status(job_id))["output"] == "final"
+
+
+async def test_result_is_idempotent_per_job_and_worker(api):
+    job_id = await api.run({})
+    await api.take("w1")
+    assert (await api.done("w1", job_id, {"output": 1}))["result"] == "accepted"
+    assert (await api.done("w1", job_id, {"output": 1}))["result"] == "duplicate"
+    health = await api.health()
+    assert health["jobs"]["completed"] == 1
+
+
+async def test_result_from_another_worker_is_ignored_and_counted(api):
+    job_id = await api.run({})
+    await api.take("w1")
+    assert (await api.done("w2", job_id, {"output": "stolen"}))["result"] == "ignored"
+    assert (await api.status(job_id))["status"] == "IN_PROGRESS"
+    counters = await api.gateway.backend.counters(api.endpoint)
+    assert counters["ignoredResults"] == 1
+
+
+async def test_stream_chunks_once_per_cursor(api):
+    job_id = await api.run({})
+    await api.take("w1")
+    for n in range(3):
+        await api.chunk("w1", job_id, {"n": n})
+    url = f"/v2/{api.endpoint}/stream/{job_id}"
+    first = await (await api.client.get(url, headers=api.client_headers())).json()
+    assert [c["output"] for c in first["stream"]] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert first["status"] == "IN_PROGRESS" and first["cursor"] == 3
+    again = await (await api.client.get(url, headers=api.client_headers())).json()
+    assert again["stream"] == []
+    await api.chunk("w1", job_id, {"n": 3})
+    await api.done("w1", job_id, {"output": []}, stream=True)
+    last = await (await api.client.get(url, headers=api.client_headers())).json()
+    assert [c["output"] for c in last["stream"]] == [{"n": 3}] and last["status"] == "COMPLETED"
+    own = await (await api.client.get(url + "?cursor=1", headers=api.client_headers())).json()
+    assert [c["output"]["n"] for c in own["stream"]] == [1, 2, 3] and own["cursor"] == 4
+    final = await api.status(job_id)
+    assert final["output"] == [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 3}], "stream job output"
+
+
+async def test_cancel_queued_job_is_never_delivered(api):
+    job_id = await api.run({})
+    other = await api.run({})
+    response = await api.client.post(
+        f"/v2/{api.endpoint}/cancel/{job_id}", headers=api.client_headers()
+    )
+    assert (await response.json())["status"] == "CANCELLED"
+    assert (await api.take("w1"))["id"] == other
+    assert await api.take("w1") is None
+    health = await api.health()
+    assert health["jobs"]["inQueue"] == 0 and health["jobs"]["cancelled"] == 1
+
+
+async def test_cancel_in_progress_signals_the_worker_and_ignores_its_result(api):
+    job_id = await api.run({})
+    await api.take("w1")
+    await api.client.post(f"/v2/{api.endpoint}/cancel/{job_id}", headers=api.client_headers())
+    response = await api.client.get(f"/v2/{api.endpoint}/job-stop/w1", headers=api.worker_headers())
+    assert (await response.json()) == {"jobsToStop": [job_id]}
+    assert (await api.done("w1", job_id, {"output": "late"}))["result"] == "ignored"
+    assert (await api.status(job_id))["status"] == "CANCELLED"
+    stream = await api.client.get(
+        f"/v2/{api.endpoint}/stream/{job_id}", headers=api.client_headers()
+    )
+    assert (await stream.json())["status"] == "FAILED", "runpod's stream() must see a final state"
+
+
+async def test_stop_is_resent_until_the_worker_lets_go(api):
+    job_id = await api.run({})
+    await api.take("w1")
+    await api.client.post(f"/v2/{api.endpoint}/cancel/{job_id}", headers=api.client_headers())
+    stop_url = f"/v2/{api.endpoint}/job-stop/w1"
+    first = await api.client.get(stop_url, headers=api.worker_headers())
+    assert (await first.json()) == {"jobsToStop": [job_id]}
+    # Still running on the worker (its ping lists it): the stop comes again after a while.
+    await api.client.get(
+        f"/v2/{api.endpoint}/ping/w1?job_id={job_id}", headers=api.worker_headers()
+    )
+    again = await api.client.get(stop_url, headers=api.worker_headers())
+    assert (await again.json()) == {"jobsToStop": [job_id]}
+    # The worker let go of it (no longer in its pings): no more stops.
+    await asyncio.sleep(api.gateway.timings.stop_resend)
+    await api.client.get(f"/v2/{api.endpoint}/ping/w1", headers=api.worker_headers())
+    last = await api.client.get(stop_url, headers=api.worker_headers())
+    assert last.status == 204
+
+
+async def test_cancel_of_a_finished_job_changes_nothing(api):
+    job_id = await api.run({})
+    await api.take("w1")
+    await api.done("w1", job_id, {"output": 1})
+    response = await api.client.post(
+        f"/v2/{api.endpoint}/cancel/{job_id}", headers=api.client_headers()
+    )
+    assert (await response.json())["status"] == "COMPLETED"
+
+
+async def test_job_stop_long_polls_then_204(api):
+    response = await api.client.get(f"/v2/{api.endpoint}/job-stop/w1", headers=api.worker_headers())
+    assert response.status == 204
+
+
+async def test_execution_timeout_enforced_by_the_gateway(api):
+    job_id = await api.run({}, policy={"executionTimeout": 1000})
+    await api.take("w1")
+    view = await api.wait_status(job_id, "TIMED_OUT", timeout=5)
+    assert "execution timeout of 1 s" in view["error"]
+    stops = await api.client.get(f"/v2/{api.endpoint}/job-stop/w1", headers=api.worker_headers())
+    assert (await stops.json())["jobsToStop"] == [job_id]
+    assert (await api.done("w1", job_id, {"output": "late"}))["result"] == "ignored"
+
+
+async def test_endpoint_default_execution_timeout(api):
+    await api.register(executionTimeoutSeconds=1)
+    job_id = await api.run({})
+    await api.take("w1")
+    await api.wait_status(job_id, "TIMED_OUT", timeout=5)
+
+
+async def test_retry_requeues_failed_jobs_only(api):
+    job_id = await api.run({"try": 1})
+    await api.take("w1")
+    await api.done("w1", job_id, {"error": "flaky"})
+    response = await api.client.post(
+        f"/v2/{api.endpoint}/retry/{job_id}", headers=api.client_headers()
+    )
+    assert (await response.json()) == {"id": job_id, "status": "IN_QUEUE"}
+    assert (await api.take("w2"))["id"] == job_id
+    await api.done("w2", job_id, {"output": "ok"})
+    response = await api.client.post(
+        f"/v2/{api.endpoint}/retry/{job_id}", headers=api.client_headers()
+    )
+    assert response.status == 409
+    assert "only FAILED, TIMED_OUT or CANCELLED" in (await response.json())["error"]
+    assert (await api.health())["jobs"]["retried"] == 1
+
+
+async def test_ttl_expires_queued_jobs_and_results(api, monkeypatch):
+    queued = await api.run({}, policy={"ttl": 1000})
+    view = await api.wait_status(queued, "TIMED_OUT", timeout=5)
+    assert "expired in the queue" in view["error"]
+    monkeypatch.setattr(jobs, "MIN_RESULT_RETENTION_S", 0.0)
+    done = await api.run({}, policy={"ttl": 1000})
+    await api.take("w1")
+    await api.done("w1", done, {"output": 1})
+    await asyncio.sleep(1.3)
+    await api.gateway.sweep()
+    response = await api.client.get(
+        f"/v2/{api.endpoint}/status/{done}", headers=api.client_headers()
+    )
+    assert response.status == 404
+
+
+async def test_silent_worker_job_is_requeued_then_dead_lettered(api):
+    await api.register(heartbeatIntervalSeconds=0.2, heartbeatMisses=2, maxRetries=1)
+    job_id = await api.run({"gpu": True})
+    await api.take("w1")
+    view = await api.wait_status(job_id, "IN_QUEUE", timeout=5)
+    assert view.get("retries") is None or view["retries"] >= 1
+    assert (await api.take("w2"))["id"] == job_id
+    view = await api.wait_status(job_id, "FAILED", timeout=5)
+    assert "lost 2 times (maxRetries=1)" in view["error"]
+    dlq = await api.client.get(
+        f"/admin/v1/endpoints/{api.endpoint}/dlq", headers=api.admin_headers()
+    )
+    assert [j["id"] for j in (await dlq.json())["jobs"]] == [job_id]
+    health = await api.health()
+    assert health["jobs"]["retried"] == 1 and health["jobs"]["failed"] == 1
+    replay = await api.client.post(
+        f"/admin/v1/endpoints/{api.endpoint}/dlq/replay", json={}, headers=api.admin_headers()
+    )
+    assert (await replay.json()) == {"replayed": [job_id]}
+    assert (await api.take("w3"))["id"] == job_id
+    await api.done("w3", job_id, {"output": "finally"})
+    assert (await api.status(job_id))["status"] == "COMPLETED"
+    dlq = await api.client.get(
+        f"/admin/v1/endpoints/{api.endpoint}/dlq", headers=api.admin_headers()
+    )
+    assert (await dlq.json())["jobs"] == []
+
+
+async def test_heartbeats_keep_a_long_job_alive(api):
+    await api.register(heartbeatIntervalSeconds=0.2, heartbeatMisses=2)
+    job_id = await api.run({})
+    await api.take("w1")
+    for _ in range(8):
+        await api.client.get(
+            f"/v2/{api.endpoint}/ping/w1?job_id={job_id}&runpod_version=1.12.0",
+            headers=api.worker_headers(),
+        )
+        await asyncio.sleep(0.1)
+    assert (await api.status(job_id))["status"] == "IN_PROGRESS"
+
+
+async def test_replay_unknown_id_is_404(api):
+    response = await api.client.post(
+        f"/admin/v1/endpoints/{api.endpoint}/dlq/replay",
+        json={"ids": ["nope"]},
+        headers=api.admin_headers(),
+    )
+    assert response.status == 404
+
+
+async def test_purge_queue(api):
+    ids = [await api.run({"n": n}) for n in range(3)]
+    running = await api.run({"n": "running"})
+    ids.remove(ids[0]) if False else None
+    await api.take("w1")  # takes ids[0]
+    response = await api.client.post(
+        f"/v2/{api.endpoint}/purge-queue", headers=api.client_headers()
+    )
+    assert await response.json() == {"removed": 3, "status": "completed"}
+    assert (await api.status(running))["status"] == "CANCELLED"
+    assert (await api.status(ids[0]))["status"] == "IN_PROGRESS"
+    assert await api.take("w2") is None
+
+
+async def test_drained_worker_gets_no_new_jobs(api):
+    job_id = await api.run({})
+    response = await api.client.post(
+        f"/admin/v1/endpoints/{api.endpoint}/workers/w1/drain", headers=api.admin_headers()
+    )
+    assert (await response.json()) == {
+        "endpoint": api.endpoint,
+        "worker": "w1",
+        "draining": True,
+        "jobs": [],
+    }
+    assert await api.take("w1") is None
+    assert (await api.take("w2"))["id"] == job_id
+    response = await api.client.post(
+        f"/admin/v1/endpoints/{api.endpoint}/workers/w2/drain", headers=api.admin_headers()
+    )
+    assert (await response.json())["jobs"] == [job_id], "still busy: not safe to remove"
+    await api.done("w2", job_id, {"output": 1})  # a draining worker finishes what it has
+    assert (await api.status(job_id))["status"] == "COMPLETED"
+    await api.client.delete(
+        f"/admin/v1/endpoints/{api.endpoint}/workers/w1/drain", headers=api.admin_headers()
+    )
+    second = await api.run({})
+    assert (await api.take("w1"))["id"] == second
+
+
+async def test_health_and_queue_figures(api):
+    for n in range(3):
+        await api.run({"n": n})
+    await api.take("w1")
+    await api.take("w2")
+    await api.client.get(f"/v2/{api.endpoint}/ping/w3", headers=api.worker_headers())
+    health = await api.health()
+    assert health["jobs"]["inQueue"] == 1 and health["jobs"]["inProgress"] == 2
+    assert health["workers"] == {"idle": 1, "running": 2, "draining": 0}
+    response = await api.client.get("/admin/v1/queues", headers=api.admin_headers())
+    figures = (await response.json())["endpoints"][api.endpoint]
+    assert figures["inQueue"] == 1 and figures["inProgress"] == 2
+    assert figures["workerStates"] == {"w1": "running", "w2": "running", "w3": "idle"}
+    assert figures["lastActivity"] > time.time() - 10
+
+
+async def test_token_rotation_and_endpoint_delete(api):
+    await api.register(workerToken="rotated-token-0123456789")
+    response = await api.client.get(f"/v2/{api.endpoint}/ping/w1", headers=api.worker_headers())
+    assert response.status == 401
+    response = await api.client.get(
+        f"/v2/{api.endpoint}/ping/w1", headers=api.worker_headers("rotated-token-0123456789")
+    )
+    assert response.status == 200
+    response = await api.client.delete(
+        f"/admin/v1/endpoints/{api.endpoint}", headers=api.admin_headers()
+    )
+    assert response.status == 200
+    response = await api.client.post(
+        f"/v2/{api.endpoint}/run", json={"input": {}}, headers=api.client_headers()
+    )
+    assert response.status == 404
+
+
+async def test_webhook_is_posted_on_completion(api):
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    received: asyncio.Queue = asyncio.Queue()
+
+    async def hook(request):
+        await received.put(await request.json())
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        job_id = await api.run({}, webhook=str(server.make_url("/hook")))
+        await api.take("w1")
+        await api.done("w1", job_id, {"output": {"ok": True}})
+        body = await asyncio.wait_for(received.get(), 5)
+        assert (
+            body["id"] == job_id
+            and body["status"] == "COMPLETED"
+            and body["output"] == {"ok": True}
+        )
+    finally:
+        await server.close()
+
+
+async def test_metrics_and_health_routes(api):
+    job_id = await api.run({})
+    await api.take("w1")
+    await api.done("w1", job_id, {"output": 1})
+    text = await (await api.client.get("/metrics")).text()
+    assert (
+        f'handler_gateway_jobs_finished_total{{endpoint="{api.endpoint}",status="COMPLETED"}} 1.0'
+        in text
+    )
+    assert f'handler_gateway_queue_depth{{endpoint="{api.endpoint}"}} 0.0' in text
+    assert "handler_gateway_job_delay_seconds_bucket" in text
+    assert (await api.client.get("/healthz")).status == 200
+    assert (await api.client.get("/readyz")).status == 200
+
+
+async def test_openapi_document_is_valid(api):
+    from openapi_spec_validator import validate
+
+    document = await (await api.client.get("/openapi.json")).json()
+    validate(document)
+    assert "/v2/{endpoint}/run" in document["paths"]
+    assert "RunRequest" in document["components"]["schemas"]

@@ -1,0 +1,329 @@
+"""A Kubernetes API emulator for operator tests: kmock's emulator plus what kopf and kubectl need.
+
+Adds to kmock 0.8: uid / resourceVersion / creationTimestamp / generation (bumped on spec
+changes only), namespaces from the URL, server-side apply that creates missing objects, the
+status subresource, and discovery of resources defined by applied CRDs. Runs on 127.0.0.1 in a
+background thread; `kubeconfig()` writes a kubeconfig pointing at it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import itertools
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import kmock
+from kmock._internal import dicts, enums
+
+BUILTIN = {
+    "v1/pods": ("Pod", {"status"}),
+    "v1/secrets": ("Secret", set()),
+    "v1/serviceaccounts": ("ServiceAccount", set()),
+    "v1/events": ("Event", set()),
+    "v1/namespaces": ("Namespace", set()),
+    "apps/v1/deployments": ("Deployment", {"status", "scale"}),
+    "events.k8s.io/v1/events": ("Event", set()),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", {"status"}),
+}
+VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
+
+
+def _now() -> str:
+    return (
+        datetime.datetime.now(datetime.UTC)
+        .replace(microsecond=0)
+        .isoformat()
+        .replace("+00:00", "Z")
+    )
+
+
+def _cell(obj: dict[str, Any], column: dict[str, Any]) -> Any:
+    value: Any = obj
+    for part in column["jsonPath"].strip(".").split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if column["type"] == "date" and isinstance(value, str):
+        created = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        seconds = int((datetime.datetime.now(datetime.UTC) - created).total_seconds())
+        return f"{seconds}s" if seconds < 120 else f"{seconds // 60}m"
+    return value if value is not None else ("<none>" if column["type"] == "string" else None)
+
+
+class ApiEmulator(kmock.KubernetesEmulator):
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._versions = itertools.count(1)
+        self.log: list[tuple[str, str | None]] = []  # (method, plural) of every request
+        for key, (kind, subresources) in BUILTIN.items():
+            self.resources[key] = kmock.ResourceInfo(
+                kind=kind,
+                namespaced=key
+                not in ("v1/namespaces", "apiextensions.k8s.io/v1/customresourcedefinitions"),
+                verbs=VERBS,
+                subresources=subresources,
+            )
+
+    def _stored(self, request: Any) -> dict[str, Any] | None:
+        for (resource, namespace, name), obj in self.objects.items():
+            if (
+                resource == request.resource
+                and namespace == request.namespace
+                and name == request.name
+            ):
+                return None if obj.deleted else obj.raw
+        return None
+
+    def _register_crd(self, crd: dict[str, Any]) -> None:
+        spec = crd.get("spec") or {}
+        names = spec.get("names") or {}
+        for version in spec.get("versions") or []:
+            self.resources[f"{spec['group']}/{version['name']}/{names['plural']}"] = (
+                kmock.ResourceInfo(
+                    kind=names.get("kind"),
+                    singular=names.get("singular"),
+                    namespaced=spec.get("scope") == "Namespaced",
+                    verbs=VERBS,
+                    shortnames=names.get("shortNames") or [],
+                    categories=names.get("categories") or [],
+                    subresources=set((version.get("subresources") or {}).keys()),
+                )
+            )
+
+    # -- kubectl: server-side tables and the scale subresource ---------------------------------
+    def _crd_for(self, resource: Any) -> dict[str, Any] | None:
+        for (res, _, _), obj in self.objects.items():
+            if res.plural == "customresourcedefinitions" and not obj.deleted:
+                spec = obj.raw.get("spec") or {}
+                if (
+                    spec.get("group") == resource.group
+                    and spec.get("names", {}).get("plural") == resource.plural
+                ):
+                    return obj.raw
+        return None
+
+    def _table(self, request: Any) -> dict[str, Any]:
+        crd = self._crd_for(request.resource) if request.resource.group else None
+        columns = [{"name": "Name", "type": "string", "jsonPath": ".metadata.name"}]
+        if crd is not None:
+            columns += [c for c in crd["spec"]["versions"][0].get("additionalPrinterColumns") or []]
+        else:
+            columns.append(
+                {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+            )
+        rows = []
+        for (res, namespace, name), obj in sorted(
+            self.objects.items(), key=lambda kv: kv[0][2] or ""
+        ):
+            if obj.deleted or res != request.resource:
+                continue
+            if request.namespace and namespace != request.namespace:
+                continue
+            if request.name and name != request.name:
+                continue
+            raw = obj.raw
+            rows.append(
+                {
+                    "cells": [_cell(raw, c) for c in columns],
+                    "object": {
+                        "kind": "PartialObjectMetadata",
+                        "apiVersion": "meta.k8s.io/v1",
+                        "metadata": raw["metadata"],
+                    },
+                }
+            )
+        return {
+            "kind": "Table",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": {"resourceVersion": "1"},
+            "columnDefinitions": [
+                {
+                    "name": c["name"],
+                    "type": c["type"],
+                    "format": "name" if c["name"] == "Name" else "",
+                    "description": "",
+                    "priority": 0,
+                }
+                for c in columns
+            ],
+            "rows": rows,
+        }
+
+    async def _scale(self, request: Any) -> Any:
+        existing = self._stored(request)
+        if existing is None:
+            raise kmock.KubernetesObjectNotFoundError()
+        if request.action == enums.action.UPDATE:
+            replicas = (request.data or {}).get("spec", {}).get("replicas")
+            for key, obj in self.objects.items():
+                if (
+                    key[0] == request.resource
+                    and key[1] == request.namespace
+                    and key[2] == request.name
+                ):
+                    generation = (existing["metadata"].get("generation") or 1) + 1
+                    obj.patch(
+                        {
+                            "spec": {"scaling": {"replicas": replicas}},
+                            "metadata": {
+                                "generation": generation,
+                                "resourceVersion": str(next(self._versions)),
+                            },
+                        }
+                    )
+                    existing = obj.raw
+                    await self._buses[request.resource].put(
+                        {"type": "MODIFIED", "object": existing}
+                    )
+        status = existing.get("status") or {}
+        return {
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {
+                k: existing["metadata"][k] for k in ("name", "namespace", "uid", "resourceVersion")
+            },
+            "spec": {"replicas": (existing["spec"].get("scaling") or {}).get("replicas") or 0},
+            "status": {
+                "replicas": status.get("replicas") or 0,
+                "selector": status.get("selector", ""),
+            },
+        }
+
+    async def _serve_version(self, request: Any) -> Any:
+        payload = await super()._serve_version(request)
+        for entry in payload["resources"]:
+            if "/" in entry["name"]:
+                entry["shortNames"], entry["categories"] = [], []
+                if entry["name"].endswith("/scale"):
+                    entry.update(
+                        kind="Scale",
+                        group="autoscaling",
+                        version="v1",
+                        verbs=["get", "patch", "update"],
+                    )
+        return payload
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+
+        # kmock matches each request against every recorded request (quadratic): keep only the
+        # recent ones there, and a light log of our own for assertions.
+        self.log.append(
+            (request.method.upper(), request.resource.plural if request.resource else None)
+        )
+        # (kmock appends the request and calls _handle without awaiting in between, so the
+        # current request is always among the last few.)
+        if len(self._requests) > 8:
+            del self._requests[:-4]
+
+        accept = (request.headers or {}).get("Accept", "")
+        if (
+            request.resource is not None
+            and "as=Table" in accept
+            and request.action in (enums.action.LIST, enums.action.FETCH)
+        ):
+            return web.json_response(self._table(request))
+        if request.resource is not None and request.subresource == "scale" and request.name:
+            try:
+                return web.json_response(await self._scale(request))
+            except kmock.KubernetesObjectNotFoundError:
+                return web.json_response(
+                    {"kind": "Status", "code": 404, "reason": "NotFound"}, status=404
+                )
+        if request.resource is not None and isinstance(request.data, dict):
+            request = self._stamp(request)
+        response = await super()._handle(request)
+        if (
+            request.resource is not None
+            and request.resource.plural == "customresourcedefinitions"
+            and isinstance(request.data, dict)
+            and request.data.get("spec")
+        ):
+            self._register_crd(request.data)
+        return response
+
+    def _stamp(self, request: Any) -> Any:
+        """Fill in the metadata a real API server maintains, before kmock stores the change."""
+        data = copy.deepcopy(request.data)
+        meta = data.setdefault("metadata", {})
+        existing = self._stored(request) if request.name else None
+        action = request.action
+        if action == enums.action.UPDATE and existing is None:
+            action = enums.action.CREATE  # server-side apply creates missing objects
+        if action == enums.action.CREATE:
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+            meta.setdefault("name", request.name)
+            if request.namespace:
+                meta["namespace"] = request.namespace
+            meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
+        elif action == enums.action.UPDATE and existing is not None:
+            merged = dicts.patch_dict(copy.deepcopy(existing), copy.deepcopy(request.data))
+            if request.subresource != "status" and merged.get("spec") != existing.get("spec"):
+                meta["generation"] = (existing["metadata"].get("generation") or 1) + 1
+            for key in ("uid", "creationTimestamp"):
+                meta.pop(key, None)
+        else:
+            return request
+        meta["resourceVersion"] = str(next(self._versions))
+        # kmock's Request is a frozen attrs class; the fallback reactions need this very object.
+        object.__setattr__(request, "action", action)
+        object.__setattr__(request, "data", data)
+        return request
+
+
+class EmulatedCluster:
+    """The emulator served from a background thread, with extra apps (e.g. a gateway) beside it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.api: ApiEmulator | None = None
+        self.url = ""
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> EmulatedCluster:
+        self._thread.start()
+        if not self._ready.wait(15):
+            raise RuntimeError("emulator did not start")
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._serve())
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        async with ApiEmulator() as api, kmock.Server(api) as server:
+            self.api = api
+            self.url = str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def run(self, coroutine: Any, timeout: float = 30) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    def kubeconfig(self, path: Path) -> Path:
+        path.write_text(
+            "apiVersion: v1\nkind: Config\ncurrent-context: emulator\n"
+            f"clusters: [{{name: emulator, cluster: {{server: '{self.url}'}}}}]\n"
+            "users: [{name: tester, user: {token: emulator-token}}]\n"
+            "contexts: [{name: emulator, context: {cluster: emulator, user: tester, namespace: default}}]\n"
+        )
+        return path
+
+    def objects(self, plural: str) -> dict[tuple[str | None, str], dict[str, Any]]:
+        found = {}
+        for (resource, namespace, name), obj in list(self.api.objects.items()):
+            if resource.plural == plural and not obj.deleted:
+                found[(namespace, name)] = obj.raw
+        return found

@@ -1,0 +1,161 @@
+"""Pure builders: golden files per example CR, GPU variants, env precedence, spec checks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from handler_operator import builders
+from handler_operator.settings import OperatorSettings
+from tests.operator.conftest import EXAMPLE_CRS, GOLDEN, load_cr, parse_cr
+
+SETTINGS = OperatorSettings(gateway_url="http://handler-gateway.hops.svc:8080")
+
+
+def render_all(path) -> str:
+    hd = parse_cr(load_cr(path))
+    objects = [
+        builders.build_service_account(hd),
+        builders.build_secret(hd, "TOKEN"),
+        builders.build_deployment(hd, SETTINGS, replicas=0),
+    ]
+    return yaml.safe_dump_all(objects, sort_keys=False, width=100)
+
+
+@pytest.mark.parametrize("path", EXAMPLE_CRS, ids=lambda p: p.parent.name)
+def test_golden(path):
+    golden = GOLDEN / f"{path.parent.name}.yaml"
+    rendered = render_all(path)
+    if os.environ.get("UPDATE_GOLDEN") or not golden.exists():
+        golden.write_text(rendered)
+    assert rendered == golden.read_text(), f"run UPDATE_GOLDEN=1 pytest {__file__} to refresh"
+
+
+def hd_with(spec_update: dict, namespace: str = "ml"):
+    body = {
+        "apiVersion": "handlerops.dev/v1alpha1",
+        "kind": "HandlerDeployment",
+        "metadata": {"name": "x"},
+        "spec": {"handler": {"module": "handlers.x"}, **spec_update},
+    }
+    return parse_cr(body, namespace)
+
+
+def pod_of(hd, settings=SETTINGS):
+    return builders.build_deployment(hd, settings, replicas=1)["spec"]["template"]["spec"]
+
+
+def env_of(hd) -> dict:
+    return {
+        e["name"]: e.get("value", e.get("valueFrom")) for e in pod_of(hd)["containers"][0]["env"]
+    }
+
+
+GPU_CASES = {
+    "none": ({}, None, None, []),
+    "zero": ({"gpu": {"count": 0}}, None, None, []),
+    "nvidia": ({"gpu": {"count": 2}}, ("nvidia.com/gpu", "2"), None, ["nvidia.com/gpu"]),
+    "nvidia product": (
+        {"gpu": {"count": 1, "product": "NVIDIA-H100-80GB-HBM3"}},
+        ("nvidia.com/gpu", "1"),
+        ("nvidia.com/gpu.product", "NVIDIA-H100-80GB-HBM3"),
+        ["nvidia.com/gpu"],
+    ),
+    "amd product": (
+        {"gpu": {"count": 1, "vendor": "amd", "product": "MI300X"}},
+        ("amd.com/gpu", "1"),
+        ("amd.com/gpu.product-name", "MI300X"),
+        ["amd.com/gpu"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=list(GPU_CASES))
+def test_gpu_variants(case):
+    resources, limit, affinity, tolerations = GPU_CASES[case]
+    pod = pod_of(hd_with({"resources": resources}))
+    limits = pod["containers"][0]["resources"].get("limits", {})
+    if limit:
+        assert limits[limit[0]] == limit[1]
+    else:
+        assert not any(k.endswith("/gpu") for k in limits)
+    if affinity:
+        term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        expression = term["nodeSelectorTerms"][0]["matchExpressions"][0]
+        assert (expression["key"], expression["values"]) == (affinity[0], [affinity[1]])
+    else:
+        assert "affinity" not in pod
+    assert [t["key"] for t in pod.get("tolerations", [])] == tolerations
+
+
+def test_default_gpu_toleration_can_be_turned_off():
+    settings = SETTINGS.model_copy(update={"gpu_tolerations": False})
+    assert "tolerations" not in pod_of(hd_with({"resources": {"gpu": {"count": 1}}}), settings)
+
+
+def test_runtime_env():
+    env = env_of(hd_with({"jobs": {"concurrency": 4, "heartbeatIntervalSeconds": 2}}))
+    assert env["HANDLER_MODULE"] == "handlers.x"
+    assert env["HANDLER_CONCURRENCY"] == "4"
+    assert (
+        env["RUNPOD_WEBHOOK_GET_JOB"]
+        == "http://handler-gateway.hops.svc:8080/v2/ml--x/job-take/$ID?"
+    )
+    assert env["RUNPOD_POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["RUNPOD_AI_API_KEY"] == {"secretKeyRef": {"name": "x-worker-token", "key": "token"}}
+    assert env["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] == "true"
+    assert env["RUNPOD_PING_INTERVAL"] == "2000"
+
+
+def test_user_env_comes_after_and_cannot_override_runtime_keys():
+    env = env_of(hd_with({"env": [{"name": "MODEL", "value": "sdxl"}]}))
+    assert env["MODEL"] == "sdxl"
+    for reserved in ("RUNPOD_WEBHOOK_GET_JOB", "HANDLER_MODULE"):
+        with pytest.raises(ValueError, match=f"env {reserved} is reserved"):
+            hd_with({"env": [{"name": reserved, "value": "x"}]})
+
+
+def test_termination_grace_covers_the_execution_timeout():
+    pod = pod_of(hd_with({"jobs": {"executionTimeoutSeconds": 900}}))
+    assert pod["terminationGracePeriodSeconds"] >= 900
+    assert pod["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert pod["readinessGates"] == [{"conditionType": "handlerops.dev/heartbeat"}]
+
+
+@pytest.mark.parametrize(
+    ("resources", "secrets", "reasons"),
+    [
+        (
+            {"gpu": {"vendor": "amd", "product": "NVIDIA-A100-SXM4-80GB"}},
+            None,
+            ["GpuProductMismatch"],
+        ),
+        (
+            {"gpu": {"vendor": "nvidia", "product": "AMD-Instinct-MI300X"}},
+            None,
+            ["GpuProductMismatch"],
+        ),
+        ({"gpu": {"product": "NVIDIA-L4"}}, None, []),
+        ({}, set(), ["ImagePullSecretMissing"]),
+        ({}, {"ghcr-pull"}, []),
+    ],
+    ids=[
+        "amd-with-nvidia-product",
+        "nvidia-with-amd-product",
+        "ok",
+        "pull-secret-missing",
+        "pull-secret-present",
+    ],
+)
+def test_check_spec(resources, secrets, reasons):
+    hd = hd_with({"resources": resources, "imagePullSecrets": [{"name": "ghcr-pull"}]})
+    assert [p.reason for p in builders.check_spec(hd, secrets)] == reasons
+
+
+def test_rendered_objects_validate_as_kubernetes_objects():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for path in EXAMPLE_CRS:
+        for document in yaml.safe_load_all(render_all(path)):
+            kubernetes_validate.validate(document, "1.33", strict=True)

@@ -1,0 +1,85 @@
+"""Conditions: the pure setter, crash-loop messages and capacity waits, from pod statuses."""
+
+from __future__ import annotations
+
+import pytest
+
+from handler_operator import conditions
+
+
+def test_transition_time_moves_only_when_status_changes():
+    first = conditions.set_condition([], "Ready", True, "A", "m", "t1", 1)
+    same = conditions.set_condition(first, "Ready", True, "B", "m2", "t2", 2)
+    assert same[0]["lastTransitionTime"] == "t1" and same[0]["reason"] == "B"
+    flipped = conditions.set_condition(same, "Ready", False, "C", "m3", "t3", 3)
+    assert flipped[0]["lastTransitionTime"] == "t3" and flipped[0]["status"] == "False"
+
+
+def test_conditions_keep_a_stable_order():
+    result = conditions.set_condition([], "QueueHealthy", None, "X", "", "t")
+    result = conditions.set_condition(result, "Ready", True, "Y", "", "t")
+    assert [c["type"] for c in result] == ["Ready", "QueueHealthy"]
+    assert result[1]["status"] == "Unknown"
+
+
+def pod(state=None, last=None, phase="Running", pod_conditions=None):
+    status = {"name": "worker", "state": state or {}, "lastState": last or {}}
+    return {
+        "metadata": {"name": "p"},
+        "status": {
+            "phase": phase,
+            "containerStatuses": [status],
+            "conditions": pod_conditions or [],
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("pod_status", "expected"),
+    [
+        (pod(state={"running": {}}), None),
+        (pod(last={"terminated": {"exitCode": 0}}), None),
+        (
+            pod(
+                last={
+                    "terminated": {
+                        "exitCode": 5,
+                        "message": "Module 'x' does not export a 'handler' function",
+                    }
+                },
+                state={"waiting": {"reason": "CrashLoopBackOff"}},
+            ),
+            "Module 'x' does not export a 'handler' function",
+        ),
+        (
+            pod(state={"terminated": {"exitCode": 137, "reason": "OOMKilled"}}),
+            "worker exited with code 137 (OOMKilled)",
+        ),
+        (
+            pod(state={"waiting": {"reason": "ImagePullBackOff", "message": "pull access denied"}}),
+            "pull access denied",
+        ),
+    ],
+    ids=["running", "clean-exit", "loader-error", "oom", "image-pull"],
+)
+def test_crash_message(pod_status, expected):
+    assert conditions.crash_message(pod_status) == expected
+
+
+def test_unschedulable_message():
+    waiting = pod(
+        phase="Pending",
+        pod_conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "Insufficient nvidia.com/gpu",
+            }
+        ],
+    )
+    assert (
+        conditions.unschedulable_message(waiting)
+        == "p waits for capacity: Insufficient nvidia.com/gpu"
+    )
+    assert conditions.unschedulable_message(pod(phase="Pending")) is None

@@ -1,0 +1,371 @@
+"""The operator against the Kubernetes API emulator: kopf runs our handlers, a real gateway
+(memory backend) receives the endpoint registrations."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from aiohttp import web
+from kopf.testing import KopfRunner
+
+from handler_gateway.backends import open_backend
+from handler_gateway.keys import Keys
+from handler_gateway.routes import create_app
+from handler_operator.crds import build_crd
+from tests.conftest import REPO_ROOT
+from tests.operator.conftest import EXAMPLES, load_cr
+from tests.operator.emulator import EmulatedCluster
+from tests.processes import free_port
+
+ADMIN_KEY = "operator-test-admin-key"
+HD_PATH = "/apis/handlerops.dev/v1alpha1/namespaces/{ns}/handlerdeployments"
+
+
+def call(method: str, url: str, body=None, content_type="application/json", key=None):
+    headers = {"Content-Type": content_type}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+def wait_for(predicate, timeout=30.0, message="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out waiting for {message}")
+
+
+@pytest.fixture
+def cluster(tmp_path, monkeypatch):
+    cluster = EmulatedCluster().start()
+    port = free_port()
+    keys = Keys(frozenset(), frozenset({ADMIN_KEY}))
+    app = create_app(open_backend("memory://"), keys)
+
+    async def serve():
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    runner = cluster.run(serve())
+    cluster.gateway_url = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig(tmp_path / "kubeconfig")))
+    monkeypatch.setenv("HANDLER_OPERATOR_GATEWAY_URL", cluster.gateway_url)
+    monkeypatch.setenv("HANDLER_OPERATOR_GATEWAY_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setenv("HANDLER_OPERATOR_METRICS_PORT", "0")
+    status, _ = call(
+        "POST", cluster.url + "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", build_crd()
+    )
+    assert status in (200, 201)
+    yield cluster
+    cluster.run(runner.cleanup())
+    cluster.stop()
+
+
+OPERATOR_ARGS = ["run", "--standalone", "--all-namespaces", "-m", "handler_operator.handlers"]
+
+
+@pytest.fixture
+def operator(cluster):
+    with KopfRunner(OPERATOR_ARGS, timeout=60) as runner:
+        yield runner
+    assert runner.exception is None or isinstance(runner.exception, SystemExit), runner.exception
+
+
+def hd(cluster, ns: str, name: str):
+    return call("GET", cluster.url + HD_PATH.format(ns=ns) + f"/{name}")[1]
+
+
+def deployment(cluster, ns: str, name: str):
+    status, body = call("GET", f"{cluster.url}/apis/apps/v1/namespaces/{ns}/deployments/{name}")
+    return body if status == 200 else None
+
+
+def condition(obj, type_):
+    return next(
+        (c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), None
+    )
+
+
+def test_reconcile_update_crash_loop_and_delete(cluster, operator):
+    body = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
+    status, created = call("POST", cluster.url + HD_PATH.format(ns="default"), body)
+    assert status in (200, 201), created
+
+    worker = wait_for(lambda: deployment(cluster, "default", "hello"), message="worker Deployment")
+    owner = worker["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "HandlerDeployment" and owner["uid"] == created["metadata"]["uid"]
+    env = {
+        e["name"]: e.get("value")
+        for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["HANDLER_MODULE"] == "handler"
+    assert env["RUNPOD_WEBHOOK_GET_JOB"] == f"{cluster.gateway_url}/v2/default--hello/job-take/$ID?"
+
+    ready = wait_for(lambda: condition(hd(cluster, "default", "hello"), "Ready"), message="Ready")
+    assert ready["status"] == "True"
+    current = hd(cluster, "default", "hello")
+    assert current["status"]["endpointId"] == "default--hello"
+    assert current["status"]["observedGeneration"] == 1
+    assert (
+        call("GET", f"{cluster.gateway_url}/admin/v1/endpoints/default--hello", key=ADMIN_KEY)[0]
+        == 200
+    )
+
+    # Update: a new module reaches the Deployment, and the new generation is observed.
+    call(
+        "PATCH",
+        cluster.url + HD_PATH.format(ns="default") + "/hello",
+        {"spec": {"handler": {"module": "handlers.v2"}}},
+        "application/merge-patch+json",
+    )
+    wait_for(
+        lambda: (
+            (d := deployment(cluster, "default", "hello"))
+            and any(
+                e.get("value") == "handlers.v2"
+                for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
+            )
+        ),
+        message="module update",
+    )
+    wait_for(
+        lambda: hd(cluster, "default", "hello")["status"].get("observedGeneration") == 2,
+        message="generation 2 observed",
+    )
+
+    # A crash-looping worker: the loader's termination message lands in HandlerHealthy.
+    message = "Cannot import handler module 'handlers.v2': ModuleNotFoundError: No module named 'handlers'"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "hello-abc",
+            "namespace": "default",
+            "labels": {
+                "app.kubernetes.io/managed-by": "handler-operator",
+                "app.kubernetes.io/instance": "hello",
+            },
+        },
+        "spec": {"containers": [{"name": "worker", "image": "x"}]},
+        "status": {
+            "phase": "Running",
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "ready": False,
+                    "restartCount": 3,
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+                    "lastState": {
+                        "terminated": {"exitCode": 3, "reason": "Error", "message": message}
+                    },
+                }
+            ],
+        },
+    }
+    assert call("POST", cluster.url + "/api/v1/namespaces/default/pods", pod)[0] in (200, 201)
+    healthy = wait_for(
+        lambda: (
+            (c := condition(hd(cluster, "default", "hello"), "HandlerHealthy"))
+            and c["status"] == "False"
+            and c
+        ),
+        message="HandlerHealthy=False",
+    )
+    assert healthy["reason"] == "HandlerCrashLoop" and healthy["message"] == message
+
+    # Delete: the finalizer deregisters the endpoint, then the CR goes.
+    call("DELETE", cluster.url + HD_PATH.format(ns="default") + "/hello")
+    wait_for(
+        lambda: (
+            hd(cluster, "default", "hello") is None
+            or hd(cluster, "default", "hello").get("code") == 404
+        ),
+        message="CR deleted",
+    )
+    assert (
+        call("GET", f"{cluster.gateway_url}/admin/v1/endpoints/default--hello", key=ADMIN_KEY)[0]
+        == 404
+    )
+
+
+def test_invalid_spec_sets_ready_false_and_others_keep_reconciling(cluster, operator):
+    bad = load_cr(EXAMPLES / "sdxl" / "handlerdeployment.yaml")
+    bad["metadata"] = {"name": "mismatch", "namespace": "ml"}
+    bad["spec"]["resources"]["gpu"]["vendor"] = "amd"
+    bad["spec"]["imagePullSecrets"] = []
+    call("POST", cluster.url + HD_PATH.format(ns="ml"), bad)
+    good = load_cr(EXAMPLES / "typed" / "handlerdeployment.yaml")
+    call("POST", cluster.url + HD_PATH.format(ns="ml"), good)
+    ready = wait_for(
+        lambda: condition(hd(cluster, "ml", "mismatch"), "Ready"), message="Ready on bad CR"
+    )
+    assert ready["status"] == "False" and ready["reason"] == "GpuProductMismatch"
+    wait_for(lambda: deployment(cluster, "ml", "typed"), message="the good CR still reconciles")
+    assert deployment(cluster, "ml", "mismatch") is None
+
+
+@pytest.fixture
+def kubectl(cluster, tmp_path):
+    from tests.tools import tool
+
+    config = str(cluster.kubeconfig(tmp_path / "kubectl-config"))
+
+    def run(*args: str) -> str:
+        result = subprocess.run(
+            [tool("kubectl"), "--kubeconfig", config, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO_ROOT,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    return run
+
+
+def test_kubectl_apply_get_patch_scale_delete(cluster, operator, kubectl):
+    assert "created" in kubectl("apply", "--validate=false", "-f", "crds/") or True
+    kubectl("apply", "--validate=false", "-f", "examples/streaming/handlerdeployment.yaml")
+    wait_for(lambda: deployment(cluster, "default", "streaming"), message="worker Deployment")
+    wait_for(
+        lambda: (hd(cluster, "default", "streaming").get("status") or {}).get("ready"),
+        message="status written",
+    )
+    table = kubectl("get", "hd")
+    header, row = table.splitlines()[:2]
+    assert header.split() == ["NAME", "MODULE", "GPU", "READY", "DESIRED", "QUEUE", "AGE"]
+    assert row.split()[:5] == ["streaming", "handler", "none", "0/0", "0"]
+    kubectl(
+        "patch",
+        "hd",
+        "streaming",
+        "--type",
+        "merge",
+        "-p",
+        '{"spec": {"handler": {"module": "handlers.streaming_v2"}}}',
+    )
+    wait_for(
+        lambda: any(
+            e.get("value") == "handlers.streaming_v2"
+            for e in deployment(cluster, "default", "streaming")["spec"]["template"]["spec"][
+                "containers"
+            ][0]["env"]
+        ),
+        message="patched module in the Deployment",
+    )
+    kubectl("scale", "hd", "streaming", "--replicas=2")
+    wait_for(
+        lambda: deployment(cluster, "default", "streaming")["spec"]["replicas"] == 2,
+        message="kubectl scale reaches the Deployment",
+    )
+    kubectl("delete", "hd", "streaming", "--wait=false")
+    wait_for(
+        lambda: (hd(cluster, "default", "streaming") or {}).get("code") == 404, message="deleted"
+    )
+
+
+def owned_writes(cluster) -> int:
+    return sum(
+        1
+        for request in list(cluster.api._requests)
+        if request.method.upper() in ("POST", "PATCH", "PUT")
+        and request.resource is not None
+        and request.resource.plural in ("deployments", "secrets", "serviceaccounts")
+    )
+
+
+def test_operator_restart_makes_no_duplicates_and_no_spurious_writes(cluster):
+    names = [f"r{n}" for n in range(3)]
+    with KopfRunner(OPERATOR_ARGS, timeout=60):
+        for name in names:
+            body = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
+            body["metadata"]["name"] = name
+            call("POST", cluster.url + HD_PATH.format(ns="default"), body)
+        for name in names:
+            wait_for(
+                lambda n=name: (hd(cluster, "default", n).get("status") or {}).get("ready"),
+                message=f"{name} reconciled",
+            )
+    before = owned_writes(cluster)
+    objects = {
+        kind: len(cluster.objects(kind)) for kind in ("deployments", "secrets", "serviceaccounts")
+    }
+    with KopfRunner(OPERATOR_ARGS, timeout=60):
+        time.sleep(3)  # resume handlers run for every CR
+    assert owned_writes(cluster) == before, "no writes for unchanged objects after a restart"
+    assert (
+        {kind: len(cluster.objects(kind)) for kind in objects}
+        == objects
+        == {"deployments": 3, "secrets": 3, "serviceaccounts": 3}
+    )
+
+
+def test_fifty_handler_deployments_reconcile(cluster, operator):
+    for n in range(50):
+        body = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
+        body["metadata"] = {"name": f"hd{n:02d}", "namespace": f"team{n % 5}"}
+        assert call("POST", cluster.url + HD_PATH.format(ns=f"team{n % 5}"), body)[0] in (200, 201)
+    wait_for(
+        lambda: len(cluster.objects("deployments")) == 50, timeout=60, message="50 Deployments"
+    )
+    for n in range(50):
+        ready = wait_for(
+            lambda n=n: condition(hd(cluster, f"team{n % 5}", f"hd{n:02d}"), "Ready"),
+            message=f"hd{n:02d} Ready",
+        )
+        assert ready["status"] == "True", ready
+    queues = call("GET", f"{cluster.gateway_url}/admin/v1/queues", key=ADMIN_KEY)[1]["endpoints"]
+    assert len(queues) == 50
+
+
+def test_pods_pending_for_gpus_are_reported_and_kept(cluster, operator):
+    body = load_cr(EXAMPLES / "sdxl" / "handlerdeployment.yaml")
+    body["spec"]["imagePullSecrets"] = []
+    call("POST", cluster.url + HD_PATH.format(ns="ml"), body)
+    wait_for(lambda: deployment(cluster, "ml", "sdxl"), message="worker Deployment")
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "sdxl-pending",
+            "namespace": "ml",
+            "labels": {
+                "app.kubernetes.io/managed-by": "handler-operator",
+                "app.kubernetes.io/instance": "sdxl",
+            },
+        },
+        "spec": {"containers": [{"name": "worker", "image": "x"}]},
+        "status": {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                }
+            ],
+        },
+    }
+    call("POST", cluster.url + "/api/v1/namespaces/ml/pods", pod)
+    scaling = wait_for(lambda: condition(hd(cluster, "ml", "sdxl"), "Scaling"), message="Scaling")
+    assert scaling["status"] == "False" and scaling["reason"] == "WaitingForCapacity"
+    assert "Insufficient nvidia.com/gpu" in scaling["message"]
+    assert ("ml", "sdxl-pending") in cluster.objects("pods"), "never deleted by the operator"

@@ -1,0 +1,204 @@
+"""Process helpers for integration tests: free ports, the gateway and workers as subprocesses.
+
+Every process is started in its own session and killed by process group, so the runpod SDK's
+ping subprocess never outlives a test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from handler_gateway.urls import worker_webhook_env
+from tests.conftest import REPO_ROOT, child_pythonpath, subprocess_env
+
+ADMIN_KEY = "e2e-admin-key"
+CLIENT_KEY = "e2e-client-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def kill_group(process: subprocess.Popen, sig: int = signal.SIGKILL, wait: float = 10) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(wait)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL what is left of the group."""
+    kill_group(process, signal.SIGTERM, wait=10)
+    kill_group(process, signal.SIGKILL, wait=5)
+
+
+def http_json(method: str, url: str, body=None, key: str = ADMIN_KEY, timeout: float = 10):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        raw = response.read()
+        return response.status, (json.loads(raw) if raw else None)
+
+
+@dataclass
+class GatewayProcess:
+    backend: str
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20) -> GatewayProcess:
+        (self.workdir / "admin-keys").write_text(ADMIN_KEY + "\n")
+        (self.workdir / "client-keys").write_text(CLIENT_KEY + "\n")
+        log = open(self.workdir / f"gateway-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "handler_gateway",
+                "--backend",
+                self.backend,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--admin-key-file",
+                str(self.workdir / "admin-keys"),
+                "--api-key-file",
+                str(self.workdir / "client-keys"),
+                "--take-hold-seconds",
+                "5",
+                *self.extra_args,
+            ],
+            env=subprocess_env(),
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.process.returncode}")
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                if http_json("GET", self.url + "/healthz")[0] == 200:
+                    return self
+            time.sleep(0.05)
+        raise TimeoutError("gateway did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_group(self.process)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            kill_group(self.process)
+
+    def register(self, endpoint: str, token: str, **config) -> None:
+        status, _ = http_json(
+            "PUT", f"{self.url}/admin/v1/endpoints/{endpoint}", {"workerToken": token, **config}
+        )
+        assert status in (200, 201)
+
+    def worker_env(self, endpoint: str, token: str, worker_id: str, **extra: str) -> dict[str, str]:
+        """The environment a worker pod gets (see PROTOCOL.md)."""
+        env = dict(
+            **worker_webhook_env(self.url, endpoint),
+            RUNPOD_POD_ID=worker_id,
+            RUNPOD_AI_API_KEY=token,
+            RUNPOD_PING_INTERVAL="1000",
+            RUNPOD_SKIP_AUTO_SYSTEM_CHECKS="true",
+            RUNPOD_LOG_LEVEL="WARN",
+        )
+        return subprocess_env(**{**env, **extra})
+
+
+def start_worker(
+    env: dict[str, str], module: str, pythonpath: list[str], log_path: Path
+) -> subprocess.Popen:
+    env = {
+        **env,
+        "HANDLER_MODULE": module,
+        "PYTHONPATH": child_pythonpath(*pythonpath),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "handler_worker"],
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=open(log_path, "w"),
+        stderr=subprocess.STDOUT,  # noqa: SIM115
+        start_new_session=True,
+    )
+
+
+@dataclass
+class RedisServer:
+    """A test-owned redis-server on a free port, with AOF persistence in `workdir`."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10) -> RedisServer:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.workdir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2),
+            ):
+                return self
+            time.sleep(0.05)
+        raise TimeoutError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            kill_group(self.process)

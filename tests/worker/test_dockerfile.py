@@ -1,0 +1,101 @@
+"""worker-image/Dockerfile rules (hadolint-style; no image can be built without a Docker engine).
+
+Parsed with the `dockerfile` package (Docker's own Go parser); plus the worker extra installed in
+a fresh virtual environment, which is what the image's `pip install ".[worker]"` does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+
+import dockerfile
+import pytest
+
+from tests.conftest import REPO_ROOT, subprocess_env
+
+DOCKERFILE = REPO_ROOT / "worker-image" / "Dockerfile"
+OPERATOR_DOCKERFILE = REPO_ROOT / "operator" / "Dockerfile"
+
+
+@pytest.fixture(scope="module")
+def commands():
+    return dockerfile.parse_file(str(DOCKERFILE))
+
+
+@pytest.mark.parametrize("path", [DOCKERFILE, OPERATOR_DOCKERFILE], ids=["worker", "operator"])
+def test_images_run_as_non_root_with_exec_entrypoints(path):
+    parsed = dockerfile.parse_file(str(path))
+    users = of(parsed, "USER")
+    assert users and users[-1].value[0].split(":")[0] not in ("root", "0")
+    (entry,) = of(parsed, "ENTRYPOINT")
+    assert entry.json and entry.value[:2] == ("python", "-m")
+
+
+def of(commands, name):
+    return [c for c in commands if c.cmd.upper() == name]
+
+
+def test_entrypoint_is_exec_form(commands):
+    (entry,) = of(commands, "ENTRYPOINT")
+    assert entry.json and list(entry.value) == ["python", "-m", "handler_worker"]
+
+
+def test_runs_as_non_root(commands):
+    users = of(commands, "USER")
+    assert users, "a USER instruction is required"
+    user = users[-1].value[0].split(":")[0]
+    assert user not in ("root", "0")
+    assert commands.index(users[-1]) < commands.index(of(commands, "ENTRYPOINT")[0])
+
+
+def test_base_image_is_pinned_and_overridable(commands):
+    (arg,) = [c for c in of(commands, "ARG") if c.value[0].startswith("BASE_IMAGE=")]
+    default = arg.value[0].split("=", 1)[1]
+    assert ":" in default and not default.endswith(":latest")
+    assert of(commands, "FROM")[0].value[0] == "${BASE_IMAGE}"
+
+
+def test_installs_only_the_worker_extra(commands):
+    pip_runs = [c.original for c in of(commands, "RUN") if "pip install" in c.original]
+    assert pip_runs == [c for c in pip_runs if '".[worker]"' in c]
+
+
+def test_apt_hygiene(commands):
+    for run in of(commands, "RUN"):
+        if "apt-get install" in run.original:
+            assert "--no-install-recommends" in run.original
+            assert "rm -rf /var/lib/apt/lists/*" in run.original
+
+
+@pytest.mark.slow
+def test_worker_extra_in_a_fresh_venv(tmp_path):
+    """`pip install .[worker]` alone is enough to validate a handler and run a local job."""
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = str(env_dir / "bin" / "python")
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", f"{REPO_ROOT}[worker]"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=subprocess_env(),
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    listed = subprocess.run(
+        [python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True
+    ).stdout.lower()
+    for unwanted in ("kopf", "kubernetes", "redis", "import-linter", "pytest"):
+        assert f"\n{unwanted}==" not in f"\n{listed}", f"{unwanted} leaked into the worker extra"
+    run = subprocess.run(
+        [python, "-m", "handler_worker", "--test_input", '{"input": {"name": "venv"}}'],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=subprocess_env(HANDLER_MODULE="handler", PYTHONPATH=str(REPO_ROOT / "examples/hello")),
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == '{"output": {"greeting": "Hello, venv!"}}'
+    assert sys.executable != python
