@@ -103,7 +103,7 @@ def run(count: int) -> None:
             while converged(cluster, count) < count:
                 if time.perf_counter() - start > 1800:
                     raise TimeoutError(f"only {converged(cluster, count)} of {count} converged")
-                time.sleep(0.2)
+                time.sleep(0.5)
             elapsed = time.perf_counter() - start
             rss = peak_rss_mib(operator.pid)
         finally:

@@ -58,6 +58,8 @@ class ApiEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
         self.log: list[tuple[str, str | None]] = []  # (method, plural) of every request
+        self._finished: set[int] = set()
+        self._index: dict[tuple[str | None, str], list[Any]] = {}
         for key, (kind, subresources) in BUILTIN.items():
             self.resources[key] = kmock.ResourceInfo(
                 kind=kind,
@@ -67,15 +69,48 @@ class ApiEmulator(kmock.KubernetesEmulator):
                 subresources=subresources,
             )
 
+    def _named(self, request: Any) -> list[Any]:
+        """Stored objects with the request's namespace and name, through an index by name.
+
+        kmock scans every object and compares resources for each lookup (slow with thousands of
+        objects). New keys are appended to kmock's dict, so the index only reads the new tail;
+        it is rebuilt when objects were removed.
+        """
+        store = self.objects._objects
+        size = getattr(self, "_index_size", 0)
+        if size > len(store):
+            size, self._index = 0, {}
+        if size < len(store):
+            for key in itertools.islice(store, size, None):
+                self._index.setdefault((key[1], key[2]), []).append(key)
+            self._index_size = len(store)
+        keys = self._index.get((request.namespace, request.name), ())
+        return [store[key] for key in keys if key in store and key[0] == request.resource]
+
+    def _KubernetesEmulator__get_objs(self, request: Any, strict: bool) -> list[Any]:
+        if request.name is not None and request.namespace is not None:
+            return self._named(request)
+        return [
+            obj
+            for (resource, namespace, name), obj in self.objects.items()
+            if resource == request.resource
+            and (
+                namespace == request.namespace if strict else request.namespace in (None, namespace)
+            )
+            and (request.name is None or name == request.name)
+        ]
+
     def _stored(self, request: Any) -> dict[str, Any] | None:
-        for (resource, namespace, name), obj in self.objects.items():
-            if (
-                resource == request.resource
-                and namespace == request.namespace
-                and name == request.name
-            ):
-                return None if obj.deleted else obj.raw
-        return None
+        found = (
+            self._named(request)
+            if request.namespace is not None
+            else [
+                obj
+                for (resource, namespace, name), obj in self.objects.items()
+                if resource == request.resource and namespace is None and name == request.name
+            ]
+        )
+        return None if not found or found[0].deleted else found[0].raw
 
     def _register_crd(self, crd: dict[str, Any]) -> None:
         spec = crd.get("spec") or {}
@@ -207,17 +242,21 @@ class ApiEmulator(kmock.KubernetesEmulator):
         return payload
 
     async def _handle(self, request: Any) -> Any:
-        from aiohttp import web
-
         # kmock matches each request against every recorded request (quadratic): keep only the
-        # recent ones there, and a light log of our own for assertions.
+        # requests still in flight there, and a light log of our own for assertions.
         self.log.append(
             (request.method.upper(), request.resource.plural if request.resource else None)
         )
-        # (kmock appends the request and calls _handle without awaiting in between, so the
-        # current request is always among the last few.)
-        if len(self._requests) > 8:
-            del self._requests[:-4]
+        try:
+            return await self._respond(request)
+        finally:
+            self._finished.add(id(request))
+            if len(self._finished) > 16:
+                self._requests[:] = [r for r in self._requests if id(r) not in self._finished]
+                self._finished.clear()
+
+    async def _respond(self, request: Any) -> Any:
+        from aiohttp import web
 
         accept = (request.headers or {}).get("Accept", "")
         if (
