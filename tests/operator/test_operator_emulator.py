@@ -369,3 +369,35 @@ def test_pods_pending_for_gpus_are_reported_and_kept(cluster, operator):
     assert scaling["status"] == "False" and scaling["reason"] == "WaitingForCapacity"
     assert "Insufficient nvidia.com/gpu" in scaling["message"]
     assert ("ml", "sdxl-pending") in cluster.objects("pods"), "never deleted by the operator"
+
+
+def test_recreated_handler_deployment_gets_a_new_worker_token(cluster, operator):
+    """Delete + re-create rotates the endpoint's worker token; a plain update keeps it."""
+    cr = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
+    secret_url = f"{cluster.url}/api/v1/namespaces/default/secrets/hello-worker-token"
+
+    def token():
+        status, secret = call("GET", secret_url)
+        if status != 200 or not (owners := secret["metadata"].get("ownerReferences")):
+            return None
+        owner = hd(cluster, "default", "hello") or {}
+        if owners[0]["uid"] != (owner.get("metadata") or {}).get("uid"):
+            return None  # still the previous CR's Secret
+        return secret.get("stringData", secret.get("data"))
+
+    call("POST", cluster.url + HD_PATH.format(ns="default"), cr)
+    first = wait_for(token, message="worker token Secret")
+    call(
+        "PATCH",
+        cluster.url + HD_PATH.format(ns="default") + "/hello",
+        {"spec": {"jobs": {"maxRetries": 5}}},
+        content_type="application/merge-patch+json",
+    )
+    wait_for(lambda: hd(cluster, "default", "hello")["status"].get("observedGeneration") == 2)
+    assert token() == first
+
+    call("DELETE", cluster.url + HD_PATH.format(ns="default") + "/hello")
+    wait_for(lambda: (hd(cluster, "default", "hello") or {}).get("code") == 404, message="gone")
+    call("POST", cluster.url + HD_PATH.format(ns="default"), cr)
+    second = wait_for(token, message="new worker token Secret")
+    assert second != first
