@@ -80,7 +80,17 @@ class ScalingSpec(_Spec):
                 {
                     "rule": "self.maxReplicas >= self.minReplicas",
                     "message": "maxReplicas must be greater than or equal to minReplicas",
-                }
+                },
+                {
+                    "rule": "!has(self.maxScaleUpRate) || self.maxScaleUpRate == 0.0 "
+                    "|| self.maxScaleUpRate >= 1.0",
+                    "message": "maxScaleUpRate must be 0 (no limit) or at least 1",
+                },
+                {
+                    "rule": "!has(self.maxScaleDownRate) || self.maxScaleDownRate == 0.0 "
+                    "|| self.maxScaleDownRate >= 1.0",
+                    "message": "maxScaleDownRate must be 0 (no limit) or at least 1",
+                },
             ]
         },
     )
@@ -118,9 +128,33 @@ class ScalingSpec(_Spec):
         le=86400,
         description="How long pods may wait for GPU capacity before Scaling reports WaitingForCapacity.",
     )
+    maxScaleUpRate: float = Field(
+        0,
+        ge=0,
+        le=1000,
+        description="Most workers after one scale-up, as a multiple of the current count "
+        "(at least one more); 0: no limit, straight to what the queue needs.",
+    )
+    maxScaleDownRate: float = Field(
+        2,
+        ge=0,
+        le=1000,
+        description="Fewest workers after one scale-down, as a fraction 1/rate of the current "
+        "count (2: at most half go at once); 0: no limit.",
+    )
+    kedaPollingIntervalSeconds: int = Field(
+        5, ge=1, le=3600, description="engine keda: how often KEDA reads the queue."
+    )
     engine: Literal["builtin", "keda"] = Field(
         "builtin", description="builtin: the operator's 1 s loop; keda: render a KEDA ScaledObject."
     )
+
+    @field_validator("maxScaleUpRate", "maxScaleDownRate")
+    @classmethod
+    def _rate(cls, value: float, info: Any) -> float:
+        if 0 < value < 1:
+            raise ValueError(f"{info.field_name} must be 0 (no limit) or at least 1")
+        return value
 
 
 class JobsSpec(_Spec):

@@ -132,6 +132,14 @@ CEL_CASES = {
         lambda s: s["env"].append({"name": "RUNPOD_AI_API_KEY", "value": "x"}),
         "reserved",
     ),
+    "scale-down rate below 1": (
+        lambda s: s["scaling"].update(maxScaleDownRate=0.5),
+        "maxScaleDownRate must be 0",
+    ),
+    "scale-up rate below 1": (
+        lambda s: s["scaling"].update(maxScaleUpRate=0.2),
+        "maxScaleUpRate must be 0",
+    ),
 }
 
 

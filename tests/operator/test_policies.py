@@ -1,0 +1,422 @@
+"""The autoscaling policy with plain values: decisions by aspect, then properties over traces."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from handler_operator import policies
+from handler_operator.models import ScalingSpec
+from handler_operator.policies import Observation, PodView, ScalerState, compute_desired_replicas
+
+
+def spec(**overrides) -> ScalingSpec:
+    values = {
+        "minReplicas": 0,
+        "maxReplicas": 10,
+        "targetQueuePerWorker": 1,
+        "scaleToZeroAfterSeconds": 60,
+        "scaleDownStabilizationSeconds": 30,
+        **overrides,
+    }
+    return ScalingSpec(**values)
+
+
+def ready(*names: str, created: float = 0.0) -> tuple[PodView, ...]:
+    return tuple(PodView(name, "ready", created) for name in names)
+
+
+# -- scale-up ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("queued", "running", "target", "maximum", "expected"),
+    [
+        (1, 0, 1, 10, 1),
+        (20, 0, 1, 10, 10),
+        (20, 0, 4, 10, 5),
+        (3, 2, 2, 10, 3),
+        (7, 0, 1, 3, 3),
+    ],
+)
+def test_scale_from_zero_goes_straight_to_what_the_queue_needs(
+    queued, running, target, maximum, expected
+):
+    decision = compute_desired_replicas(
+        Observation(queued=queued, in_progress=running, replicas=0),
+        spec(targetQueuePerWorker=target, maxReplicas=maximum),
+        ScalerState(),
+        now=100.0,
+    )
+    assert (decision.reason, decision.replicas, decision.desired) == (
+        policies.SCALE_UP,
+        expected,
+        expected,
+    )
+
+
+def test_pending_pods_count_as_capacity_on_the_way():
+    pods = tuple(PodView(f"p{i}", "pending", 0.0, unschedulable_since=90.0) for i in range(3))
+    decision = compute_desired_replicas(
+        Observation(queued=3, in_progress=0, replicas=3, pods=pods),
+        spec(pendingTimeoutSeconds=600),
+        ScalerState(),
+        now=100.0,
+    )
+    assert decision.replicas == 3 and decision.reason == policies.STABLE
+    assert decision.waiting_for_capacity is None
+
+
+def test_pods_pending_past_the_timeout_report_waiting_for_capacity_and_are_kept():
+    pods = (PodView("p0", "pending", 0.0, unschedulable_since=0.0),)
+    decision = compute_desired_replicas(
+        Observation(queued=1, in_progress=0, replicas=1, pods=pods),
+        spec(pendingTimeoutSeconds=60),
+        ScalerState(),
+        now=61.0,
+    )
+    assert decision.replicas == 1 and not decision.remove
+    assert "unschedulable for 61 s" in decision.waiting_for_capacity
+
+
+@pytest.mark.parametrize(("rate", "expected"), [(0, 10), (2, 4), (1.5, 3)])
+def test_scale_up_rate(rate, expected):
+    decision = compute_desired_replicas(
+        Observation(queued=50, in_progress=0, replicas=2, pods=ready("a", "b")),
+        spec(maxScaleUpRate=rate),
+        ScalerState(),
+        now=1.0,
+    )
+    assert decision.replicas == expected
+
+
+def test_scale_up_takes_draining_workers_back_first():
+    decision = compute_desired_replicas(
+        Observation(queued=5, in_progress=0, replicas=2, pods=ready("a", "b"), draining={"a"}),
+        spec(),
+        ScalerState(draining=("a",)),
+        now=1.0,
+    )
+    assert decision.undrain == ("a",) and decision.replicas == 5
+    assert decision.state.draining == ()
+
+
+# -- idle and scale to zero ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("idle_for", "desired"), [(10, 1), (59, 1), (60, 0), (600, 0)])
+def test_idle_endpoint_keeps_a_warm_worker_until_scale_to_zero_after(idle_for, desired):
+    decision = compute_desired_replicas(
+        Observation(queued=0, in_progress=0, replicas=2, pods=ready("a", "b"), last_activity=0.0),
+        spec(scaleToZeroAfterSeconds=60, scaleDownStabilizationSeconds=0, maxScaleDownRate=0),
+        ScalerState(),
+        now=float(idle_for),
+    )
+    assert decision.desired == desired and len(decision.drain) == 2 - desired
+
+
+def test_idle_scale_down_keeps_one_warm_worker_inside_the_idle_window():
+    decision = compute_desired_replicas(
+        Observation(queued=0, in_progress=0, replicas=2, pods=ready("a", "b"), last_activity=0.0),
+        spec(scaleDownStabilizationSeconds=0),
+        ScalerState(),
+        now=10.0,
+    )
+    assert decision.desired == 1 and len(decision.drain) == 1
+
+
+def test_scale_to_zero_skips_the_stabilization_window():
+    state = ScalerState(recommendations=((95.0, 1), (99.0, 1)), draining=("a",))
+    decision = compute_desired_replicas(
+        Observation(
+            queued=0,
+            in_progress=0,
+            replicas=1,
+            pods=ready("a"),
+            draining=frozenset({"a"}),
+            last_activity=0.0,
+        ),
+        spec(scaleToZeroAfterSeconds=60, scaleDownStabilizationSeconds=300),
+        state,
+        now=100.0,
+    )
+    assert decision.remove == ("a",) and decision.replicas == 0
+    assert decision.reason == policies.SCALED_TO_ZERO
+
+
+def test_min_replicas_is_the_floor_when_idle():
+    decision = compute_desired_replicas(
+        Observation(queued=0, in_progress=0, replicas=2, pods=ready("a", "b"), last_activity=0.0),
+        spec(minReplicas=2),
+        ScalerState(),
+        now=1000.0,
+    )
+    assert decision.replicas == 2 and not decision.drain
+
+
+def test_an_endpoint_never_active_counts_idle_from_when_the_policy_first_saw_it():
+    obs = Observation(queued=0, in_progress=0, replicas=1, pods=ready("a"))
+    first = compute_desired_replicas(obs, spec(), ScalerState(), now=500.0)
+    assert first.desired == 1 and first.state.first_seen == 500.0
+    later = compute_desired_replicas(obs, spec(), first.state, now=561.0)
+    assert later.drain == ("a",)
+
+
+# -- scale-down --------------------------------------------------------------------------------------
+
+
+def test_scale_down_waits_for_the_stabilization_window():
+    state = ScalerState(recommendations=((80.0, 4),))
+    obs = Observation(queued=1, in_progress=0, replicas=4, pods=ready("a", "b", "c", "d"))
+    decision = compute_desired_replicas(obs, spec(scaleDownStabilizationSeconds=30), state, 100.0)
+    assert decision.reason == policies.STABILIZING and decision.replicas == 4
+    decision = compute_desired_replicas(obs, spec(scaleDownStabilizationSeconds=30), state, 111.0)
+    assert decision.reason == policies.DRAINING
+
+
+def test_scale_down_drains_only_idle_workers_and_removes_them_once_drained():
+    pods = ready("busy-1", "idle-1", "busy-2", "idle-2")
+    jobs = {"busy-1": 1, "busy-2": 1}
+    first = compute_desired_replicas(
+        Observation(queued=0, in_progress=2, replicas=4, pods=pods, worker_jobs=jobs),
+        spec(scaleDownStabilizationSeconds=0, maxScaleDownRate=0),
+        ScalerState(),
+        now=1.0,
+    )
+    assert set(first.drain) == {"idle-1", "idle-2"} and first.replicas == 4
+    assert first.reason == policies.DRAINING and first.desired == 2
+    second = compute_desired_replicas(
+        Observation(
+            queued=0,
+            in_progress=2,
+            replicas=4,
+            pods=pods,
+            worker_jobs=jobs,
+            draining=frozenset(first.drain),
+        ),
+        spec(scaleDownStabilizationSeconds=0, maxScaleDownRate=0),
+        first.state,
+        now=2.0,
+    )
+    assert set(second.remove) == {"idle-1", "idle-2"} and second.replicas == 2
+    assert second.reason == policies.SCALE_DOWN
+
+
+def test_every_worker_busy_means_nobody_is_removed():
+    jobs = {"a": 2, "b": 2, "c": 1}
+    decision = compute_desired_replicas(
+        Observation(
+            queued=0, in_progress=5, replicas=3, pods=ready("a", "b", "c"), worker_jobs=jobs
+        ),
+        spec(targetQueuePerWorker=4, scaleDownStabilizationSeconds=0),
+        ScalerState(),
+        now=1.0,
+    )
+    assert decision.reason == policies.BUSY_WORKERS
+    assert not decision.drain and not decision.remove and decision.replicas == 3
+
+
+def test_pending_and_starting_pods_are_removed_before_ready_ones():
+    pods = (
+        PodView("old-ready", "ready", 1.0),
+        PodView("new-ready", "ready", 5.0),
+        PodView("starting", "starting", 6.0),
+        PodView("pending", "pending", 7.0),
+    )
+    decision = compute_desired_replicas(
+        Observation(queued=0, in_progress=0, replicas=4, pods=pods, last_activity=0.0),
+        spec(scaleToZeroAfterSeconds=10, maxScaleDownRate=0),
+        ScalerState(),
+        now=100.0,
+    )
+    assert decision.drain == ("pending", "starting", "new-ready", "old-ready")
+
+
+def test_replicas_without_pods_go_first_and_need_no_drain():
+    decision = compute_desired_replicas(
+        Observation(queued=0, in_progress=0, replicas=3, pods=ready("a"), last_activity=0.0),
+        spec(scaleToZeroAfterSeconds=10, maxScaleDownRate=0),
+        ScalerState(),
+        now=100.0,
+    )
+    assert decision.replicas == 1 and decision.drain == ("a",)
+
+
+@pytest.mark.parametrize(("rate", "expected_drained"), [(2, 4), (4, 6), (0, 8)])
+def test_scale_down_rate(rate, expected_drained):
+    pods = ready(*(f"w{i}" for i in range(8)))
+    decision = compute_desired_replicas(
+        Observation(queued=0, in_progress=0, replicas=8, pods=pods, last_activity=0.0),
+        spec(maxScaleDownRate=rate, scaleToZeroAfterSeconds=10),
+        ScalerState(),
+        now=100.0,
+    )
+    assert len(decision.drain) == expected_drained
+
+
+def test_a_drained_worker_the_gateway_forgot_is_drained_again():
+    decision = compute_desired_replicas(
+        Observation(queued=0, in_progress=0, replicas=1, pods=ready("a"), last_activity=0.0),
+        spec(scaleToZeroAfterSeconds=10),
+        ScalerState(draining=("a",)),
+        now=100.0,
+    )
+    assert decision.drain == ("a",) and not decision.remove
+
+
+def test_fixed_replicas_win_and_still_drain_first():
+    decision = compute_desired_replicas(
+        Observation(queued=9, in_progress=0, replicas=3, pods=ready("a", "b", "c")),
+        spec(replicas=1, maxScaleDownRate=0),
+        ScalerState(),
+        now=1.0,
+    )
+    assert decision.reason == policies.DRAINING and len(decision.drain) == 2
+    up = compute_desired_replicas(
+        Observation(queued=0, in_progress=0, replicas=0), spec(replicas=2), ScalerState(), now=1.0
+    )
+    assert (up.reason, up.replicas) == (policies.FIXED, 2)
+
+
+# -- properties over traces ---------------------------------------------------------------------------
+
+
+@dataclass
+class Sim:
+    """A small cluster + gateway: pods start, take jobs, drain and go as the decisions say."""
+
+    spec: ScalingSpec
+    replicas: int = 0
+    pods: dict[str, PodView] = field(default_factory=dict)
+    jobs: dict[str, int] = field(default_factory=dict)
+    draining: set[str] = field(default_factory=set)
+    state: ScalerState = ScalerState()
+    counter: int = 0
+    last_activity: float | None = None
+    history: list[int] = field(default_factory=list)
+
+    def observe(self, queued: int, in_progress: int) -> Observation:
+        return Observation(
+            queued=queued,
+            in_progress=in_progress,
+            replicas=self.replicas,
+            pods=tuple(self.pods.values()),
+            worker_jobs=dict(self.jobs),
+            draining=frozenset(self.draining),
+            last_activity=self.last_activity,
+        )
+
+    def step(self, now: float, queued: int, busy: dict[str, int]) -> policies.Decision:
+        # Workers pick up work: only ready, non-draining pods gain jobs; draining ones may finish.
+        for name in self.pods:
+            wanted = busy.get(name, 0)
+            if name in self.draining:
+                wanted = min(wanted, self.jobs.get(name, 0))
+            elif self.pods[name].phase != "ready":
+                wanted = 0
+            self.jobs[name] = wanted
+        in_progress = sum(self.jobs.values())
+        if queued or in_progress:
+            self.last_activity = now
+        obs = self.observe(queued, in_progress)
+        decision = compute_desired_replicas(obs, self.spec, self.state, now)
+        busy_now = {name for name, count in self.jobs.items() if count}
+        assert not set(decision.remove) & busy_now, "removed a busy worker"
+        fresh = set(decision.drain) - set(self.state.draining)
+        assert not fresh & busy_now, "chose a busy worker to drain"
+        # Execute as the operator does: undrain, drain (idle ones go at once), remove.
+        self.draining -= set(decision.undrain)
+        replicas = decision.replicas
+        for name in decision.drain:
+            self.draining.add(name)
+        for name in decision.remove:
+            self.pods.pop(name)
+            self.jobs.pop(name, None)
+            self.draining.discard(name)
+        self.state = decision.state
+        self.replicas = replicas
+        while len(self.pods) < self.replicas:
+            self.counter += 1
+            name = f"w{self.counter}"
+            self.pods[name] = PodView(name, "ready", now)
+        self.history.append(self.replicas)
+        return decision
+
+
+scaling_specs = st.builds(
+    lambda low, span, target, down_rate, window: spec(
+        minReplicas=low,
+        maxReplicas=low + span,
+        targetQueuePerWorker=target,
+        maxScaleDownRate=down_rate,
+        scaleDownStabilizationSeconds=window,
+        scaleToZeroAfterSeconds=20,
+    ),
+    st.integers(0, 3),
+    st.integers(0, 8),
+    st.integers(1, 4),
+    st.sampled_from([0, 2, 3]),
+    st.integers(0, 20),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(scaling=scaling_specs, trace=st.lists(st.tuples(st.integers(0, 30), st.data()), max_size=60))
+def test_random_traces_stay_in_bounds_and_never_remove_a_busy_worker(scaling, trace):
+    sim = Sim(scaling, replicas=scaling.minReplicas)
+    for now, (queued, data) in enumerate(trace, start=1):
+        busy = {name: data.draw(st.integers(0, 2), label=f"jobs of {name}") for name in sim.pods}
+        sim.step(float(now), queued, busy)
+        assert scaling.minReplicas <= sim.replicas <= scaling.maxReplicas
+
+
+def packed(sim: Sim, running: int) -> dict[str, int]:
+    """`running` jobs on the ready, non-draining workers, `targetQueuePerWorker` each at most."""
+    names = [n for n in sim.pods if n not in sim.draining and sim.pods[n].phase == "ready"]
+    per_worker, placed = sim.spec.targetQueuePerWorker, {}
+    for name in names:
+        if running <= 0:
+            break
+        placed[name] = min(per_worker, running)
+        running -= placed[name]
+    return placed
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    scaling=scaling_specs,
+    queued=st.integers(0, 40),
+    running=st.integers(0, 10),
+    start=st.integers(0, 11),
+)
+def test_constant_load_converges_to_the_request_count_without_oscillating(
+    scaling, queued, running, start
+):
+    start = max(scaling.minReplicas, min(start, scaling.maxReplicas))
+    sim = Sim(scaling, replicas=start)
+    for now in range(1, 200):
+        sim.step(float(now), queued, packed(sim, running))
+    load = queued + sum(sim.jobs.values())
+    expected = max(
+        scaling.minReplicas,
+        min(math.ceil(load / scaling.targetQueuePerWorker), scaling.maxReplicas),
+    )
+    if load == 0:
+        expected = scaling.minReplicas
+    assert sim.replicas == expected, sim.history
+    changes = [b - a for a, b in zip(sim.history, sim.history[1:], strict=False) if b != a]
+    assert all(c > 0 for c in changes) or all(c < 0 for c in changes), sim.history
+
+
+def test_the_sim_executes_like_the_operator():
+    sim = Sim(spec(scaleDownStabilizationSeconds=0, maxScaleDownRate=0))
+    sim.step(1.0, 3, {})
+    assert sim.replicas == 3
+    sim.step(2.0, 0, {name: 1 for name in list(sim.pods)[:1]})
+    assert sim.replicas == 3 and len(sim.draining) == 2
+    sim.step(3.0, 0, {name: 1 for name in list(sim.pods)[:1]})
+    assert sim.replicas == 1 and replace(sim.state).draining == ()
