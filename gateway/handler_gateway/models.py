@@ -147,8 +147,12 @@ class WorkerView(BaseModel):
 class QueueFigures(BaseModel):
     inQueue: int
     inProgress: int
+    load: int = Field(0, description="inQueue + inProgress: what the autoscalers scale on")
     workers: HealthWorkers
     workerStates: dict[str, str] = Field(description="worker id -> idle | running | draining")
+    workerJobs: dict[str, int] = Field(
+        default_factory=dict, description="worker id -> jobs it holds (draining ones too)"
+    )
     lastActivity: float | None
 
 

@@ -164,8 +164,17 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
     ),
     (
         "get",
+        "/admin/v1/endpoints/{endpoint}/queue",
+        "Queue figures of one endpoint (KEDA metrics-api; admin key or the worker token)",
+        None,
+        models.QueueFigures,
+        ADMIN,
+    ),
+    (
+        "get",
         "/admin/v1/queues",
-        "Queue figures of all endpoints (the autoscaler's one call)",
+        "Queue figures of all endpoints (the autoscaler's one call); ?wait=S&since=T holds "
+        "up to S seconds until a job is queued after T",
         None,
         models.QueuesView,
         ADMIN,

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from handler_gateway import jobs
-from handler_gateway.backends import Backend, WorkerRecord, job_channel, queue_channel, stop_channel
+from handler_gateway.backends import (
+    ENQUEUED_CHANNEL,
+    Backend,
+    WorkerRecord,
+    job_channel,
+    queue_channel,
+    stop_channel,
+)
 from handler_gateway.jobs import Change, JobRecord, JobStatus
 from handler_gateway.models import (
     EndpointConfig,
@@ -340,8 +347,11 @@ class Gateway:
         await self.backend.clear_stop_signals(endpoint_id, worker, settled)
 
     # -- admin -------------------------------------------------------------------------------
-    async def queues(self) -> dict[str, QueueFigures]:
+    async def queues(self, endpoints: list[str] | None = None) -> dict[str, QueueFigures]:
+        """Queue figures of every endpoint (or of `endpoints`), in one pass."""
         configs = {config.id: config for config in await self.backend.list_endpoints()}
+        if endpoints is not None:
+            configs = {e: configs[e] for e in endpoints if e in configs}
         ids = list(configs)
         counters = await self.backend.all_counters(ids)
         activity = await self.backend.activity(ids)
@@ -349,14 +359,38 @@ class Gateway:
         figures = {}
         for endpoint_id, config in configs.items():
             live = self._live_workers(await self.backend.get_workers(endpoint_id), config, now)
+            queued = counters[endpoint_id].get("inQueue", 0)
+            running = counters[endpoint_id].get("inProgress", 0)
             figures[endpoint_id] = QueueFigures(
-                inQueue=counters[endpoint_id].get("inQueue", 0),
-                inProgress=counters[endpoint_id].get("inProgress", 0),
+                inQueue=queued,
+                inProgress=running,
+                load=queued + running,
                 workers=self._worker_counts(live),
                 workerStates={worker.id: worker.state for worker in live},
+                workerJobs={worker.id: len(worker.jobs) for worker in live},
                 lastActivity=activity.get(endpoint_id),
             )
         return figures
+
+    async def queues_after(self, since: float | None, wait: float) -> dict[str, QueueFigures]:
+        """All queues, held up to `wait` s until a job is queued after `since` (long-poll).
+
+        Answers at once when some endpoint has queued jobs and activity after `since`, so a
+        job enqueued between two polls is never left waiting for the next one.
+        """
+        notifier = self.backend.notifier
+        seen = notifier.version(ENQUEUED_CHANNEL)
+        figures = await self.queues()
+        if since is None or wait <= 0:
+            return figures
+        if any(f.inQueue and (f.lastActivity or 0) > since for f in figures.values()):
+            return figures
+        await notifier.wait(ENQUEUED_CHANNEL, wait, since=seen)
+        return await self.queues()
+
+    async def queue(self, endpoint_id: str) -> QueueFigures:
+        await self.endpoint(endpoint_id)
+        return (await self.queues([endpoint_id]))[endpoint_id]
 
     async def drain(self, endpoint_id: str, worker: str, draining: bool) -> list[str]:
         """Mark a worker (un)draining; returns the jobs it still holds."""

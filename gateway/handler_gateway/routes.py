@@ -413,10 +413,45 @@ async def list_endpoints(request: web.Request) -> web.Response:
     )
 
 
+MAX_QUEUES_WAIT_S = 30.0
+
+
+def _float_param(request: web.Request, name: str, low: float, high: float) -> float | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter '{name}' must be a number, got '{raw}'") from None
+    if not low <= value <= high:
+        raise BadRequest(f"query parameter '{name}' must be between {low:g} and {high:g}")
+    return value
+
+
 async def queues(request: web.Request) -> web.Response:
+    """All endpoints' figures; `?wait=S&since=T` holds until a job is queued after T."""
     authorize_admin(request)
     gateway = request.app[GATEWAY]
-    return respond(QueuesView(endpoints=await gateway.queues(), time=gateway.clock()))
+    wait = _float_param(request, "wait", 0, MAX_QUEUES_WAIT_S) or 0.0
+    since = _float_param(request, "since", 0, float("inf"))
+    figures = await gateway.queues_after(since, wait)
+    return respond(QueuesView(endpoints=figures, time=gateway.clock()))
+
+
+async def endpoint_queue(request: web.Request) -> web.Response:
+    """One endpoint's figures, for KEDA's metrics-api scaler: admin key or its worker token."""
+    endpoint = admin_endpoint_id(request)
+    gateway = request.app[GATEWAY]
+    keys = request.app[KEYS]
+    header = request.headers.get("Authorization")
+    if keys.admin_verdict(header) != Verdict.OK:
+        config = await gateway.endpoint(endpoint)
+        _check(
+            keys.worker_verdict(header, config.workerToken, ()),
+            f"an admin key or the worker token of endpoint '{endpoint}'",
+        )
+    return respond(await gateway.queue(endpoint))
 
 
 async def workers(request: web.Request) -> web.Response:
@@ -506,6 +541,7 @@ ADMIN_ROUTES = [
     ("GET", "endpoints/{endpoint}", get_endpoint),
     ("DELETE", "endpoints/{endpoint}", delete_endpoint),
     ("GET", "endpoints/{endpoint}/workers", workers),
+    ("GET", "endpoints/{endpoint}/queue", endpoint_queue),
     ("POST", "endpoints/{endpoint}/workers/{worker}/drain", drain),
     ("DELETE", "endpoints/{endpoint}/workers/{worker}/drain", drain),
     ("GET", "endpoints/{endpoint}/dlq", dead_letters),

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from handler_gateway import jobs
+from tests.gateway.conftest import CLIENT_KEY, WORKER_TOKEN
 
 
 async def test_run_take_done_completes(api):
@@ -367,7 +370,74 @@ async def test_health_and_queue_figures(api):
     figures = (await response.json())["endpoints"][api.endpoint]
     assert figures["inQueue"] == 1 and figures["inProgress"] == 2
     assert figures["workerStates"] == {"w1": "running", "w2": "running", "w3": "idle"}
+    assert figures["workerJobs"] == {"w1": 1, "w2": 1, "w3": 0}
+    assert figures["load"] == 3
     assert figures["lastActivity"] > time.time() - 10
+
+
+async def test_queues_long_poll_answers_when_a_job_is_queued(api):
+    first = await (await api.client.get("/admin/v1/queues", headers=api.admin_headers())).json()
+    poll = asyncio.ensure_future(
+        api.client.get(
+            f"/admin/v1/queues?wait=20&since={first['time']}", headers=api.admin_headers()
+        )
+    )
+    await asyncio.sleep(0.2)
+    assert not poll.done(), "nothing was queued: the poll is held"
+    await api.run({"wake": True})
+    response = await asyncio.wait_for(poll, 10)
+    assert (await response.json())["endpoints"][api.endpoint]["inQueue"] == 1
+
+
+async def test_queues_long_poll_answers_at_once_for_a_job_queued_since(api):
+    await api.run({"queued": "between two polls"})
+    response = await api.client.get(
+        f"/admin/v1/queues?wait=20&since={time.time() - 60}", headers=api.admin_headers()
+    )
+    assert (await response.json())["endpoints"][api.endpoint]["inQueue"] == 1
+
+
+async def test_queues_long_poll_times_out_with_fresh_figures(api):
+    response = await api.client.get(
+        f"/admin/v1/queues?wait=0.3&since={time.time()}", headers=api.admin_headers()
+    )
+    body = await response.json()
+    assert response.status == 200 and body["endpoints"][api.endpoint]["inQueue"] == 0
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [("wait=soon", "must be a number"), ("wait=31", "between 0 and 30"), ("since=-1", "since")],
+)
+async def test_queues_bad_parameters(api, query, message):
+    response = await api.client.get(f"/admin/v1/queues?{query}", headers=api.admin_headers())
+    assert response.status == 400 and message in (await response.json())["error"]
+
+
+@pytest.mark.parametrize(
+    ("credential", "status"),
+    [
+        ("admin", 200),
+        ("Bearer " + WORKER_TOKEN, 200),
+        (WORKER_TOKEN, 200),
+        ("Bearer " + CLIENT_KEY, 403),
+        (None, 401),
+    ],
+)
+async def test_endpoint_queue_for_keda(api, credential, status):
+    await api.run({})
+    headers = (
+        api.admin_headers()
+        if credential == "admin"
+        else ({"Authorization": credential} if credential else {})
+    )
+    response = await api.client.get(f"/admin/v1/endpoints/{api.endpoint}/queue", headers=headers)
+    body = await response.json()
+    assert response.status == status, body
+    if status == 200:
+        assert body["load"] == 1 and body["inQueue"] == 1
+    else:
+        assert "error" in body
 
 
 async def test_token_rotation_and_endpoint_delete(api):

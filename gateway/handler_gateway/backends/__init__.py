@@ -37,6 +37,10 @@ class WorkerRecord:
         return "running" if self.jobs else "idle"
 
 
+# Notified on every enqueue, on any endpoint: wakes the autoscaler's long-poll of all queues.
+ENQUEUED_CHANNEL = "enqueued"
+
+
 def queue_channel(endpoint: str) -> str:
     return f"queue:{endpoint}"
 
@@ -56,6 +60,8 @@ def change_channels(change: Change) -> list[str]:
     if change.effects.enqueue or change.effects.release_worker:
         # A released job frees a slot of a capacity-limited worker: its take may go on.
         channels.append(queue_channel(job.endpoint))
+    if change.effects.enqueue:
+        channels.append(ENQUEUED_CHANNEL)
     if job.terminal:
         channels.append(job_channel(job.endpoint, job.id))
     if change.effects.stop_worker:
