@@ -156,9 +156,12 @@ def spec_hash(hd: HandlerDeployment) -> str:
 
 
 def build_deployment(
-    hd: HandlerDeployment, settings: OperatorSettings, replicas: int
+    hd: HandlerDeployment, settings: OperatorSettings, replicas: int | None
 ) -> dict[str, Any]:
-    """The worker Deployment (apply it whole: `replicas` is ours as well, one field manager)."""
+    """The worker Deployment (apply it whole: `replicas` is ours as well, one field manager).
+
+    `replicas=None` leaves the field out, to whoever scales instead (KEDA's HPA).
+    """
     spec = hd.spec
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
@@ -198,7 +201,7 @@ def build_deployment(
         "kind": "Deployment",
         "metadata": _metadata(hd, hd.name),
         "spec": {
-            "replicas": replicas,
+            **({"replicas": replicas} if replicas is not None else {}),
             "selector": {"matchLabels": selector_labels(hd)},
             "strategy": {
                 "type": "RollingUpdate",
@@ -213,6 +216,107 @@ def build_deployment(
             },
         },
     }
+
+
+def trigger_authentication_name(hd: HandlerDeployment) -> str:
+    return f"{hd.name}-gateway"
+
+
+def queue_url(hd: HandlerDeployment, settings: OperatorSettings) -> str:
+    """The gateway's per-endpoint queue figures (KEDA's metrics-api scaler reads them)."""
+    return f"{settings.gateway_url.rstrip('/')}/admin/v1/endpoints/{hd.endpoint_id}/queue"
+
+
+# HPA rate policies act over this period (the HPA's default sync period is 15 s).
+KEDA_RATE_PERIOD_SECONDS = 15
+
+
+def _hpa_behavior(hd: HandlerDeployment) -> dict[str, Any]:
+    """The builtin engine's stabilization and rates, as HPA behavior rules."""
+    scaling = hd.spec.scaling
+    down: dict[str, Any] = {"stabilizationWindowSeconds": scaling.scaleDownStabilizationSeconds}
+    if scaling.maxScaleDownRate == 1:
+        down["selectPolicy"] = "Disabled"
+    elif scaling.maxScaleDownRate > 1:
+        percent = max(1, int(100 * (1 - 1 / scaling.maxScaleDownRate)))
+        down["policies"] = [
+            {"type": "Percent", "value": percent, "periodSeconds": KEDA_RATE_PERIOD_SECONDS}
+        ]
+    up: dict[str, Any] = {"stabilizationWindowSeconds": 0}
+    if scaling.maxScaleUpRate >= 1:
+        percent = max(1, int(100 * (scaling.maxScaleUpRate - 1)))
+        up["policies"] = [
+            {"type": "Percent", "value": percent, "periodSeconds": KEDA_RATE_PERIOD_SECONDS},
+            {"type": "Pods", "value": 1, "periodSeconds": KEDA_RATE_PERIOD_SECONDS},
+        ]
+    return {"scaleUp": up, "scaleDown": down}
+
+
+def build_scaled_object(hd: HandlerDeployment, settings: OperatorSettings) -> dict[str, Any]:
+    """`scaling.engine: keda`: a KEDA ScaledObject on the gateway's queue figures.
+
+    metrics-api scaler on `load` (queued + running) with an AverageValue target of
+    targetQueuePerWorker: the HPA's ceil(load / target) is RunPod's request count.
+    """
+    scaling = hd.spec.scaling
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": _metadata(hd, hd.name),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": hd.name},
+            "pollingInterval": scaling.kedaPollingIntervalSeconds,
+            "cooldownPeriod": scaling.scaleToZeroAfterSeconds,
+            "minReplicaCount": scaling.minReplicas,
+            "maxReplicaCount": scaling.maxReplicas,
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": _hpa_behavior(hd)}},
+            "triggers": [
+                {
+                    "type": "metrics-api",
+                    "name": "queue",
+                    "metricType": "AverageValue",
+                    "metadata": {
+                        "url": queue_url(hd, settings),
+                        "format": "json",
+                        "valueLocation": "load",
+                        "targetValue": str(scaling.targetQueuePerWorker),
+                        "activationTargetValue": "0",
+                        "authMode": "bearer",
+                    },
+                    "authenticationRef": {"name": trigger_authentication_name(hd)},
+                }
+            ],
+        },
+    }
+
+
+def build_trigger_authentication(hd: HandlerDeployment) -> dict[str, Any]:
+    """KEDA reads the queue with the endpoint's worker token (Bearer), from its Secret."""
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "TriggerAuthentication",
+        "metadata": _metadata(hd, trigger_authentication_name(hd)),
+        "spec": {
+            "secretTargetRef": [{"parameter": "token", "name": secret_name(hd), "key": TOKEN_KEY}]
+        },
+    }
+
+
+def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
+    """A controller owner reference to `owner` (garbage collection deletes with it)."""
+    meta = owner["metadata"]
+    return {
+        "apiVersion": owner["apiVersion"],
+        "kind": owner["kind"],
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def owned(obj: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
+    return {**obj, "metadata": {**obj["metadata"], "ownerReferences": [owner_reference(owner)]}}
 
 
 APPLIED_HASH = f"{GROUP}/applied-hash"

@@ -23,6 +23,10 @@ API_PATHS = {
     ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{ns}/deployments",
     ("keda.sh/v1alpha1", "ScaledObject"): "/apis/keda.sh/v1alpha1/namespaces/{ns}/scaledobjects",
     (
+        "keda.sh/v1alpha1",
+        "TriggerAuthentication",
+    ): "/apis/keda.sh/v1alpha1/namespaces/{ns}/triggerauthentications",
+    (
         "handlerops.dev/v1alpha1",
         "HandlerDeployment",
     ): "/apis/handlerops.dev/v1alpha1/namespaces/{ns}/handlerdeployments",
@@ -91,8 +95,8 @@ class KubeApi:
                 if response.status >= 400:
                     raise ValueError(f"{method} {path}: HTTP {response.status}: {text[:500]}")
                 return json.loads(text) if text else None
-        except aiohttp.ClientError as exc:
-            raise Unavailable(f"{method} {path}: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"{method} {path}: {exc!r}") from exc
 
     async def apply(self, obj: dict[str, Any], force: bool = True) -> dict[str, Any]:
         """Server-side apply with our field manager (force only takes back our own fields)."""
@@ -141,6 +145,39 @@ class KubeApi:
             headers={"Content-Type": "application/merge-patch+json"},
         )
 
+    async def delete(
+        self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None
+    ) -> bool:
+        """Delete one object (only that very object when `uid` is given); False if absent."""
+        body = {"kind": "DeleteOptions", "apiVersion": "v1"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        self.writes += 1
+        try:
+            await self._request(
+                "DELETE",
+                f"{collection_path(api_version, kind, namespace)}/{name}",
+                data=json.dumps(body),
+                headers={"Content-Type": "application/json"},
+            )
+        except NotFound:
+            return False
+        return True
+
+    async def set_pod_condition(self, namespace: str, name: str, condition: dict[str, Any]) -> None:
+        """Set one condition of a pod's status (a readiness gate), leaving the others alone."""
+        path = f"{collection_path('v1', 'Pod', namespace)}/{name}/status"
+        self.writes += 1
+        try:
+            await self._request(
+                "PATCH",
+                path,
+                data=json.dumps({"status": {"conditions": [condition]}}),
+                headers={"Content-Type": "application/strategic-merge-patch+json"},
+            )
+        except NotFound:
+            return
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -170,8 +207,8 @@ class GatewayAdmin:
                 if response.status >= 400:
                     raise ValueError(f"gateway {method} {path}: HTTP {response.status}: {payload}")
                 return payload
-        except aiohttp.ClientError as exc:
-            raise Unavailable(f"gateway {method} {path}: {exc}") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"gateway {method} {path}: {exc!r}") from exc
 
     async def put_endpoint(self, endpoint: str, config: dict[str, Any]) -> None:
         await self._request("PUT", f"/admin/v1/endpoints/{endpoint}", config)
@@ -184,6 +221,11 @@ class GatewayAdmin:
 
     async def queues(self) -> dict[str, Any]:
         return (await self._request("GET", "/admin/v1/queues"))["endpoints"]
+
+    async def poll_queues(self, since: float | None, wait: float) -> dict[str, Any]:
+        """All endpoints' figures, held up to `wait` s until a job is queued after `since`."""
+        query = f"?wait={wait:g}&since={since!r}" if since is not None else ""
+        return await self._request("GET", "/admin/v1/queues" + query)
 
     async def purge(self, endpoint: str) -> None:
         # Purge is a client route; the admin key is a client key as well.

@@ -7,7 +7,9 @@ status feeds READY; the finalizer drains (or purges) the endpoint before deregis
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import datetime
 import os
 import secrets
@@ -20,6 +22,7 @@ from handler_operator import builders, conditions
 from handler_operator.clients import GatewayAdmin, KubeApi, Unavailable
 from handler_operator.metrics import RECONCILE_SECONDS, RECONCILES, start_metrics_server
 from handler_operator.models import GROUP, PLURAL, VERSION, HandlerDeployment
+from handler_operator.scalers import Scaler
 from handler_operator.settings import OperatorSettings
 
 HD = (GROUP, VERSION, PLURAL)
@@ -51,8 +54,21 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.settings = operator
     memo.kube = KubeApi.from_kubeconfig(os.environ.get("KUBECONFIG"))
     memo.gateway = GatewayAdmin(operator.admin_url, operator.gateway_admin_key)
+    # The scaling loop polls the gateway on a session of its own (its long-poll waits).
+    memo.scaler = Scaler(
+        memo.kube,
+        GatewayAdmin(operator.admin_url, operator.gateway_admin_key),
+        operator,
+        post_event=_post_event,
+    )
+    memo.scaler_task = asyncio.get_running_loop().create_task(memo.scaler.run())
     if operator.metrics_port:
         start_metrics_server(operator.metrics_port)
+
+
+def _post_event(cr: dict[str, Any], kind: str, reason: str, message: str) -> None:
+    with contextlib.suppress(LookupError, RuntimeError):  # outside kopf's posting context
+        kopf.event(cr, type=kind, reason=reason, message=message)
 
 
 @kopf.on.login()
@@ -63,6 +79,10 @@ def login(**kwargs: Any) -> Any:
 
 @kopf.on.cleanup()
 async def close_clients(memo: kopf.Memo, **_: Any) -> None:
+    memo.scaler_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await memo.scaler_task
+    await memo.scaler.gateway.close()
     await memo.kube.close()
     await memo.gateway.close()
 
@@ -187,6 +207,7 @@ async def reconcile_hd(body: kopf.Body, memo: kopf.Memo, logger: Any) -> None:
         )
         raise kopf.TemporaryError(f"gateway unavailable: {exc}", delay=5) from exc
 
+    keda = hd.spec.scaling.engine == "keda"
     live = {
         "ServiceAccount": await kube.get(
             "v1", "ServiceAccount", hd.namespace, builders.service_account_name(hd)
@@ -198,15 +219,31 @@ async def reconcile_hd(body: kopf.Body, memo: kopf.Memo, logger: Any) -> None:
     objects = [
         builders.build_service_account(hd),
         builders.build_secret(hd, token),
-        builders.build_deployment(hd, settings, replicas),
+        # engine keda: the Deployment's replicas belong to KEDA's HPA, not to us.
+        builders.build_deployment(hd, settings, None if keda else replicas),
     ]
-    kopf.adopt(objects, owner=body)
+    if keda:
+        objects += [
+            builders.build_trigger_authentication(hd),
+            builders.build_scaled_object(hd, settings),
+        ]
+        for kind, name in (
+            ("TriggerAuthentication", builders.trigger_authentication_name(hd)),
+            ("ScaledObject", hd.name),
+        ):
+            live[kind] = await kube.get("keda.sh/v1alpha1", kind, hd.namespace, name)
     try:
-        for obj in map(builders.with_applied_hash, objects):
+        for obj in objects:
+            obj = builders.with_applied_hash(builders.owned(obj, dict(body)))
             if builders.needs_apply(obj, live[obj["kind"]]):  # unchanged: no write at all
                 await kube.apply(obj)
+        if not keda:
+            await _remove_keda_objects(kube, hd)
     except Unavailable as exc:
         raise kopf.TemporaryError(str(exc), delay=5) from exc
+    except ValueError as exc:  # e.g. the KEDA CRDs are not installed
+        raise kopf.TemporaryError(f"cannot apply the worker objects: {exc}", delay=30) from exc
+    memo.scaler.register(dict(body), hd, replicas)
 
     ready = status.get("readyReplicas") or 0
     reason = (
@@ -234,6 +271,23 @@ async def reconcile_hd(body: kopf.Body, memo: kopf.Memo, logger: Any) -> None:
     if any(status.get(key) != value for key, value in new_status.items()):
         await _write_status(memo, body, new_status)
         kopf.info(body, reason=conditions.RECONCILED, message=f"applied generation {generation}")
+
+
+async def _remove_keda_objects(kube: KubeApi, hd: HandlerDeployment) -> None:
+    """Back to the builtin engine: the ScaledObject we rendered before must go (its HPA too)."""
+    for kind, name in (
+        ("ScaledObject", hd.name),
+        ("TriggerAuthentication", builders.trigger_authentication_name(hd)),
+    ):
+        try:
+            found = await kube.get("keda.sh/v1alpha1", kind, hd.namespace, name)
+        except ValueError:  # KEDA not installed
+            return
+        if found and any(
+            ref.get("kind") == "HandlerDeployment"
+            for ref in found["metadata"].get("ownerReferences") or []
+        ):
+            await kube.delete("keda.sh/v1alpha1", kind, hd.namespace, name)
 
 
 @kopf.on.resume(*HD)
@@ -279,6 +333,7 @@ async def finalize(body: kopf.Body, memo: kopf.Memo, logger: Any, retry: int, **
         await memo.gateway.delete_endpoint(endpoint)
     except Unavailable as exc:
         raise kopf.TemporaryError(f"gateway unavailable: {exc}", delay=5) from exc
+    memo.scaler.unregister(body.metadata.namespace, body.metadata.name)
     logger.info("endpoint %s deregistered", endpoint)
 
 
@@ -290,8 +345,9 @@ async def _owner_hd(memo: kopf.Memo, namespace: str, name: str | None) -> dict[s
 
 @kopf.on.event("", "v1", "pods", labels=WORKER_LABELS)
 async def worker_pod_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
-    """HandlerHealthy follows the workers: the loader's termination message on a crash loop."""
+    """Pods feed the scaler; HandlerHealthy follows them (the loader's termination message)."""
     pod = event.get("object") or {}
+    memo.scaler.observe_pod(event.get("type") or "", pod)
     meta = pod.get("metadata") or {}
     namespace = meta.get("namespace", "default")
     owner = await _owner_hd(
@@ -299,22 +355,9 @@ async def worker_pod_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> 
     )
     if owner is None or event.get("type") == "DELETED":
         return
+    # Unschedulable pods are the scaler's (Scaling=WaitingForCapacity past pendingTimeout):
+    # they are never deleted for it, a GPU node may be on its way.
     current = (owner.get("status") or {}).get("conditions") or []
-    waiting = conditions.unschedulable_message(pod)
-    if waiting is not None:
-        # Reported, never deleted: the cluster autoscaler may be bringing a GPU node up.
-        new = conditions.set_condition(
-            current, conditions.SCALING, False, conditions.WAITING_FOR_CAPACITY, waiting, now_iso()
-        )
-        if new != current:
-            await memo.kube.patch_status(
-                f"{GROUP}/{VERSION}",
-                "HandlerDeployment",
-                namespace,
-                owner["metadata"]["name"],
-                {"conditions": new},
-            )
-        return
     message = conditions.crash_message(pod)
     if message is None:
         running = (pod.get("status") or {}).get("phase") == "Running"
@@ -345,8 +388,13 @@ async def worker_pod_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> 
 
 
 @kopf.on.field("apps", "v1", "deployments", field="status", labels=WORKER_LABELS)
-async def worker_deployment_status(new: Any, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+async def worker_deployment_status(
+    new: Any, meta: kopf.Meta, spec: kopf.Spec, memo: kopf.Memo, **_: Any
+) -> None:
     """READY and replicas of `kubectl get hd` follow the worker Deployment."""
+    instance = (meta.labels or {}).get("app.kubernetes.io/instance")
+    if instance:
+        memo.scaler.observe_replicas(meta.namespace, instance, spec.get("replicas"))
     owner = await _owner_hd(
         memo, meta.namespace, (meta.labels or {}).get("app.kubernetes.io/instance")
     )

@@ -5,6 +5,7 @@ Pure: plain values in, plain values out; the operator and `handlerctl dev` both 
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -39,6 +40,7 @@ class PodView:
     phase: PodPhase
     created: float = 0.0
     unschedulable_since: float | None = None
+    unschedulable_message: str = ""  # the scheduler's words, e.g. "Insufficient nvidia.com/gpu"
 
 
 @dataclass(frozen=True)
@@ -98,10 +100,11 @@ def _waiting_for_capacity(obs: Observation, spec: ScalingSpec, now: float) -> st
     if not stuck:
         return None
     oldest = min(pod.unschedulable_since for pod in stuck if pod.unschedulable_since is not None)
+    said = next((pod.unschedulable_message for pod in stuck if pod.unschedulable_message), "")
     return (
         f"{len(stuck)} worker pod(s) unschedulable for {now - oldest:.0f} s "
         f"(pendingTimeoutSeconds={spec.pendingTimeoutSeconds}); they are kept and counted as "
-        "capacity on the way"
+        "capacity on the way" + (f": {said}" if said else "")
     )
 
 
@@ -116,15 +119,23 @@ def _recommend(obs: Observation, spec: ScalingSpec, state: ScalerState, now: flo
         return _clamp(needed, spec), figures, False
     since = obs.last_activity if obs.last_activity is not None else state.first_seen
     idle_for = now - since if since is not None else math.inf
+    # Messages name fixed times, not durations: a status write only when something changed.
+    idle = f"idle since {_clock(since)}"
     if idle_for >= spec.scaleToZeroAfterSeconds:
-        return spec.minReplicas, f"idle for {_seconds(idle_for)}", True
+        return (
+            spec.minReplicas,
+            f"{idle} (scaleToZeroAfterSeconds={spec.scaleToZeroAfterSeconds})",
+            True,
+        )
     # Idle, but not for long: keep one worker warm until scaleToZeroAfterSeconds.
     keep = 1 if obs.replicas > 0 else 0
-    return _clamp(keep, spec), f"idle for {_seconds(idle_for)}, keeping a warm worker", False
+    return _clamp(keep, spec), f"{idle}, keeping a warm worker", False
 
 
-def _seconds(value: float) -> str:
-    return "ever" if math.isinf(value) else f"{value:.0f} s"
+def _clock(epoch: float | None) -> str:
+    if epoch is None:
+        return "ever"
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _rate_limited(target: int, current: int, spec: ScalingSpec) -> int:

@@ -360,6 +360,8 @@ def test_pods_pending_for_gpus_are_reported_and_kept(cluster, operator):
                     "status": "False",
                     "reason": "Unschedulable",
                     "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                    # Past the default pendingTimeoutSeconds (600 s): WaitingForCapacity.
+                    "lastTransitionTime": "2020-01-01T00:00:00Z",
                 }
             ],
         },

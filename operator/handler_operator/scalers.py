@@ -1,0 +1,400 @@
+"""The builtin scaling engine: one loop for every HandlerDeployment, run by the operator.
+
+Each pass makes one gateway call for all endpoints' queue figures (a long-poll that answers as
+soon as a job is queued), runs the pure policy per CR, and acts: drains, pod deletions, a
+server-side apply of the worker Deployment when its replica count changes, readiness gates,
+status and events. Pods and replica counts come from the kopf watches, never from polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from handler_operator import builders, conditions, policies
+from handler_operator.clients import GatewayAdmin, KubeApi, NotFound, Unavailable
+from handler_operator.models import GROUP, VERSION, HandlerDeployment
+from handler_operator.policies import Observation, PodView, ScalerState
+from handler_operator.settings import OperatorSettings
+
+log = logging.getLogger("handler_operator.scaler")
+
+POLL_WAIT_S = 1.0  # the loop runs at least this often, sooner when a job is queued
+MIN_PASS_S = 0.1  # and at most ten passes a second under a steady stream of jobs
+QUEUE_STATUS_EVERY_S = 5.0  # queue figures in status (the QUEUE column) refresh this often
+
+EventPoster = Callable[[dict[str, Any], str, str, str], Awaitable[None] | None]
+
+
+def iso(epoch: float) -> str:
+    stamp = datetime.datetime.fromtimestamp(epoch, datetime.UTC).replace(microsecond=0)
+    return stamp.isoformat().replace("+00:00", "Z")
+
+
+def epoch(stamp: str | None) -> float | None:
+    if not stamp:
+        return None
+    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def pod_view(pod: dict[str, Any], live_workers: set[str]) -> PodView | None:
+    """The policy's view of a pod; None for a pod on its way out (deletionTimestamp)."""
+    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+    if meta.get("deletionTimestamp"):
+        return None
+    name = meta["name"]
+    found = {c.get("type"): c for c in status.get("conditions") or []}
+    scheduled = found.get("PodScheduled") or {}
+    unschedulable = (
+        epoch(scheduled.get("lastTransitionTime")) or time.time()
+        if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
+        else None
+    )
+    if status.get("phase") in (None, "Pending") and name not in live_workers:
+        phase = "pending"
+    elif name in live_workers or (found.get("Ready") or {}).get("status") == "True":
+        phase = "ready"
+    else:
+        phase = "starting"
+    return PodView(
+        name,
+        phase,
+        epoch(meta.get("creationTimestamp")) or 0.0,
+        unschedulable,
+        scheduled.get("message") or "" if unschedulable is not None else "",
+    )
+
+
+def heartbeat_condition(pod: dict[str, Any]) -> str | None:
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == builders.HEARTBEAT_CONDITION:
+            return condition.get("status")
+    return None
+
+
+@dataclass
+class Target:
+    """One HandlerDeployment as the engine tracks it."""
+
+    cr: dict[str, Any]  # apiVersion, kind, metadata (name, namespace, uid) of the CR
+    hd: HandlerDeployment
+    replicas: int  # the worker Deployment's spec.replicas as last applied or seen
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    state: ScalerState = field(default_factory=ScalerState)
+    status: dict[str, Any] = field(default_factory=dict)  # what we last wrote
+    conditions: list[dict[str, Any]] = field(default_factory=list)
+    status_written: float = 0.0
+    last_decision: tuple[str, int] | None = None
+
+    @property
+    def builtin(self) -> bool:
+        return self.hd.spec.scaling.engine == "builtin"
+
+
+class Scaler:
+    """Registry of HandlerDeployments plus the loop that scales them."""
+
+    def __init__(
+        self,
+        kube: KubeApi,
+        gateway: GatewayAdmin,
+        settings: OperatorSettings,
+        post_event: EventPoster | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.kube = kube
+        self.gateway = gateway
+        self.settings = settings
+        self.post_event = post_event
+        self.clock = clock
+        self.targets: dict[tuple[str, str], Target] = {}
+        self.orphan_pods: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        self.passes = 0
+        self._since: float | None = None
+
+    # -- registry (fed by the kopf handlers) -----------------------------------------------------
+    def register(self, cr: dict[str, Any], hd: HandlerDeployment, replicas: int) -> None:
+        key = (hd.namespace, hd.name)
+        ref = {
+            "apiVersion": cr.get("apiVersion", f"{GROUP}/{VERSION}"),
+            "kind": cr.get("kind", "HandlerDeployment"),
+            "metadata": {k: cr["metadata"].get(k) for k in ("name", "namespace", "uid")},
+        }
+        target = self.targets.get(key)
+        if target is None or target.cr["metadata"]["uid"] != ref["metadata"]["uid"]:
+            pods = self.orphan_pods.pop(key, {})
+            status = cr.get("status") or {}
+            self.targets[key] = Target(
+                ref,
+                hd,
+                replicas,
+                pods=pods,
+                # What the CR already says: a restarted operator writes only what changed.
+                status={
+                    k: status[k]
+                    for k in ("desiredReplicas", "queue", "lastScaleTime")
+                    if k in status
+                },
+                conditions=list(status.get("conditions") or []),
+                status_written=self.clock(),
+            )
+        else:
+            target.hd, target.replicas = hd, replicas
+
+    def unregister(self, namespace: str, name: str) -> None:
+        self.targets.pop((namespace, name), None)
+        self.orphan_pods.pop((namespace, name), None)
+
+    def observe_pod(self, event_type: str, pod: dict[str, Any]) -> None:
+        meta = pod.get("metadata") or {}
+        instance = (meta.get("labels") or {}).get("app.kubernetes.io/instance")
+        if not instance:
+            return
+        key = (meta.get("namespace") or "default", instance)
+        target = self.targets.get(key)
+        pods = target.pods if target is not None else self.orphan_pods.setdefault(key, {})
+        if event_type == "DELETED":
+            pods.pop(meta["name"], None)
+        else:
+            pods[meta["name"]] = pod
+
+    def observe_replicas(self, namespace: str, name: str, replicas: int | None) -> None:
+        target = self.targets.get((namespace, name))
+        if target is not None and replicas is not None:
+            target.replicas = replicas
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            try:
+                await self.run_pass()
+            except asyncio.CancelledError:
+                raise
+            except Unavailable as exc:
+                log.warning("scaling pass skipped: %s", exc)
+                await self._mark_queues(False, str(exc))
+                await asyncio.sleep(POLL_WAIT_S)
+            except Exception:
+                log.exception("scaling pass failed")
+                await asyncio.sleep(POLL_WAIT_S)
+            await asyncio.sleep(max(0.0, MIN_PASS_S - (loop.time() - started)))
+
+    async def run_pass(self) -> None:
+        view = await self.gateway.poll_queues(self._since, POLL_WAIT_S if self._since else 0)
+        self._since = view.get("time")
+        figures = view.get("endpoints") or {}
+        now = self.clock()
+        self.passes += 1
+        for target in list(self.targets.values()):
+            try:
+                await self.scale(target, figures.get(target.hd.endpoint_id), now)
+            except (Unavailable, ValueError) as exc:
+                log.warning("scaling %s: %s", target.hd.endpoint_id, exc)
+
+    async def scale(self, target: Target, figures: dict[str, Any] | None, now: float) -> None:
+        hd = target.hd
+        if figures is None:
+            await self._write_status(
+                target,
+                {},
+                queue_healthy=(False, "EndpointNotRegistered", "the gateway has no such endpoint"),
+                now=now,
+            )
+            return
+        states = figures.get("workerStates") or {}
+        await self._readiness_gates(target, set(states))
+        if not target.builtin:
+            await self._write_status(target, {"queue": _queue(figures)}, now=now)
+            return
+        views = [pod_view(pod, set(states)) for pod in target.pods.values()]
+        obs = Observation(
+            queued=figures.get("inQueue", 0),
+            in_progress=figures.get("inProgress", 0),
+            replicas=target.replicas,
+            pods=tuple(v for v in views if v is not None),
+            worker_jobs=figures.get("workerJobs") or {},
+            draining=frozenset(w for w, s in states.items() if s == "draining"),
+            last_activity=figures.get("lastActivity"),
+        )
+        decision = policies.compute_desired_replicas(obs, hd.spec.scaling, target.state, now)
+        target.state = decision.state
+        replicas, removed = await self._execute(target, decision)
+        if replicas != target.replicas:
+            await self.kube.apply(
+                builders.with_applied_hash(
+                    builders.owned(
+                        builders.build_deployment(hd, self.settings, replicas), target.cr
+                    )
+                )
+            )
+            direction = "up" if replicas > target.replicas else "down"
+            message = f"{target.replicas} -> {replicas} workers: {decision.message}"
+            await self._event(target, "Normal", f"Scaled{direction.capitalize()}", message)
+            target.replicas = replicas
+            target.status["lastScaleTime"] = iso(now)
+        elif removed:
+            target.status["lastScaleTime"] = iso(now)
+        await self._write_status(
+            target,
+            {
+                "desiredReplicas": decision.desired,
+                "queue": _queue(figures),
+                **(
+                    {"lastScaleTime": target.status["lastScaleTime"]}
+                    if target.status.get("lastScaleTime")
+                    else {}
+                ),
+            },
+            scaling=decision,
+            now=now,
+        )
+
+    async def _execute(self, target: Target, decision: policies.Decision) -> tuple[int, list[str]]:
+        """Undrain, drain (an idle drained worker goes at once), delete drained pods."""
+        endpoint = target.hd.endpoint_id
+        for worker in decision.undrain:
+            await self.gateway.drain(endpoint, worker, False)
+        ready_to_go = list(decision.remove)
+        for worker in decision.drain:
+            held = await self.gateway.drain(endpoint, worker, True)
+            if not held and worker not in ready_to_go:
+                ready_to_go.append(worker)
+        removed = []
+        for name in ready_to_go:
+            pod = target.pods.get(name)
+            uid = (pod or {}).get("metadata", {}).get("uid")
+            await self.kube.delete("v1", "Pod", target.hd.namespace, name, uid=uid)
+            target.pods.pop(name, None)
+            removed.append(name)
+        # The policy already counted `remove` (and replicas without pods) in decision.replicas.
+        extra = len([n for n in removed if n not in decision.remove])
+        if removed:
+            target.state = policies.ScalerState(
+                recommendations=target.state.recommendations,
+                draining=tuple(n for n in target.state.draining if n not in removed),
+                last_scale_time=target.state.last_scale_time,
+                first_seen=target.state.first_seen,
+            )
+        return max(0, decision.replicas - extra), removed
+
+    async def _readiness_gates(self, target: Target, live: set[str]) -> None:
+        """A worker pod is ready once the gateway hears its heartbeat (and not after it stops)."""
+        for name, pod in list(target.pods.items()):
+            if (pod.get("metadata") or {}).get("deletionTimestamp"):
+                continue
+            wanted = "True" if name in live else "False"
+            current = heartbeat_condition(pod)
+            if current == wanted or (current is None and wanted == "False"):
+                continue
+            condition = {
+                "type": builders.HEARTBEAT_CONDITION,
+                "status": wanted,
+                "reason": "WorkerPolling" if wanted == "True" else "NoHeartbeat",
+                "lastTransitionTime": iso(self.clock()),
+            }
+            await self.kube.set_pod_condition(target.hd.namespace, name, condition)
+            others = [
+                c
+                for c in (pod.get("status") or {}).get("conditions") or []
+                if c.get("type") != builders.HEARTBEAT_CONDITION
+            ]
+            pod.setdefault("status", {})["conditions"] = [*others, condition]
+
+    async def _write_status(
+        self,
+        target: Target,
+        fields: dict[str, Any],
+        now: float,
+        scaling: policies.Decision | None = None,
+        queue_healthy: tuple[bool, str, str] = (True, conditions.QUEUE_OK, "queue figures read"),
+    ) -> None:
+        """Patch status when something changed (queue figures alone: every few seconds).
+
+        Conditions are one list shared with the other handlers: the CR is read afresh before
+        a write, and only our two condition types are replaced in it.
+        """
+        stamp = iso(now)
+
+        def ours(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            new = conditions.set_condition(current, conditions.QUEUE_HEALTHY, *queue_healthy, stamp)
+            if scaling is None:
+                return new
+            if scaling.waiting_for_capacity:
+                return conditions.set_condition(
+                    new,
+                    conditions.SCALING,
+                    False,
+                    conditions.WAITING_FOR_CAPACITY,
+                    scaling.waiting_for_capacity,
+                    stamp,
+                )
+            return conditions.set_condition(
+                new, conditions.SCALING, True, scaling.reason, scaling.message, stamp
+            )
+
+        def mine(items: list[dict[str, Any]], keys: tuple[str, ...]) -> list[tuple[Any, ...]]:
+            kinds = (conditions.QUEUE_HEALTHY, conditions.SCALING)
+            return [tuple(c.get(k) for k in keys) for c in items if c.get("type") in kinds]
+
+        # A new status or reason, or new replica figures, are written at once; a new message
+        # or new queue figures alone at most every QUEUE_STATUS_EVERY_S.
+        changed = {k: v for k, v in fields.items() if target.status.get(k) != v}
+        proposed = ours(target.conditions)
+        essential = ("type", "status", "reason")
+        important = mine(proposed, essential) != mine(target.conditions, essential) or any(
+            k != "queue" for k in changed
+        )
+        detail = "queue" in changed or mine(proposed, (*essential, "message")) != mine(
+            target.conditions, (*essential, "message")
+        )
+        if not (important or (detail and now - target.status_written >= QUEUE_STATUS_EVERY_S)):
+            return
+        hd = target.hd
+        live = await self.kube.get(f"{GROUP}/{VERSION}", "HandlerDeployment", hd.namespace, hd.name)
+        if live is None:
+            return
+        new = ours(list((live.get("status") or {}).get("conditions") or []))
+        try:
+            await self.kube.patch_status(
+                f"{GROUP}/{VERSION}",
+                "HandlerDeployment",
+                hd.namespace,
+                hd.name,
+                {**fields, "conditions": new},
+            )
+        except NotFound:
+            return
+        target.status.update(fields)
+        target.conditions = new
+        target.status_written = now
+
+    async def _mark_queues(self, healthy: bool, message: str) -> None:
+        now = self.clock()
+        for target in list(self.targets.values()):
+            try:
+                await self._write_status(
+                    target,
+                    {},
+                    now=now,
+                    queue_healthy=(healthy, "GatewayUnavailable", message[:300]),
+                )
+            except (Unavailable, ValueError) as exc:
+                log.warning("status of %s: %s", target.hd.endpoint_id, exc)
+
+    async def _event(self, target: Target, kind: str, reason: str, message: str) -> None:
+        if self.post_event is None:
+            return
+        outcome = self.post_event(target.cr, kind, reason, message)
+        if asyncio.iscoroutine(outcome):
+            await outcome
+
+
+def _queue(figures: dict[str, Any]) -> dict[str, int]:
+    return {"inQueue": figures.get("inQueue", 0), "inProgress": figures.get("inProgress", 0)}
