@@ -164,6 +164,40 @@ class KubeApi:
             return False
         return True
 
+    async def post_event(
+        self, involved: dict[str, Any], type_: str, reason: str, message: str, now: str
+    ) -> None:
+        """A core/v1 Event about `involved` (what `kubectl describe` lists)."""
+        meta = involved["metadata"]
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved["apiVersion"],
+                "kind": involved["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": FIELD_MANAGER,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.writes += 1
+        await self._request(
+            "POST",
+            collection_path("v1", "Event", meta["namespace"]),
+            data=json.dumps(event),
+            headers={"Content-Type": "application/json"},
+        )
+
     async def set_pod_condition(self, namespace: str, name: str, condition: dict[str, Any]) -> None:
         """Set one condition of a pod's status (a readiness gate), leaving the others alone."""
         path = f"{collection_path('v1', 'Pod', namespace)}/{name}/status"

@@ -56,19 +56,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.gateway = GatewayAdmin(operator.admin_url, operator.gateway_admin_key)
     # The scaling loop polls the gateway on a session of its own (its long-poll waits).
     memo.scaler = Scaler(
-        memo.kube,
-        GatewayAdmin(operator.admin_url, operator.gateway_admin_key),
-        operator,
-        post_event=_post_event,
+        memo.kube, GatewayAdmin(operator.admin_url, operator.gateway_admin_key), operator
     )
     memo.scaler_task = asyncio.get_running_loop().create_task(memo.scaler.run())
     if operator.metrics_port:
         start_metrics_server(operator.metrics_port)
-
-
-def _post_event(cr: dict[str, Any], kind: str, reason: str, message: str) -> None:
-    with contextlib.suppress(LookupError, RuntimeError):  # outside kopf's posting context
-        kopf.event(cr, type=kind, reason=reason, message=message)
 
 
 @kopf.on.login()

@@ -198,10 +198,11 @@ def compute_desired_replicas(
                 waiting_for_capacity=waiting,
                 state=replace(state, last_scale_time=now),
             )
+        steady = STABLE if reason_up == SCALE_UP else FIXED
         return Decision(
             replicas=current,
             desired=current,
-            reason=STABLE if reason_up == SCALE_UP else FIXED,
+            reason=SCALED_TO_ZERO if current == 0 else steady,
             message=f"{current} workers: {why}",
             undrain=undrain,
             waiting_for_capacity=waiting,

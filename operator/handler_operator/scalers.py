@@ -9,10 +9,11 @@ status and events. Pods and replica counts come from the kopf watches, never fro
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +28,6 @@ log = logging.getLogger("handler_operator.scaler")
 POLL_WAIT_S = 1.0  # the loop runs at least this often, sooner when a job is queued
 MIN_PASS_S = 0.1  # and at most ten passes a second under a steady stream of jobs
 QUEUE_STATUS_EVERY_S = 5.0  # queue figures in status (the QUEUE column) refresh this often
-
-EventPoster = Callable[[dict[str, Any], str, str, str], Awaitable[None] | None]
 
 
 def iso(epoch: float) -> str:
@@ -104,13 +103,11 @@ class Scaler:
         kube: KubeApi,
         gateway: GatewayAdmin,
         settings: OperatorSettings,
-        post_event: EventPoster | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.kube = kube
         self.gateway = gateway
         self.settings = settings
-        self.post_event = post_event
         self.clock = clock
         self.targets: dict[tuple[str, str], Target] = {}
         self.orphan_pods: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
@@ -226,6 +223,12 @@ class Scaler:
         decision = policies.compute_desired_replicas(obs, hd.spec.scaling, target.state, now)
         target.state = decision.state
         replicas, removed = await self._execute(target, decision)
+        if removed and replicas < obs.replicas:
+            decision = dataclasses.replace(
+                decision,
+                reason=policies.SCALED_TO_ZERO if replicas == 0 else policies.SCALE_DOWN,
+                message=f"{obs.replicas} -> {replicas} workers; removed idle {', '.join(removed)}",
+            )
         if replicas != target.replicas:
             await self.kube.apply(
                 builders.with_applied_hash(
@@ -276,11 +279,9 @@ class Scaler:
         # The policy already counted `remove` (and replicas without pods) in decision.replicas.
         extra = len([n for n in removed if n not in decision.remove])
         if removed:
-            target.state = policies.ScalerState(
-                recommendations=target.state.recommendations,
+            target.state = dataclasses.replace(
+                target.state,
                 draining=tuple(n for n in target.state.draining if n not in removed),
-                last_scale_time=target.state.last_scale_time,
-                first_seen=target.state.first_seen,
             )
         return max(0, decision.replicas - extra), removed
 
@@ -389,11 +390,10 @@ class Scaler:
                 log.warning("status of %s: %s", target.hd.endpoint_id, exc)
 
     async def _event(self, target: Target, kind: str, reason: str, message: str) -> None:
-        if self.post_event is None:
-            return
-        outcome = self.post_event(target.cr, kind, reason, message)
-        if asyncio.iscoroutine(outcome):
-            await outcome
+        try:
+            await self.kube.post_event(target.cr, kind, reason, message, iso(self.clock()))
+        except (Unavailable, ValueError) as exc:
+            log.warning("event for %s not posted: %s", target.hd.endpoint_id, exc)
 
 
 def _queue(figures: dict[str, Any]) -> dict[str, int]:

@@ -59,6 +59,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
         self._versions = itertools.count(1)
         self.log: list[tuple[str, str | None]] = []  # (method, plural) of every request
         self._finished: set[int] = set()
+        self.deletions: list[tuple[str, str | None, str]] = []  # (plural, namespace, name)
         self._index: dict[tuple[str | None, str], list[Any]] = {}
         for key, (kind, subresources) in BUILTIN.items():
             self.resources[key] = kmock.ResourceInfo(
@@ -247,6 +248,8 @@ class ApiEmulator(kmock.KubernetesEmulator):
         self.log.append(
             (request.method.upper(), request.resource.plural if request.resource else None)
         )
+        if request.method.upper() == "DELETE" and request.resource is not None and request.name:
+            self.deletions.append((request.resource.plural, request.namespace, request.name))
         try:
             return await self._respond(request)
         finally:

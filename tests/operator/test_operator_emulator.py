@@ -3,103 +3,25 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
-import urllib.request
 
 import pytest
-from aiohttp import web
 from kopf.testing import KopfRunner
 
-from handler_gateway.backends import open_backend
-from handler_gateway.keys import Keys
-from handler_gateway.routes import create_app
-from handler_operator.crds import build_crd
 from tests.conftest import REPO_ROOT
-from tests.operator.conftest import EXAMPLES, load_cr
-from tests.operator.emulator import EmulatedCluster
-from tests.processes import free_port
-
-ADMIN_KEY = "operator-test-admin-key"
-HD_PATH = "/apis/handlerops.dev/v1alpha1/namespaces/{ns}/handlerdeployments"
-
-
-def call(method: str, url: str, body=None, content_type="application/json", key=None):
-    headers = {"Content-Type": content_type}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            raw = response.read()
-            return response.status, json.loads(raw) if raw else None
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
-
-
-def wait_for(predicate, timeout=30.0, message="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out waiting for {message}")
-
-
-@pytest.fixture
-def cluster(tmp_path, monkeypatch):
-    cluster = EmulatedCluster().start()
-    port = free_port()
-    keys = Keys(frozenset(), frozenset({ADMIN_KEY}))
-    app = create_app(open_backend("memory://"), keys)
-
-    async def serve():
-        runner = web.AppRunner(app)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        return runner
-
-    runner = cluster.run(serve())
-    cluster.gateway_url = f"http://127.0.0.1:{port}"
-    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig(tmp_path / "kubeconfig")))
-    monkeypatch.setenv("HANDLER_OPERATOR_GATEWAY_URL", cluster.gateway_url)
-    monkeypatch.setenv("HANDLER_OPERATOR_GATEWAY_ADMIN_KEY", ADMIN_KEY)
-    monkeypatch.setenv("HANDLER_OPERATOR_METRICS_PORT", "0")
-    status, _ = call(
-        "POST", cluster.url + "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", build_crd()
-    )
-    assert status in (200, 201)
-    yield cluster
-    cluster.run(runner.cleanup())
-    cluster.stop()
-
-
-OPERATOR_ARGS = ["run", "--standalone", "--all-namespaces", "-m", "handler_operator.handlers"]
-
-
-@pytest.fixture
-def operator(cluster):
-    with KopfRunner(OPERATOR_ARGS, timeout=60) as runner:
-        yield runner
-    assert runner.exception is None or isinstance(runner.exception, SystemExit), runner.exception
-
-
-def hd(cluster, ns: str, name: str):
-    return call("GET", cluster.url + HD_PATH.format(ns=ns) + f"/{name}")[1]
-
-
-def deployment(cluster, ns: str, name: str):
-    status, body = call("GET", f"{cluster.url}/apis/apps/v1/namespaces/{ns}/deployments/{name}")
-    return body if status == 200 else None
-
-
-def condition(obj, type_):
-    return next(
-        (c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), None
-    )
+from tests.operator.conftest import (
+    ADMIN_KEY,
+    EXAMPLES,
+    HD_PATH,
+    OPERATOR_ARGS,
+    call,
+    condition,
+    deployment,
+    hd,
+    load_cr,
+    wait_for,
+)
 
 
 def test_reconcile_update_crash_loop_and_delete(cluster, operator):

@@ -1,0 +1,196 @@
+"""Autoscaling end to end on the emulator: the operator's scaling loop, a real gateway, and
+simulated worker pods (a ReplicaSet stand-in, workers speaking the gateway's worker API)."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from tests.operator.conftest import ADMIN_KEY, HD_PATH, call, condition, deployment, hd, wait_for
+
+NAME, NS = "auto", "default"
+ENDPOINT = f"{NS}--{NAME}"
+POD_PATH = f"/api/v1/namespaces/{NS}/pods"
+
+
+def replicas(cluster) -> int | None:
+    found = deployment(cluster, NS, NAME)
+    return None if found is None else found["spec"].get("replicas")
+
+
+def worker_pods(cluster) -> set[str]:
+    return {
+        name
+        for (namespace, name), pod in cluster.objects("pods").items()
+        if namespace == NS and pod["metadata"]["labels"].get("app.kubernetes.io/instance") == NAME
+    }
+
+
+class SimulatedWorkers:
+    """Plays the ReplicaSet (pods follow the Deployment's replicas) and each pod's worker.
+
+    A worker takes jobs as `<pod name>` and finishes them at once, except a job whose input
+    says `hold`: that one runs (with heartbeats) until `release` is set.
+    """
+
+    def __init__(self, cluster, token: str):
+        self.cluster, self.token = cluster, token
+        self.release = threading.Event()
+        self.stop = threading.Event()
+        self.holder: str | None = None
+        self.created = 0
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> SimulatedWorkers:
+        self._spawn(self._replicaset)
+        return self
+
+    def _spawn(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def _replicaset(self) -> None:
+        while not self.stop.is_set():
+            wanted, pods = replicas(self.cluster) or 0, worker_pods(self.cluster)
+            for _ in range(wanted - len(pods)):
+                self.created += 1
+                name = f"{NAME}-pod{self.created}"
+                pod = {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {
+                        "name": name,
+                        "namespace": NS,
+                        "labels": {
+                            "app.kubernetes.io/managed-by": "handler-operator",
+                            "app.kubernetes.io/name": "handler-worker",
+                            "app.kubernetes.io/instance": NAME,
+                        },
+                    },
+                    "spec": {"containers": [{"name": "worker", "image": "x"}]},
+                    "status": {"phase": "Running"},
+                }
+                call("POST", self.cluster.url + POD_PATH, pod)
+                self._spawn(self._worker, name)
+            time.sleep(0.05)
+
+    def _get(self, path: str, timeout: float = 30):
+        request = urllib.request.Request(
+            self.cluster.gateway_url + path, headers={"Authorization": self.token}
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+
+    def _worker(self, name: str) -> None:
+        import json
+
+        while not self.stop.is_set() and name in worker_pods(self.cluster):
+            try:
+                status, raw = self._get(f"/v2/{ENDPOINT}/job-take/{name}", timeout=40)
+            except (OSError, urllib.error.URLError):
+                time.sleep(0.1)
+                continue
+            if status != 200 or not raw:
+                continue
+            job = json.loads(raw)
+            if job["input"].get("hold"):
+                self.holder = name
+                while not self.release.wait(0.3):
+                    self._get(f"/v2/{ENDPOINT}/ping/{name}?job_id={job['id']}")
+            request = urllib.request.Request(
+                f"{self.cluster.gateway_url}/v2/{ENDPOINT}/job-done/{name}/{job['id']}",
+                data=json.dumps({"output": {"by": name}}).encode(),
+                headers={"Authorization": self.token, "Content-Type": "application/json"},
+                method="POST",
+            )
+            urllib.request.urlopen(request, timeout=10).read()
+
+
+def test_queue_scales_up_fast_drains_idle_workers_only_and_returns_to_zero(cluster, operator):
+    drains: list[tuple[float, str, bool, list[str]]] = []
+    original = cluster.gateway.drain
+
+    async def recording_drain(endpoint_id, worker, draining):
+        held = await original(endpoint_id, worker, draining)
+        drains.append((time.monotonic(), worker, draining, held))
+        return held
+
+    cluster.gateway.drain = recording_drain
+    body = {
+        "apiVersion": "handlerops.dev/v1alpha1",
+        "kind": "HandlerDeployment",
+        "metadata": {"name": NAME, "namespace": NS},
+        "spec": {
+            "handler": {"module": "handler"},
+            "scaling": {
+                "minReplicas": 0,
+                "maxReplicas": 5,
+                "targetQueuePerWorker": 4,
+                "scaleToZeroAfterSeconds": 3,
+                "scaleDownStabilizationSeconds": 0,
+                "maxScaleDownRate": 0,
+            },
+            "jobs": {"heartbeatIntervalSeconds": 1},
+        },
+    }
+    assert call("POST", cluster.url + HD_PATH.format(ns=NS), body)[0] in (200, 201)
+    wait_for(lambda: (condition(hd(cluster, NS, NAME), "Ready") or {}).get("status") == "True")
+    assert replicas(cluster) == 0
+    status, secret = call(
+        "GET", f"{cluster.url}/api/v1/namespaces/{NS}/secrets/{NAME}-worker-token"
+    )
+    token = (secret.get("stringData") or {}).get("token") or base64.b64decode(
+        secret["data"]["token"]
+    ).decode()
+    workers = SimulatedWorkers(cluster, token).start()
+    try:
+        # 20 jobs on an endpoint at zero: 5 workers (ceil(20 / 4)), within 2 s.
+        jobs = [{"hold": True}] + [{"n": n} for n in range(19)]
+        for payload in jobs:
+            call(
+                "POST",
+                f"{cluster.gateway_url}/v2/{ENDPOINT}/run",
+                {"input": payload},
+                key=ADMIN_KEY,
+            )
+        wait_for(lambda: replicas(cluster) == 5, timeout=2.0, message="scale-up to 5 within 2 s")
+
+        # 19 jobs finish at once, one is held: down to one worker, and it is the busy one.
+        wait_for(lambda: workers.holder is not None, message="a worker holds a job")
+        wait_for(
+            lambda: replicas(cluster) == 1 and worker_pods(cluster) == {workers.holder},
+            timeout=30,
+            message="scale-down to the one busy worker",
+        )
+        released_at = time.monotonic()
+        busy = workers.holder
+        assert all(worker != busy for _, worker, draining, _ in drains if draining)
+        assert ("pods", NS, busy) not in cluster.api.deletions
+        removed = [name for plural, _, name in cluster.api.deletions if plural == "pods"]
+        assert len(removed) == 4
+        # Each removed pod was drained first (it may have finished a job after the drain).
+        for name in removed:
+            assert any(w == name and d for _, w, d, _ in drains), name
+        status_now = hd(cluster, NS, NAME)["status"]
+        assert status_now["desiredReplicas"] == 1
+
+        # The last job finishes: idle for scaleToZeroAfterSeconds, then zero workers.
+        workers.release.set()
+        wait_for(lambda: replicas(cluster) == 0, timeout=30, message="scale to zero")
+        assert not worker_pods(cluster)
+        assert all(t >= released_at for t, w, d, _ in drains if w == busy and d)
+        scaling = condition(hd(cluster, NS, NAME), "Scaling")
+        assert scaling["status"] == "True" and scaling["reason"] == "ScaledToZero"
+        events = [
+            e
+            for e in cluster.objects("events").values()
+            if e.get("reason") in ("ScaledUp", "ScaledDown")
+        ]
+        assert {e["reason"] for e in events} == {"ScaledUp", "ScaledDown"}
+    finally:
+        workers.stop.set()
+        workers.release.set()
