@@ -194,3 +194,77 @@ def test_queue_scales_up_fast_drains_idle_workers_only_and_returns_to_zero(clust
     finally:
         workers.stop.set()
         workers.release.set()
+
+
+def keda_crd(kind: str, plural: str) -> dict:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.keda.sh"},
+        "spec": {
+            "group": "keda.sh",
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": "v1alpha1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": True,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def test_engine_keda_renders_a_scaled_object_and_leaves_replicas_alone(cluster, operator):
+    for kind, plural in (
+        ("ScaledObject", "scaledobjects"),
+        ("TriggerAuthentication", "triggerauthentications"),
+    ):
+        call(
+            "POST",
+            cluster.url + "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            keda_crd(kind, plural),
+        )
+    body = {
+        "apiVersion": "handlerops.dev/v1alpha1",
+        "kind": "HandlerDeployment",
+        "metadata": {"name": "kd", "namespace": NS},
+        "spec": {
+            "handler": {"module": "handler"},
+            "scaling": {"engine": "keda", "maxReplicas": 4, "targetQueuePerWorker": 2},
+        },
+    }
+    call("POST", cluster.url + HD_PATH.format(ns=NS), body)
+    scaled = wait_for(
+        lambda: cluster.objects("scaledobjects").get((NS, "kd")), message="ScaledObject"
+    )
+    assert scaled["spec"]["maxReplicaCount"] == 4
+    assert scaled["metadata"]["ownerReferences"][0]["kind"] == "HandlerDeployment"
+    assert (NS, "kd-gateway") in cluster.objects("triggerauthentications")
+    assert "replicas" not in deployment(cluster, NS, "kd")["spec"]
+    # Jobs queue up: the builtin loop does not touch a KEDA-scaled Deployment.
+    for n in range(5):
+        call("POST", f"{cluster.gateway_url}/v2/{NS}--kd/run", {"input": {"n": n}}, key=ADMIN_KEY)
+    time.sleep(1.5)
+    assert "replicas" not in deployment(cluster, NS, "kd")["spec"]
+    # Back to the builtin engine: the ScaledObject goes, the loop scales.
+    call(
+        "PATCH",
+        cluster.url + HD_PATH.format(ns=NS) + "/kd",
+        {"spec": {"scaling": {"engine": "builtin"}}},
+        "application/merge-patch+json",
+    )
+    wait_for(
+        lambda: (NS, "kd") not in cluster.objects("scaledobjects"), message="ScaledObject gone"
+    )
+    wait_for(
+        lambda: deployment(cluster, NS, "kd")["spec"].get("replicas") == 3,
+        message="builtin scale-up",
+    )

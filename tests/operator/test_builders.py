@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -159,3 +162,114 @@ def test_rendered_objects_validate_as_kubernetes_objects():
     for path in EXAMPLE_CRS:
         for document in yaml.safe_load_all(render_all(path)):
             kubernetes_validate.validate(document, "1.33", strict=True)
+
+
+# -- engine: keda ---------------------------------------------------------------------------------
+
+KEDA_SCHEMAS = Path(__file__).resolve().parent.parent / "data" / "keda"
+
+
+def keda_hd(**scaling):
+    return hd_with(
+        {
+            "scaling": {
+                "engine": "keda",
+                "minReplicas": 0,
+                "maxReplicas": 8,
+                "targetQueuePerWorker": 3,
+                "scaleToZeroAfterSeconds": 120,
+                **scaling,
+            }
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "schema"),
+    [
+        (lambda hd: builders.build_scaled_object(hd, SETTINGS), "scaledobject.schema.json"),
+        (builders.build_trigger_authentication, "triggerauthentication.schema.json"),
+    ],
+    ids=["ScaledObject", "TriggerAuthentication"],
+)
+@pytest.mark.parametrize("rates", [{}, {"maxScaleUpRate": 2, "maxScaleDownRate": 1}])
+def test_keda_objects_validate_against_the_keda_schemas(build, schema, rates):
+    document = build(keda_hd(**rates))
+    jsonschema.validate(document, json.loads((KEDA_SCHEMAS / schema).read_text()))
+
+
+def test_scaled_object_scales_on_the_gateway_queue():
+    hd = keda_hd()
+    spec = builders.build_scaled_object(hd, SETTINGS)["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "x"}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"], spec["cooldownPeriod"]) == (0, 8, 120)
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "metrics-api" and trigger["metricType"] == "AverageValue"
+    assert trigger["metadata"]["url"] == (
+        "http://handler-gateway.hops.svc:8080/admin/v1/endpoints/ml--x/queue"
+    )
+    assert trigger["metadata"]["valueLocation"] == "load"
+    assert trigger["metadata"]["targetValue"] == "3"
+    assert trigger["authenticationRef"] == {"name": "x-gateway"}
+    auth = builders.build_trigger_authentication(hd)["spec"]["secretTargetRef"]
+    assert auth == [{"parameter": "token", "name": "x-worker-token", "key": "token"}]
+
+
+@pytest.mark.parametrize(
+    ("rates", "down", "up_policies"),
+    [
+        (
+            {},
+            {
+                "stabilizationWindowSeconds": 30,
+                "policies": [{"type": "Percent", "value": 50, "periodSeconds": 15}],
+            },
+            None,
+        ),
+        (
+            {"maxScaleDownRate": 1},
+            {"stabilizationWindowSeconds": 30, "selectPolicy": "Disabled"},
+            None,
+        ),
+        ({"maxScaleDownRate": 0}, {"stabilizationWindowSeconds": 30}, None),
+        (
+            {"maxScaleUpRate": 3},
+            None,
+            [
+                {"type": "Percent", "value": 200, "periodSeconds": 15},
+                {"type": "Pods", "value": 1, "periodSeconds": 15},
+            ],
+        ),
+    ],
+)
+def test_scaled_object_behavior_follows_the_builtin_rates(rates, down, up_policies):
+    behavior = builders.build_scaled_object(keda_hd(**rates), SETTINGS)["spec"]["advanced"][
+        "horizontalPodAutoscalerConfig"
+    ]["behavior"]
+    if down is not None:
+        assert behavior["scaleDown"] == down
+    assert behavior["scaleUp"].get("policies") == up_policies
+
+
+def test_keda_deployment_leaves_replicas_to_keda():
+    assert "replicas" not in builders.build_deployment(keda_hd(), SETTINGS, None)["spec"]
+    assert builders.build_deployment(keda_hd(), SETTINGS, 2)["spec"]["replicas"] == 2
+
+
+def test_owned_objects_point_at_the_cr_as_controller():
+    cr = {
+        "apiVersion": "handlerops.dev/v1alpha1",
+        "kind": "HandlerDeployment",
+        "metadata": {"name": "x", "namespace": "ml", "uid": "u-1"},
+    }
+    owned = builders.owned(builders.build_service_account(keda_hd()), cr)
+    assert owned["metadata"]["ownerReferences"] == [
+        {
+            "apiVersion": "handlerops.dev/v1alpha1",
+            "kind": "HandlerDeployment",
+            "name": "x",
+            "uid": "u-1",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
