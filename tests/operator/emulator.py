@@ -13,6 +13,7 @@ import copy
 import datetime
 import itertools
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ class ApiEmulator(kmock.KubernetesEmulator):
         self.log: list[tuple[str, str | None]] = []  # (method, plural) of every request
         self._finished: set[int] = set()
         self.deletions: list[tuple[str, str | None, str]] = []  # (plural, namespace, name)
+        # (monotonic time, method, plural, namespace, name) of every write, for benchmarks
+        self.writes: list[tuple[float, str, str, str | None, str | None]] = []
         self._index: dict[tuple[str | None, str], list[Any]] = {}
         for key, (kind, subresources) in BUILTIN.items():
             self.resources[key] = kmock.ResourceInfo(
@@ -250,6 +253,16 @@ class ApiEmulator(kmock.KubernetesEmulator):
         )
         if request.method.upper() == "DELETE" and request.resource is not None and request.name:
             self.deletions.append((request.resource.plural, request.namespace, request.name))
+        if request.method.upper() != "GET" and request.resource is not None:
+            self.writes.append(
+                (
+                    time.monotonic(),
+                    request.method.upper(),
+                    request.resource.plural,
+                    request.namespace,
+                    request.name,
+                )
+            )
         try:
             return await self._respond(request)
         finally:
