@@ -16,6 +16,7 @@ from kopf.testing import KopfRunner
 from handler_gateway.backends import open_backend
 from handler_gateway.keys import Keys
 from handler_gateway.routes import GATEWAY, create_app
+from handler_operator import rbac
 from handler_operator.crds import build_crd
 from handler_operator.models import HandlerDeployment
 from tests.conftest import EXAMPLES
@@ -100,6 +101,15 @@ def operator(cluster):
     with KopfRunner(OPERATOR_ARGS, timeout=60) as runner:
         yield runner
     assert runner.exception is None or isinstance(runner.exception, SystemExit), runner.exception
+    assert_allowed_by_rbac(cluster.api.operator_calls)
+
+
+def assert_allowed_by_rbac(calls: set[tuple[str, str, str]]) -> None:
+    """Every call the operator made is granted by `handler_operator.rbac.RULES`."""
+    assert ("handlerops.dev", "handlerdeployments", "watch") in calls, "no operator calls seen"
+    granted = {(r.group, r.resource, verb) for r in rbac.RULES for verb in r.verbs}
+    missing = sorted(calls - granted)
+    assert not missing, f"operator calls not covered by handler_operator.rbac.RULES: {missing}"
 
 
 def hd(cluster, ns: str, name: str):

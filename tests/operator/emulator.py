@@ -54,6 +54,22 @@ def _cell(obj: dict[str, Any], column: dict[str, Any]) -> Any:
     return value if value is not None else ("<none>" if column["type"] == "string" else None)
 
 
+def _verb(request: Any) -> str:
+    """The RBAC verb of a request, as the API server's authorizer names it."""
+    method = request.method.upper()
+    if method == "GET":
+        if request.name:
+            return "get"
+        return (
+            "watch"
+            if str((request.params or {}).get("watch", "")).lower() in ("true", "1")
+            else "list"
+        )
+    return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
+        method, method.lower()
+    )
+
+
 class ApiEmulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -61,6 +77,8 @@ class ApiEmulator(kmock.KubernetesEmulator):
         self.log: list[tuple[str, str | None]] = []  # (method, plural) of every request
         self._finished: set[int] = set()
         self.deletions: list[tuple[str, str | None, str]] = []  # (plural, namespace, name)
+        # (group, resource[/subresource], verb) the operator used: checked against its RBAC
+        self.operator_calls: set[tuple[str, str, str]] = set()
         # (monotonic time, method, plural, namespace, name) of every write, for benchmarks
         self.writes: list[tuple[float, str, str, str | None, str | None]] = []
         self._index: dict[tuple[str | None, str], list[Any]] = {}
@@ -251,6 +269,17 @@ class ApiEmulator(kmock.KubernetesEmulator):
         self.log.append(
             (request.method.upper(), request.resource.plural if request.resource else None)
         )
+        agent = (request.headers or {}).get("User-Agent", "")
+        operator_agent = "aiohttp" in agent or "kopf" in agent
+        if request.resource is not None and request.resource.plural and operator_agent:
+            self.operator_calls.add(
+                (
+                    request.resource.group or "",
+                    request.resource.plural
+                    + (f"/{request.subresource}" if request.subresource else ""),
+                    _verb(request),
+                )
+            )
         if request.method.upper() == "DELETE" and request.resource is not None and request.name:
             self.deletions.append((request.resource.plural, request.namespace, request.name))
         if request.method.upper() != "GET" and request.resource is not None:

@@ -1,0 +1,73 @@
+"""The Kubernetes permissions the operator uses, in one place: the Helm chart's Role/ClusterRole
+is checked against this list, so the two cannot drift apart. Pure data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rule:
+    group: str  # "" is the core API group
+    resource: str  # with "/subresource" where one is used
+    verbs: tuple[str, ...]
+    why: str
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "handlerops.dev",
+        "handlerdeployments",
+        ("get", "list", "watch", "patch"),
+        "kopf watches the CRs, keeps its finalizer and progress annotations on them",
+    ),
+    Rule(
+        "handlerops.dev",
+        "handlerdeployments/status",
+        ("get", "patch"),
+        "conditions, observedGeneration, replicas, queue figures",
+    ),
+    Rule(
+        "apps",
+        "deployments",
+        ("get", "list", "watch", "patch"),
+        "server-side apply of the worker Deployments; their status feeds READY",
+    ),
+    Rule(
+        "",
+        "pods",
+        ("get", "list", "watch", "delete"),
+        "crash loops and pending pods feed the status; drained idle workers are deleted",
+    ),
+    Rule("", "pods/status", ("patch",), "the heartbeat readiness gate of worker pods"),
+    Rule("", "secrets", ("get", "patch"), "server-side apply of the per-endpoint worker token"),
+    Rule("", "serviceaccounts", ("get", "patch"), "server-side apply of the workers' account"),
+    Rule("", "events", ("create",), "events on HandlerDeployments (kopf's and the scaler's)"),
+    Rule(
+        "apiextensions.k8s.io",
+        "customresourcedefinitions",
+        ("list", "watch"),
+        "kopf notices CRDs appearing later (cluster-scoped: a ClusterRole even when "
+        "watchNamespaces is set)",
+    ),
+    Rule(
+        "keda.sh",
+        "scaledobjects",
+        ("get", "patch", "delete"),
+        "scaling.engine: keda renders a ScaledObject, removed when switching back",
+    ),
+    Rule(
+        "keda.sh",
+        "triggerauthentications",
+        ("get", "patch", "delete"),
+        "the ScaledObject's credentials for the gateway's queue route",
+    ),
+)
+
+
+def policy_rules() -> list[dict[str, list[str]]]:
+    """RULES in the shape of a Role's `rules`, one entry per resource."""
+    return [
+        {"apiGroups": [rule.group], "resources": [rule.resource], "verbs": list(rule.verbs)}
+        for rule in RULES
+    ]
