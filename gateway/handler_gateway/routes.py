@@ -144,13 +144,21 @@ def parse_model(model: type[BaseModel], data: Any) -> Any:
 
 
 def int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    return number_query(request, name, default, low, high, int)
+
+
+def number_query(
+    request: web.Request, name: str, default: Any, low: float, high: float, kind: type = float
+) -> Any:
+    """Query parameter `name` as `kind` within [low, high]; `default` when absent (400 else)."""
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise BadRequest(f"query parameter {name} must be an integer, got '{raw}'") from None
+        noun = "an integer" if kind is int else "a number"
+        raise BadRequest(f"query parameter {name} must be {noun}, got '{raw}'") from None
     if not low <= value <= high:
         raise BadRequest(f"query parameter {name} must be between {low} and {high}")
     return value
@@ -413,28 +421,15 @@ async def list_endpoints(request: web.Request) -> web.Response:
     )
 
 
-MAX_QUEUES_WAIT_S = 30.0
-
-
-def _float_param(request: web.Request, name: str, low: float, high: float) -> float | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadRequest(f"query parameter '{name}' must be a number, got '{raw}'") from None
-    if not low <= value <= high:
-        raise BadRequest(f"query parameter '{name}' must be between {low:g} and {high:g}")
-    return value
+MAX_QUEUES_WAIT_S = 30
 
 
 async def queues(request: web.Request) -> web.Response:
     """All endpoints' figures; `?wait=S&since=T` holds until a job is queued after T."""
     authorize_admin(request)
     gateway = request.app[GATEWAY]
-    wait = _float_param(request, "wait", 0, MAX_QUEUES_WAIT_S) or 0.0
-    since = _float_param(request, "since", 0, float("inf"))
+    wait = number_query(request, "wait", 0.0, 0, MAX_QUEUES_WAIT_S)
+    since = number_query(request, "since", None, 0, float("inf"))
     figures = await gateway.queues_after(since, wait)
     return respond(QueuesView(endpoints=figures, time=gateway.clock()))
 

@@ -319,6 +319,11 @@ def owned(obj: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
     return {**obj, "metadata": {**obj["metadata"], "ownerReferences": [owner_reference(owner)]}}
 
 
+def applied(obj: dict[str, Any], owner: dict[str, Any]) -> dict[str, Any]:
+    """`obj` as the operator applies it: owned by `owner`, stamped with its applied hash."""
+    return with_applied_hash(owned(obj, owner))
+
+
 APPLIED_HASH = f"{GROUP}/applied-hash"
 
 

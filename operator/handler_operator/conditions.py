@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 READY = "Ready"
@@ -28,6 +29,12 @@ NO_WORKERS = "NoWorkers"
 WAITING_FOR_CAPACITY = "WaitingForCapacity"
 SCALING_STABLE = "Stable"
 QUEUE_OK = "QueueReachable"
+
+
+def timestamp(epoch: float) -> str:
+    """`epoch` as Kubernetes writes times: RFC 3339, UTC, whole seconds."""
+    stamp = datetime.datetime.fromtimestamp(epoch, datetime.UTC).replace(microsecond=0)
+    return stamp.isoformat().replace("+00:00", "Z")
 
 
 def set_condition(

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime
 import os
 import secrets
+import time
 from typing import Any
 
 import kopf
@@ -31,12 +31,7 @@ ON_DELETE_ANNOTATION = f"{GROUP}/on-delete"  # "drain" (default) or "purge"
 
 
 def now_iso() -> str:
-    return (
-        datetime.datetime.now(datetime.UTC)
-        .replace(microsecond=0)
-        .isoformat()
-        .replace("+00:00", "Z")
-    )
+    return conditions.timestamp(time.time())
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -112,7 +107,11 @@ def _replicas(hd: HandlerDeployment, current: dict[str, Any] | None) -> int:
     return max(scaling.minReplicas, min(replicas, scaling.maxReplicas))
 
 
-async def reconcile_hd(body: kopf.Body, memo: kopf.Memo, logger: Any) -> None:
+async def reconcile_hd(
+    body: kopf.Body, memo: kopf.Memo, logger: Any, was_keda: bool | None = None
+) -> None:
+    """One idempotent reconcile. `was_keda`: the previous spec used engine keda (None: unknown,
+    as on resume), so KEDA objects may need removing."""
     meta, status = body.metadata, body.get("status") or {}
     generation = meta.get("generation")
     current = list(status.get("conditions") or [])
@@ -226,10 +225,10 @@ async def reconcile_hd(body: kopf.Body, memo: kopf.Memo, logger: Any) -> None:
             live[kind] = await kube.get("keda.sh/v1alpha1", kind, hd.namespace, name)
     try:
         for obj in objects:
-            obj = builders.with_applied_hash(builders.owned(obj, dict(body)))
+            obj = builders.applied(obj, dict(body))
             if builders.needs_apply(obj, live[obj["kind"]]):  # unchanged: no write at all
                 await kube.apply(obj)
-        if not keda:
+        if not keda and was_keda is not False:
             await _remove_keda_objects(kube, hd)
     except Unavailable as exc:
         raise kopf.TemporaryError(str(exc), delay=5) from exc
@@ -285,11 +284,21 @@ async def _remove_keda_objects(kube: KubeApi, hd: HandlerDeployment) -> None:
 @kopf.on.resume(*HD)
 @kopf.on.create(*HD)
 @kopf.on.update(*HD, field="spec")
-async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+async def reconcile(
+    body: kopf.Body, memo: kopf.Memo, logger: Any, reason: Any, old: Any, **_: Any
+) -> None:
     outcome = "error"
     with RECONCILE_SECONDS.time():
         try:
-            await reconcile_hd(body, memo, logger)
+            # Only a switch away from KEDA, or a resume (no memory of the last spec), may leave
+            # a ScaledObject behind: skip the lookups on every other reconcile.
+            if reason == kopf.Reason.CREATE:
+                was_keda: bool | None = False
+            elif reason == kopf.Reason.UPDATE and old:  # `old` is the old spec (field="spec")
+                was_keda = (old.get("scaling") or {}).get("engine") == "keda"
+            else:
+                was_keda = None
+            await reconcile_hd(body, memo, logger, was_keda)
             outcome = "ok"
         except kopf.PermanentError:
             outcome = "invalid"

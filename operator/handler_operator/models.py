@@ -70,6 +70,21 @@ class ResourcesSpec(_Spec):
     )
 
 
+RATE_FIELDS = ("maxScaleUpRate", "maxScaleDownRate")
+
+
+def _rate_message(name: str) -> str:
+    return f"{name} must be 0 (no limit) or at least 1"
+
+
+def _rate_rule(name: str) -> dict[str, str]:
+    """CEL twin of ScalingSpec._rate: a rate is 0 or at least 1."""
+    return {
+        "rule": f"!has(self.{name}) || self.{name} == 0.0 || self.{name} >= 1.0",
+        "message": _rate_message(name),
+    }
+
+
 class ScalingSpec(_Spec):
     """How many workers run; scaled on the endpoint's queue."""
 
@@ -81,16 +96,7 @@ class ScalingSpec(_Spec):
                     "rule": "self.maxReplicas >= self.minReplicas",
                     "message": "maxReplicas must be greater than or equal to minReplicas",
                 },
-                {
-                    "rule": "!has(self.maxScaleUpRate) || self.maxScaleUpRate == 0.0 "
-                    "|| self.maxScaleUpRate >= 1.0",
-                    "message": "maxScaleUpRate must be 0 (no limit) or at least 1",
-                },
-                {
-                    "rule": "!has(self.maxScaleDownRate) || self.maxScaleDownRate == 0.0 "
-                    "|| self.maxScaleDownRate >= 1.0",
-                    "message": "maxScaleDownRate must be 0 (no limit) or at least 1",
-                },
+                *(_rate_rule(name) for name in RATE_FIELDS),
             ]
         },
     )
@@ -149,11 +155,11 @@ class ScalingSpec(_Spec):
         "builtin", description="builtin: the operator's 1 s loop; keda: render a KEDA ScaledObject."
     )
 
-    @field_validator("maxScaleUpRate", "maxScaleDownRate")
+    @field_validator(*RATE_FIELDS)
     @classmethod
     def _rate(cls, value: float, info: Any) -> float:
         if 0 < value < 1:
-            raise ValueError(f"{info.field_name} must be 0 (no limit) or at least 1")
+            raise ValueError(_rate_message(info.field_name))
         return value
 
 

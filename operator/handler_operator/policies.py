@@ -5,12 +5,12 @@ Pure: plain values in, plain values out; the operator and `handlerctl dev` both 
 
 from __future__ import annotations
 
-import datetime
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from handler_operator.conditions import timestamp
 from handler_operator.models import ScalingSpec
 
 PodPhase = Literal["pending", "starting", "ready"]
@@ -62,7 +62,6 @@ class ScalerState:
 
     recommendations: tuple[tuple[float, int], ...] = ()  # (time, recommended) in the window
     draining: tuple[str, ...] = ()  # workers asked to drain, on their way out
-    last_scale_time: float | None = None
     first_seen: float | None = None  # when the policy first ran (idle clock without activity)
 
 
@@ -133,9 +132,7 @@ def _recommend(obs: Observation, spec: ScalingSpec, state: ScalerState, now: flo
 
 
 def _clock(epoch: float | None) -> str:
-    if epoch is None:
-        return "ever"
-    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return "ever" if epoch is None else timestamp(epoch)
 
 
 def _rate_limited(target: int, current: int, spec: ScalingSpec) -> int:
@@ -196,7 +193,7 @@ def compute_desired_replicas(
                 message=f"{current} -> {target} workers: {why}",
                 undrain=undrain,
                 waiting_for_capacity=waiting,
-                state=replace(state, last_scale_time=now),
+                state=state,
             )
         steady = STABLE if reason_up == SCALE_UP else FIXED
         return Decision(
@@ -240,7 +237,6 @@ def compute_desired_replicas(
     replicas = current - phantom - len(remove)
     state = replace(state, draining=tuple(n for n in keep_draining if n not in remove) + drain)
     if remove or phantom:
-        state = replace(state, last_scale_time=now)
         reason = SCALED_TO_ZERO if replicas == 0 else reason_down
         removed = [*remove, *([f"{phantom} replica(s) without a pod"] if phantom else [])]
         message = f"{current} -> {replicas} workers: {why}; removed idle {', '.join(removed)}"

@@ -30,11 +30,6 @@ MIN_PASS_S = 0.1  # and at most ten passes a second under a steady stream of job
 QUEUE_STATUS_EVERY_S = 5.0  # queue figures in status (the QUEUE column) refresh this often
 
 
-def iso(epoch: float) -> str:
-    stamp = datetime.datetime.fromtimestamp(epoch, datetime.UTC).replace(microsecond=0)
-    return stamp.isoformat().replace("+00:00", "Z")
-
-
 def epoch(stamp: str | None) -> float | None:
     if not stamp:
         return None
@@ -88,7 +83,6 @@ class Target:
     status: dict[str, Any] = field(default_factory=dict)  # what we last wrote
     conditions: list[dict[str, Any]] = field(default_factory=list)
     status_written: float = 0.0
-    last_decision: tuple[str, int] | None = None
 
     @property
     def builtin(self) -> bool:
@@ -111,7 +105,6 @@ class Scaler:
         self.clock = clock
         self.targets: dict[tuple[str, str], Target] = {}
         self.orphan_pods: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-        self.passes = 0
         self._since: float | None = None
 
     # -- registry (fed by the kopf handlers) -----------------------------------------------------
@@ -176,7 +169,7 @@ class Scaler:
                 raise
             except Unavailable as exc:
                 log.warning("scaling pass skipped: %s", exc)
-                await self._mark_queues(False, str(exc))
+                await self._mark_gateway_unavailable(str(exc))
                 await asyncio.sleep(POLL_WAIT_S)
             except Exception:
                 log.exception("scaling pass failed")
@@ -188,7 +181,6 @@ class Scaler:
         self._since = view.get("time")
         figures = view.get("endpoints") or {}
         now = self.clock()
-        self.passes += 1
         for target in list(self.targets.values()):
             try:
                 await self.scale(target, figures.get(target.hd.endpoint_id), now)
@@ -206,11 +198,12 @@ class Scaler:
             )
             return
         states = figures.get("workerStates") or {}
-        await self._readiness_gates(target, set(states))
+        live = set(states)
+        await self._readiness_gates(target, live)
         if not target.builtin:
             await self._write_status(target, {"queue": _queue(figures)}, now=now)
             return
-        views = [pod_view(pod, set(states)) for pod in target.pods.values()]
+        views = [pod_view(pod, live) for pod in target.pods.values()]
         obs = Observation(
             queued=figures.get("inQueue", 0),
             in_progress=figures.get("inProgress", 0),
@@ -229,35 +222,20 @@ class Scaler:
                 reason=policies.SCALED_TO_ZERO if replicas == 0 else policies.SCALE_DOWN,
                 message=f"{obs.replicas} -> {replicas} workers; removed idle {', '.join(removed)}",
             )
+        last_scale = target.status.get("lastScaleTime")
         if replicas != target.replicas:
-            await self.kube.apply(
-                builders.with_applied_hash(
-                    builders.owned(
-                        builders.build_deployment(hd, self.settings, replicas), target.cr
-                    )
-                )
-            )
+            deployment = builders.build_deployment(hd, self.settings, replicas)
+            await self.kube.apply(builders.applied(deployment, target.cr))
             direction = "up" if replicas > target.replicas else "down"
             message = f"{target.replicas} -> {replicas} workers: {decision.message}"
             await self._event(target, "Normal", f"Scaled{direction.capitalize()}", message)
             target.replicas = replicas
-            target.status["lastScaleTime"] = iso(now)
-        elif removed:
-            target.status["lastScaleTime"] = iso(now)
-        await self._write_status(
-            target,
-            {
-                "desiredReplicas": decision.desired,
-                "queue": _queue(figures),
-                **(
-                    {"lastScaleTime": target.status["lastScaleTime"]}
-                    if target.status.get("lastScaleTime")
-                    else {}
-                ),
-            },
-            scaling=decision,
-            now=now,
-        )
+        if replicas != obs.replicas or removed:
+            last_scale = conditions.timestamp(now)
+        fields = {"desiredReplicas": decision.desired, "queue": _queue(figures)}
+        if last_scale:
+            fields["lastScaleTime"] = last_scale
+        await self._write_status(target, fields, scaling=decision, now=now)
 
     async def _execute(self, target: Target, decision: policies.Decision) -> tuple[int, list[str]]:
         """Undrain, drain (an idle drained worker goes at once), delete drained pods."""
@@ -298,7 +276,7 @@ class Scaler:
                 "type": builders.HEARTBEAT_CONDITION,
                 "status": wanted,
                 "reason": "WorkerPolling" if wanted == "True" else "NoHeartbeat",
-                "lastTransitionTime": iso(self.clock()),
+                "lastTransitionTime": conditions.timestamp(self.clock()),
             }
             await self.kube.set_pod_condition(target.hd.namespace, name, condition)
             others = [
@@ -321,7 +299,7 @@ class Scaler:
         Conditions are one list shared with the other handlers: the CR is read afresh before
         a write, and only our two condition types are replaced in it.
         """
-        stamp = iso(now)
+        stamp = conditions.timestamp(now)
 
         def ours(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
             new = conditions.set_condition(current, conditions.QUEUE_HEALTHY, *queue_healthy, stamp)
@@ -376,7 +354,7 @@ class Scaler:
         target.conditions = new
         target.status_written = now
 
-    async def _mark_queues(self, healthy: bool, message: str) -> None:
+    async def _mark_gateway_unavailable(self, message: str) -> None:
         now = self.clock()
         for target in list(self.targets.values()):
             try:
@@ -384,14 +362,16 @@ class Scaler:
                     target,
                     {},
                     now=now,
-                    queue_healthy=(healthy, "GatewayUnavailable", message[:300]),
+                    queue_healthy=(False, "GatewayUnavailable", message[:300]),
                 )
             except (Unavailable, ValueError) as exc:
                 log.warning("status of %s: %s", target.hd.endpoint_id, exc)
 
     async def _event(self, target: Target, kind: str, reason: str, message: str) -> None:
         try:
-            await self.kube.post_event(target.cr, kind, reason, message, iso(self.clock()))
+            await self.kube.post_event(
+                target.cr, kind, reason, message, conditions.timestamp(self.clock())
+            )
         except (Unavailable, ValueError) as exc:
             log.warning("event for %s not posted: %s", target.hd.endpoint_id, exc)
 
