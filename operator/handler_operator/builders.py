@@ -19,6 +19,9 @@ from handler_operator.settings import OperatorSettings
 WORKER_CONTAINER = "worker"
 TOKEN_KEY = "token"
 HEARTBEAT_CONDITION = f"{GROUP}/heartbeat"
+# A ReplicaSet scaling down removes the pods with the lowest deletion cost first.
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+LOWEST_DELETION_COST = str(-(2**31))
 GPU_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
 GPU_PRODUCT_LABEL = {"nvidia": "nvidia.com/gpu.product", "amd": "amd.com/gpu.product-name"}
 # Product label values that name the other vendor's hardware.

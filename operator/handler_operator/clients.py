@@ -198,6 +198,19 @@ class KubeApi:
             headers={"Content-Type": "application/json"},
         )
 
+    async def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        """Merge `annotations` into a pod's metadata (a pod already gone is left alone)."""
+        self.writes += 1
+        try:
+            await self._request(
+                "PATCH",
+                f"{collection_path('v1', 'Pod', namespace)}/{name}",
+                data=json.dumps({"metadata": {"annotations": annotations}}),
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+        except NotFound:
+            return
+
     async def set_pod_condition(self, namespace: str, name: str, condition: dict[str, Any]) -> None:
         """Set one condition of a pod's status (a readiness gate), leaving the others alone."""
         path = f"{collection_path('v1', 'Pod', namespace)}/{name}/status"

@@ -36,8 +36,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "",
         "pods",
-        ("get", "list", "watch", "delete"),
-        "crash loops and pending pods feed the status; drained idle workers are deleted",
+        ("get", "list", "watch", "patch", "delete"),
+        "crash loops and pending pods feed the status; drained idle workers get the lowest "
+        "pod-deletion-cost (so the ReplicaSet removes them) and are deleted",
     ),
     Rule("", "pods/status", ("patch",), "the heartbeat readiness gate of worker pods"),
     Rule("", "secrets", ("get", "patch"), "server-side apply of the per-endpoint worker token"),

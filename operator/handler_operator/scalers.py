@@ -230,6 +230,7 @@ class Scaler:
             message = f"{target.replicas} -> {replicas} workers: {decision.message}"
             await self._event(target, "Normal", f"Scaled{direction.capitalize()}", message)
             target.replicas = replicas
+        await self._remove(target, removed)
         if replicas != obs.replicas or removed:
             last_scale = conditions.timestamp(now)
         fields = {"desiredReplicas": decision.desired, "queue": _queue(figures)}
@@ -238,7 +239,12 @@ class Scaler:
         await self._write_status(target, fields, scaling=decision, now=now)
 
     async def _execute(self, target: Target, decision: policies.Decision) -> tuple[int, list[str]]:
-        """Undrain, drain (an idle drained worker goes at once), delete drained pods."""
+        """Undrain and drain workers; mark the ones ready to go (idle and drained) for removal.
+
+        Returns the replica count to apply and the pods to delete once it is applied. Marked
+        pods carry the lowest pod-deletion-cost, so the ReplicaSet removes exactly those when
+        the count comes down, and never creates a replacement for a pod deleted too early.
+        """
         endpoint = target.hd.endpoint_id
         for worker in decision.undrain:
             await self.gateway.drain(endpoint, worker, False)
@@ -247,21 +253,25 @@ class Scaler:
             held = await self.gateway.drain(endpoint, worker, True)
             if not held and worker not in ready_to_go:
                 ready_to_go.append(worker)
-        removed = []
         for name in ready_to_go:
-            pod = target.pods.get(name)
-            uid = (pod or {}).get("metadata", {}).get("uid")
-            await self.kube.delete("v1", "Pod", target.hd.namespace, name, uid=uid)
-            target.pods.pop(name, None)
-            removed.append(name)
-        # The policy already counted `remove` (and replicas without pods) in decision.replicas.
-        extra = len([n for n in removed if n not in decision.remove])
-        if removed:
+            await self.kube.annotate_pod(
+                target.hd.namespace, name, {builders.DELETION_COST: builders.LOWEST_DELETION_COST}
+            )
+        if ready_to_go:
             target.state = dataclasses.replace(
                 target.state,
-                draining=tuple(n for n in target.state.draining if n not in removed),
+                draining=tuple(n for n in target.state.draining if n not in ready_to_go),
             )
-        return max(0, decision.replicas - extra), removed
+        # The policy already counted `remove` (and replicas without pods) in decision.replicas.
+        extra = len([n for n in ready_to_go if n not in decision.remove])
+        return max(0, decision.replicas - extra), ready_to_go
+
+    async def _remove(self, target: Target, names: list[str]) -> None:
+        """Delete drained pods (only those very pods: uid precondition) after the count fell."""
+        for name in names:
+            pod = target.pods.pop(name, None)
+            uid = (pod or {}).get("metadata", {}).get("uid")
+            await self.kube.delete("v1", "Pod", target.hd.namespace, name, uid=uid)
 
     async def _readiness_gates(self, target: Target, live: set[str]) -> None:
         """A worker pod is ready once the gateway hears its heartbeat (and not after it stops)."""

@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 
+from handler_operator.builders import DELETION_COST
 from tests.operator.conftest import ADMIN_KEY, HD_PATH, call, condition, deployment, hd, wait_for
 
 NAME, NS = "auto", "default"
@@ -56,6 +57,9 @@ class SimulatedWorkers:
     def _replicaset(self) -> None:
         while not self.stop.is_set():
             wanted, pods = replicas(self.cluster) or 0, worker_pods(self.cluster)
+            # Like a ReplicaSet scaling down: the pods with the lowest deletion cost go first.
+            for name in sorted(pods, key=self._deletion_cost)[: max(0, len(pods) - wanted)]:
+                call("DELETE", f"{self.cluster.url}{POD_PATH}/{name}")
             for _ in range(wanted - len(pods)):
                 self.created += 1
                 name = f"{NAME}-pod{self.created}"
@@ -77,6 +81,11 @@ class SimulatedWorkers:
                 call("POST", self.cluster.url + POD_PATH, pod)
                 self._spawn(self._worker, name)
             time.sleep(0.05)
+
+    def _deletion_cost(self, name: str) -> int:
+        pod = self.cluster.objects("pods").get((NS, name)) or {}
+        annotations = pod.get("metadata", {}).get("annotations") or {}
+        return int(annotations.get(DELETION_COST, 0))
 
     def _get(self, path: str, timeout: float = 30):
         request = urllib.request.Request(
@@ -170,10 +179,11 @@ def test_queue_scales_up_fast_drains_idle_workers_only_and_returns_to_zero(clust
         busy = workers.holder
         assert all(worker != busy for _, worker, draining, _ in drains if draining)
         assert ("pods", NS, busy) not in cluster.api.deletions
-        removed = [name for plural, _, name in cluster.api.deletions if plural == "pods"]
-        # 4, or more when the stand-in ReplicaSet replaced a deleted pod before the replica
-        # count came down (a real ReplicaSet may too; the replacement is idle and goes as well).
-        assert len(removed) >= 4
+        removed = {name for plural, _, name in cluster.api.deletions if plural == "pods"}
+        # Exactly the 4 idle workers: replicas come down before a drained pod is deleted, and
+        # the drained pods carry the lowest deletion cost, so no replacement is ever created.
+        assert len(removed) == 4, removed
+        assert workers.created == 5
         # Each removed pod was drained first (it may have finished a job after the drain).
         for name in removed:
             assert any(w == name and d for _, w, d, _ in drains), name
@@ -187,8 +197,13 @@ def test_queue_scales_up_fast_drains_idle_workers_only_and_returns_to_zero(clust
         wait_for(lambda: replicas(cluster) == 0, timeout=30, message="scale to zero")
         assert not worker_pods(cluster)
         assert all(t >= released_at for t, w, d, _ in drains if w == busy and d)
-        scaling = condition(hd(cluster, NS, NAME), "Scaling")
-        assert scaling["status"] == "True"
+        wait_for(
+            lambda: (
+                (condition(hd(cluster, NS, NAME), "Scaling") or {}).get("reason") == "ScaledToZero"
+            ),
+            message="Scaling condition says ScaledToZero",
+        )
+        assert condition(hd(cluster, NS, NAME), "Scaling")["status"] == "True"
         events = [
             e
             for e in cluster.objects("events").values()
