@@ -27,9 +27,25 @@ BUILTIN = {
     "v1/serviceaccounts": ("ServiceAccount", set()),
     "v1/events": ("Event", set()),
     "v1/namespaces": ("Namespace", set()),
+    "v1/services": ("Service", {"status"}),
+    "v1/configmaps": ("ConfigMap", set()),
+    "v1/persistentvolumeclaims": ("PersistentVolumeClaim", {"status"}),
     "apps/v1/deployments": ("Deployment", {"status", "scale"}),
+    "apps/v1/statefulsets": ("StatefulSet", {"status", "scale"}),
+    "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", {"status"}),
+    "networking.k8s.io/v1/networkpolicies": ("NetworkPolicy", set()),
+    "rbac.authorization.k8s.io/v1/roles": ("Role", set()),
+    "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", set()),
+    "rbac.authorization.k8s.io/v1/clusterroles": ("ClusterRole", set()),
+    "rbac.authorization.k8s.io/v1/clusterrolebindings": ("ClusterRoleBinding", set()),
     "events.k8s.io/v1/events": ("Event", set()),
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", {"status"}),
+}
+CLUSTER_SCOPED = {
+    "v1/namespaces",
+    "apiextensions.k8s.io/v1/customresourcedefinitions",
+    "rbac.authorization.k8s.io/v1/clusterroles",
+    "rbac.authorization.k8s.io/v1/clusterrolebindings",
 }
 VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
 
@@ -85,8 +101,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
         for key, (kind, subresources) in BUILTIN.items():
             self.resources[key] = kmock.ResourceInfo(
                 kind=kind,
-                namespaced=key
-                not in ("v1/namespaces", "apiextensions.k8s.io/v1/customresourcedefinitions"),
+                namespaced=key not in CLUSTER_SCOPED,
                 verbs=VERBS,
                 subresources=subresources,
             )

@@ -1,0 +1,270 @@
+"""The Helm chart rendered offline: lint, schema checks, valid manifests, and wiring that matches
+what the operator and gateway read (settings, flags, keys, Redis)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import tomllib
+
+import jsonschema
+import pytest
+import yaml
+
+from handler_gateway import settings as gateway_settings
+from handler_operator.settings import ENV_PREFIX, OperatorSettings
+from tests.chart.conftest import CHART, NAMESPACE, RELEASE, VARIANTS, helm, render, render_error
+from tests.conftest import REPO_ROOT
+
+GATEWAY, OPERATOR, REDIS = "handler-gateway", "handler-operator", "handler-redis"
+SCHEMAS = REPO_ROOT / "tests" / "data"
+
+
+@pytest.mark.parametrize("name", ["default", "everything"])
+def test_helm_lint_strict_is_clean(name):
+    args = ["lint", "--strict", str(CHART)]
+    for value in VARIANTS[name]:
+        args += ["--set", value]
+    result = helm(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
+def test_every_rendered_manifest_validates(variant):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    name, rendered = variant
+    assert rendered.of("Deployment"), name
+    for doc in rendered.docs:
+        if doc["kind"] == "ServiceMonitor":
+            schema = json.loads(
+                (SCHEMAS / "prometheus-operator" / "servicemonitor.schema.json").read_text()
+            )
+            jsonschema.validate(doc, schema)
+        else:
+            kubernetes_validate.validate(doc, "1.33", strict=True)
+
+
+# (--set value, what the error must say)
+BAD_VALUES = [
+    ("gateway.replicas=two", "/gateway/replicas': got string, want integer"),
+    ("gateway.replicas=0", "/gateway/replicas': minimum: got 0, want 1"),
+    ("gatewy.replicas=3", "additional properties 'gatewy' not allowed"),
+    ("operator.imagee.tag=x", "additional properties 'imagee' not allowed"),
+    ("redis.enabled=maybe", "/redis/enabled': got string, want boolean"),
+    ("redis.appendfsync=sometimes", "/redis/appendfsync': value must be one of"),
+    ("redis.external.url=http://redis:6379", "does not match pattern"),
+    ("watchNamespaces={Bad_Namespace}", "/watchNamespaces/0': 'Bad_Namespace' does not match"),
+    ("gateway.service.type=Ingress", "/gateway/service/type': value must be one of"),
+    ("gateway.logLevel=LOUD", "/gateway/logLevel': value must be one of"),
+    ("operator.metricsPort=70000", "/operator/metricsPort': maximum"),
+    ("metrics.serviceMonitor.interval=often", "/metrics/serviceMonitor/interval'"),
+    ("gateway.resources.requests.cpu=lots", "/gateway/resources/requests/cpu'"),
+    ("imagePullSecrets[0].nam=x", "additional properties 'nam' not allowed"),
+    ("gateway.extraEnv[0].name=A,gateway.extraEnv[0].value=1", "/gateway/extraEnv/0/value'"),
+]
+
+
+@pytest.mark.parametrize(("value", "message"), BAD_VALUES, ids=[v for v, _ in BAD_VALUES])
+def test_schema_rejects_bad_values_with_the_path(value, message):
+    error = render_error([value])
+    assert "values don't meet the specifications of the schema" in error
+    assert message in error, error
+
+
+# Combinations the schema cannot see; the templates fail with what to change.
+BAD_COMBINATIONS = [
+    (["redis.enabled=false"], "gateway.replicas > 1 needs a shared queue"),
+    (["redis.external.url=redis://r:6379/0"], "redis.enabled=true and redis.external.url"),
+    (["networkPolicy.enabled=true"], "networkPolicy.enabled needs the worker namespaces"),
+]
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"), BAD_COMBINATIONS, ids=[m for _, m in BAD_COMBINATIONS]
+)
+def test_contradictory_values_fail_with_a_clear_message(sets, message):
+    assert message in render_error(sets)
+
+
+def test_versions_follow_the_package():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    package = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert chart["appVersion"] == package and chart["version"] == package
+    rendered = render()
+    assert rendered.container(OPERATOR)["image"].endswith(f":{package}")
+    assert rendered.container(GATEWAY)["image"].endswith(f":{package}")
+    env = {e["name"]: e.get("value") for e in rendered.container(OPERATOR)["env"]}
+    assert env["HANDLER_OPERATOR_DEFAULT_IMAGE"].endswith(f"handler-worker:{package}")
+
+
+def test_chart_crd_is_the_generated_crd():
+    assert (CHART / "crds" / "handlerdeployments.yaml").read_text() == (
+        REPO_ROOT / "crds" / "handlerdeployments.yaml"
+    ).read_text()
+    templated = render(["crds.templated=true"]).of("CustomResourceDefinition")
+    assert len(templated) == 1
+    assert templated[0]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert not render().of("CustomResourceDefinition")
+
+
+def test_every_value_is_documented():
+    """Each leaf value, or a mapping above it, has a `# --` comment right above (helm-docs)."""
+    documented_at: list[tuple[int, bool]] = []  # (indent, documented) of the enclosing keys
+    comments: list[str] = []
+    undocumented = []
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        if line.strip().startswith("#"):
+            comments.append(line.strip())
+            continue
+        match = re.match(r"^(\s*)([A-Za-z]\w*):\s*(\S.*)?$", line)
+        if not match:
+            comments = [] if not line.strip() else comments
+            continue
+        indent = len(match.group(1))
+        while documented_at and documented_at[-1][0] >= indent:
+            documented_at.pop()
+        documented = any(c.startswith("# --") for c in comments) or any(d for _, d in documented_at)
+        comments = []
+        if match.group(3) is None:
+            documented_at.append((indent, documented))
+        elif not documented:
+            undocumented.append(match.group(2))
+    assert not undocumented, f"values without a `# --` comment: {undocumented}"
+
+
+def test_operator_env_is_what_the_operator_reads():
+    rendered = render(["watchNamespaces={ml,team-b}", "operator.purgeOnDelete=true"])
+    env = rendered.container(OPERATOR)["env"]
+    names = [e["name"] for e in env if e["name"].startswith(ENV_PREFIX)]
+    fields = {ENV_PREFIX + f.upper() for f in OperatorSettings.model_fields}
+    assert set(names) <= fields, set(names) - fields
+    values = {e["name"]: e["value"] for e in env if "value" in e}
+    values["HANDLER_OPERATOR_GATEWAY_ADMIN_KEY"] = "from-secret"
+    settings = OperatorSettings.from_env(values)
+    assert settings.namespaces == ["ml", "team-b"]
+    assert settings.purge_on_delete is True
+    assert settings.gateway_url == f"http://{GATEWAY}.{NAMESPACE}.svc:8080"
+    admin = next(e for e in env if e["name"] == "HANDLER_OPERATOR_GATEWAY_ADMIN_KEY")
+    assert admin["valueFrom"]["secretKeyRef"] == {"name": f"{GATEWAY}-keys", "key": "admin-key"}
+    deployment = rendered.get("Deployment", OPERATOR)
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    probe = rendered.container(OPERATOR)["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz"
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_gateway_flags_and_env_are_what_the_gateway_parses(name, monkeypatch):
+    rendered = render(VARIANTS[name])
+    container = rendered.container(GATEWAY)
+    parsed = gateway_settings.parser().parse_args(container["args"])
+    assert parsed.admin_key_files and parsed.api_key_files
+    mounted = {m["mountPath"] for m in container["volumeMounts"]}
+    for path in parsed.admin_key_files + parsed.api_key_files:
+        assert any(path.startswith(m + "/") for m in mounted), path
+    env = {e["name"]: e for e in container["env"]}
+    backend = env["HANDLER_GATEWAY_BACKEND"]["value"]
+    if name == "memory-single-gateway":
+        assert backend == "memory://"
+        assert not rendered.of("StatefulSet")
+    elif name == "external-redis":
+        assert backend == "rediss://:$(REDIS_PASSWORD)@redis.example.com:6380/2"
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "managed-redis"
+        assert not rendered.of("StatefulSet")
+    else:
+        assert backend == f"redis://:$(REDIS_PASSWORD)@{REDIS}:6379/0"
+        # $(VAR) expansion needs the variable defined earlier in the list.
+        assert list(env).index("REDIS_PASSWORD") < list(env).index("HANDLER_GATEWAY_BACKEND")
+        assert rendered.get("Service", REDIS)
+    service = rendered.get("Service", GATEWAY)
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_generated_keys_and_existing_secrets():
+    rendered = render()
+    keys = rendered.get("Secret", f"{GATEWAY}-keys")["data"]
+    for key in ("admin-key", "api-key"):
+        assert len(base64.b64decode(keys[key])) == 40
+    assert keys["admin-key"] != keys["api-key"]
+    assert rendered.get("Secret", REDIS)["data"]["redis-password"]
+    existing = render(["gateway.auth.existingSecret=mine", "redis.auth.existingSecret=redis-mine"])
+    assert not existing.of("Secret")
+    volumes = existing.get("Deployment", GATEWAY)["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "keys", "secret": {"secretName": "mine"}} in volumes
+    redis_env = existing.get("StatefulSet", REDIS)["spec"]["template"]["spec"]["containers"][0]
+    assert redis_env["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "redis-mine"
+
+
+@pytest.mark.parametrize("persistence", [True, False])
+def test_redis_keeps_an_append_only_file(persistence):
+    rendered = render([f"redis.persistence.enabled={str(persistence).lower()}"])
+    statefulset = rendered.get("StatefulSet", REDIS)
+    args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    claims = statefulset["spec"].get("volumeClaimTemplates") or []
+    assert bool(claims) is persistence
+    if persistence:
+        assert claims[0]["spec"]["resources"]["requests"]["storage"] == "8Gi"
+
+
+@pytest.mark.parametrize(("replicas", "expected"), [(1, False), (2, True), (3, True)])
+def test_gateway_pdb_only_with_more_than_one_replica(replicas, expected):
+    rendered = render([f"gateway.replicas={replicas}"])
+    assert bool(rendered.of("PodDisruptionBudget")) is expected
+
+
+def test_network_policies_confine_workers_to_the_gateway():
+    rendered = render(["networkPolicy.enabled=true", "watchNamespaces={ml,team-b}"])
+    workers = [p for p in rendered.of("NetworkPolicy") if p["metadata"].get("namespace")]
+    assert {p["metadata"]["namespace"] for p in workers} == {"ml", "team-b"}
+    policy = workers[0]["spec"]
+    assert policy["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "handler-worker"
+    assert policy["ingress"] == [] and set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    to_gateway = policy["egress"][0]
+    assert to_gateway["to"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": NAMESPACE
+    }
+    gateway_pods = rendered.get("Deployment", GATEWAY)["spec"]["template"]["metadata"]["labels"]
+    selector = to_gateway["to"][0]["podSelector"]["matchLabels"]
+    assert selector.items() <= gateway_pods.items()
+    redis = rendered.get("NetworkPolicy", REDIS)["spec"]
+    assert redis["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == selector
+
+
+def test_service_monitors_scrape_both_parts():
+    rendered = render(["metrics.serviceMonitor.enabled=true"])
+    monitors = {m["metadata"]["name"]: m for m in rendered.of("ServiceMonitor")}
+    assert set(monitors) == {GATEWAY, OPERATOR}
+    for name, monitor in monitors.items():
+        service = next(
+            s
+            for s in rendered.of("Service")
+            if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()
+        )
+        port = monitor["spec"]["endpoints"][0]["port"]
+        assert port in {p["name"] for p in service["spec"]["ports"]}, name
+
+
+def test_notes_tell_how_to_apply_get_the_key_and_call():
+    result = helm(
+        "install",
+        RELEASE,
+        str(CHART),
+        "--dry-run=client",
+        "-n",
+        NAMESPACE,
+        "--set",
+        "watchNamespaces={ml}",
+    )
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    for text in (
+        "kind: HandlerDeployment",
+        "namespace: ml",
+        f"get secret {GATEWAY}-keys",
+        'runpod.Endpoint("ml--hello")',
+        f"http://{GATEWAY}.{NAMESPACE}.svc:8080",
+    ):
+        assert text in notes, text

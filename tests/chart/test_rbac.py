@@ -1,0 +1,71 @@
+"""The chart's RBAC is exactly `handler_operator.rbac.RULES`: cluster-wide in one ClusterRole, or
+namespaced Roles plus a ClusterRole for the cluster-scoped reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from handler_operator import rbac
+from tests.chart.conftest import NAMESPACE, Rendered, render
+
+OPERATOR = "handler-operator"
+CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions")}
+
+
+def grants(rules: list[dict]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def wanted(scoped: bool | None = None) -> set[tuple[str, str, str]]:
+    """RULES as (group, resource, verb); only cluster-scoped (True) or namespaced (False) ones."""
+    return {
+        (rule.group, rule.resource, verb)
+        for rule in rbac.RULES
+        for verb in rule.verbs
+        if scoped is None or ((rule.group, rule.resource) in CLUSTER_SCOPED) is scoped
+    }
+
+
+def bound_to_operator(rendered: Rendered, binding_kind: str, namespace: str | None = None):
+    for binding in rendered.of(binding_kind):
+        if namespace and binding["metadata"].get("namespace") != namespace:
+            continue
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": OPERATOR, "namespace": NAMESPACE}
+        ]
+        return binding["roleRef"]["name"]
+    raise AssertionError(f"no {binding_kind} in {namespace}")
+
+
+def test_cluster_wide_role_is_exactly_the_rules():
+    rendered = render()
+    assert not rendered.of("Role")
+    role = rendered.get("ClusterRole", OPERATOR)
+    assert grants(role["rules"]) == wanted()
+    assert bound_to_operator(rendered, "ClusterRoleBinding") == OPERATOR
+    # No wildcards, no verbs the operator never uses.
+    assert all("*" not in r["verbs"] and "*" not in r["resources"] for r in role["rules"])
+
+
+@pytest.mark.parametrize("namespaces", [["ml"], ["ml", "team-b", "batch"]])
+def test_watch_namespaces_get_roles_and_only_crd_reads_stay_cluster_wide(namespaces):
+    rendered = render([f"watchNamespaces={{{','.join(namespaces)}}}"])
+    assert grants(rendered.get("ClusterRole", OPERATOR)["rules"]) == wanted(scoped=True)
+    roles = rendered.of("Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(namespaces)
+    for role in roles:
+        assert grants(role["rules"]) == wanted(scoped=False)
+        namespace = role["metadata"]["namespace"]
+        assert bound_to_operator(rendered, "RoleBinding", namespace) == OPERATOR
+
+
+def test_every_rule_says_why():
+    assert all(rule.why for rule in rbac.RULES)
+    groups = {(r.group, r.resource) for r in rbac.RULES}
+    assert CLUSTER_SCOPED <= groups
