@@ -19,7 +19,21 @@ from pathlib import Path
 from typing import Any
 
 import kmock
-from kmock._internal import dicts, enums
+from kmock._internal import dicts, enums, parsing
+
+_parse_path = parsing.parse_path
+
+
+def _parse_path_with_namespaces(path: str) -> parsing.ParsedPath:
+    """kmock 0.8 reads `/api/v1/namespaces[/NAME]` as a namespace prefix without a resource."""
+    parts = path.strip("/").split("/")
+    if parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
+        name = parts[3] if len(parts) == 4 else None
+        return parsing.ParsedPath(group="", version="v1", plural="namespaces", name=name)
+    return _parse_path(path)
+
+
+parsing.parse_path = _parse_path_with_namespaces
 
 BUILTIN = {
     "v1/pods": ("Pod", {"status"}),
@@ -266,6 +280,12 @@ class ApiEmulator(kmock.KubernetesEmulator):
 
     async def _serve_version(self, request: Any) -> Any:
         payload = await super()._serve_version(request)
+        # kmock 0.8 names the core group's version "/v1"; kubectl then finds no core kinds.
+        payload["groupVersion"] = payload.get("groupVersion", "").lstrip("/")
+        for entry in payload["resources"]:
+            # ... and repeats the plural as singularName (`kubectl get deployment` fails).
+            if entry.get("singularName") == entry["name"] and entry.get("kind"):
+                entry["singularName"] = entry["kind"].lower()
         for entry in payload["resources"]:
             if "/" in entry["name"]:
                 entry["shortNames"], entry["categories"] = [], []
