@@ -202,3 +202,105 @@ class RedisServer:
     def kill(self) -> None:
         if self.process is not None:
             kill_group(self.process)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc), grandchildren included."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z":  # a zombie is gone, only not reaped yet
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@dataclass
+class DevProcess:
+    """`handlerctl dev TARGET` in a subprocess, with its log (plain lines, no terminal)."""
+
+    target: str
+    workdir: Path
+    args: tuple[str, ...] = ()
+    port: int = field(default_factory=free_port)
+    key: str = "dev-test-key"
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"dev-{self.port}.log"
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def start(self, timeout: float = 30) -> DevProcess:
+        command = ["handlerctl", "dev", self.target, "--port", str(self.port), "--key", self.key]
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "handler_operator.cli", *command[1:], *self.args],
+            env=subprocess_env(COLUMNS="200"),
+            cwd=REPO_ROOT,
+            stdout=open(self.log_path, "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while "HANDLERCTL_API_KEY" not in self.log():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"handlerctl dev did not start: {self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def wait_log(self, text: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {text!r} in the dev log:\n{self.log()}")
+            time.sleep(0.05)
+        return self.log()
+
+    def interrupt(self, timeout: float = 30) -> int:
+        """Ctrl-C (SIGINT to the process), then wait for it to exit."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            stop_group(self.process)
+
+
+def handlerctl(*args: str, timeout: float = 120, stdin: str | None = None):
+    """Run the CLI in a subprocess; returns the CompletedProcess (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "handler_operator.cli", *args],
+        env=subprocess_env(COLUMNS="200"),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+    )

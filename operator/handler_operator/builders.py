@@ -305,6 +305,31 @@ def build_trigger_authentication(hd: HandlerDeployment) -> dict[str, Any]:
     }
 
 
+def build_objects(
+    hd: HandlerDeployment, settings: OperatorSettings, token: str, replicas: int
+) -> list[dict[str, Any]]:
+    """Every object the operator applies for `hd` (what `handlerctl render` prints)."""
+    keda = hd.spec.scaling.engine == "keda"
+    objects = [
+        build_service_account(hd),
+        build_secret(hd, token),
+        # engine keda: the Deployment's replicas belong to KEDA's HPA, not to us.
+        build_deployment(hd, settings, None if keda else replicas),
+    ]
+    if keda:
+        objects += [build_trigger_authentication(hd), build_scaled_object(hd, settings)]
+    return objects
+
+
+def initial_replicas(hd: HandlerDeployment, current: int | None = None) -> int:
+    """Keep what the autoscaler set; a fixed `scaling.replicas` wins; clamp to min/max."""
+    scaling = hd.spec.scaling
+    if scaling.replicas is not None:
+        return scaling.replicas
+    replicas = scaling.minReplicas if current is None else current
+    return max(scaling.minReplicas, min(replicas, scaling.maxReplicas))
+
+
 def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
     """A controller owner reference to `owner` (garbage collection deletes with it)."""
     meta = owner["metadata"]

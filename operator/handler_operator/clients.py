@@ -1,8 +1,8 @@
-"""The only code that talks to Kubernetes and to the gateway's admin API (aiohttp, async).
+"""The only code that talks to Kubernetes and to the gateway (aiohttp, async).
 
 `KubeApi` does server-side apply with one field manager, reads, status patches and events;
-`GatewayAdmin` registers endpoints and reads queue figures. Retryable failures raise
-`Unavailable`; the kopf handlers turn that into `kopf.TemporaryError`.
+`GatewayAdmin` registers endpoints and reads queue figures; `JobClient` is the client and admin
+API as `handlerctl` uses it. Retryable failures raise `Unavailable`.
 """
 
 from __future__ import annotations
@@ -286,3 +286,92 @@ class GatewayAdmin:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+class GatewayError(Exception):
+    """The gateway answered with an error: its HTTP status and its `{"error": ...}` message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class JobClient:
+    """A gateway's client API (`/v2/{endpoint}/...`) and admin API, for `handlerctl`."""
+
+    def __init__(self, url: str, api_key: str, timeout: float = 60):
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> JobClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                connector=aiohttp.TCPConnector(limit=64),
+            )
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            async with self._session.request(
+                method, self.url + path, json=body, headers=headers
+            ) as response:
+                text = await response.text()
+                try:
+                    payload = json.loads(text) if text else None
+                except ValueError:
+                    payload = {"error": text[:300]}
+                if response.status >= 500:
+                    raise Unavailable(f"gateway {method} {path}: HTTP {response.status}: {text}")
+                if response.status >= 400:
+                    message = payload.get("error") if isinstance(payload, dict) else None
+                    raise GatewayError(response.status, str(message or text or response.reason))
+                return payload
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(f"cannot reach the gateway at {self.url}: {exc}") from exc
+
+    async def run(self, endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("POST", f"/v2/{endpoint}/run", request)
+
+    async def runsync(self, endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("POST", f"/v2/{endpoint}/runsync", request)
+
+    async def status(self, endpoint: str, job: str) -> dict[str, Any]:
+        return await self.request("GET", f"/v2/{endpoint}/status/{job}")
+
+    async def stream(self, endpoint: str, job: str) -> dict[str, Any]:
+        return await self.request("GET", f"/v2/{endpoint}/stream/{job}")
+
+    async def cancel(self, endpoint: str, job: str) -> dict[str, Any]:
+        return await self.request("POST", f"/v2/{endpoint}/cancel/{job}")
+
+    async def retry(self, endpoint: str, job: str) -> dict[str, Any]:
+        return await self.request("POST", f"/v2/{endpoint}/retry/{job}")
+
+    async def health(self, endpoint: str) -> dict[str, Any]:
+        return await self.request("GET", f"/v2/{endpoint}/health")
+
+    async def endpoints(self) -> list[dict[str, Any]]:
+        return (await self.request("GET", "/admin/v1/endpoints"))["endpoints"]
+
+    async def queues(self) -> dict[str, Any]:
+        return (await self.request("GET", "/admin/v1/queues"))["endpoints"]
+
+    async def dead_letters(self, endpoint: str) -> list[dict[str, Any]]:
+        return (await self.request("GET", f"/admin/v1/endpoints/{endpoint}/dlq"))["jobs"]
+
+    async def replay(self, endpoint: str, ids: list[str] | None) -> list[str]:
+        body = {"ids": ids} if ids else {}
+        result = await self.request("POST", f"/admin/v1/endpoints/{endpoint}/dlq/replay", body)
+        return list(result["replayed"])
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

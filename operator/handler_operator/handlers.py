@@ -99,12 +99,7 @@ async def _worker_token(kube: KubeApi, hd: HandlerDeployment, uid: str) -> str:
 
 
 def _replicas(hd: HandlerDeployment, current: dict[str, Any] | None) -> int:
-    """Keep what the autoscaler set; a fixed `scaling.replicas` wins; clamp to min/max."""
-    scaling = hd.spec.scaling
-    if scaling.replicas is not None:
-        return scaling.replicas
-    replicas = (current or {}).get("spec", {}).get("replicas", scaling.minReplicas)
-    return max(scaling.minReplicas, min(replicas, scaling.maxReplicas))
+    return builders.initial_replicas(hd, (current or {}).get("spec", {}).get("replicas"))
 
 
 async def reconcile_hd(
@@ -207,17 +202,8 @@ async def reconcile_hd(
         "Deployment": await kube.get("apps/v1", "Deployment", hd.namespace, hd.name),
     }
     replicas = _replicas(hd, live["Deployment"])
-    objects = [
-        builders.build_service_account(hd),
-        builders.build_secret(hd, token),
-        # engine keda: the Deployment's replicas belong to KEDA's HPA, not to us.
-        builders.build_deployment(hd, settings, None if keda else replicas),
-    ]
+    objects = builders.build_objects(hd, settings, token, replicas)
     if keda:
-        objects += [
-            builders.build_trigger_authentication(hd),
-            builders.build_scaled_object(hd, settings),
-        ]
         for kind, name in (
             ("TriggerAuthentication", builders.trigger_authentication_name(hd)),
             ("ScaledObject", hd.name),

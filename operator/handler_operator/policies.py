@@ -260,3 +260,15 @@ def compute_desired_replicas(
         waiting_for_capacity=waiting,
         state=state,
     )
+
+
+def with_removals(decision: Decision, before: int, after: int, removed: list[str]) -> Decision:
+    """The decision as carried out: drained workers that held no job went at once, so the
+    reason is the scale-down itself, not the drain."""
+    if not removed or after >= before:
+        return decision
+    return replace(
+        decision,
+        reason=SCALED_TO_ZERO if after == 0 else SCALE_DOWN,
+        message=f"{before} -> {after} workers; removed idle {', '.join(removed)}",
+    )

@@ -216,12 +216,7 @@ class Scaler:
         decision = policies.compute_desired_replicas(obs, hd.spec.scaling, target.state, now)
         target.state = decision.state
         replicas, removed = await self._execute(target, decision)
-        if removed and replicas < obs.replicas:
-            decision = dataclasses.replace(
-                decision,
-                reason=policies.SCALED_TO_ZERO if replicas == 0 else policies.SCALE_DOWN,
-                message=f"{obs.replicas} -> {replicas} workers; removed idle {', '.join(removed)}",
-            )
+        decision = policies.with_removals(decision, obs.replicas, replicas, removed)
         last_scale = target.status.get("lastScaleTime")
         if replicas != target.replicas:
             deployment = builders.build_deployment(hd, self.settings, replicas)

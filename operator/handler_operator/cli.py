@@ -1,0 +1,625 @@
+"""`handlerctl`: the local dev loop, job commands against any gateway, render/crd, and build.
+
+Thin typer glue over `local.DevRunner`, `clients.JobClient`, the pure builders and `projects`.
+Exit codes: 0 ok, 1 a job failed (or timed out / was cancelled), 2 bad input, 3 gateway error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from handler_operator import builders, crds
+from handler_operator.clients import GatewayError, JobClient, Unavailable
+from handler_operator.models import HandlerDeployment
+from handler_operator.settings import OperatorSettings
+
+EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_GATEWAY = 1, 2, 3
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+REQUEST_KEYS = {"input", "webhook", "policy", "s3Config"}
+DEFAULT_URL = "http://127.0.0.1:8080"
+CONFIG_ENV, URL_ENV, KEY_ENV = "HANDLERCTL_CONFIG", "HANDLERCTL_URL", "HANDLERCTL_API_KEY"
+
+app = typer.Typer(
+    help="Run handlers locally (`dev`), submit and manage jobs on any gateway, render manifests.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+dlq_app = typer.Typer(help="The dead-letter queue of an endpoint.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+out = Console()
+err = Console(stderr=True)
+
+
+class Output(StrEnum):
+    json = "json"
+    table = "table"
+
+
+class Settings:
+    """Where the gateway is and how to print: flags, then env, then the config file."""
+
+    def __init__(self, url: str | None, api_key: str | None, output: Output, config: Path | None):
+        file_values = self._read_config(config)
+        self.url = url or os.environ.get(URL_ENV) or file_values.get("url") or DEFAULT_URL
+        self.api_key = api_key or os.environ.get(KEY_ENV) or file_values.get("api_key") or ""
+        self.output = output
+
+    @staticmethod
+    def _read_config(config: Path | None) -> dict[str, Any]:
+        path = config or Path(
+            os.environ.get(CONFIG_ENV) or Path.home() / ".config" / "handlerctl" / "config.toml"
+        )
+        if not path.is_file():
+            if config is not None:
+                fail(f"config file {config} not found", EXIT_BAD_INPUT)
+            return {}
+        try:
+            return tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            fail(f"config file {path}: {exc}", EXIT_BAD_INPUT)
+
+    def client(self) -> JobClient:
+        return JobClient(self.url, self.api_key)
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    return ctx.obj
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    url: str = typer.Option(
+        None, "--url", help=f"gateway URL [env {URL_ENV}; default {DEFAULT_URL}]"
+    ),
+    api_key: str = typer.Option(None, "--api-key", help=f"API key [env {KEY_ENV}]"),
+    output: Output = typer.Option(Output.json, "--output", "-o", help="json or table"),
+    config: Path = typer.Option(
+        None, "--config", help=f"TOML file with url / api_key [env {CONFIG_ENV}]"
+    ),
+) -> None:
+    ctx.obj = Settings(url, api_key, output, config)
+
+
+def call(coroutine_factory) -> Any:
+    """Run one client call; gateway errors become a message and exit code 3."""
+
+    async def run() -> Any:
+        try:
+            return await coroutine_factory()
+        except GatewayError as exc:
+            fail(f"gateway said {exc.status}: {exc}", EXIT_GATEWAY)
+        except Unavailable as exc:
+            fail(str(exc), EXIT_GATEWAY)
+
+    return asyncio.run(run())
+
+
+def emit(settings: Settings, value: Any, columns: list[str] | None = None) -> None:
+    """Print `value` as JSON, or as a table of `columns` (rows: a list of dicts or one dict)."""
+    if settings.output == Output.json:
+        print(json.dumps(value, default=str), flush=True)
+        return
+    rows = value if isinstance(value, list) else [value]
+    columns = columns or sorted({key for row in rows for key in row})
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    out.print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# -- dev ---------------------------------------------------------------------------------------
+def dev_view(snapshot) -> Group:
+    """The live table of `handlerctl dev`."""
+    figures, health = snapshot.figures or {}, snapshot.health or {}
+    jobs = health.get("jobs", {})
+    counts: dict[str, int] = {}
+    for state in snapshot.workers.values():
+        counts[state] = counts.get(state, 0) + 1
+    header = (
+        f"endpoint [bold]{snapshot.endpoint}[/]   URL {snapshot.url}/v2/{snapshot.endpoint}\n"
+        f"API key  {snapshot.api_key}   worker logs {snapshot.log_dir}"
+    )
+    summary = Table("queue", "in progress", "workers", "completed", "failed", "retried")
+    summary.add_row(
+        str(figures.get("inQueue", 0)),
+        str(figures.get("inProgress", 0)),
+        f"{len(snapshot.workers)} / {snapshot.replicas} wanted  "
+        + " ".join(f"{state}:{n}" for state, n in sorted(counts.items())),
+        str(jobs.get("completed", 0)),
+        str(jobs.get("failed", 0)),
+        str(jobs.get("retried", 0)),
+    )
+    parts: list[Any] = [Panel(header, title="handlerctl dev"), summary]
+    parts.append(f"last decision: {snapshot.decision or '-'}")
+    if snapshot.crash:
+        retry = snapshot.crash_retry_in
+        when = f" (next start in {retry:.0f} s)" if retry else ""
+        parts.append(f"[bold red]worker crashed{when}:[/] {snapshot.crash}")
+    return Group(*parts)
+
+
+@app.command()
+def dev(
+    target: str = typer.Argument(
+        ..., help="directory with handler.py / handlerdeployment.yaml, a .py file or a module"
+    ),
+    port: int = typer.Option(8080, help="gateway port"),
+    host: str = typer.Option("127.0.0.1", help="gateway address"),
+    api_key: str = typer.Option(None, "--key", help="the API key to accept (default: random)"),
+    file: Path = typer.Option(None, "--file", "-f", help="HandlerDeployment YAML (scaling, jobs)"),
+    path: list[Path] = typer.Option(
+        None, "--path", "-p", help="extra PYTHONPATH entry of the workers (repeatable)"
+    ),
+) -> None:
+    """Run TARGET locally: an in-process gateway (memory queue) and worker processes scaled by
+    the operator's policy, from zero. Ctrl-C drains and exits."""
+    from handler_operator.local import DevError, DevRunner, resolve_target
+
+    try:
+        extra = tuple(str(p) for p in path or ())
+        resolved = resolve_target(target, str(file) if file else None, extra)
+    except DevError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    interactive = out.is_terminal
+    live = Live(console=out, refresh_per_second=4, transient=False) if interactive else None
+
+    def on_change(snapshot, events: list[str]) -> None:
+        if live is not None:
+            live.update(dev_view(snapshot))
+        for event in events:
+            (live.console if live else out).print(
+                f"{time.strftime('%H:%M:%S')} {event}", highlight=False, soft_wrap=True
+            )
+
+    runner = DevRunner(resolved, host=host, port=port, api_key=api_key, on_change=on_change)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        presses = 0
+
+        def interrupt() -> None:
+            nonlocal presses
+            presses += 1
+            if presses == 1:
+                out.print("draining: waiting for running jobs (Ctrl-C again to stop now)")
+                runner.stop()
+            else:
+                runner.force = True
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, interrupt)
+        run = asyncio.ensure_future(runner.run())
+        while not runner.snapshot.figures and not run.done():
+            await asyncio.sleep(0.05)
+        if not run.done():
+            out.print(
+                f"endpoint {runner.endpoint} on {runner.url}/v2/{runner.endpoint}\n"
+                f"export {URL_ENV}={runner.url} {KEY_ENV}={runner.api_key}",
+                highlight=False,
+                soft_wrap=True,
+            )
+        await run
+
+    try:
+        if live is not None:
+            with live:
+                asyncio.run(main())
+        else:
+            asyncio.run(main())
+    except DevError as exc:
+        fail(str(exc), EXIT_BAD_INPUT)
+    out.print("stopped: no worker left running")
+
+
+# -- jobs --------------------------------------------------------------------------------------
+def as_request(value: Any) -> dict[str, Any]:
+    """A run request: `{"input": ...}` as is (RunPod's test_input.json shape), else the input."""
+    if isinstance(value, dict) and "input" in value and set(value) <= REQUEST_KEYS:
+        return value
+    return {"input": value}
+
+
+def read_requests(
+    input_json: str | None, input_file: Path | None, inputs_jsonl: Path | None
+) -> list[dict[str, Any]]:
+    given = [x for x in (input_json, input_file, inputs_jsonl) if x is not None]
+    if len(given) != 1:
+        fail("give exactly one of --input, --input-file or --inputs-jsonl", EXIT_BAD_INPUT)
+    try:
+        if input_json is not None:
+            return [as_request(json.loads(input_json))]
+        if input_file is not None:
+            return [as_request(json.loads(input_file.read_text()))]
+        requests = []
+        for number, line in enumerate(inputs_jsonl.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    requests.append(as_request(json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    fail(f"{inputs_jsonl}:{number}: not JSON: {exc.msg}", EXIT_BAD_INPUT)
+        if not requests:
+            fail(f"{inputs_jsonl} holds no jobs", EXIT_BAD_INPUT)
+        return requests
+    except OSError as exc:
+        fail(f"{exc.filename}: {exc.strerror}", EXIT_BAD_INPUT)
+    except json.JSONDecodeError as exc:
+        fail(
+            f"--input is not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+            EXIT_BAD_INPUT,
+        )
+
+
+async def wait_terminal(client: JobClient, endpoint: str, job: dict, deadline: float | None):
+    delay = 0.05
+    while job.get("status") not in TERMINAL:
+        if deadline is not None and time.monotonic() > deadline:
+            return job
+        await asyncio.sleep(delay)
+        delay = min(1.0, delay * 1.5)
+        job = await client.status(endpoint, job["id"])
+    return job
+
+
+def progress(total: int, what: str) -> Progress:
+    bar = Progress(
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=total < 2,
+    )
+    return bar
+
+
+async def submit_all(
+    client: JobClient, endpoint: str, requests: list[dict], sync: bool, concurrency: int
+) -> list[dict]:
+    gate = asyncio.Semaphore(concurrency)
+    jobs: list[dict] = [{}] * len(requests)
+    with progress(len(requests), "submitting") as bar:
+        task = bar.add_task("submit", total=len(requests))
+
+        async def one(index: int, request: dict) -> None:
+            async with gate:
+                send = client.runsync if sync else client.run
+                jobs[index] = await send(endpoint, request)
+                bar.advance(task)
+
+        await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+    return jobs
+
+
+async def wait_all(
+    client: JobClient, endpoint: str, jobs: list[dict], timeout: float, concurrency: int
+) -> list[dict]:
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    gate = asyncio.Semaphore(concurrency)
+    with progress(len(jobs), "running") as bar:
+        task = bar.add_task("wait", total=len(jobs))
+
+        async def one(index: int) -> None:
+            async with gate:
+                jobs[index] = await wait_terminal(client, endpoint, jobs[index], deadline)
+                bar.advance(task)
+
+        await asyncio.gather(*(one(i) for i in range(len(jobs))))
+    return jobs
+
+
+async def stream_job(client: JobClient, endpoint: str, request: dict) -> dict:
+    """Submit, then print each chunk (a JSON line) as it arrives; returns the final view."""
+    job = await client.run(endpoint, request)
+    delay = 0.05
+    while True:
+        view = await client.stream(endpoint, job["id"])
+        for chunk in view.get("stream") or []:
+            print(json.dumps(chunk.get("output"), default=str), flush=True)
+        if view.get("status") in TERMINAL:
+            return await client.status(endpoint, job["id"]) if view["status"] != "FAILED" else view
+        delay = 0.05 if view.get("stream") else min(0.5, delay * 1.5)
+        await asyncio.sleep(delay)
+
+
+def report_failures(jobs: list[dict]) -> int:
+    failed = [j for j in jobs if j.get("status") != "COMPLETED"]
+    for job in failed:
+        reason = job.get("error") or (
+            "not finished in time" if job.get("status") not in TERMINAL else ""
+        )
+        err.print(
+            f"job {job.get('id')} {job.get('status')}: {reason}", highlight=False, soft_wrap=True
+        )
+    return EXIT_JOB_FAILED if failed else 0
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    endpoint: str = typer.Argument(..., help="endpoint id, e.g. default--hello"),
+    input_json: str = typer.Option(None, "--input", help="one job's input as JSON"),
+    input_file: Path = typer.Option(None, "--input-file", help="JSON file with one job's input"),
+    inputs_jsonl: Path = typer.Option(None, "--inputs-jsonl", help="one job's input per line"),
+    sync: bool = typer.Option(False, "--sync", help="submit with /runsync (waits server-side)"),
+    stream: bool = typer.Option(False, "--stream", help="print the job's stream chunks live"),
+    wait: bool = typer.Option(False, "--wait", help="wait for the results and print them"),
+    timeout: float = typer.Option(0, help="seconds to wait for results (0: no limit)"),
+    concurrency: int = typer.Option(32, help="requests in flight at once"),
+) -> None:
+    """Submit one or many jobs; print their ids, or (--wait/--sync) their results."""
+    settings = settings_of(ctx)
+    requests = read_requests(input_json, input_file, inputs_jsonl)
+    if stream and len(requests) != 1:
+        fail("--stream takes exactly one job", EXIT_BAD_INPUT)
+
+    async def go() -> list[dict]:
+        async with settings.client() as client:
+            if stream:
+                return [await stream_job(client, endpoint, requests[0])]
+            jobs = await submit_all(client, endpoint, requests, sync, concurrency)
+            if sync or wait:
+                jobs = await wait_all(client, endpoint, jobs, timeout, concurrency)
+            return jobs
+
+    jobs = call(go)
+    if stream:
+        raise typer.Exit(report_failures(jobs))
+    columns = ["id", "status", "executionTime", "output", "error"]
+    if settings.output == Output.json:
+        for job in jobs:
+            emit(settings, job)
+    else:
+        emit(settings, jobs, columns)
+    raise typer.Exit(report_failures(jobs) if (sync or wait) else 0)
+
+
+def job_command(name: str, doc: str):
+    def command(
+        ctx: typer.Context,
+        endpoint: str = typer.Argument(..., help="endpoint id"),
+        job: str = typer.Argument(..., help="job id"),
+    ) -> None:
+        settings = settings_of(ctx)
+
+        async def go() -> dict:
+            async with settings.client() as client:
+                return await getattr(client, name)(endpoint, job)
+
+        view = call(go)
+        emit(settings, view, ["id", "status", "executionTime", "retries", "output", "error"])
+
+    command.__doc__ = doc
+    app.command(name)(command)
+
+
+job_command("status", "Show a job's status and output.")
+job_command("cancel", "Cancel a queued or running job.")
+job_command("retry", "Run a failed, timed-out or cancelled job again.")
+
+
+@app.command()
+def health(ctx: typer.Context, endpoint: str = typer.Argument(..., help="endpoint id")) -> None:
+    """Job and worker counts of an endpoint."""
+    settings = settings_of(ctx)
+
+    async def go() -> dict:
+        async with settings.client() as client:
+            return await client.health(endpoint)
+
+    view = call(go)
+    if settings.output == Output.json:
+        emit(settings, view)
+    else:
+        emit(settings, {**view["jobs"], **{f"workers.{k}": v for k, v in view["workers"].items()}})
+
+
+@app.command()
+def endpoints(ctx: typer.Context) -> None:
+    """Every endpoint with its queue figures (admin key)."""
+    settings = settings_of(ctx)
+
+    async def go() -> tuple[list, dict]:
+        async with settings.client() as client:
+            return await client.endpoints(), await client.queues()
+
+    configs, figures = call(go)
+    rows = []
+    for config in configs:
+        queue = figures.get(config["id"], {})
+        workers = queue.get("workers") or {}
+        rows.append(
+            {
+                "endpoint": config["id"],
+                "inQueue": queue.get("inQueue", 0),
+                "inProgress": queue.get("inProgress", 0),
+                "workers": sum(workers.values()),
+                "idle": workers.get("idle", 0),
+                "running": workers.get("running", 0),
+                "draining": workers.get("draining", 0),
+                "maxRetries": config.get("maxRetries"),
+            }
+        )
+    emit(settings, rows, list(rows[0]) if rows else ["endpoint"])
+
+
+@dlq_app.command("list")
+def dlq_list(ctx: typer.Context, endpoint: str = typer.Argument(..., help="endpoint id")) -> None:
+    """Jobs that ran out of retries."""
+    settings = settings_of(ctx)
+
+    async def go() -> list:
+        async with settings.client() as client:
+            return await client.dead_letters(endpoint)
+
+    emit(settings, call(go), ["id", "status", "retries", "error"])
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ctx: typer.Context,
+    endpoint: str = typer.Argument(..., help="endpoint id"),
+    jobs: list[str] = typer.Argument(None, help="job ids (default: all)"),
+) -> None:
+    """Queue dead-lettered jobs again."""
+    settings = settings_of(ctx)
+
+    async def go() -> list:
+        async with settings.client() as client:
+            return await client.replay(endpoint, jobs or None)
+
+    replayed = call(go)
+    emit(settings, {"replayed": replayed})
+
+
+# -- manifests ---------------------------------------------------------------------------------
+@app.command()
+def render(
+    file: Path = typer.Argument(..., help="HandlerDeployment YAML (one or more documents)"),
+    gateway_url: str = typer.Option(
+        OperatorSettings().gateway_url, help="gateway URL as workers reach it"
+    ),
+) -> None:
+    """Print the Kubernetes objects the operator would create (for review in GitOps PRs)."""
+    try:
+        documents = [d for d in yaml.safe_load_all(file.read_text()) if d]
+    except (OSError, yaml.YAMLError) as exc:
+        fail(f"{file}: {exc}", EXIT_BAD_INPUT)
+    settings = OperatorSettings(gateway_url=gateway_url)
+    objects = []
+    for document in documents:
+        if not isinstance(document, dict) or document.get("kind") != "HandlerDeployment":
+            fail(f"{file}: not a HandlerDeployment: {str(document)[:80]}", EXIT_BAD_INPUT)
+        body = {**document, "metadata": {"namespace": "default", **document.get("metadata", {})}}
+        try:
+            hd = HandlerDeployment.model_validate(body)
+        except ValueError as exc:
+            fail(f"{file}: {exc}", EXIT_BAD_INPUT)
+        token = "<generated by the operator>"
+        objects += builders.build_objects(hd, settings, token, builders.initial_replicas(hd))
+    print(yaml.safe_dump_all(objects, sort_keys=False), end="")
+
+
+@app.command()
+def crd() -> None:
+    """Print the HandlerDeployment CRD."""
+    print(crds.render_crd(), end="")
+
+
+SKIPPED_DIRS = {"__pycache__", "venv", "site-packages", "node_modules", "build", "dist"}
+
+
+def read_sources(project: Path, skip: Path) -> dict[str, str]:
+    """The project's .py files (relative POSIX path -> text), without hidden and build dirs."""
+    sources = {}
+    for path in sorted(project.rglob("*.py")):
+        relative = path.relative_to(project)
+        if path.is_relative_to(skip) or any(
+            part.startswith(".") or part in SKIPPED_DIRS for part in relative.parts[:-1]
+        ):
+            continue
+        sources[relative.as_posix()] = path.read_text(encoding="utf-8", errors="replace")
+    return sources
+
+
+@app.command()
+def build(
+    project: Path = typer.Argument(..., help="project directory with @remote functions/classes"),
+    out_dir: Path = typer.Option(
+        None, "--out", help="where to write (default: PROJECT/.handler_build)"
+    ),
+    image: str = typer.Option(None, help="worker image of the HandlerDeployments"),
+    namespace: str = typer.Option("default", help="namespace of the HandlerDeployments"),
+) -> None:
+    """Scan PROJECT for @remote (AST, no import); write the manifest, a handler module and a
+    HandlerDeployment per endpoint, and build.tar.gz (sources + handlers) for the worker image."""
+    import tarfile
+
+    from handler_operator import projects
+
+    if not project.is_dir():
+        fail(f"{project} is not a directory", EXIT_BAD_INPUT)
+    target = (out_dir or project / ".handler_build").resolve()
+    sources = read_sources(project.resolve(), target)
+    result = projects.scan(sources)
+    for problem in result.errors:
+        err.print(
+            f"{project / problem.path}:{problem.line}: {problem.message}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+    if result.errors:
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if not result.targets:
+        fail(f"no @remote functions or classes in {project}", EXIT_BAD_INPUT)
+    try:
+        files = projects.build_outputs(result, image=image, namespace=namespace)
+    except ValueError as exc:
+        fail(f"the @remote settings make an invalid HandlerDeployment: {exc}", EXIT_BAD_INPUT)
+    for relative, text in files.items():
+        path = target / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    archive = target / "build.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for relative in sources:
+            tar.add(project / relative, arcname=relative)
+        for relative in files:
+            if relative.startswith(projects.PACKAGE) or relative == "requirements.txt":
+                tar.add(target / relative, arcname=relative)
+    manifest = json.loads(files[projects.MANIFEST])
+    for name, spec in manifest["endpoints"].items():
+        functions = ", ".join(f["name"] for f in spec["functions"])
+        out.print(
+            f"endpoint {name}: {functions} -> {target / 'deploy' / (name + '.yaml')}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    out.print(f"manifest {target / projects.MANIFEST}\narchive  {archive}", highlight=False)
+    first = next(iter(manifest["endpoints"]))
+    out.print(
+        f"try it: handlerctl dev {project} -f {target / 'deploy' / (first + '.yaml')} -p {target}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def main() -> None:
+    with contextlib.suppress(BrokenPipeError):
+        app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

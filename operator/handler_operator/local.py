@@ -1,0 +1,482 @@
+"""`handlerctl dev`: the gateway in-process on the memory backend, and worker processes scaled by
+the operator's own policy (`compute_desired_replicas`), with reload on file change, crash-loop
+backoff and a live table. Entry-point layer: it serves HTTP and runs processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from handler_gateway.backends import open_backend
+from handler_gateway.keys import Keys
+from handler_gateway.models import EndpointConfig, QueueFigures
+from handler_gateway.operations import Gateway
+from handler_gateway.routes import GATEWAY, create_app
+from handler_operator import builders, policies
+from handler_operator.models import HandlerDeployment
+from handler_operator.policies import Observation, PodView, ScalerState
+from handler_operator.settings import OperatorSettings
+
+PASS_WAIT_S = 0.5  # the loop runs at least this often, at once when a job is queued
+RELOAD_CHECK_S = 1.0
+STOP_GRACE_S = 1.0  # only drained, idle workers are stopped (or on a second Ctrl-C)
+BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 60.0
+HEALTHY_AFTER_S = 30.0  # a worker that ran this long resets the crash backoff
+
+
+class DevError(Exception):
+    """The dev target cannot be run (no handler, bad YAML): a message for the user."""
+
+
+@dataclass(frozen=True)
+class DevTarget:
+    """What `handlerctl dev` runs: a module, the directory on PYTHONPATH, the CR's settings."""
+
+    hd: HandlerDeployment
+    path: Path
+    extra_paths: tuple[Path, ...] = ()
+
+    @property
+    def module(self) -> str:
+        return self.hd.spec.handler.module
+
+
+def _dns_name(text: str) -> str:
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return name[:63] or "handler"
+
+
+def resolve_target(
+    target: str, manifest: str | None = None, extra_paths: tuple[str, ...] = ()
+) -> DevTarget:
+    """A directory (with handler.py or handlerdeployment.yaml), a .py file or a module name."""
+    place = Path(target)
+    body: dict[str, Any] | None = None
+    manifest_path = Path(manifest) if manifest else None
+    if manifest_path is None and place.is_dir() and (place / "handlerdeployment.yaml").is_file():
+        manifest_path = place / "handlerdeployment.yaml"
+    if manifest_path is not None:
+        try:
+            body = yaml.safe_load(manifest_path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise DevError(f"cannot read {manifest_path}: {exc}") from None
+        if not isinstance(body, dict) or body.get("kind") != "HandlerDeployment":
+            raise DevError(f"{manifest_path} is not a HandlerDeployment")
+    if place.is_dir():
+        path, name = place.resolve(), _dns_name(place.resolve().name)
+        module = "handler" if (place / "handler.py").is_file() else None
+    elif place.suffix == ".py" and place.is_file():
+        path, name, module = place.resolve().parent, _dns_name(place.stem), place.stem
+    elif re.fullmatch(r"[A-Za-z_][\w.]*", target):
+        path, name, module = Path.cwd(), _dns_name(target.rsplit(".", 1)[-1]), target
+    else:
+        raise DevError(f"{target}: not a directory, a .py file or a module name")
+    if body is None:
+        if module is None:
+            raise DevError(f"{target}: no handler.py and no handlerdeployment.yaml in it")
+        body = {"metadata": {"name": name}, "spec": {"handler": {"module": module}}}
+    body = {**body, "metadata": {"namespace": "default", **(body.get("metadata") or {})}}
+    try:
+        hd = HandlerDeployment.model_validate(body)
+    except ValueError as exc:
+        raise DevError(f"invalid HandlerDeployment: {exc}") from None
+    return DevTarget(hd=hd, path=path, extra_paths=tuple(Path(p).resolve() for p in extra_paths))
+
+
+@dataclass
+class Worker:
+    """One worker process (a pod, locally)."""
+
+    name: str
+    process: subprocess.Popen
+    started: float
+    generation: int
+    log: Path
+    termination: Path
+    stopping: bool = False
+
+    def crash_message(self) -> str:
+        """The loader's message (termination log), else the last line the worker printed."""
+        for source in (self.termination, self.log):
+            with contextlib.suppress(OSError):
+                lines = [ln for ln in source.read_text(errors="replace").splitlines() if ln.strip()]
+                if lines and source == self.termination and len(lines) > 1:
+                    return f"{lines[0].strip()} ... {lines[-1].strip()}"[:400]
+                if lines:
+                    return lines[-1].strip()[:400]
+        return ""
+
+
+@dataclass
+class Snapshot:
+    """What the live table shows."""
+
+    endpoint: str
+    url: str
+    api_key: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] = field(default_factory=dict)
+    workers: dict[str, str] = field(default_factory=dict)  # name -> state
+    replicas: int = 0
+    decision: str = ""
+    crash: str = ""
+    crash_retry_in: float | None = None
+    restarts: int = 0
+    reloads: int = 0
+    log_dir: str = ""
+
+
+class DevRunner:
+    """Runs one endpoint locally until `stop()` (Ctrl-C): drains workers, then exits."""
+
+    def __init__(
+        self,
+        target: DevTarget,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        api_key: str | None = None,
+        python: str = sys.executable,
+        on_change: Callable[[Snapshot, list[str]], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.target = target
+        self.host, self.port = host, port
+        self.api_key = api_key or "dev-" + secrets.token_urlsafe(18)
+        self.python = python
+        self.on_change = on_change or (lambda snapshot, events: None)
+        self.clock = clock
+        self.endpoint = target.hd.endpoint_id
+        self.token = secrets.token_urlsafe(24)
+        self.workers: dict[str, Worker] = {}
+        self.replicas = 0
+        self.state = ScalerState()
+        self.generation = 0
+        self.counter = 0
+        self.crashes = 0
+        self.backoff_until = 0.0
+        self.last_crash = ""
+        self.restarts = 0
+        self.log_dir = Path(tempfile.mkdtemp(prefix="handlerctl-dev-"))
+        self._stopping = asyncio.Event()
+        self._mtimes: dict[Path, float] = {}
+        self._runner: web.AppRunner | None = None
+        self.gateway: Gateway | None = None
+        self.snapshot = Snapshot(self.endpoint, self.url, self.api_key, log_dir=str(self.log_dir))
+        self._stop_tasks: set[asyncio.Task] = set()
+        self.force = False  # a second Ctrl-C: stop workers without waiting for their jobs
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        keys = Keys(frozenset({self.api_key}), frozenset({self.api_key}))
+        app = create_app(open_backend("memory://"), keys)
+        self.gateway = app[GATEWAY]
+        # Open long-polls of stopped workers must not hold the exit (aiohttp waits 60 s by default).
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, self.host, self.port).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise DevError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
+        jobs = self.target.hd.spec.jobs
+        await self.gateway.put_endpoint(
+            EndpointConfig(
+                id=self.endpoint,
+                workerToken=self.token,
+                executionTimeoutSeconds=jobs.executionTimeoutSeconds,
+                ttlSeconds=jobs.ttlSeconds,
+                maxRetries=jobs.maxRetries,
+                heartbeatIntervalSeconds=jobs.heartbeatIntervalSeconds,
+            )
+        )
+        self._mtimes = self._scan_sources()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Scale until stopped, then drain and stop every worker and the gateway."""
+        await self.start()
+        since: float | None = None
+        last_reload_check = 0.0
+        try:
+            while not self._stopping.is_set():
+                figures_by_endpoint = await self._poll(since)
+                since = self.clock()
+                now = self.clock()
+                events: list[str] = []
+                if now - last_reload_check >= RELOAD_CHECK_S:
+                    last_reload_check = now
+                    events += self._check_reload()
+                figures = figures_by_endpoint.get(self.endpoint)
+                if figures is not None:
+                    events += await self.scale(figures, now)
+                    await self._refresh(figures, now)
+                self.on_change(self.snapshot, events)
+        finally:
+            await self.shutdown()
+
+    async def _poll(self, since: float | None) -> dict[str, QueueFigures]:
+        assert self.gateway is not None
+        poll = asyncio.ensure_future(self.gateway.queues_after(since, PASS_WAIT_S))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({poll, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not poll.done():
+            poll.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poll
+            return {}
+        return poll.result()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Drain: no new jobs; wait for running ones (until `timeout`), stop workers, gateway."""
+        assert self.gateway is not None
+        deadline = self.clock() + (
+            timeout if timeout is not None else self.target.hd.spec.jobs.executionTimeoutSeconds
+        )
+        for worker in self.workers.values():
+            with contextlib.suppress(Exception):
+                await self.gateway.drain(self.endpoint, worker.name, True)
+        while self.clock() < deadline and not self.force:
+            figures = (await self.gateway.queues([self.endpoint])).get(self.endpoint)
+            busy = [
+                w
+                for w, n in ((figures.workerJobs if figures else {}) or {}).items()
+                if n and w in self.workers and self.workers[w].process.poll() is None
+            ]
+            if not busy:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.gather(*(self._stop_worker(w) for w in list(self.workers.values())))
+        await asyncio.gather(*self._stop_tasks, return_exceptions=True)
+        self.workers.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- scaling ----------------------------------------------------------------------------
+    def _current(self) -> list[Worker]:
+        return [
+            w for w in self.workers.values() if w.generation == self.generation and not w.stopping
+        ]
+
+    async def scale(self, figures: QueueFigures, now: float) -> list[str]:
+        """One policy decision for the endpoint, acted on with processes. Returns events."""
+        assert self.gateway is not None
+        events = self._reap(now)
+        live = set(figures.workerStates)
+        current = self._current()
+        obs = Observation(
+            queued=figures.inQueue,
+            in_progress=figures.inProgress,
+            replicas=self.replicas,
+            pods=tuple(
+                PodView(w.name, "ready" if w.name in live else "starting", created=w.started)
+                for w in current
+            ),
+            worker_jobs=figures.workerJobs,
+            draining=frozenset(w for w, s in figures.workerStates.items() if s == "draining"),
+            last_activity=figures.lastActivity,
+        )
+        decision = policies.compute_desired_replicas(
+            obs, self.target.hd.spec.scaling, self.state, now
+        )
+        self.state = decision.state
+        for name in decision.undrain:
+            await self.gateway.drain(self.endpoint, name, False)
+        ready_to_go = list(decision.remove)
+        for name in decision.drain:
+            held = await self.gateway.drain(self.endpoint, name, True)
+            if not held and name not in ready_to_go:
+                ready_to_go.append(name)
+        for name in ready_to_go:
+            if name in self.workers:
+                self._stop_in_background(self.workers[name])
+        extra = len([n for n in ready_to_go if n not in decision.remove])
+        if ready_to_go:
+            self.state = dataclasses.replace(
+                self.state, draining=tuple(n for n in self.state.draining if n not in ready_to_go)
+            )
+        replicas = max(0, decision.replicas - extra)
+        decision = policies.with_removals(decision, self.replicas, replicas, ready_to_go)
+        if replicas != self.replicas or ready_to_go:
+            events.append(
+                f"workers {self.replicas} -> {replicas} ({decision.reason}: {decision.message})"
+            )
+            self.snapshot.decision = f"{decision.reason}: {decision.message}"
+        elif not self.snapshot.decision:
+            self.snapshot.decision = f"{decision.reason}: {decision.message}"
+        self.replicas = replicas
+        missing = replicas - len(self._current())
+        if missing > 0 and now >= self.backoff_until:
+            for _ in range(missing):
+                self._spawn(now)
+        await self._retire_old_generation(figures)
+        return events
+
+    def _reap(self, now: float) -> list[str]:
+        """Notice workers that exited on their own: a crash, with backoff before the next start."""
+        events = []
+        for worker in list(self.workers.values()):
+            code = worker.process.poll()
+            if code is None or worker.stopping:
+                continue
+            self.workers.pop(worker.name)
+            if worker.generation != self.generation:
+                continue  # started before a reload: its code is gone, its exit says nothing
+            ran = now - worker.started
+            self.crashes = 1 if ran >= HEALTHY_AFTER_S else self.crashes + 1
+            delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (self.crashes - 1))
+            self.backoff_until = now + delay
+            self.last_crash = f"{worker.name} exited with code {code}: {worker.crash_message()}"
+            events.append(f"crash: {self.last_crash}; next start in {delay:.0f} s")
+        return events
+
+    def _spawn(self, now: float) -> Worker:
+        self.counter += 1
+        if self.counter > 1 and self.last_crash:
+            self.restarts += 1
+        name = f"{self.target.hd.name}-{self.counter}"
+        log = self.log_dir / f"{name}.log"
+        termination = self.log_dir / f"{name}.termination"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [self.python, "-m", "handler_worker"],
+                env=self.worker_env(name, termination),
+                cwd=self.target.path,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = Worker(name, process, now, self.generation, log, termination)
+        self.workers[name] = worker
+        return worker
+
+    def worker_env(self, name: str, termination: Path) -> dict[str, str]:
+        """The env a pod of this HandlerDeployment gets, with the downward API filled in."""
+        settings = OperatorSettings(gateway_url=self.url)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "HANDLER_"))}
+        for var in builders.runtime_env(self.target.hd, settings):
+            if var["name"] == "RUNPOD_POD_ID":
+                env[var["name"]] = name
+            elif var["name"] == "RUNPOD_AI_API_KEY":
+                env[var["name"]] = self.token
+            else:
+                env[var["name"]] = var["value"]
+        for var in self.target.hd.spec.env:  # user env: plain values (no Secrets locally)
+            if var.get("name") and var.get("value") is not None:
+                env[var["name"]] = str(var["value"])
+        paths = [str(self.target.path), *map(str, self.target.extra_paths)]
+        paths.append(env.get("PYTHONPATH", ""))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+        env["HANDLER_TERMINATION_LOG"] = str(termination)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _stop_in_background(self, worker: Worker) -> None:
+        worker.stopping = True
+        task = asyncio.ensure_future(self._stop_worker(worker))
+        self._stop_tasks.add(task)
+        task.add_done_callback(self._stop_tasks.discard)
+
+    async def _stop_worker(self, worker: Worker) -> None:
+        """SIGTERM the worker's process group, SIGKILL what is left after the grace period."""
+        worker.stopping = True
+        process = worker.process
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while process.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        while process.poll() is None:
+            await asyncio.sleep(0.05)
+        self.workers.pop(worker.name, None)
+
+    # -- reload -----------------------------------------------------------------------------
+    def _scan_sources(self) -> dict[Path, float]:
+        found: dict[Path, float] = {}
+        for path in self.target.path.rglob("*.py"):
+            if any(part.startswith(".") or part == "__pycache__" for part in path.parts):
+                continue
+            with contextlib.suppress(OSError):
+                found[path] = path.stat().st_mtime
+        return found
+
+    def _check_reload(self) -> list[str]:
+        mtimes = self._scan_sources()
+        if mtimes == self._mtimes:
+            return []
+        changed = sorted(
+            str(p.relative_to(self.target.path))
+            for p in set(mtimes) | set(self._mtimes)
+            if mtimes.get(p) != self._mtimes.get(p)
+        )
+        self._mtimes = mtimes
+        self.generation += 1
+        self.crashes, self.backoff_until, self.last_crash = 0, 0.0, ""
+        self.snapshot.reloads += 1
+        return [
+            f"reload: {', '.join(changed)} changed; restarting workers (busy ones finish first)"
+        ]
+
+    async def _retire_old_generation(self, figures: QueueFigures) -> None:
+        """Workers started before a reload: idle ones stop now, busy ones drain and stop later."""
+        assert self.gateway is not None
+        for worker in list(self.workers.values()):
+            if worker.generation == self.generation or worker.stopping:
+                continue
+            if figures.workerJobs.get(worker.name, 0) == 0:
+                self._stop_in_background(worker)
+            elif figures.workerStates.get(worker.name) != "draining":
+                await self.gateway.drain(self.endpoint, worker.name, True)
+
+    # -- what the table shows ---------------------------------------------------------------
+    async def _refresh(self, figures: QueueFigures, now: float) -> None:
+        assert self.gateway is not None
+        health = await self.gateway.health(self.endpoint)
+        states = {}
+        for worker in self.workers.values():
+            if worker.stopping:
+                states[worker.name] = "stopping"
+            elif worker.generation != self.generation:
+                states[worker.name] = "reloading"
+            else:
+                gateway_state = figures.workerStates.get(worker.name)
+                states[worker.name] = {
+                    None: "starting",
+                    "running": "busy",
+                }.get(gateway_state, gateway_state or "starting")
+        self.snapshot.figures = figures.model_dump()
+        self.snapshot.health = health.model_dump()
+        self.snapshot.workers = states
+        self.snapshot.replicas = self.replicas
+        self.snapshot.crash = self.last_crash
+        self.snapshot.crash_retry_in = (
+            max(0.0, self.backoff_until - now) if self.backoff_until > now else None
+        )
+        self.snapshot.restarts = self.restarts

@@ -1,0 +1,158 @@
+"""`handlerctl dev` end to end: a subprocess with real worker processes, driven by `handlerctl run`
+and by the unmodified runpod client; scale from zero and back, crash loops, reload, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import runpod
+
+from tests.processes import DevProcess, alive, descendants, handlerctl
+
+ENDPOINT = "default--hello"
+FAST_SCALING = """
+apiVersion: handlerops.dev/v1alpha1
+kind: HandlerDeployment
+metadata: {{name: {name}}}
+spec:
+  handler: {{module: handler}}
+  scaling:
+    minReplicas: 0
+    maxReplicas: {max_replicas}
+    targetQueuePerWorker: {per_worker}
+    scaleToZeroAfterSeconds: 2
+    scaleDownStabilizationSeconds: 0
+  jobs: {{heartbeatIntervalSeconds: 1}}
+"""
+
+
+def scaling_file(tmp_path, name="hello", max_replicas=3, per_worker=20):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        FAST_SCALING.format(name=name, max_replicas=max_replicas, per_worker=per_worker)
+    )
+    return str(path)
+
+
+@pytest.fixture
+def dev(tmp_path):
+    started = []
+
+    def start(target: str, *args: str) -> DevProcess:
+        process = DevProcess(target, tmp_path, args).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def worker_pids(process: DevProcess) -> set[int]:
+    return descendants(process.process.pid)
+
+
+def test_hundred_jobs_scale_from_zero_and_back_and_ctrl_c_leaves_nothing(dev, tmp_path):
+    server = dev("examples/hello", "-f", scaling_file(tmp_path))
+    assert not worker_pids(server), "no worker at rest"
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps({"name": f"n{i}"}) + "\n" for i in range(100)))
+
+    seen: set[int] = set()
+    result = handlerctl(
+        "--url", server.url, "--api-key", server.key,
+        "run", ENDPOINT, "--inputs-jsonl", str(jobs), "--wait", "--timeout", "120",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    views = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(views) == 100
+    assert {v["status"] for v in views} == {"COMPLETED"}
+    assert [v["output"]["greeting"] for v in views] == [f"Hello, n{i}!" for i in range(100)]
+    log = server.wait_log("workers 0 -> ")
+    assert "ScaleUp" in log
+    seen |= worker_pids(server)
+
+    # Idle for scaleToZeroAfterSeconds: every worker drained and stopped.
+    server.wait_log("ScaledToZero", timeout=30)
+    deadline = time.monotonic() + 10
+    while worker_pids(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not worker_pids(server), "workers left after scale to zero"
+
+    # The same gateway serves the unmodified runpod client; it scales up again from zero.
+    runpod.api_key = server.key
+    runpod.endpoint_url_base = server.url + "/v2"
+    try:
+        output = runpod.Endpoint(ENDPOINT).run_sync({"name": "runpod"}, timeout=60)
+    finally:
+        runpod.endpoint_url_base = "https://api.runpod.ai/v2"
+    assert output == {"greeting": "Hello, runpod!"}
+    seen |= worker_pids(server)
+    assert seen, "workers ran"
+
+    assert server.interrupt() == 0
+    assert "stopped: no worker left running" in server.log()
+    left = [pid for pid in seen if alive(pid)]
+    assert not left, f"processes left after Ctrl-C: {left}"
+
+
+def test_stream_prints_chunks_in_order_and_a_failed_job_exits_1(dev, tmp_path):
+    server = dev("examples/streaming", "-f", scaling_file(tmp_path, "streaming"))
+    base = ("--url", server.url, "--api-key", server.key)
+    text = "one two three four five"
+    streamed = handlerctl(
+        *base, "run", "default--streaming", "--input", json.dumps({"text": text, "delay": 0.05}),
+        "--stream",
+    )  # fmt: skip
+    assert streamed.returncode == 0, streamed.stderr
+    chunks = [json.loads(line) for line in streamed.stdout.splitlines()]
+    assert [c["token"] for c in chunks] == text.split()
+    assert [c["index"] for c in chunks] == list(range(5))
+
+    failed = handlerctl(
+        *base, "run", "default--streaming", "--input", json.dumps({"text": 42}), "--wait"
+    )
+    assert failed.returncode == 1
+    assert "FAILED" in failed.stderr and "split" in failed.stderr, failed.stderr
+
+    # status / health on the same job and endpoint.
+    job = json.loads(failed.stdout)
+    status = handlerctl(*base, "status", "default--streaming", job["id"])
+    assert status.returncode == 0 and json.loads(status.stdout)["status"] == "FAILED"
+    health = handlerctl(*base, "-o", "table", "health", "default--streaming")
+    assert health.returncode == 0 and "failed" in health.stdout
+    listed = handlerctl(*base, "endpoints")
+    assert json.loads(listed.stdout)[0]["endpoint"] == "default--streaming"
+
+
+def test_crash_loop_shows_the_loader_message_backs_off_and_reload_fixes_it(dev, tmp_path):
+    project = tmp_path / "broken"
+    project.mkdir()
+    handler = project / "handler.py"
+    handler.write_text("import not_installed_anywhere\n\n\ndef handler(job):\n    return 1\n")
+    server = dev(str(project), "-f", scaling_file(tmp_path, "broken"))
+    base = ("--url", server.url, "--api-key", server.key)
+    submitted = handlerctl(*base, "run", "default--broken", "--input", "{}")
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)["id"]
+
+    log = server.wait_log("crash:", timeout=30)
+    assert "not_installed_anywhere" in log
+    time.sleep(4)
+    crashes = server.log().count("crash:")
+    # Backoff 1 s, 2 s, 4 s ...: a handful of starts, not an endless loop.
+    assert 1 <= crashes <= 4, server.log()
+    assert "next start in 2 s" in server.log() or crashes == 1
+
+    handler.write_text("def handler(job):\n    return {'fixed': True}\n")
+    server.wait_log("reload: handler.py changed", timeout=10)
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        view = json.loads(handlerctl(*base, "status", "default--broken", job).stdout)
+        if view["status"] == "COMPLETED":
+            break
+        time.sleep(0.3)
+    assert view["output"] == {"fixed": True}
+    assert server.interrupt() == 0

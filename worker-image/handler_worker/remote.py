@@ -1,0 +1,259 @@
+"""`@remote`: mark a function or class to run on a GPU endpoint (the tetra-rp / flash model).
+
+Without a gateway configured (and always inside a worker) the decorated object runs in-process.
+With one (`configure(url=..., api_key=...)` or HANDLER_REMOTE_URL / HANDLERCTL_URL and the
+matching API key), a call submits a generic-handler job naming the function (`function_name`,
+arguments cloudpickled) to `<namespace>--<endpoint>` and returns its result. `handlerctl build`
+finds these decorators by reading the source (AST), never by importing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import inspect
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from handler_worker import serialization
+
+# The decorator's arguments (all literals, so that `handlerctl build` can read them).
+OPTIONS = {
+    "endpoint": "endpoint name (default: the function or class name)",
+    "gpu": "GPUs per worker (int, default 0)",
+    "gpu_vendor": "nvidia or amd",
+    "gpu_product": "GPU product label, e.g. NVIDIA-A100-SXM4-80GB",
+    "cpu": "CPU request, e.g. '4'",
+    "memory": "memory request, e.g. '16Gi'",
+    "min_workers": "workers kept at all times (default 0)",
+    "max_workers": "most workers at once (default 1)",
+    "dependencies": "pip requirements of the function (list of strings)",
+}
+_TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+
+
+class RemoteError(RuntimeError):
+    """The remote call failed: the job failed, or the function raised (with its traceback)."""
+
+    def __init__(self, message: str, remote_traceback: str = ""):
+        super().__init__(message)
+        self.remote_traceback = remote_traceback
+
+
+@dataclass
+class RemoteConfig:
+    url: str = ""
+    api_key: str = ""
+    namespace: str = "default"
+    timeout: float = 3600.0
+
+
+_config = RemoteConfig()
+
+
+def configure(
+    url: str | None = None,
+    api_key: str | None = None,
+    namespace: str | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Send calls of @remote objects to this gateway (url "" turns remote calls off again)."""
+    if url is not None:
+        _config.url = url
+    if api_key is not None:
+        _config.api_key = api_key
+    if namespace is not None:
+        _config.namespace = namespace
+    if timeout is not None:
+        _config.timeout = timeout
+
+
+def active_config(env: Mapping[str, str] | None = None) -> RemoteConfig | None:
+    """Where calls go, or None to run in-process (always None inside a worker)."""
+    env = os.environ if env is None else env
+    if env.get("RUNPOD_WEBHOOK_GET_JOB"):
+        return None
+    url = _config.url or env.get("HANDLER_REMOTE_URL") or env.get("HANDLERCTL_URL", "")
+    if not url:
+        return None
+    key = _config.api_key or env.get("HANDLER_REMOTE_API_KEY") or env.get("HANDLERCTL_API_KEY", "")
+    namespace = env.get("HANDLER_REMOTE_NAMESPACE") or _config.namespace
+    return RemoteConfig(url.rstrip("/"), key, namespace, _config.timeout)
+
+
+def endpoint_name(name: str) -> str:
+    """A DNS-1123 endpoint name from a function or class name (`embed_texts` -> embed-texts)."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63] or "remote"
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    endpoint: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def remote(target: Any = None, /, **options: Any) -> Any:
+    """`@remote`, `@remote(endpoint=..., gpu=1, ...)` on a function or a class."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise TypeError(f"@remote got unknown argument(s) {unknown}; allowed: {sorted(OPTIONS)}")
+
+    def decorate(obj: Any) -> Any:
+        meta = RemoteOptions(endpoint_name(options.get("endpoint") or obj.__name__), options)
+        if isinstance(obj, type):
+            return _remote_class(obj, meta)
+        if callable(obj):
+            return RemoteFunction(obj, meta)
+        raise TypeError(f"@remote decorates functions and classes, not {type(obj).__name__}")
+
+    return decorate(target) if target is not None else decorate
+
+
+def unwrap(obj: Any) -> Any:
+    """The function or class under @remote (what a generated handler registers)."""
+    return getattr(obj, "__remote_wrapped__", obj)
+
+
+class RemoteFunction:
+    """A @remote function: call it as before; `await f.aio(...)` is the async style."""
+
+    def __init__(self, function: Callable[..., Any], meta: RemoteOptions):
+        functools.update_wrapper(self, function)
+        self.__remote_wrapped__ = function
+        self.__remote__ = meta
+        self._is_async = inspect.iscoroutinefunction(function)
+
+    def _request(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        return {
+            "function_name": self.__remote_wrapped__.__name__,
+            "args": [serialization.encode(a) for a in args],
+            "kwargs": {k: serialization.encode(v) for k, v in kwargs.items()},
+        }
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._is_async:
+            return self.aio(*args, **kwargs)
+        config = active_config()
+        if config is None:
+            return self.__remote_wrapped__(*args, **kwargs)
+        return _run_sync(
+            lambda: submit(config, self.__remote__.endpoint, self._request(args, kwargs))
+        )
+
+    async def aio(self, *args: Any, **kwargs: Any) -> Any:
+        config = active_config()
+        if config is None:
+            result = self.__remote_wrapped__(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+        return await submit(config, self.__remote__.endpoint, self._request(args, kwargs))
+
+
+def _remote_class(cls: type, meta: RemoteOptions) -> type:
+    """A stand-in for `cls`: instances are local objects, or proxies whose methods run remotely."""
+
+    class Remote:
+        __remote_wrapped__ = cls
+        __remote__ = meta
+
+        def __new__(klass, *args: Any, **kwargs: Any) -> Any:
+            config = active_config()
+            if config is None:
+                return cls(*args, **kwargs)
+            return RemoteInstance(cls.__name__, meta.endpoint, config, args, kwargs)
+
+    Remote.__name__ = cls.__name__
+    Remote.__qualname__ = cls.__qualname__
+    Remote.__module__ = cls.__module__
+    Remote.__doc__ = cls.__doc__
+    return Remote
+
+
+class RemoteInstance:
+    """`Model(...)` with a gateway configured: each method call is a job (a fresh instance on
+    the worker, built from the same constructor arguments)."""
+
+    def __init__(self, name: str, endpoint: str, config: RemoteConfig, args: tuple, kwargs: dict):
+        self._name, self._endpoint, self._config = name, endpoint, config
+        self._constructor = (args, kwargs)
+
+    def __getattr__(self, method: str) -> RemoteMethod:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return RemoteMethod(self, method)
+
+
+class RemoteMethod:
+    def __init__(self, instance: RemoteInstance, method: str):
+        self.instance, self.method = instance, method
+
+    def _request(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        cargs, ckwargs = self.instance._constructor
+        return {
+            "function_name": self.instance._name,
+            "execution_type": "class",
+            "method_name": self.method,
+            "constructor_args": [serialization.encode(a) for a in cargs],
+            "constructor_kwargs": {k: serialization.encode(v) for k, v in ckwargs.items()},
+            "args": [serialization.encode(a) for a in args],
+            "kwargs": {k: serialization.encode(v) for k, v in kwargs.items()},
+        }
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        instance = self.instance
+        request = self._request(args, kwargs)
+        return _run_sync(lambda: submit(instance._config, instance._endpoint, request))
+
+    async def aio(self, *args: Any, **kwargs: Any) -> Any:
+        instance = self.instance
+        return await submit(instance._config, instance._endpoint, self._request(args, kwargs))
+
+
+def _run_sync(factory: Callable[[], Any]) -> Any:
+    """Run a coroutine to completion from sync code (in a helper thread inside a running loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(factory())
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(factory())).result()
+
+
+async def submit(config: RemoteConfig, endpoint: str, request: dict[str, Any]) -> Any:
+    """Run one generic-handler job on `<namespace>--<endpoint>` and return its decoded result."""
+    import aiohttp  # the worker image has it (runpod depends on it); imported when first used
+
+    endpoint_id = f"{config.namespace}--{endpoint}"
+    base = f"{config.url}/v2/{endpoint_id}"
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    timeout = aiohttp.ClientTimeout(total=config.timeout)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        job = await _json(session, "POST", base + "/runsync", {"input": request})
+        delay = 0.05
+        while job.get("status") not in _TERMINAL:
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 1.5)
+            job = await _json(session, "GET", f"{base}/status/{job['id']}")
+    if job["status"] != "COMPLETED":
+        raise RemoteError(f"job {job['id']} on {endpoint_id} {job['status']}: {job.get('error')}")
+    output = job.get("output") or {}
+    if not output.get("success"):
+        raise RemoteError(
+            f"{output.get('error_type', 'Error')}: {output.get('error')}",
+            output.get("traceback", ""),
+        )
+    if "json_result" in output:
+        return output["json_result"]
+    return serialization.decode(output["result"], "result")
+
+
+async def _json(session: Any, method: str, url: str, body: Any = None) -> dict[str, Any]:
+    async with session.request(method, url, json=body) as response:
+        payload = await response.json(content_type=None)
+        if response.status >= 400:
+            message = payload.get("error") if isinstance(payload, dict) else payload
+            raise RemoteError(f"gateway answered {response.status} for {url}: {message}")
+        return payload
