@@ -11,6 +11,7 @@ import asyncio
 import os
 import sys
 
+from handler_worker import speedups
 from handler_worker.loader import HandlerLoadError, concurrency, load_module
 from handler_worker.termination import write_termination_message
 
@@ -58,6 +59,7 @@ def _read_test_job(args: argparse.Namespace) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = _parser().parse_known_args(argv if argv is not None else sys.argv[1:])
+    speedups.install()
     try:
         module, config = load_module(os.environ)
     except HandlerLoadError as exc:

@@ -237,9 +237,14 @@ async def submit(config: RemoteConfig, endpoint: str, request: dict[str, Any]) -
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 1.5)
             job = await _json(session, "GET", f"{base}/status/{job['id']}")
+    output = job.get("output") if isinstance(job.get("output"), dict) else {}
+    if job["status"] != "COMPLETED" and output.get("error_type"):
+        # The function raised: the SDK lifts `error` to the job, the rest stays in the output.
+        raise RemoteError(
+            f"{output['error_type']}: {job.get('error')}", output.get("traceback", "")
+        )
     if job["status"] != "COMPLETED":
         raise RemoteError(f"job {job['id']} on {endpoint_id} {job['status']}: {job.get('error')}")
-    output = job.get("output") or {}
     if not output.get("success"):
         raise RemoteError(
             f"{output.get('error_type', 'Error')}: {output.get('error')}",

@@ -1,0 +1,89 @@
+"""`@remote`: in-process without a gateway; through `handlerctl dev` serving a built endpoint with
+one; sync and async call styles, classes, and remote errors with their traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import shutil
+import sys
+
+import pytest
+
+from handler_worker import remote
+from tests.conftest import FIXTURES
+from tests.processes import DevProcess, handlerctl
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """The fixture project, importable as `app` (fresh modules for each test)."""
+    copy = tmp_path / "project"
+    shutil.copytree(FIXTURES / "remote_project", copy)
+    monkeypatch.syspath_prepend(str(copy))
+    for name in [m for m in sys.modules if m == "app" or m.startswith("app.")]:
+        monkeypatch.delitem(sys.modules, name)
+    for name in ("HANDLER_REMOTE_URL", "HANDLERCTL_URL", "RUNPOD_WEBHOOK_GET_JOB"):
+        monkeypatch.delenv(name, raising=False)
+    yield copy
+    remote.configure(url="", api_key="", namespace="default")
+
+
+def test_without_a_gateway_everything_runs_in_process(project):
+    tasks = importlib.import_module("app.tasks")
+    models = importlib.import_module("app.models")
+    assert tasks.add(1, 2) == 3
+    assert tasks.where() == "local"
+    assert asyncio.run(tasks.shout("hi")) == "HI"
+    assert asyncio.run(tasks.add.aio(2, 2)) == 4
+    scaler = models.Scaler(2)
+    assert isinstance(scaler, remote.unwrap(models.Scaler)) and scaler.scale(5) == 10
+    assert tasks.add.__remote__.endpoint == "cpu-tasks" and tasks.add.__name__ == "add"
+
+
+def test_inside_a_worker_calls_never_leave_the_process(project, monkeypatch):
+    monkeypatch.setenv("HANDLERCTL_URL", "http://127.0.0.1:9")  # would fail if used
+    monkeypatch.setenv("RUNPOD_WEBHOOK_GET_JOB", "http://gateway/v2/x/job-take/$ID?")
+    assert importlib.import_module("app.tasks").add(1, 1) == 2
+
+
+def test_unknown_decorator_arguments_fail_at_decoration():
+    with pytest.raises(TypeError, match="unknown argument"):
+        remote.remote(gpus=1)(lambda: None)
+
+
+@pytest.fixture
+def served(project, tmp_path):
+    """`handlerctl build`, then one `handlerctl dev` per built endpoint."""
+    result = handlerctl("build", str(project))
+    assert result.returncode == 0, result.stderr
+    out = project / ".handler_build"
+    servers = {}
+    for endpoint in ("cpu-tasks", "gpu-models"):
+        args = ("-f", str(out / "deploy" / f"{endpoint}.yaml"), "-p", str(out))
+        servers[endpoint] = DevProcess(str(project), tmp_path, args).start()
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+def test_with_a_gateway_calls_run_on_the_endpoints_workers(served):
+    tasks = importlib.import_module("app.tasks")
+    models = importlib.import_module("app.models")
+    cpu = served["cpu-tasks"]
+    remote.configure(url=cpu.url, api_key=cpu.key, namespace="default")
+    assert tasks.add(2, 3) == 5
+    assert tasks.where() == "cpu-tasks-1"  # the worker's pod id, not "local"
+    assert asyncio.run(tasks.shout("remote")) == "REMOTE"
+    assert asyncio.run(tasks.add.aio(40, 2)) == 42
+    with pytest.raises(remote.RemoteError, match="TypeError") as failure:
+        tasks.add(1, "x")
+    assert "unsupported operand" in str(failure.value)
+    assert "Traceback" in failure.value.remote_traceback
+
+    gpu = served["gpu-models"]
+    remote.configure(url=gpu.url, api_key=gpu.key)
+    scaler = models.Scaler(3)
+    assert isinstance(scaler, remote.RemoteInstance)
+    assert scaler.scale(7) == 21
+    assert asyncio.run(scaler.scale.aio(2)) == 6
