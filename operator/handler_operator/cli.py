@@ -162,6 +162,11 @@ def dev_view(snapshot) -> Group:
         str(jobs.get("retried", 0)),
     )
     parts: list[Any] = [Panel(header, title="handlerctl dev"), summary]
+    if snapshot.worker_rows:
+        workers = Table("worker", "state", "pid", "up", "jobs", box=None)
+        for name, state, pid, age, held in snapshot.worker_rows:
+            workers.add_row(name, state, str(pid), f"{age:.0f} s", str(held))
+        parts.append(workers)
     parts.append(f"last decision: {snapshot.decision or '-'}")
     if snapshot.crash:
         retry = snapshot.crash_retry_in

@@ -133,6 +133,7 @@ class Snapshot:
     figures: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
     workers: dict[str, str] = field(default_factory=dict)  # name -> state
+    worker_rows: list[tuple[str, str, int, float, int]] = field(default_factory=list)
     replicas: int = 0
     decision: str = ""
     crash: str = ""
@@ -474,6 +475,16 @@ class DevRunner:
         self.snapshot.figures = figures.model_dump()
         self.snapshot.health = health.model_dump()
         self.snapshot.workers = states
+        self.snapshot.worker_rows = [
+            (
+                w.name,
+                states[w.name],
+                w.process.pid,
+                now - w.started,
+                figures.workerJobs.get(w.name, 0),
+            )
+            for w in self.workers.values()
+        ]
         self.snapshot.replicas = self.replicas
         self.snapshot.crash = self.last_crash
         self.snapshot.crash_retry_in = (

@@ -17,11 +17,10 @@ from kopf.testing import KopfRunner
 
 from tests.chart.conftest import NAMESPACE, VARIANTS, helm, template_args
 from tests.chart.test_rbac import grants
-from tests.conftest import REPO_ROOT
 from tests.operator.conftest import OPERATOR_ARGS, call, condition, wait_for
 from tests.operator.emulator import EmulatedCluster
 from tests.processes import free_port
-from tests.tools import tool
+from tests.tools import kubectl as run_kubectl
 
 GATEWAY, OPERATOR = "handler-gateway", "handler-operator"
 HD_URL = "/apis/handlerops.dev/v1alpha1/namespaces/ml/handlerdeployments/hello"
@@ -37,18 +36,7 @@ def cluster(tmp_path):
 
 
 def kubectl(cluster, *args: str, stdin: str | None = None) -> str:
-    if args[0] == "apply":  # the emulator serves no OpenAPI; kubernetes-validate checks schemas
-        args = ("apply", "--validate=false", *args[1:])
-    result = subprocess.run(
-        [tool("kubectl"), "--kubeconfig", cluster.config, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO_ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    return run_kubectl(cluster.config, *args, stdin=stdin)
 
 
 def get(cluster, kind: str, name: str, namespace: str = NAMESPACE) -> dict:

@@ -192,3 +192,38 @@ def test_admin_commands_need_the_admin_key(gateway):
     assert json.loads(replay.stdout) == {"replayed": []}
     wrong = invoke("--url", gateway.url, "--api-key", "wrong", "health", "ep")
     assert wrong.exit_code == 3 and "gateway said 401" in wrong.output
+
+
+def test_dev_table_shows_queue_workers_decision_and_crash():
+    from rich.console import Console
+
+    from handler_operator.local import Snapshot
+
+    snapshot = Snapshot(
+        "default--hello",
+        "http://127.0.0.1:8080",
+        "key-1",
+        figures={"inQueue": 7, "inProgress": 2},
+        health={"jobs": {"completed": 40, "failed": 1, "retried": 3}},
+        workers={"hello-1": "busy", "hello-2": "starting"},
+        worker_rows=[("hello-1", "busy", 101, 12.0, 1), ("hello-2", "starting", 102, 0.4, 0)],
+        replicas=3,
+        decision="ScaleUp: 2 -> 3 workers",
+        crash="hello-0 exited with code 4: Importing handler module 'handler' failed",
+        crash_retry_in=2.0,
+    )
+    console = Console(record=True, width=160)
+    console.print(cli.dev_view(snapshot))
+    text = console.export_text()
+    for expected in (
+        "default--hello",
+        "key-1",
+        "2 / 3 wanted",
+        "busy:1 starting:1",
+        "40",
+        "ScaleUp: 2 -> 3 workers",
+        "worker crashed (next start in 2 s)",
+        "Importing handler module 'handler' failed",
+        "hello-1",
+    ):
+        assert expected in text, expected

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
 from kopf.testing import KopfRunner
 
-from tests.conftest import REPO_ROOT
 from tests.operator.conftest import (
     ADMIN_KEY,
     EXAMPLES,
@@ -144,22 +142,10 @@ def test_invalid_spec_sets_ready_false_and_others_keep_reconciling(cluster, oper
 
 @pytest.fixture
 def kubectl(cluster, tmp_path):
-    from tests.tools import tool
+    from tests.tools import kubectl
 
     config = str(cluster.kubeconfig(tmp_path / "kubectl-config"))
-
-    def run(*args: str) -> str:
-        result = subprocess.run(
-            [tool("kubectl"), "--kubeconfig", config, *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO_ROOT,
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-
-    return run
+    return lambda *args: kubectl(config, *args)
 
 
 def test_kubectl_apply_get_patch_scale_delete(cluster, operator, kubectl):
