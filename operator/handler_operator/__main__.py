@@ -20,6 +20,9 @@ def main() -> int:
     settings = OperatorSettings.from_env(os.environ)
     asyncio.run(
         kopf.operator(
+            # One replica with the Recreate strategy (the chart's Deployment): no kopf peering,
+            # so no peering CRDs or permissions on them, even where other kopf operators run.
+            standalone=True,
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}/healthz",
