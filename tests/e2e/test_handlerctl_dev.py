@@ -54,7 +54,9 @@ def worker_pids(process: DevProcess) -> set[int]:
     return descendants(process.process.pid)
 
 
-def test_hundred_jobs_scale_from_zero_and_back_and_ctrl_c_leaves_nothing(dev, tmp_path):
+def test_hundred_jobs_scale_from_zero_and_back_and_ctrl_c_leaves_nothing(
+    dev, tmp_path, monkeypatch
+):
     server = dev("examples/hello", "-f", scaling_file(tmp_path))
     assert not worker_pids(server), "no worker at rest"
     jobs = tmp_path / "jobs.jsonl"
@@ -82,12 +84,9 @@ def test_hundred_jobs_scale_from_zero_and_back_and_ctrl_c_leaves_nothing(dev, tm
     assert not worker_pids(server), "workers left after scale to zero"
 
     # The same gateway serves the unmodified runpod client; it scales up again from zero.
-    runpod.api_key = server.key
-    runpod.endpoint_url_base = server.url + "/v2"
-    try:
-        output = runpod.Endpoint(ENDPOINT).run_sync({"name": "runpod"}, timeout=60)
-    finally:
-        runpod.endpoint_url_base = "https://api.runpod.ai/v2"
+    monkeypatch.setattr(runpod, "api_key", server.key)
+    monkeypatch.setattr(runpod, "endpoint_url_base", server.url + "/v2")
+    output = runpod.Endpoint(ENDPOINT).run_sync({"name": "runpod"}, timeout=60)
     assert output == {"greeting": "Hello, runpod!"}
     seen |= worker_pids(server)
     assert seen, "workers ran"

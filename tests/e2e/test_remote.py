@@ -73,7 +73,7 @@ def test_with_a_gateway_calls_run_on_the_endpoints_workers(served):
     cpu = served["cpu-tasks"]
     remote.configure(url=cpu.url, api_key=cpu.key, namespace="default")
     assert tasks.add(2, 3) == 5
-    assert tasks.where() == "cpu-tasks-1"  # the worker's pod id, not "local"
+    assert tasks.where().startswith("cpu-tasks-")  # the worker's pod id, not "local"
     assert asyncio.run(tasks.shout("remote")) == "REMOTE"
     assert asyncio.run(tasks.add.aio(40, 2)) == 42
     with pytest.raises(remote.RemoteError, match="TypeError") as failure:
