@@ -61,6 +61,7 @@ BAD_VALUES = [
     ("metrics.serviceMonitor.interval=often", "/metrics/serviceMonitor/interval'"),
     ("gateway.resources.requests.cpu=lots", "/gateway/resources/requests/cpu'"),
     ("imagePullSecrets[0].nam=x", "additional properties 'nam' not allowed"),
+    ("gateway.ingress.host=Not_A_Host", "/gateway/ingress/host'"),
     ("gateway.extraEnv[0].name=A,gateway.extraEnv[0].value=1", "/gateway/extraEnv/0/value'"),
 ]
 
@@ -268,3 +269,22 @@ def test_notes_tell_how_to_apply_get_the_key_and_call():
         f"http://{GATEWAY}.{NAMESPACE}.svc:8080",
     ):
         assert text in notes, text
+
+
+def test_ingress_routes_the_host_to_the_gateway_service():
+    assert not render().of("Ingress")
+    rendered = render(
+        ["gateway.ingress.enabled=true", "gateway.ingress.host=gpu.example.com",
+         "gateway.ingress.tlsSecret=gpu-tls"]
+    )  # fmt: skip
+    ingress = rendered.get("Ingress", GATEWAY)["spec"]
+    assert ingress["tls"] == [{"hosts": ["gpu.example.com"], "secretName": "gpu-tls"}]
+    rule = ingress["rules"][0]
+    assert rule["host"] == "gpu.example.com"
+    assert [p["path"] for p in rule["http"]["paths"]] == ["/v2"]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": GATEWAY, "port": {"name": "http"}}
+    admin = render(["gateway.ingress.enabled=true", "gateway.ingress.exposeAdmin=true"])
+    paths = admin.get("Ingress", GATEWAY)["spec"]["rules"][0]["http"]["paths"]
+    assert [p["path"] for p in paths] == ["/v2", "/admin/v1"]
+    assert rendered.get("Service", GATEWAY)["spec"]["ports"][0]["name"] == "http"
