@@ -155,3 +155,39 @@ def test_crash_loop_shows_the_loader_message_backs_off_and_reload_fixes_it(dev, 
         time.sleep(0.3)
     assert view["output"] == {"fixed": True}
     assert server.interrupt() == 0
+
+
+def test_reload_lets_a_busy_worker_finish_its_job_first(dev, tmp_path):
+    project = tmp_path / "versioned"
+    project.mkdir()
+    handler = project / "handler.py"
+    source = (
+        "import time\n\n\ndef handler(job):\n"
+        "    time.sleep(job['input'].get('sleep', 0))\n    return {{'version': {version}}}\n"
+    )
+    handler.write_text(source.format(version=1))
+    server = dev(str(project), "-f", scaling_file(tmp_path, "versioned"))
+    base = ("--url", server.url, "--api-key", server.key)
+    busy = json.loads(
+        handlerctl(*base, "run", "default--versioned", "--input", '{"sleep": 4}').stdout
+    )["id"]
+    deadline = time.monotonic() + 30
+    while json.loads(handlerctl(*base, "status", "default--versioned", busy).stdout)["status"] != (
+        "IN_PROGRESS"
+    ):
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.1)
+
+    handler.write_text(source.format(version=2))
+    server.wait_log("reload: handler.py changed", timeout=10)
+    after = handlerctl(*base, "run", "default--versioned", "--input", "{}", "--wait")
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout)["output"] == {"version": 2}
+    deadline = time.monotonic() + 30
+    while True:
+        finished = json.loads(handlerctl(*base, "status", "default--versioned", busy).stdout)
+        if finished["status"] != "IN_PROGRESS" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert finished["status"] == "COMPLETED"
+    assert finished["output"] == {"version": 1}, "the busy worker finished with the old code"
