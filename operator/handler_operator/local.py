@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import re
 import secrets
@@ -28,7 +27,7 @@ from handler_gateway.keys import Keys
 from handler_gateway.models import EndpointConfig, QueueFigures
 from handler_gateway.operations import Gateway
 from handler_gateway.routes import GATEWAY, create_app
-from handler_operator import builders, policies
+from handler_operator import builders, policies, scalers
 from handler_operator.models import HandlerDeployment
 from handler_operator.policies import Observation, PodView, ScalerState
 from handler_operator.settings import OperatorSettings
@@ -304,24 +303,13 @@ class DevRunner:
         decision = policies.compute_desired_replicas(
             obs, self.target.hd.spec.scaling, self.state, now
         )
-        self.state = decision.state
-        for name in decision.undrain:
-            await self.gateway.drain(self.endpoint, name, False)
-        ready_to_go = list(decision.remove)
-        for name in decision.drain:
-            held = await self.gateway.drain(self.endpoint, name, True)
-            if not held and name not in ready_to_go:
-                ready_to_go.append(name)
+        ready_to_go = await scalers.drain_workers(self.gateway, self.endpoint, decision)
         for name in ready_to_go:
             if name in self.workers:
                 self._stop_in_background(self.workers[name])
-        extra = len([n for n in ready_to_go if n not in decision.remove])
-        if ready_to_go:
-            self.state = dataclasses.replace(
-                self.state, draining=tuple(n for n in self.state.draining if n not in ready_to_go)
-            )
-        replicas = max(0, decision.replicas - extra)
-        decision = policies.with_removals(decision, self.replicas, replicas, ready_to_go)
+        decision = policies.carried_out(decision, self.replicas, ready_to_go)
+        self.state = decision.state
+        replicas = decision.replicas
         if replicas != self.replicas or ready_to_go:
             events.append(
                 f"workers {self.replicas} -> {replicas} ({decision.reason}: {decision.message})"

@@ -6,7 +6,7 @@ Pure: plain values in, plain values out; the operator and `handlerctl dev` both 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -262,13 +262,20 @@ def compute_desired_replicas(
     )
 
 
-def with_removals(decision: Decision, before: int, after: int, removed: list[str]) -> Decision:
-    """The decision as carried out: drained workers that held no job went at once, so the
-    reason is the scale-down itself, not the drain."""
-    if not removed or after >= before:
+def carried_out(decision: Decision, before: int, gone: Sequence[str]) -> Decision:
+    """The decision once its drains were answered: drained workers that hold no job (`gone`) go
+    now. The policy counted `remove` in `replicas` already; the others lower it as well, leave
+    the draining list, and the reason becomes the scale-down itself, not the drain."""
+    if not gone:
         return decision
+    extra = len([name for name in gone if name not in decision.remove])
+    replicas = max(0, decision.replicas - extra)
+    draining = tuple(name for name in decision.state.draining if name not in gone)
+    result = replace(decision, replicas=replicas, state=replace(decision.state, draining=draining))
+    if replicas >= before:
+        return result
     return replace(
-        decision,
-        reason=SCALED_TO_ZERO if after == 0 else SCALE_DOWN,
-        message=f"{before} -> {after} workers; removed idle {', '.join(removed)}",
+        result,
+        reason=SCALED_TO_ZERO if replicas == 0 else SCALE_DOWN,
+        message=f"{before} -> {replicas} workers; removed idle {', '.join(gone)}",
     )

@@ -9,7 +9,6 @@ status and events. Pods and replica counts come from the kopf watches, never fro
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime
 import logging
 import time
@@ -62,6 +61,19 @@ def pod_view(pod: dict[str, Any], live_workers: set[str]) -> PodView | None:
         unschedulable,
         scheduled.get("message") or "" if unschedulable is not None else "",
     )
+
+
+async def drain_workers(gateway: Any, endpoint: str, decision: policies.Decision) -> list[str]:
+    """Undrain and drain as `decision` says, on a gateway (admin client or in-process); returns
+    the workers ready to go: the policy's `remove`, and drained ones that hold no job."""
+    for worker in decision.undrain:
+        await gateway.drain(endpoint, worker, False)
+    ready_to_go = list(decision.remove)
+    for worker in decision.drain:
+        held = await gateway.drain(endpoint, worker, True)
+        if not held and worker not in ready_to_go:
+            ready_to_go.append(worker)
+    return ready_to_go
 
 
 def heartbeat_condition(pod: dict[str, Any]) -> str | None:
@@ -214,9 +226,15 @@ class Scaler:
             last_activity=figures.get("lastActivity"),
         )
         decision = policies.compute_desired_replicas(obs, hd.spec.scaling, target.state, now)
+        removed = await drain_workers(self.gateway, hd.endpoint_id, decision)
+        # Marked pods go first when the count falls: the ReplicaSet never replaces one of them.
+        for name in removed:
+            await self.kube.annotate_pod(
+                hd.namespace, name, {builders.DELETION_COST: builders.LOWEST_DELETION_COST}
+            )
+        decision = policies.carried_out(decision, obs.replicas, removed)
         target.state = decision.state
-        replicas, removed = await self._execute(target, decision)
-        decision = policies.with_removals(decision, obs.replicas, replicas, removed)
+        replicas = decision.replicas
         last_scale = target.status.get("lastScaleTime")
         if replicas != target.replicas:
             deployment = builders.build_deployment(hd, self.settings, replicas)
@@ -232,34 +250,6 @@ class Scaler:
         if last_scale:
             fields["lastScaleTime"] = last_scale
         await self._write_status(target, fields, scaling=decision, now=now)
-
-    async def _execute(self, target: Target, decision: policies.Decision) -> tuple[int, list[str]]:
-        """Undrain and drain workers; mark the ones ready to go (idle and drained) for removal.
-
-        Returns the replica count to apply and the pods to delete once it is applied. Marked
-        pods carry the lowest pod-deletion-cost, so the ReplicaSet removes exactly those when
-        the count comes down, and never creates a replacement for a pod deleted too early.
-        """
-        endpoint = target.hd.endpoint_id
-        for worker in decision.undrain:
-            await self.gateway.drain(endpoint, worker, False)
-        ready_to_go = list(decision.remove)
-        for worker in decision.drain:
-            held = await self.gateway.drain(endpoint, worker, True)
-            if not held and worker not in ready_to_go:
-                ready_to_go.append(worker)
-        for name in ready_to_go:
-            await self.kube.annotate_pod(
-                target.hd.namespace, name, {builders.DELETION_COST: builders.LOWEST_DELETION_COST}
-            )
-        if ready_to_go:
-            target.state = dataclasses.replace(
-                target.state,
-                draining=tuple(n for n in target.state.draining if n not in ready_to_go),
-            )
-        # The policy already counted `remove` (and replicas without pods) in decision.replicas.
-        extra = len([n for n in ready_to_go if n not in decision.remove])
-        return max(0, decision.replicas - extra), ready_to_go
 
     async def _remove(self, target: Target, names: list[str]) -> None:
         """Delete drained pods (only those very pods: uid precondition) after the count fell."""

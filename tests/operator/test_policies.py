@@ -420,3 +420,35 @@ def test_the_sim_executes_like_the_operator():
     assert sim.replicas == 3 and len(sim.draining) == 2
     sim.step(3.0, 0, {name: 1 for name in list(sim.pods)[:1]})
     assert sim.replicas == 1 and replace(sim.state).draining == ()
+
+
+@pytest.mark.parametrize(
+    ("gone", "replicas", "reason"),
+    [
+        ((), 3, policies.DRAINING),
+        (("b",), 2, policies.SCALE_DOWN),
+        (("b", "c"), 1, policies.SCALE_DOWN),
+    ],
+    ids=["none-gone", "one-idle", "two-idle"],
+)
+def test_carried_out_drops_idle_drained_workers_at_once(gone, replicas, reason):
+    decision = policies.Decision(
+        replicas=3,
+        desired=1,
+        reason=policies.DRAINING,
+        message="draining",
+        drain=("b", "c"),
+        state=ScalerState(draining=("b", "c")),
+    )
+    done = policies.carried_out(decision, 3, list(gone))
+    assert done.replicas == replicas and done.reason == reason
+    assert done.state.draining == tuple(n for n in ("b", "c") if n not in gone)
+
+
+def test_carried_out_counts_the_policys_own_removals_once():
+    decision = policies.Decision(
+        replicas=0, desired=0, reason=policies.SCALED_TO_ZERO, message="", remove=("a",)
+    )
+    done = policies.carried_out(decision, 1, ["a"])
+    assert done.replicas == 0 and done.reason == policies.SCALED_TO_ZERO
+    assert done.message == "1 -> 0 workers; removed idle a"
