@@ -31,6 +31,7 @@ from handler_operator import builders, policies, scalers
 from handler_operator.models import HandlerDeployment
 from handler_operator.policies import Observation, PodView, ScalerState
 from handler_operator.settings import OperatorSettings
+from handler_worker.endpoints import endpoint_name
 
 PASS_WAIT_S = 0.5  # the loop runs at least this often, at once when a job is queued
 RELOAD_CHECK_S = 1.0
@@ -56,11 +57,6 @@ class DevTarget:
         return self.hd.spec.handler.module
 
 
-def _dns_name(text: str) -> str:
-    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
-    return name[:63] or "handler"
-
-
 def resolve_target(
     target: str, manifest: str | None = None, extra_paths: tuple[str, ...] = ()
 ) -> DevTarget:
@@ -78,12 +74,16 @@ def resolve_target(
         if not isinstance(body, dict) or body.get("kind") != "HandlerDeployment":
             raise DevError(f"{manifest_path} is not a HandlerDeployment")
     if place.is_dir():
-        path, name = place.resolve(), _dns_name(place.resolve().name)
+        path, name = place.resolve(), endpoint_name(place.resolve().name, "handler")
         module = "handler" if (place / "handler.py").is_file() else None
     elif place.suffix == ".py" and place.is_file():
-        path, name, module = place.resolve().parent, _dns_name(place.stem), place.stem
+        path, name, module = (
+            place.resolve().parent,
+            endpoint_name(place.stem, "handler"),
+            place.stem,
+        )
     elif re.fullmatch(r"[A-Za-z_][\w.]*", target):
-        path, name, module = Path.cwd(), _dns_name(target.rsplit(".", 1)[-1]), target
+        path, name, module = Path.cwd(), endpoint_name(target.rsplit(".", 1)[-1], "handler"), target
     else:
         raise DevError(f"{target}: not a directory, a .py file or a module name")
     if body is None:

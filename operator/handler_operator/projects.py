@@ -6,28 +6,18 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from handler_operator.models import HandlerDeployment
+from handler_worker.endpoints import REMOTE_OPTIONS, endpoint_name
 
 REMOTE_MODULE = "handler_worker.remote"
 PACKAGE = "handlerops_endpoints"  # generated handler modules: handlerops_endpoints.<endpoint>
 MANIFEST = "handler_manifest.json"
-OPTIONS = {
-    "endpoint": str,
-    "gpu": int,
-    "gpu_vendor": str,
-    "gpu_product": str,
-    "cpu": (str, int, float),
-    "memory": str,
-    "min_workers": int,
-    "max_workers": int,
-    "dependencies": list,
-}
+OPTIONS = {name: types for name, (types, _) in REMOTE_OPTIONS.items()}
 _RESOURCE_KEYS = ("gpu", "gpu_vendor", "gpu_product", "cpu", "memory", "min_workers", "max_workers")
 
 
@@ -60,11 +50,6 @@ class RemoteTarget:
 class ScanResult:
     targets: list[RemoteTarget] = field(default_factory=list)
     errors: list[Problem] = field(default_factory=list)
-
-
-def endpoint_name(name: str) -> str:
-    """Same rule as handler_worker.remote.endpoint_name (a DNS-1123 label)."""
-    return re.sub(r"[^a-z0-9-]+", "-", str(name).lower()).strip("-")[:63] or "remote"
 
 
 def module_name(path: str) -> str:

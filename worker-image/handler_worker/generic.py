@@ -177,6 +177,30 @@ def create_handler(
     return handler
 
 
+def _call_fields(
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    constructor: tuple[tuple[Any, ...], Mapping[str, Any]] | None,
+    method_name: str | None,
+) -> dict[str, Any]:
+    """The encoded arguments of a call; with `constructor` (args, kwargs), a class method call."""
+    request: dict[str, Any] = {
+        "args": [serialization.encode(arg) for arg in args],
+        "kwargs": {key: serialization.encode(value) for key, value in kwargs.items()},
+    }
+    if constructor is not None:
+        constructor_args, constructor_kwargs = constructor
+        request.update(
+            execution_type="class",
+            method_name=method_name or "__call__",
+            constructor_args=[serialization.encode(arg) for arg in constructor_args],
+            constructor_kwargs={
+                key: serialization.encode(value) for key, value in constructor_kwargs.items()
+            },
+        )
+    return request
+
+
 def build_request(
     function: Callable[..., Any] | type,
     *args: Any,
@@ -186,22 +210,24 @@ def build_request(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """The job `input` that runs `function(*args, **kwargs)` (or a class method) remotely."""
-    request: dict[str, Any] = {
+    constructor = (constructor_args, constructor_kwargs or {})
+    is_class = isinstance(function, type)
+    return {
         "function": serialization.encode(function),
-        "args": [serialization.encode(arg) for arg in args],
-        "kwargs": {key: serialization.encode(value) for key, value in kwargs.items()},
+        **_call_fields(args, kwargs, constructor if is_class else None, method_name),
     }
-    if isinstance(function, type):
-        request.update(
-            execution_type="class",
-            method_name=method_name or "__call__",
-            constructor_args=[serialization.encode(arg) for arg in constructor_args],
-            constructor_kwargs={
-                key: serialization.encode(value)
-                for key, value in (constructor_kwargs or {}).items()
-            },
-        )
-    return request
+
+
+def build_named_request(
+    name: str,
+    args: tuple[Any, ...] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    constructor: tuple[tuple[Any, ...], Mapping[str, Any]] | None = None,
+    method_name: str | None = None,
+) -> dict[str, Any]:
+    """The job `input` that calls the registered `name` (`function_name`, as handlers from
+    `handlerctl build` serve); with `constructor` (args, kwargs), `name` is a class."""
+    return {"function_name": name, **_call_fields(args, kwargs or {}, constructor, method_name)}
 
 
 def decode_result(output: Mapping[str, Any]) -> Any:

@@ -14,25 +14,13 @@ import concurrent.futures
 import functools
 import inspect
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from handler_worker import serialization
+from handler_worker.endpoints import REMOTE_OPTIONS, endpoint_name
+from handler_worker.generic import build_named_request, decode_result
 
-# The decorator's arguments (all literals, so that `handlerctl build` can read them).
-OPTIONS = {
-    "endpoint": "endpoint name (default: the function or class name)",
-    "gpu": "GPUs per worker (int, default 0)",
-    "gpu_vendor": "nvidia or amd",
-    "gpu_product": "GPU product label, e.g. NVIDIA-A100-SXM4-80GB",
-    "cpu": "CPU request, e.g. '4'",
-    "memory": "memory request, e.g. '16Gi'",
-    "min_workers": "workers kept at all times (default 0)",
-    "max_workers": "most workers at once (default 1)",
-    "dependencies": "pip requirements of the function (list of strings)",
-}
 _TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
 
@@ -85,11 +73,6 @@ def active_config(env: Mapping[str, str] | None = None) -> RemoteConfig | None:
     return RemoteConfig(url.rstrip("/"), key, namespace, _config.timeout)
 
 
-def endpoint_name(name: str) -> str:
-    """A DNS-1123 endpoint name from a function or class name (`embed_texts` -> embed-texts)."""
-    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63] or "remote"
-
-
 @dataclass(frozen=True)
 class RemoteOptions:
     endpoint: str
@@ -98,9 +81,11 @@ class RemoteOptions:
 
 def remote(target: Any = None, /, **options: Any) -> Any:
     """`@remote`, `@remote(endpoint=..., gpu=1, ...)` on a function or a class."""
-    unknown = sorted(set(options) - set(OPTIONS))
+    unknown = sorted(set(options) - set(REMOTE_OPTIONS))
     if unknown:
-        raise TypeError(f"@remote got unknown argument(s) {unknown}; allowed: {sorted(OPTIONS)}")
+        raise TypeError(
+            f"@remote got unknown argument(s) {unknown}; allowed: {sorted(REMOTE_OPTIONS)}"
+        )
 
     def decorate(obj: Any) -> Any:
         meta = RemoteOptions(endpoint_name(options.get("endpoint") or obj.__name__), options)
@@ -128,11 +113,7 @@ class RemoteFunction:
         self._is_async = inspect.iscoroutinefunction(function)
 
     def _request(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        return {
-            "function_name": self.__remote_wrapped__.__name__,
-            "args": [serialization.encode(a) for a in args],
-            "kwargs": {k: serialization.encode(v) for k, v in kwargs.items()},
-        }
+        return build_named_request(self.__remote_wrapped__.__name__, args, kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._is_async:
@@ -191,16 +172,8 @@ class RemoteMethod:
         self.instance, self.method = instance, method
 
     def _request(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        cargs, ckwargs = self.instance._constructor
-        return {
-            "function_name": self.instance._name,
-            "execution_type": "class",
-            "method_name": self.method,
-            "constructor_args": [serialization.encode(a) for a in cargs],
-            "constructor_kwargs": {k: serialization.encode(v) for k, v in ckwargs.items()},
-            "args": [serialization.encode(a) for a in args],
-            "kwargs": {k: serialization.encode(v) for k, v in kwargs.items()},
-        }
+        instance = self.instance
+        return build_named_request(instance._name, args, kwargs, instance._constructor, self.method)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         instance = self.instance
@@ -250,9 +223,7 @@ async def submit(config: RemoteConfig, endpoint: str, request: dict[str, Any]) -
             f"{output.get('error_type', 'Error')}: {output.get('error')}",
             output.get("traceback", ""),
         )
-    if "json_result" in output:
-        return output["json_result"]
-    return serialization.decode(output["result"], "result")
+    return decode_result(output)
 
 
 async def _json(session: Any, method: str, url: str, body: Any = None) -> dict[str, Any]:
