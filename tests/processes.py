@@ -258,9 +258,9 @@ class DevProcess:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def start(self, timeout: float = 30) -> DevProcess:
-        command = ["handlerctl", "dev", self.target, "--port", str(self.port), "--key", self.key]
+        command = ["dev", self.target, "--port", str(self.port), "--key", self.key, *self.args]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "handler_operator.cli", *command[1:], *self.args],
+            [sys.executable, "-m", "handler_operator.cli", *command],
             env=subprocess_env(COLUMNS="200"),
             cwd=REPO_ROOT,
             stdout=open(self.log_path, "w"),  # noqa: SIM115

@@ -145,7 +145,7 @@ def dev_view(snapshot) -> Group:
     figures, health = snapshot.figures or {}, snapshot.health or {}
     jobs = health.get("jobs", {})
     counts: dict[str, int] = {}
-    for state in snapshot.workers.values():
+    for _, state, *_ in snapshot.worker_rows:
         counts[state] = counts.get(state, 0) + 1
     header = (
         f"endpoint [bold]{snapshot.endpoint}[/]   URL {snapshot.url}/v2/{snapshot.endpoint}\n"
@@ -155,7 +155,7 @@ def dev_view(snapshot) -> Group:
     summary.add_row(
         str(figures.get("inQueue", 0)),
         str(figures.get("inProgress", 0)),
-        f"{len(snapshot.workers)} / {snapshot.replicas} wanted  "
+        f"{len(snapshot.worker_rows)} / {snapshot.replicas} wanted  "
         + " ".join(f"{state}:{n}" for state, n in sorted(counts.items())),
         str(jobs.get("completed", 0)),
         str(jobs.get("failed", 0)),
@@ -298,7 +298,8 @@ async def wait_terminal(client: JobClient, endpoint: str, job: dict, deadline: f
 
 
 def progress(total: int, what: str) -> Progress:
-    bar = Progress(
+    """A progress bar on stderr (stdout stays JSON), shown only for several jobs."""
+    return Progress(
         TextColumn(what),
         BarColumn(),
         MofNCompleteColumn(),
@@ -306,7 +307,6 @@ def progress(total: int, what: str) -> Progress:
         console=err,
         disable=total < 2,
     )
-    return bar
 
 
 async def submit_all(

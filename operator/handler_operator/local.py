@@ -131,14 +131,12 @@ class Snapshot:
     api_key: str
     figures: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
-    workers: dict[str, str] = field(default_factory=dict)  # name -> state
+    # (name, state, pid, seconds up, jobs held) per worker process
     worker_rows: list[tuple[str, str, int, float, int]] = field(default_factory=list)
     replicas: int = 0
     decision: str = ""
     crash: str = ""
     crash_retry_in: float | None = None
-    restarts: int = 0
-    reloads: int = 0
     log_dir: str = ""
 
 
@@ -171,7 +169,6 @@ class DevRunner:
         self.crashes = 0
         self.backoff_until = 0.0
         self.last_crash = ""
-        self.restarts = 0
         self.log_dir = Path(tempfile.mkdtemp(prefix="handlerctl-dev-"))
         self._stopping = asyncio.Event()
         self._mtimes: dict[Path, float] = {}
@@ -251,12 +248,11 @@ class DevRunner:
             return {}
         return poll.result()
 
-    async def shutdown(self, timeout: float | None = None) -> None:
-        """Drain: no new jobs; wait for running ones (until `timeout`), stop workers, gateway."""
+    async def shutdown(self) -> None:
+        """Drain: no new jobs; wait for running ones (up to the execution timeout, or until a
+        second Ctrl-C), then stop the workers and the gateway."""
         assert self.gateway is not None
-        deadline = self.clock() + (
-            timeout if timeout is not None else self.target.hd.spec.jobs.executionTimeoutSeconds
-        )
+        deadline = self.clock() + self.target.hd.spec.jobs.executionTimeoutSeconds
         for worker in self.workers.values():
             with contextlib.suppress(Exception):
                 await self.gateway.drain(self.endpoint, worker.name, True)
@@ -345,8 +341,6 @@ class DevRunner:
 
     def _spawn(self, now: float) -> Worker:
         self.counter += 1
-        if self.counter > 1 and self.last_crash:
-            self.restarts += 1
         name = f"{self.target.hd.name}-{self.counter}"
         log = self.log_dir / f"{name}.log"
         termination = self.log_dir / f"{name}.termination"
@@ -428,7 +422,6 @@ class DevRunner:
         self._mtimes = mtimes
         self.generation += 1
         self.crashes, self.backoff_until, self.last_crash = 0, 0.0, ""
-        self.snapshot.reloads += 1
         return [
             f"reload: {', '.join(changed)} changed; restarting workers (busy ones finish first)"
         ]
@@ -445,28 +438,23 @@ class DevRunner:
                 await self.gateway.drain(self.endpoint, worker.name, True)
 
     # -- what the table shows ---------------------------------------------------------------
+    def _state(self, worker: Worker, figures: QueueFigures) -> str:
+        if worker.stopping:
+            return "stopping"
+        if worker.generation != self.generation:
+            return "reloading"
+        gateway_state = figures.workerStates.get(worker.name)
+        return "busy" if gateway_state == "running" else gateway_state or "starting"
+
     async def _refresh(self, figures: QueueFigures, now: float) -> None:
         assert self.gateway is not None
         health = await self.gateway.health(self.endpoint)
-        states = {}
-        for worker in self.workers.values():
-            if worker.stopping:
-                states[worker.name] = "stopping"
-            elif worker.generation != self.generation:
-                states[worker.name] = "reloading"
-            else:
-                gateway_state = figures.workerStates.get(worker.name)
-                states[worker.name] = {
-                    None: "starting",
-                    "running": "busy",
-                }.get(gateway_state, gateway_state or "starting")
         self.snapshot.figures = figures.model_dump()
         self.snapshot.health = health.model_dump()
-        self.snapshot.workers = states
         self.snapshot.worker_rows = [
             (
                 w.name,
-                states[w.name],
+                self._state(w, figures),
                 w.process.pid,
                 now - w.started,
                 figures.workerJobs.get(w.name, 0),
@@ -478,4 +466,3 @@ class DevRunner:
         self.snapshot.crash_retry_in = (
             max(0.0, self.backoff_until - now) if self.backoff_until > now else None
         )
-        self.snapshot.restarts = self.restarts

@@ -205,7 +205,6 @@ def test_dev_table_shows_queue_workers_decision_and_crash():
         "key-1",
         figures={"inQueue": 7, "inProgress": 2},
         health={"jobs": {"completed": 40, "failed": 1, "retried": 3}},
-        workers={"hello-1": "busy", "hello-2": "starting"},
         worker_rows=[("hello-1", "busy", 101, 12.0, 1), ("hello-2", "starting", 102, 0.4, 0)],
         replicas=3,
         decision="ScaleUp: 2 -> 3 workers",
