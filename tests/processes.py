@@ -6,13 +6,16 @@ ping subprocess never outlives a test.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -117,6 +120,26 @@ class GatewayProcess:
         if self.process is not None:
             kill_group(self.process)
 
+
+_shared_redis: RedisServer | None = None
+
+
+def shared_redis_url() -> str:
+    """One redis-server per test process on a free port, started on first use and stopped at
+    exit; tests keep apart by key prefix. Fails (never skips) when redis-server is missing."""
+    global _shared_redis
+    if _shared_redis is None:
+        workdir = Path(tempfile.mkdtemp(prefix="test-redis-"))
+        server = RedisServer(workdir, appendfsync="everysec").start()
+
+        def stop() -> None:
+            server.kill()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+        atexit.register(stop)
+        _shared_redis = server
+    return _shared_redis.url
+
     def register(self, endpoint: str, token: str, **config) -> None:
         status, _ = http_json(
             "PUT", f"{self.url}/admin/v1/endpoints/{endpoint}", {"workerToken": token, **config}
@@ -161,12 +184,17 @@ class RedisServer:
     workdir: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    appendfsync: str = "always"
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10) -> RedisServer:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError(
+                "redis-server is not installed (Debian package redis-server; .ci/run installs it)"
+            )
         self.process = subprocess.Popen(
             [
                 "redis-server",
@@ -179,7 +207,7 @@ class RedisServer:
                 "--appendonly",
                 "yes",
                 "--appendfsync",
-                "always",
+                self.appendfsync,
                 "--save",
                 "",
                 "--daemonize",

@@ -7,7 +7,7 @@ import uuid
 import pytest
 import runpod
 
-from tests.gateway.conftest import REDIS_URL, backend_params, clean_redis_prefix
+from tests.gateway.conftest import backend_params, clean_redis_prefix, redis_url
 from tests.processes import CLIENT_KEY, GatewayProcess, kill_group, start_worker
 
 TOKEN = "e2e-worker-token-0123456789"
@@ -19,7 +19,7 @@ def gateway(request, tmp_path):
     if request.param == "memory":
         process = GatewayProcess("memory://", tmp_path)
     else:
-        process = GatewayProcess(REDIS_URL, tmp_path, extra_args=("--redis-prefix", prefix))
+        process = GatewayProcess(redis_url(), tmp_path, extra_args=("--redis-prefix", prefix))
     process.start()
     process.register("ep", TOKEN, heartbeatIntervalSeconds=1, heartbeatMisses=3)
     yield process

@@ -3,13 +3,12 @@ Redis killed and restarted. Nothing accepted may be lost."""
 
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 
 import pytest
 
-from tests.gateway.conftest import REDIS_URL, clean_redis_prefix, redis_available
+from tests.gateway.conftest import clean_redis_prefix, redis_url
 from tests.processes import (
     CLIENT_KEY,
     GatewayProcess,
@@ -105,10 +104,9 @@ def test_sigkill_worker_mid_job_loses_nothing(tmp_path, start_workers):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not redis_available(), reason="no Redis on 127.0.0.1:6379")
 def test_gateway_restart_under_load_loses_and_duplicates_nothing(tmp_path, start_workers):
     prefix = f"fault-{uuid.uuid4().hex[:8]}"
-    gateway = GatewayProcess(REDIS_URL, tmp_path, extra_args=("--redis-prefix", prefix)).start()
+    gateway = GatewayProcess(redis_url(), tmp_path, extra_args=("--redis-prefix", prefix)).start()
     try:
         gateway.register("ep", TOKEN, heartbeatIntervalSeconds=1, heartbeatMisses=2, maxRetries=5)
         start_workers(gateway, "w1", "w2")
@@ -126,7 +124,6 @@ def test_gateway_restart_under_load_loses_and_duplicates_nothing(tmp_path, start
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 def test_redis_outage_is_a_503_then_full_recovery(tmp_path):
     (tmp_path / "redis").mkdir()
     server = RedisServer(tmp_path / "redis").start()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,8 +16,8 @@ from handler_gateway.backends import open_backend
 from handler_gateway.keys import Keys
 from handler_gateway.operations import Timings
 from handler_gateway.routes import GATEWAY, create_app
+from tests.processes import shared_redis_url
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 CLIENT_KEY = "client-key-for-tests"
 ADMIN_KEY = "admin-key-for-tests"
 WORKER_TOKEN = "worker-token-0123456789"
@@ -36,24 +34,17 @@ FAST = Timings(
 )
 
 
-def redis_available() -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", 6379), 0.5):
-        return True
-    return False
+def redis_url() -> str:
+    """The test run's own redis-server (started on first use, on a free port)."""
+    return shared_redis_url()
 
 
 def backend_params():
-    return [
-        "memory",
-        pytest.param(
-            "redis",
-            marks=pytest.mark.skipif(not redis_available(), reason="no Redis on 127.0.0.1:6379"),
-        ),
-    ]
+    return ["memory", "redis"]
 
 
-def clean_redis_prefix(prefix: str, url: str = REDIS_URL) -> None:
-    client = redis.Redis.from_url(url)
+def clean_redis_prefix(prefix: str, url: str | None = None) -> None:
+    client = redis.Redis.from_url(url or redis_url())
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
     if keys:
         client.delete(*keys)
@@ -74,7 +65,7 @@ def make_backend(backend_kind):
             return open_backend("memory://")
         prefix = f"test-{uuid.uuid4().hex[:10]}"
         prefixes.append(prefix)
-        return open_backend(REDIS_URL, prefix=prefix)
+        return open_backend(redis_url(), prefix=prefix)
 
     yield make
     for prefix in prefixes:

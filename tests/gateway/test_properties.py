@@ -12,7 +12,6 @@ import asyncio
 import time
 import uuid
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -27,7 +26,7 @@ from handler_gateway.backends import open_backend
 from handler_gateway.jobs import TERMINAL, JobStatus
 from handler_gateway.models import EndpointConfig, RunRequest
 from handler_gateway.operations import Conflict, Gateway, Timings
-from tests.gateway.conftest import REDIS_URL, clean_redis_prefix, redis_available
+from tests.gateway.conftest import clean_redis_prefix, redis_url
 
 WORKERS = ["w1", "w2", "w3"]
 ENDPOINT = "prop"
@@ -194,7 +193,9 @@ class GatewayMachine(RuleBasedStateMachine):
 
 
 class RedisGatewayMachine(GatewayMachine):
-    backend_url = REDIS_URL
+    @property
+    def backend_url(self) -> str:
+        return redis_url()
 
 
 TestMemoryBackendProperties = GatewayMachine.TestCase
@@ -205,9 +206,7 @@ TestMemoryBackendProperties.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 
-TestRedisBackendProperties = pytest.mark.skipif(not redis_available(), reason="no Redis")(
-    RedisGatewayMachine.TestCase
-)
+TestRedisBackendProperties = RedisGatewayMachine.TestCase
 TestRedisBackendProperties.settings = settings(
     max_examples=15,
     stateful_step_count=25,
