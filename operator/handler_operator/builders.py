@@ -19,6 +19,21 @@ from handler_operator.settings import OperatorSettings
 WORKER_CONTAINER = "worker"
 TOKEN_KEY = "token"
 HEARTBEAT_CONDITION = f"{GROUP}/heartbeat"
+# Defaults that pass the Pod Security Standard "restricted" (namespaces labelled
+# pod-security.kubernetes.io/enforce: restricted admit no other pods); the uid is the worker
+# image's. A HandlerDeployment replaces either with its own.
+WORKER_UID = 10001
+RESTRICTED_POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": WORKER_UID,
+    "runAsGroup": WORKER_UID,
+    "fsGroup": WORKER_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
 # A ReplicaSet scaling down removes the pods with the lowest deletion cost first.
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 LOWEST_DELETION_COST = str(-(2**31))
@@ -172,6 +187,7 @@ def build_deployment(
         "env": runtime_env(hd, settings) + list(spec.env),
         "resources": _resources(hd),
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": spec.securityContext or RESTRICTED_CONTAINER_SECURITY,
     }
     if spec.imagePullPolicy:
         container["imagePullPolicy"] = spec.imagePullPolicy
@@ -182,6 +198,7 @@ def build_deployment(
     pod: dict[str, Any] = {
         "serviceAccountName": service_account_name(hd),
         "automountServiceAccountToken": False,
+        "securityContext": spec.podSecurityContext or RESTRICTED_POD_SECURITY,
         # The SDK finishes in-flight jobs on SIGTERM: give it the whole execution timeout.
         "terminationGracePeriodSeconds": spec.jobs.executionTimeoutSeconds
         + settings.termination_grace_extra_seconds,

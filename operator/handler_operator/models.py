@@ -21,6 +21,19 @@ CATEGORY = "handlerops"
 MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 RESERVED_ENV_PREFIXES = ("RUNPOD_", "HANDLER_")
 RESERVED_ENV_RULE = "self.all(e, !e.name.startsWith('RUNPOD_') && !e.name.startsWith('HANDLER_'))"
+# What the API server's CEL compiler must see of an env entry: its `name`, declared, bounded
+# (a rule may only select declared fields, and its cost must be bounded); the rest of the EnvVar
+# shape is kept as-is and validated by the API server when the Deployment is applied.
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+MAX_ENV = 128
+ENV_ITEM_SCHEMA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": ENV_NAME_PATTERN}
+    },
+    "additionalProperties": True,
+}
 
 # A Kubernetes object (EnvVar, Volume, Toleration ...) kept as-is: the API server validates it.
 K8sObject = dict[str, Any]
@@ -93,7 +106,9 @@ class ScalingSpec(_Spec):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "self.maxReplicas >= self.minReplicas",
+                    # has(): the CRD's `default: {}` is checked before its fields' defaults apply.
+                    "rule": "!has(self.maxReplicas) || !has(self.minReplicas) "
+                    "|| self.maxReplicas >= self.minReplicas",
                     "message": "maxReplicas must be greater than or equal to minReplicas",
                 },
                 *(_rate_rule(name) for name in RATE_FIELDS),
@@ -200,8 +215,10 @@ class HandlerDeploymentSpec(_Spec):
     jobs: JobsSpec = Field(default_factory=JobsSpec)
     env: list[K8sObject] = Field(
         default_factory=list,
+        max_length=MAX_ENV,
         description="Extra container env (Kubernetes EnvVar); RUNPOD_* and HANDLER_* are reserved.",
         json_schema_extra={
+            "items": ENV_ITEM_SCHEMA,
             "x-kubernetes-validations": [
                 {
                     "rule": RESERVED_ENV_RULE,
@@ -224,6 +241,17 @@ class HandlerDeploymentSpec(_Spec):
     podAnnotations: dict[str, str] = Field(default_factory=dict)
     podLabels: dict[str, str] = Field(default_factory=dict)
     priorityClassName: str | None = None
+    podSecurityContext: K8sObject | None = Field(
+        None,
+        description="Pod securityContext; replaces the default, which passes the Pod Security "
+        "Standard 'restricted' (runAsNonRoot, uid/gid 10001 as in the worker image, seccomp "
+        "RuntimeDefault).",
+    )
+    securityContext: K8sObject | None = Field(
+        None,
+        description="Worker container securityContext; replaces the default "
+        "(allowPrivilegeEscalation false, all capabilities dropped).",
+    )
 
     @field_validator("env")
     @classmethod
@@ -232,6 +260,8 @@ class HandlerDeploymentSpec(_Spec):
             name = item.get("name")
             if not isinstance(name, str) or not name:
                 raise ValueError("every env entry needs a name")
+            if not re.fullmatch(ENV_NAME_PATTERN, name) or len(name) > 256:
+                raise ValueError(f"env name {name!r} is not a valid environment variable name")
             if name.startswith(RESERVED_ENV_PREFIXES):
                 raise ValueError(
                     f"env {name} is reserved: RUNPOD_* and HANDLER_* are set by the operator"

@@ -23,6 +23,13 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "handlerops.dev",
+        "handlerdeployments/finalizers",
+        ("update",),
+        "owner references with blockOwnerDeletion: the OwnerReferencesPermissionEnforcement "
+        "admission plugin (OpenShift, hardened clusters) refuses every create without it",
+    ),
+    Rule(
+        "handlerops.dev",
         "handlerdeployments/status",
         ("get", "patch"),
         "conditions, observedGeneration, replicas, queue figures",
@@ -30,8 +37,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "apps",
         "deployments",
-        ("get", "list", "watch", "patch"),
-        "server-side apply of the worker Deployments; their status feeds READY",
+        ("get", "list", "watch", "create", "patch"),
+        "server-side apply of the worker Deployments (an apply that creates needs create); "
+        "their status feeds READY",
     ),
     Rule(
         "",
@@ -41,8 +49,18 @@ RULES: tuple[Rule, ...] = (
         "pod-deletion-cost (so the ReplicaSet removes them) and are deleted",
     ),
     Rule("", "pods/status", ("patch",), "the heartbeat readiness gate of worker pods"),
-    Rule("", "secrets", ("get", "patch"), "server-side apply of the per-endpoint worker token"),
-    Rule("", "serviceaccounts", ("get", "patch"), "server-side apply of the workers' account"),
+    Rule(
+        "",
+        "secrets",
+        ("get", "create", "patch"),
+        "server-side apply of the per-endpoint worker token",
+    ),
+    Rule(
+        "",
+        "serviceaccounts",
+        ("get", "create", "patch"),
+        "server-side apply of the workers' account",
+    ),
     Rule("", "events", ("create",), "events on HandlerDeployments (kopf's and the scaler's)"),
     Rule(
         "apiextensions.k8s.io",
@@ -54,13 +72,13 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "keda.sh",
         "scaledobjects",
-        ("get", "patch", "delete"),
+        ("get", "create", "patch", "delete"),
         "scaling.engine: keda renders a ScaledObject, removed when switching back",
     ),
     Rule(
         "keda.sh",
         "triggerauthentications",
-        ("get", "patch", "delete"),
+        ("get", "create", "patch", "delete"),
         "the ScaledObject's credentials for the gateway's queue route",
     ),
 )
