@@ -120,26 +120,6 @@ class GatewayProcess:
         if self.process is not None:
             kill_group(self.process)
 
-
-_shared_redis: RedisServer | None = None
-
-
-def shared_redis_url() -> str:
-    """One redis-server per test process on a free port, started on first use and stopped at
-    exit; tests keep apart by key prefix. Fails (never skips) when redis-server is missing."""
-    global _shared_redis
-    if _shared_redis is None:
-        workdir = Path(tempfile.mkdtemp(prefix="test-redis-"))
-        server = RedisServer(workdir, appendfsync="everysec").start()
-
-        def stop() -> None:
-            server.kill()
-            shutil.rmtree(workdir, ignore_errors=True)
-
-        atexit.register(stop)
-        _shared_redis = server
-    return _shared_redis.url
-
     def register(self, endpoint: str, token: str, **config) -> None:
         status, _ = http_json(
             "PUT", f"{self.url}/admin/v1/endpoints/{endpoint}", {"workerToken": token, **config}
@@ -230,6 +210,26 @@ class RedisServer:
     def kill(self) -> None:
         if self.process is not None:
             kill_group(self.process)
+
+
+_shared_redis: RedisServer | None = None
+
+
+def shared_redis_url() -> str:
+    """One redis-server per test process on a free port, started on first use and stopped at
+    exit; tests keep apart by key prefix. Fails (never skips) when redis-server is missing."""
+    global _shared_redis
+    if _shared_redis is None:
+        workdir = Path(tempfile.mkdtemp(prefix="test-redis-"))
+        server = RedisServer(workdir, appendfsync="everysec").start()
+
+        def stop() -> None:
+            server.kill()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+        atexit.register(stop)
+        _shared_redis = server
+    return _shared_redis.url
 
 
 def descendants(pid: int) -> set[int]:
