@@ -65,27 +65,42 @@ def set_condition(
     return sorted(result, key=lambda c: order.get(c["type"], len(order)))
 
 
-def crash_message(pod: dict[str, Any]) -> str | None:
-    """The loader's error of a crash-looping worker pod (termination message), or None."""
+# Kubelet waiting reasons that are the endpoint's own problem, kept as the condition's reason.
+KUBELET_REASONS = (
+    "CreateContainerConfigError",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+)
+
+
+def pod_problem(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """Why a worker pod cannot serve, as (reason, message): the loader's error of a crashed
+    worker (termination message) with reason HandlerCrashLoop, or the kubelet's own reason
+    (ImagePullBackOff, CreateContainerConfigError, ...); None when nothing is wrong."""
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         state = status.get("state") or {}
         last = (status.get("lastState") or {}).get("terminated") or {}
         terminated = state.get("terminated") or {}
         waiting = state.get("waiting") or {}
+        if waiting.get("reason") in KUBELET_REASONS:
+            return waiting["reason"], waiting.get("message") or waiting["reason"]
         for candidate in (terminated, last):
             if candidate and candidate.get("exitCode", 0) != 0:
                 message = (candidate.get("message") or "").strip()
                 reason = candidate.get("reason") or "Error"
-                return message or f"worker exited with code {candidate.get('exitCode')} ({reason})"
-        if waiting.get("reason") in (
-            "CrashLoopBackOff",
-            "CreateContainerConfigError",
-            "ImagePullBackOff",
-            "ErrImagePull",
-            "InvalidImageName",
-        ):
-            return waiting.get("message") or waiting["reason"]
+                return CRASH_LOOP, (
+                    message or f"worker exited with code {candidate.get('exitCode')} ({reason})"
+                )
+        if waiting.get("reason") == "CrashLoopBackOff":
+            return CRASH_LOOP, waiting.get("message") or waiting["reason"]
     return None
+
+
+def crash_message(pod: dict[str, Any]) -> str | None:
+    """The message of `pod_problem`, or None."""
+    problem = pod_problem(pod)
+    return problem[1] if problem else None
 
 
 def unschedulable_message(pod: dict[str, Any]) -> str | None:

@@ -345,8 +345,8 @@ async def worker_pod_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> 
     # Unschedulable pods are the scaler's (Scaling=WaitingForCapacity past pendingTimeout):
     # they are never deleted for it, a GPU node may be on its way.
     current = (owner.get("status") or {}).get("conditions") or []
-    message = conditions.crash_message(pod)
-    if message is None:
+    problem = conditions.pod_problem(pod)
+    if problem is None:
         running = (pod.get("status") or {}).get("phase") == "Running"
         if not running:
             return
@@ -359,8 +359,9 @@ async def worker_pod_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> 
             now_iso(),
         )
     else:
+        reason, message = problem
         new = conditions.set_condition(
-            current, conditions.HANDLER_HEALTHY, False, conditions.CRASH_LOOP, message, now_iso()
+            current, conditions.HANDLER_HEALTHY, False, reason, message, now_iso()
         )
     if new != current:
         await memo.kube.patch_status(
@@ -370,8 +371,8 @@ async def worker_pod_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> 
             owner["metadata"]["name"],
             {"conditions": new},
         )
-        if message is not None:
-            kopf.warn(owner, reason=conditions.CRASH_LOOP, message=message)
+        if problem is not None:
+            kopf.warn(owner, reason=problem[0], message=problem[1])
 
 
 @kopf.on.field("apps", "v1", "deployments", field="status", labels=WORKER_LABELS)

@@ -224,7 +224,7 @@ class HandlerDeploymentSpec(_Spec):
                     "rule": RESERVED_ENV_RULE,
                     "message": "env names starting with RUNPOD_ or HANDLER_ are set by the operator",
                 }
-            ]
+            ],
         },
     )
     envFrom: list[K8sObject] = Field(

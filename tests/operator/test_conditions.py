@@ -66,6 +66,43 @@ def test_crash_message(pod_status, expected):
     assert conditions.crash_message(pod_status) == expected
 
 
+@pytest.mark.parametrize(
+    ("pod_status", "reason"),
+    [
+        (pod(state={"running": {}}), None),
+        (
+            pod(
+                last={"terminated": {"exitCode": 3, "message": "Cannot import"}},
+                state={"waiting": {"reason": "CrashLoopBackOff"}},
+            ),
+            "HandlerCrashLoop",
+        ),
+        (pod(state={"waiting": {"reason": "CrashLoopBackOff"}}), "HandlerCrashLoop"),
+        (pod(state={"waiting": {"reason": "ErrImagePull", "message": "x"}}), "ErrImagePull"),
+        (
+            pod(state={"waiting": {"reason": "ImagePullBackOff", "message": "x"}}),
+            "ImagePullBackOff",
+        ),
+        (
+            # An image that never pulled, after a restart: the pull is the problem, not the code.
+            pod(
+                last={"terminated": {"exitCode": 1}},
+                state={"waiting": {"reason": "ImagePullBackOff", "message": "x"}},
+            ),
+            "ImagePullBackOff",
+        ),
+        (
+            pod(state={"waiting": {"reason": "CreateContainerConfigError", "message": "no key"}}),
+            "CreateContainerConfigError",
+        ),
+    ],
+    ids=["running", "crash", "crash-no-last", "pull", "pull-backoff", "pull-after-exit", "config"],
+)
+def test_pod_problem_keeps_the_kubelets_reason(pod_status, reason):
+    problem = conditions.pod_problem(pod_status)
+    assert (problem[0] if problem else None) == reason
+
+
 def test_unschedulable_message():
     waiting = pod(
         phase="Pending",

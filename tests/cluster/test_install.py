@@ -1,0 +1,414 @@
+"""`helm install` of the chart on the real control plane, then the operator as the chart's
+ServiceAccount (a TokenRequest token, the chart's RBAC enforced) reconciling HandlerDeployments
+in namespaces that enforce Pod Security `restricted`: Deployments, ReplicaSets and scheduled
+pods on simulated GPU nodes, real worker processes taking jobs from the runpod client."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import runpod
+
+from tests.cluster.conftest import (
+    RESTRICTED,
+    Kubectl,
+    OperatorProcess,
+    condition,
+    make_namespace,
+    service_account_kubeconfig,
+    wait_for,
+)
+from tests.cluster.nodes import UNPULLABLE
+from tests.conftest import REPO_ROOT
+from tests.processes import CLIENT_KEY, GatewayProcess, http_json
+
+RELEASE, SYSTEM = "handler-operator", "handler-system"
+OPERATOR_SA = "handler-operator"
+WORKER_IMAGE = "ghcr.io/handler-operator/handler-worker:0.1.0"
+
+
+class Installation:
+    """The installed chart, the gateway on this machine, and the operator as the chart's SA."""
+
+    def __init__(self, plane, kubectl: Kubectl, gateway: GatewayProcess, workdir: Path):
+        self.plane = plane
+        self.kubectl = kubectl
+        self.gateway = gateway
+        self.workdir = workdir
+        self.operator: OperatorProcess | None = None
+
+    def operator_env(self) -> dict[str, str]:
+        """The env of the chart's operator container, Secret references resolved."""
+        deployment = self.kubectl.get("deployment", RELEASE, SYSTEM)
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        env = {}
+        for item in container["env"]:
+            if "valueFrom" in item:
+                ref = item["valueFrom"]["secretKeyRef"]
+                secret = self.kubectl.get("secret", ref["name"], SYSTEM)
+                env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+            else:
+                env[item["name"]] = item.get("value", "")
+        return env
+
+    def start_operator(self) -> OperatorProcess:
+        kubeconfig = service_account_kubeconfig(
+            self.kubectl, self.plane, SYSTEM, OPERATOR_SA, self.workdir / "operator.kubeconfig"
+        )
+        env = self.operator_env()
+        # In the cluster the operator and the workers reach the gateway's Service; here they
+        # reach the gateway process on this machine. The admin key is that gateway's.
+        for name in (
+            "HANDLER_OPERATOR_GATEWAY_URL",
+            "HANDLER_OPERATOR_GATEWAY_ADMIN_KEY",
+            "HANDLER_OPERATOR_METRICS_PORT",
+            "HANDLER_OPERATOR_LIVENESS_PORT",
+        ):
+            env.pop(name, None)
+        self.operator = OperatorProcess(kubeconfig, self.gateway.url, self.workdir, **env).start()
+        return self.operator
+
+    def stop_operator(self, sig: int = signal.SIGTERM) -> None:
+        if self.operator is not None and self.operator.process is not None:
+            if sig == signal.SIGKILL:
+                self.operator.process.kill()
+                self.operator.process.wait(10)
+            self.operator.stop()
+            self.operator = None
+
+
+@pytest.fixture(scope="module")
+def installation(control_plane, nodes, crd_installed, tmp_path_factory) -> Iterator[Installation]:
+    assert crd_installed
+    kubectl = Kubectl(control_plane.kubeconfig)
+    make_system = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": SYSTEM, "labels": RESTRICTED},
+    }
+    kubectl.apply(make_system)
+    installed = kubectl.helm(
+        "install",
+        RELEASE,
+        str(REPO_ROOT / "charts" / "handler-operator"),
+        "--namespace",
+        SYSTEM,
+        "--set",
+        "redis.enabled=false",
+        "--set",
+        "gateway.replicas=1",
+        "--wait",
+        "--timeout",
+        "120s",
+    )
+    assert installed.returncode == 0, installed.stderr
+    workdir = tmp_path_factory.mktemp("installation")
+    gateway = GatewayProcess("memory://", workdir).start()
+    install = Installation(control_plane, kubectl, gateway, workdir)
+    install.start_operator()
+    yield install
+    install.stop_operator()
+    gateway.stop()
+
+
+@pytest.fixture
+def ns(installation) -> Iterator[str]:
+    name = make_namespace(installation.kubectl, RESTRICTED)
+    yield name
+    installation.kubectl.run("delete", "namespace", name, "--wait=false")
+
+
+def handler_deployment(name: str, module: str = "handlers.echo_async", **spec: Any) -> dict:
+    body = {
+        "apiVersion": "handlerops.dev/v1alpha1",
+        "kind": "HandlerDeployment",
+        "metadata": {"name": name},
+        "spec": {"handler": {"module": module}, "image": WORKER_IMAGE, **spec},
+    }
+    return body
+
+
+def hd(kubectl: Kubectl, ns: str, name: str) -> dict:
+    return kubectl.get("hd", name, ns)
+
+
+def pods(kubectl: Kubectl, ns: str, name: str) -> list[dict]:
+    selector = f"app.kubernetes.io/name=handler-worker,app.kubernetes.io/instance={name}"
+    return json.loads(kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json"))["items"]
+
+
+def ready_pods(kubectl: Kubectl, ns: str, name: str) -> list[dict]:
+    return [
+        p
+        for p in pods(kubectl, ns, name)
+        if condition(p, "Ready").get("status") == "True"
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+
+
+def test_the_chart_installs_in_a_restricted_namespace(installation):
+    kubectl = installation.kubectl
+    for name in ("handler-operator", "handler-gateway"):
+        deployment = kubectl.get("deployment", name, SYSTEM)
+        assert deployment["status"].get("readyReplicas") == 1, deployment["status"]
+    # No pod of the chart was refused by the PodSecurity admission plugin.
+    events = kubectl.get("events", namespace=SYSTEM)["items"]
+    refused = [e["message"] for e in events if e["reason"] == "FailedCreate"]
+    assert not refused, refused
+
+
+def test_a_handler_deployment_reconciles_to_running_ready_workers(installation, ns):
+    kubectl = installation.kubectl
+    body = handler_deployment("echo", scaling={"minReplicas": 1, "maxReplicas": 2})
+    kubectl.apply(body, ns)
+    kubectl("wait", "--for=condition=Ready", "hd/echo", "-n", ns, "--timeout=60s")
+    wait_for(lambda: kubectl.maybe("deployment", "echo", ns), message="Deployment")
+    deployment = json.loads(
+        kubectl("get", "deployment", "echo", "-n", ns, "-o", "json", "--show-managed-fields")
+    )
+    owner = deployment["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["blockOwnerDeletion"]) == (
+        "HandlerDeployment",
+        "echo",
+        True,
+    )
+    managers = {
+        m["manager"] for m in deployment["metadata"]["managedFields"] if m["operation"] == "Apply"
+    }
+    assert managers == {"handler-operator"}
+    wait_for(lambda: len(ready_pods(kubectl, ns, "echo")) == 1, message="a Ready worker pod")
+    replica_sets = kubectl.get("replicasets", namespace=ns)["items"]
+    assert [rs["spec"]["replicas"] for rs in replica_sets] == [1]
+    pod = pods(kubectl, ns, "echo")[0]
+    assert pod["spec"]["nodeName"] == "cpu-1"  # no GPU asked: never on a tainted GPU node
+    assert condition(pod, "handlerops.dev/heartbeat").get("status") == "True"
+    row = wait_for(
+        lambda: (
+            (line := kubectl("get", "hd", "echo", "-n", ns).splitlines()[1].split())
+            and line[3] == "1/1"
+            and line
+        ),
+        message="READY 1/1 in kubectl get hd",
+    )
+    assert row[:2] == ["echo", "handlers.echo_async"]
+    status = hd(kubectl, ns, "echo")["status"]
+    assert status["observedGeneration"] == hd(kubectl, ns, "echo")["metadata"]["generation"]
+    assert condition(hd(kubectl, ns, "echo"), "HandlerHealthy")["status"] == "True"
+
+
+def test_gpu_workers_land_on_nodes_with_the_requested_product(installation, ns):
+    kubectl = installation.kubectl
+    body = handler_deployment(
+        "h100",
+        resources={"gpu": {"count": 1, "product": "NVIDIA-H100-80GB-HBM3"}},
+        scaling={"minReplicas": 2, "maxReplicas": 2},
+    )
+    kubectl.apply(body, ns)
+    scheduled = wait_for(
+        lambda: (
+            [p for p in pods(kubectl, ns, "h100") if p["spec"].get("nodeName")]
+            if len([p for p in pods(kubectl, ns, "h100") if p["spec"].get("nodeName")]) == 2
+            else None
+        ),
+        message="two scheduled GPU pods",
+    )
+    assert {p["spec"]["nodeName"] for p in scheduled} == {"gpu-h100-1"}
+    limits = scheduled[0]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+
+
+def test_more_gpus_than_exist_stay_pending_and_nothing_piles_up(installation, ns):
+    kubectl = installation.kubectl
+    # No node has 4 A100s: every worker pod is unschedulable.
+    body = handler_deployment(
+        "big",
+        resources={"gpu": {"count": 4, "product": "NVIDIA-A100-SXM4-80GB"}},
+        scaling={"minReplicas": 0, "maxReplicas": 5, "pendingTimeoutSeconds": 10},
+    )
+    kubectl.apply(body, ns)
+    kubectl("wait", "--for=condition=Ready", "hd/big", "-n", ns, "--timeout=60s")
+    for _ in range(2):
+        status, _ = http_json(
+            "POST",
+            f"{installation.gateway.url}/v2/{ns}--big/run",
+            {"input": {}},
+            key=CLIENT_KEY,
+        )
+        assert status == 200
+    wait_for(
+        lambda: (
+            len(pods(kubectl, ns, "big")) == 2
+            and all(
+                condition(p, "PodScheduled").get("reason") == "Unschedulable"
+                for p in pods(kubectl, ns, "big")
+            )
+        ),
+        message="two unschedulable pods",
+    )
+    message = condition(pods(kubectl, ns, "big")[0], "PodScheduled")["message"]
+    assert "Insufficient nvidia.com/gpu" in message or "didn't match" in message, message
+    waiting = wait_for(
+        lambda: (
+            (c := condition(hd(kubectl, ns, "big"), "Scaling")).get("reason")
+            == "WaitingForCapacity"
+            and c
+        ),
+        timeout=60,
+        message="Scaling=False WaitingForCapacity",
+    )
+    assert waiting["status"] == "False"
+    # The need is 2: pending pods count as capacity on the way, no more are added.
+    time.sleep(3)
+    assert kubectl.get("deployment", "big", ns)["spec"]["replicas"] == 2
+    assert len(pods(kubectl, ns, "big")) == 2
+
+
+def test_a_crash_looping_handler_shows_in_the_status(installation, ns):
+    kubectl = installation.kubectl
+    kubectl.apply(
+        handler_deployment(
+            "broken", module="handlers.does_not_exist", scaling={"minReplicas": 1, "maxReplicas": 1}
+        ),
+        ns,
+    )
+    unhealthy = wait_for(
+        lambda: (
+            (c := condition(hd(kubectl, ns, "broken"), "HandlerHealthy")).get("status") == "False"
+            and c
+        ),
+        timeout=90,
+        message="HandlerHealthy=False",
+    )
+    assert unhealthy["reason"] == "HandlerCrashLoop"
+    assert "Cannot import handler module 'handlers.does_not_exist'" in unhealthy["message"]
+    pod = pods(kubectl, ns, "broken")[0]
+    terminated = pod["status"]["containerStatuses"][0]["lastState"]["terminated"]
+    assert terminated["exitCode"] == 3
+
+
+def test_an_image_that_cannot_be_pulled_shows_in_the_status(installation, ns):
+    kubectl = installation.kubectl
+    body = handler_deployment("nopull", scaling={"minReplicas": 1, "maxReplicas": 1})
+    body["spec"]["image"] = UNPULLABLE + "nothing:1"
+    kubectl.apply(body, ns)
+    unhealthy = wait_for(
+        lambda: (
+            (c := condition(hd(kubectl, ns, "nopull"), "HandlerHealthy")).get("status") == "False"
+            and c
+        ),
+        timeout=60,
+        message="HandlerHealthy=False",
+    )
+    assert unhealthy["reason"] in ("ErrImagePull", "ImagePullBackOff"), unhealthy
+    assert UNPULLABLE + "nothing:1" in unhealthy["message"]
+
+
+def test_a_job_scales_real_workers_from_zero_and_back(installation, ns, monkeypatch):
+    kubectl = installation.kubectl
+    kubectl.apply(
+        handler_deployment(
+            "zero",
+            scaling={"minReplicas": 0, "maxReplicas": 2, "scaleToZeroAfterSeconds": 3},
+        ),
+        ns,
+    )
+    kubectl("wait", "--for=condition=Ready", "hd/zero", "-n", ns, "--timeout=60s")
+    assert kubectl.get("deployment", "zero", ns)["spec"]["replicas"] == 0
+    monkeypatch.setattr(runpod, "endpoint_url_base", installation.gateway.url + "/v2")
+    monkeypatch.setattr(runpod, "api_key", CLIENT_KEY)
+    endpoint = runpod.Endpoint(f"{ns}--zero")
+    job = endpoint.run({"input": {"n": 7}})
+    output = job.output(timeout=120)
+    assert output["echo"] == {"n": 7}
+    status_url = f"{installation.gateway.url}/v2/{ns}--zero/status/{job.job_id}"
+    worker = http_json("GET", status_url, key=CLIENT_KEY)[1]["workerId"]
+    assert worker.startswith("zero-"), worker  # the pod's name, from the downward API
+    # Idle past scaleToZeroAfterSeconds: drained, replicas 0, the pod and its process gone.
+    wait_for(
+        lambda: kubectl.get("deployment", "zero", ns)["spec"]["replicas"] == 0,
+        timeout=90,
+        message="scale to zero",
+    )
+    wait_for(lambda: not pods(kubectl, ns, "zero"), timeout=60, message="worker pod removed")
+    assert condition(hd(kubectl, ns, "zero"), "Ready")["reason"] == "ScaledToZero"
+
+
+def test_kubectl_scale_fixes_the_replicas(installation, ns):
+    kubectl = installation.kubectl
+    kubectl.apply(handler_deployment("fixed", scaling={"minReplicas": 0, "maxReplicas": 3}), ns)
+    kubectl("wait", "--for=condition=Ready", "hd/fixed", "-n", ns, "--timeout=60s")
+    kubectl("scale", "hd", "fixed", "-n", ns, "--replicas=2")
+    assert hd(kubectl, ns, "fixed")["spec"]["scaling"]["replicas"] == 2
+    wait_for(
+        lambda: len(ready_pods(kubectl, ns, "fixed")) == 2, timeout=90, message="2 Ready workers"
+    )
+    assert kubectl.get("deployment", "fixed", ns)["spec"]["replicas"] == 2
+    scale = json.loads(
+        kubectl(
+            "get",
+            "--raw",
+            f"/apis/handlerops.dev/v1alpha1/namespaces/{ns}/handlerdeployments/fixed/scale",
+        )
+    )
+    assert scale["spec"]["replicas"] == 2
+
+
+def test_delete_cascades_and_the_finalizer_completes(installation, ns):
+    kubectl = installation.kubectl
+    kubectl.apply(handler_deployment("gone", scaling={"minReplicas": 1, "maxReplicas": 1}), ns)
+    kubectl("wait", "--for=condition=Ready", "hd/gone", "-n", ns, "--timeout=60s")
+    wait_for(lambda: len(ready_pods(kubectl, ns, "gone")) == 1, timeout=60, message="a worker")
+    assert f"{ns}--gone" in [
+        e["id"]
+        for e in http_json("GET", f"{installation.gateway.url}/admin/v1/endpoints")[1]["endpoints"]
+    ]
+    kubectl("delete", "hd", "gone", "-n", ns, "--timeout=60s")
+    wait_for(
+        lambda: all(
+            kubectl.maybe(kind, name, ns) is None
+            for kind, name in (
+                ("deployment", "gone"),
+                ("secret", "gone-worker-token"),
+                ("serviceaccount", "gone-worker"),
+            )
+        ),
+        timeout=60,
+        message="the garbage collector removed the owned objects",
+    )
+    wait_for(lambda: not pods(kubectl, ns, "gone"), timeout=60, message="the worker pod removed")
+    endpoints = http_json("GET", f"{installation.gateway.url}/admin/v1/endpoints")[1]["endpoints"]
+    assert f"{ns}--gone" not in [e["id"] for e in endpoints]
+
+
+def test_an_operator_restart_mid_reconcile_converges_without_duplicates(installation, ns):
+    kubectl = installation.kubectl
+    installation.stop_operator()
+    names = [f"r{i}" for i in range(6)]
+    kubectl.apply(
+        [handler_deployment(n, scaling={"minReplicas": 1, "maxReplicas": 1}) for n in names], ns
+    )
+    installation.start_operator()
+    wait_for(
+        lambda: kubectl.maybe("deployment", names[0], ns), timeout=60, message="the first reconcile"
+    )
+    installation.stop_operator(signal.SIGKILL)  # mid-reconcile: no cleanup at all
+    installation.start_operator()
+    for name in names:
+        kubectl("wait", "--for=condition=Ready", f"hd/{name}", "-n", ns, "--timeout=90s")
+    wait_for(
+        lambda: all(len(ready_pods(kubectl, ns, n)) == 1 for n in names),
+        timeout=120,
+        message="one Ready worker per HandlerDeployment",
+    )
+    deployments = kubectl.get("deployments", namespace=ns)["items"]
+    assert sorted(d["metadata"]["name"] for d in deployments) == names
+    assert sorted(len(pods(kubectl, ns, n)) for n in names) == [1] * len(names)
+    secrets = [s["metadata"]["name"] for s in kubectl.get("secrets", namespace=ns)["items"]]
+    assert sorted(secrets) == sorted(f"{n}-worker-token" for n in names)
