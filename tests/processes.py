@@ -68,35 +68,37 @@ class GatewayProcess:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20) -> GatewayProcess:
+    def command(self) -> list[str]:
+        """The gateway's arguments (after `python -m handler_gateway`)."""
         (self.workdir / "admin-keys").write_text(ADMIN_KEY + "\n")
         (self.workdir / "client-keys").write_text(CLIENT_KEY + "\n")
+        return [
+            "--backend",
+            self.backend,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--admin-key-file",
+            str(self.workdir / "admin-keys"),
+            "--api-key-file",
+            str(self.workdir / "client-keys"),
+            "--take-hold-seconds",
+            "5",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 20) -> GatewayProcess:
         log = open(self.workdir / f"gateway-{time.monotonic_ns()}.log", "w")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "handler_gateway",
-                "--backend",
-                self.backend,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--admin-key-file",
-                str(self.workdir / "admin-keys"),
-                "--api-key-file",
-                str(self.workdir / "client-keys"),
-                "--take-hold-seconds",
-                "5",
-                *self.extra_args,
-            ],
-            env=subprocess_env(),
+            [sys.executable, "-m", "handler_gateway", *self.command()],
+            env=subprocess_env(**self.env),
             cwd=REPO_ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

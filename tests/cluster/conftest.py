@@ -215,13 +215,14 @@ class OperatorProcess:
     """`python -m handler_operator` as a process, as its pod would run it."""
 
     def __init__(self, kubeconfig: str, gateway_url: str, workdir: Path, **env: str):
-        self.env = subprocess_env(
-            KUBECONFIG=kubeconfig,
-            HANDLER_OPERATOR_GATEWAY_URL=gateway_url,
-            HANDLER_OPERATOR_GATEWAY_ADMIN_KEY=ADMIN_KEY,
-            HANDLER_OPERATOR_METRICS_PORT="0",
-            HANDLER_OPERATOR_LIVENESS_PORT=str(free_port()),
+        settings = {
+            "HANDLER_OPERATOR_GATEWAY_ADMIN_KEY": ADMIN_KEY,
+            "HANDLER_OPERATOR_METRICS_PORT": "0",
+            "HANDLER_OPERATOR_LIVENESS_PORT": str(free_port()),
             **env,
+        }
+        self.env = subprocess_env(
+            KUBECONFIG=kubeconfig, HANDLER_OPERATOR_GATEWAY_URL=gateway_url, **settings
         )
         self.log_path = workdir / f"operator-{time.monotonic_ns()}.log"
         self.process: subprocess.Popen | None = None

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import runpod
+import yaml
 
 from tests.cluster.conftest import (
     RESTRICTED,
@@ -27,22 +28,56 @@ from tests.cluster.conftest import (
 )
 from tests.cluster.nodes import UNPULLABLE
 from tests.conftest import REPO_ROOT
-from tests.processes import CLIENT_KEY, GatewayProcess, http_json
+from tests.processes import GatewayProcess, http_json
 
 RELEASE, SYSTEM = "handler-operator", "handler-system"
 OPERATOR_SA = "handler-operator"
 WORKER_IMAGE = "ghcr.io/handler-operator/handler-worker:0.1.0"
 
 
+class ChartGateway(GatewayProcess):
+    """The gateway as the chart runs it: its rendered args and env, the keys from the chart's
+    Secret (mounted files in the pod, files here); on this machine, on a free port."""
+
+    def __init__(self, kubectl: Kubectl, workdir: Path):
+        super().__init__("memory://", workdir)
+        deployment = kubectl.get("deployment", "handler-gateway", SYSTEM)
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "keys")["mountPath"]
+        keys = workdir / "keys"
+        keys.mkdir(exist_ok=True)
+        secret = kubectl.get("secret", "handler-gateway-keys", SYSTEM)
+        self.keys = {k: base64.b64decode(v).decode().strip() for k, v in secret["data"].items()}
+        for name, value in self.keys.items():
+            (keys / name).write_text(value + "\n")
+        self.args = [
+            arg.replace(mount, str(keys))
+            for arg in container["args"]
+            if not arg.startswith("--port")
+        ]
+        self.env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+    def command(self) -> list[str]:
+        return [*self.args, f"--port={self.port}", "--host=127.0.0.1"]
+
+
 class Installation:
     """The installed chart, the gateway on this machine, and the operator as the chart's SA."""
 
-    def __init__(self, plane, kubectl: Kubectl, gateway: GatewayProcess, workdir: Path):
+    def __init__(self, plane, kubectl: Kubectl, gateway: ChartGateway, workdir: Path):
         self.plane = plane
         self.kubectl = kubectl
         self.gateway = gateway
         self.workdir = workdir
         self.operator: OperatorProcess | None = None
+
+    @property
+    def api_key(self) -> str:
+        return self.gateway.keys["api-key"]
+
+    @property
+    def admin_key(self) -> str:
+        return self.gateway.keys["admin-key"]
 
     def operator_env(self) -> dict[str, str]:
         """The env of the chart's operator container, Secret references resolved."""
@@ -64,10 +99,9 @@ class Installation:
         )
         env = self.operator_env()
         # In the cluster the operator and the workers reach the gateway's Service; here they
-        # reach the gateway process on this machine. The admin key is that gateway's.
+        # reach the gateway process on this machine; the admin key is the chart's.
         for name in (
             "HANDLER_OPERATOR_GATEWAY_URL",
-            "HANDLER_OPERATOR_GATEWAY_ADMIN_KEY",
             "HANDLER_OPERATOR_METRICS_PORT",
             "HANDLER_OPERATOR_LIVENESS_PORT",
         ):
@@ -110,7 +144,7 @@ def installation(control_plane, nodes, crd_installed, tmp_path_factory) -> Itera
     )
     assert installed.returncode == 0, installed.stderr
     workdir = tmp_path_factory.mktemp("installation")
-    gateway = GatewayProcess("memory://", workdir).start()
+    gateway = ChartGateway(kubectl, workdir).start()
     install = Installation(control_plane, kubectl, gateway, workdir)
     install.start_operator()
     yield install
@@ -239,7 +273,7 @@ def test_more_gpus_than_exist_stay_pending_and_nothing_piles_up(installation, ns
             "POST",
             f"{installation.gateway.url}/v2/{ns}--big/run",
             {"input": {}},
-            key=CLIENT_KEY,
+            key=installation.api_key,
         )
         assert status == 200
     wait_for(
@@ -322,13 +356,13 @@ def test_a_job_scales_real_workers_from_zero_and_back(installation, ns, monkeypa
     kubectl("wait", "--for=condition=Ready", "hd/zero", "-n", ns, "--timeout=60s")
     assert kubectl.get("deployment", "zero", ns)["spec"]["replicas"] == 0
     monkeypatch.setattr(runpod, "endpoint_url_base", installation.gateway.url + "/v2")
-    monkeypatch.setattr(runpod, "api_key", CLIENT_KEY)
+    monkeypatch.setattr(runpod, "api_key", installation.api_key)
     endpoint = runpod.Endpoint(f"{ns}--zero")
     job = endpoint.run({"input": {"n": 7}})
     output = job.output(timeout=120)
     assert output["echo"] == {"n": 7}
     status_url = f"{installation.gateway.url}/v2/{ns}--zero/status/{job.job_id}"
-    worker = http_json("GET", status_url, key=CLIENT_KEY)[1]["workerId"]
+    worker = http_json("GET", status_url, key=installation.api_key)[1]["workerId"]
     assert worker.startswith("zero-"), worker  # the pod's name, from the downward API
     # Idle past scaleToZeroAfterSeconds: drained, replicas 0, the pod and its process gone.
     wait_for(
@@ -367,7 +401,9 @@ def test_delete_cascades_and_the_finalizer_completes(installation, ns):
     wait_for(lambda: len(ready_pods(kubectl, ns, "gone")) == 1, timeout=60, message="a worker")
     assert f"{ns}--gone" in [
         e["id"]
-        for e in http_json("GET", f"{installation.gateway.url}/admin/v1/endpoints")[1]["endpoints"]
+        for e in http_json(
+            "GET", f"{installation.gateway.url}/admin/v1/endpoints", key=installation.admin_key
+        )[1]["endpoints"]
     ]
     kubectl("delete", "hd", "gone", "-n", ns, "--timeout=60s")
     wait_for(
@@ -383,7 +419,9 @@ def test_delete_cascades_and_the_finalizer_completes(installation, ns):
         message="the garbage collector removed the owned objects",
     )
     wait_for(lambda: not pods(kubectl, ns, "gone"), timeout=60, message="the worker pod removed")
-    endpoints = http_json("GET", f"{installation.gateway.url}/admin/v1/endpoints")[1]["endpoints"]
+    endpoints = http_json(
+        "GET", f"{installation.gateway.url}/admin/v1/endpoints", key=installation.admin_key
+    )[1]["endpoints"]
     assert f"{ns}--gone" not in [e["id"] for e in endpoints]
 
 
@@ -412,3 +450,79 @@ def test_an_operator_restart_mid_reconcile_converges_without_duplicates(installa
     assert sorted(len(pods(kubectl, ns, n)) for n in names) == [1] * len(names)
     secrets = [s["metadata"]["name"] for s in kubectl.get("secrets", namespace=ns)["items"]]
     assert sorted(secrets) == sorted(f"{n}-worker-token" for n in names)
+
+
+def test_a_spec_change_rolls_out_new_workers_and_stops_the_old_ones_gracefully(
+    installation, ns, nodes
+):
+    kubectl = installation.kubectl
+    kubectl.apply(handler_deployment("roll", scaling={"minReplicas": 1, "maxReplicas": 1}), ns)
+    first = wait_for(lambda: ready_pods(kubectl, ns, "roll"), timeout=60, message="a worker")[0]
+    kubectl(
+        "patch",
+        "hd",
+        "roll",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        '{"spec": {"handler": {"module": "handlers.progress"}}}',
+    )
+
+    def module(pod: dict) -> str:
+        env = pod["spec"]["containers"][0]["env"]
+        return next(e["value"] for e in env if e["name"] == "HANDLER_MODULE")
+
+    new = wait_for(
+        lambda: [p for p in ready_pods(kubectl, ns, "roll") if module(p) == "handlers.progress"],
+        timeout=90,
+        message="a Ready worker with the new module",
+    )[0]
+    assert new["metadata"]["name"] != first["metadata"]["name"]
+    wait_for(
+        lambda: (
+            [p["metadata"]["name"] for p in pods(kubectl, ns, "roll")] == [new["metadata"]["name"]]
+        ),
+        timeout=90,
+        message="the old worker removed",
+    )
+    replica_sets = {
+        rs["metadata"]["name"]: rs["spec"]["replicas"]
+        for rs in kubectl.get("replicasets", namespace=ns)["items"]
+    }
+    assert sorted(replica_sets.values()) == [0, 1], replica_sets
+    # The old worker got SIGTERM and exited by itself, within its grace period.
+    old = [what for pod, _, what in nodes.events if pod == first["metadata"]["name"]]
+    assert old[-1].startswith("exited"), old
+
+
+def test_the_gitops_example_reconciles_scales_and_stays_in_sync(installation, monkeypatch):
+    kubectl = installation.kubectl
+    kubectl("apply", "-k", "examples/gitops")
+    kubectl("wait", "--for=condition=Ready", "hd/hello", "-n", "ml", "--timeout=60s")
+    assert kubectl.get("deployment", "hello", "ml")["spec"]["replicas"] == 0
+    # A client with the chart's generated API key: the endpoint scales up, the job completes.
+    monkeypatch.setattr(runpod, "endpoint_url_base", installation.gateway.url + "/v2")
+    monkeypatch.setattr(runpod, "api_key", installation.api_key)
+    output = runpod.Endpoint("ml--hello").run_sync({"input": {"name": "Git"}}, timeout=120)
+    assert output == {"greeting": "Hello, Git!"}
+    assert kubectl.get("deployment", "hello", "ml")["spec"]["replicas"] >= 1
+    # Git is still the truth while the endpoint scales: nothing to change (Argo CD: Synced).
+    assert "handlerdeployment.handlerops.dev/hello unchanged" in kubectl(
+        "apply", "-k", "examples/gitops"
+    )
+    rendered = [
+        d
+        for d in yaml.safe_load_all(kubectl("kustomize", "examples/gitops"))
+        if d["kind"] == "HandlerDeployment"
+    ][0]
+    assert contains(kubectl.get("hd", "hello", "ml")["spec"], rendered["spec"])
+
+
+def contains(stored: Any, wanted: Any) -> bool:
+    """`stored` holds everything in `wanted` (the apiserver adds the schema's defaults)."""
+    if isinstance(wanted, dict):
+        return isinstance(stored, dict) and all(
+            k in stored and contains(stored[k], v) for k, v in wanted.items()
+        )
+    return stored == wanted
