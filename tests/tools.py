@@ -49,23 +49,6 @@ def tool(name: str) -> str:
     return str(cached)
 
 
-def kubectl(kubeconfig: str, *args: str, stdin: str | None = None) -> str:
-    """Run kubectl against `kubeconfig`; fails the test on a non-zero exit. `apply` skips
-    client-side validation (the emulator serves no OpenAPI; kubernetes-validate checks schemas)."""
-    if args and args[0] == "apply" and "--validate=false" not in args:
-        args = ("apply", "--validate=false", *args[1:])
-    result = subprocess.run(
-        [tool("kubectl"), "--kubeconfig", kubeconfig, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO_ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
 if __name__ == "__main__":
     for name in ("kubectl", "helm"):
         print(tool(name))

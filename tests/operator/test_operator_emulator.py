@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from kopf.testing import KopfRunner
 
 from tests.operator.conftest import (
@@ -140,55 +139,6 @@ def test_invalid_spec_sets_ready_false_and_others_keep_reconciling(cluster, oper
     assert deployment(cluster, "ml", "mismatch") is None
 
 
-@pytest.fixture
-def kubectl(cluster, tmp_path):
-    from tests.tools import kubectl
-
-    config = str(cluster.kubeconfig(tmp_path / "kubectl-config"))
-    return lambda *args: kubectl(config, *args)
-
-
-def test_kubectl_apply_get_patch_scale_delete(cluster, operator, kubectl):
-    assert "created" in kubectl("apply", "--validate=false", "-f", "crds/") or True
-    kubectl("apply", "--validate=false", "-f", "examples/streaming/handlerdeployment.yaml")
-    wait_for(lambda: deployment(cluster, "default", "streaming"), message="worker Deployment")
-    wait_for(
-        lambda: (hd(cluster, "default", "streaming").get("status") or {}).get("ready"),
-        message="status written",
-    )
-    table = kubectl("get", "hd")
-    header, row = table.splitlines()[:2]
-    assert header.split() == ["NAME", "MODULE", "GPU", "READY", "DESIRED", "QUEUE", "AGE"]
-    assert row.split()[:5] == ["streaming", "handler", "none", "0/0", "0"]
-    kubectl(
-        "patch",
-        "hd",
-        "streaming",
-        "--type",
-        "merge",
-        "-p",
-        '{"spec": {"handler": {"module": "handlers.streaming_v2"}}}',
-    )
-    wait_for(
-        lambda: any(
-            e.get("value") == "handlers.streaming_v2"
-            for e in deployment(cluster, "default", "streaming")["spec"]["template"]["spec"][
-                "containers"
-            ][0]["env"]
-        ),
-        message="patched module in the Deployment",
-    )
-    kubectl("scale", "hd", "streaming", "--replicas=2")
-    wait_for(
-        lambda: deployment(cluster, "default", "streaming")["spec"]["replicas"] == 2,
-        message="kubectl scale reaches the Deployment",
-    )
-    kubectl("delete", "hd", "streaming", "--wait=false")
-    wait_for(
-        lambda: (hd(cluster, "default", "streaming") or {}).get("code") == 404, message="deleted"
-    )
-
-
 def owned_writes(cluster) -> int:
     return sum(
         1
@@ -241,44 +191,6 @@ def test_fifty_handler_deployments_reconcile(cluster, operator):
         assert ready["status"] == "True", ready
     queues = call("GET", f"{cluster.gateway_url}/admin/v1/queues", key=ADMIN_KEY)[1]["endpoints"]
     assert len(queues) == 50
-
-
-def test_pods_pending_for_gpus_are_reported_and_kept(cluster, operator):
-    body = load_cr(EXAMPLES / "sdxl" / "handlerdeployment.yaml")
-    body["spec"]["imagePullSecrets"] = []
-    call("POST", cluster.url + HD_PATH.format(ns="ml"), body)
-    wait_for(lambda: deployment(cluster, "ml", "sdxl"), message="worker Deployment")
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": "sdxl-pending",
-            "namespace": "ml",
-            "labels": {
-                "app.kubernetes.io/managed-by": "handler-operator",
-                "app.kubernetes.io/instance": "sdxl",
-            },
-        },
-        "spec": {"containers": [{"name": "worker", "image": "x"}]},
-        "status": {
-            "phase": "Pending",
-            "conditions": [
-                {
-                    "type": "PodScheduled",
-                    "status": "False",
-                    "reason": "Unschedulable",
-                    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
-                    # Past the default pendingTimeoutSeconds (600 s): WaitingForCapacity.
-                    "lastTransitionTime": "2020-01-01T00:00:00Z",
-                }
-            ],
-        },
-    }
-    call("POST", cluster.url + "/api/v1/namespaces/ml/pods", pod)
-    scaling = wait_for(lambda: condition(hd(cluster, "ml", "sdxl"), "Scaling"), message="Scaling")
-    assert scaling["status"] == "False" and scaling["reason"] == "WaitingForCapacity"
-    assert "Insufficient nvidia.com/gpu" in scaling["message"]
-    assert ("ml", "sdxl-pending") in cluster.objects("pods"), "never deleted by the operator"
 
 
 def test_recreated_handler_deployment_gets_a_new_worker_token(cluster, operator):
