@@ -19,7 +19,7 @@ from handler_operator.settings import OperatorSettings
 def main() -> int:
     settings = OperatorSettings.from_env(os.environ)
     # What `kopf run` does first: without it the operator's pod logs nothing at all.
-    kopf.configure(verbose=os.environ.get("HANDLER_OPERATOR_LOG_LEVEL", "").upper() == "DEBUG")
+    kopf.configure(verbose=settings.log_level.upper() == "DEBUG")
     asyncio.run(
         kopf.operator(
             # One replica with the Recreate strategy (the chart's Deployment): no kopf peering,

@@ -27,6 +27,7 @@ HANDLER_OK = "HandlerLoaded"
 CRASH_LOOP = "HandlerCrashLoop"
 NO_WORKERS = "NoWorkers"
 WAITING_FOR_CAPACITY = "WaitingForCapacity"
+WORKERS_REJECTED = "FailedCreate"  # the ReplicaSet cannot create pods (admission, quota)
 SCALING_STABLE = "Stable"
 QUEUE_OK = "QueueReachable"
 
@@ -72,6 +73,46 @@ KUBELET_REASONS = (
     "ErrImagePull",
     "InvalidImageName",
 )
+
+
+# Ready reasons that the worker Deployment's status decides. Any other Ready=False (InvalidSpec,
+# GpuProductMismatch, GatewayUnavailable, ...) is the reconcile's and stays until it runs again.
+WORKLOAD_REASONS = (WORKERS_READY, WORKERS_NOT_READY, SCALED_TO_ZERO, WORKERS_REJECTED)
+
+
+def ready_from_workload(
+    current: list[dict[str, Any]],
+    deployment_status: dict[str, Any],
+    desired: int,
+    now: str,
+) -> list[dict[str, Any]]:
+    """Ready as the worker Deployment shows it: False `FailedCreate` with the controller's
+    message while its ReplicaSet cannot create pods (a Pod Security or quota refusal), else True
+    with how many of the `desired` workers are ready."""
+    previous = next((c for c in current if c.get("type") == READY), None)
+    if previous is None or previous.get("reason") not in WORKLOAD_REASONS:
+        return current
+    generation = previous.get("observedGeneration")
+    failure = next(
+        (
+            c
+            for c in deployment_status.get("conditions") or []
+            if c.get("type") == "ReplicaFailure" and c.get("status") == "True"
+        ),
+        None,
+    )
+    if failure is not None:
+        message = (
+            f"worker pods cannot be created: {failure.get('message') or failure.get('reason')}"
+        )
+        return set_condition(current, READY, False, WORKERS_REJECTED, message, now, generation)
+    ready = deployment_status.get("readyReplicas") or 0
+    if desired == 0 and ready == 0:
+        reason = SCALED_TO_ZERO
+    else:
+        reason = WORKERS_READY if ready else WORKERS_NOT_READY
+    message = f"{ready}/{desired} workers ready"
+    return set_condition(current, READY, True, reason, message, now, generation)
 
 
 def pod_problem(pod: dict[str, Any]) -> tuple[str, str] | None:

@@ -391,14 +391,18 @@ async def worker_deployment_status(
     status = dict(new or {})
     ready = status.get("readyReplicas") or 0
     desired = (owner.get("status") or {}).get("desiredReplicas") or 0
+    replicas = spec.get("replicas")
+    current = (owner.get("status") or {}).get("conditions") or []
+    updated = conditions.ready_from_workload(
+        current, status, replicas if replicas is not None else desired, now_iso()
+    )
+    patch: dict[str, Any] = {
+        "replicas": status.get("replicas") or 0,
+        "readyReplicas": ready,
+        "ready": f"{ready}/{desired}",
+    }
+    if updated != current:
+        patch["conditions"] = updated
     await memo.kube.patch_status(
-        f"{GROUP}/{VERSION}",
-        "HandlerDeployment",
-        meta.namespace,
-        owner["metadata"]["name"],
-        {
-            "replicas": status.get("replicas") or 0,
-            "readyReplicas": ready,
-            "ready": f"{ready}/{desired}",
-        },
+        f"{GROUP}/{VERSION}", "HandlerDeployment", meta.namespace, owner["metadata"]["name"], patch
     )

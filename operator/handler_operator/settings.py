@@ -32,6 +32,7 @@ class OperatorSettings(BaseModel):
         False, description="cancel queued jobs when a HandlerDeployment is deleted (else drain)"
     )
     drain_timeout_seconds: int = 600
+    log_level: str = Field("INFO", description="INFO, or DEBUG for kopf's debug lines")
 
     @property
     def admin_url(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import datetime as dt
 import itertools
 import json
@@ -41,6 +42,7 @@ LEASE_NAMESPACE = "kube-node-lease"
 LEASE_SECONDS = 40
 KUBELET_CONDITIONS = ("PodReadyToStartContainers", "Initialized", "ContainersReady", "Ready")
 STRATEGIC = "application/strategic-merge-patch+json"
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -384,6 +386,7 @@ class NodeAgent:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 cwd=self.workdir,
+                preexec_fn=die_with_parent,
             )
         self.events.append((run.name, container.name, "started"))
 
@@ -596,6 +599,12 @@ class NodeAgent:
                 for c in run.containers
                 if c.process is not None and c.process.poll() is None
             }
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the agent's thread goes (a killed test run leaves
+    no worker behind)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 _REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)|\$\$")

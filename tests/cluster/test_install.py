@@ -237,6 +237,33 @@ def test_a_handler_deployment_reconciles_to_running_ready_workers(installation, 
     assert condition(hd(kubectl, ns, "echo"), "HandlerHealthy")["status"] == "True"
 
 
+def test_workers_the_namespace_refuses_make_the_handler_deployment_not_ready(installation, ns):
+    kubectl = installation.kubectl
+    # A handler that asks for root in a namespace that enforces `restricted`.
+    body = handler_deployment(
+        "rooted",
+        scaling={"minReplicas": 1, "maxReplicas": 1},
+        podSecurityContext={"runAsNonRoot": False, "runAsUser": 0},
+    )
+    kubectl.apply(body, ns)
+    refused = wait_for(
+        lambda: (
+            (c := condition(hd(kubectl, ns, "rooted"), "Ready")).get("reason") == "FailedCreate"
+            and c
+        ),
+        timeout=60,
+        message="Ready=False FailedCreate",
+    )
+    assert refused["status"] == "False"
+    assert 'violates PodSecurity "restricted:latest"' in refused["message"], refused
+    assert pods(kubectl, ns, "rooted") == []
+    # The default security context passes: the same handler without it becomes Ready.
+    body["spec"].pop("podSecurityContext")
+    kubectl.apply(body, ns)
+    kubectl("wait", "--for=condition=Ready", "hd/rooted", "-n", ns, "--timeout=90s")
+    wait_for(lambda: ready_pods(kubectl, ns, "rooted"), timeout=90, message="a Ready worker")
+
+
 def test_gpu_workers_land_on_nodes_with_the_requested_product(installation, ns):
     kubectl = installation.kubectl
     body = handler_deployment(

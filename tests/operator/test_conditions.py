@@ -120,3 +120,49 @@ def test_unschedulable_message():
         == "p waits for capacity: Insufficient nvidia.com/gpu"
     )
     assert conditions.unschedulable_message(pod(phase="Pending")) is None
+
+
+def _ready(reason: str, status: str = "True") -> list[dict]:
+    return [{"type": "Ready", "status": status, "reason": reason, "observedGeneration": 3}]
+
+
+REJECTED = {
+    "conditions": [
+        {
+            "type": "ReplicaFailure",
+            "status": "True",
+            "reason": "FailedCreate",
+            "message": 'pods "w-1" is forbidden: violates PodSecurity "restricted:latest"',
+        }
+    ]
+}
+
+
+@pytest.mark.parametrize(
+    ("current", "deployment_status", "desired", "expected"),
+    [
+        (_ready("WorkersNotReady"), {"readyReplicas": 2}, 2, ("True", "WorkersReady")),
+        (_ready("WorkersReady"), {"readyReplicas": 0}, 1, ("True", "WorkersNotReady")),
+        (_ready("WorkersReady"), {}, 0, ("True", "ScaledToZero")),
+        (_ready("ScaledToZero"), {"readyReplicas": 1}, 0, ("True", "WorkersReady")),
+        (_ready("WorkersNotReady"), REJECTED, 1, ("False", "FailedCreate")),
+        (_ready("FailedCreate", "False"), {"readyReplicas": 1}, 1, ("True", "WorkersReady")),
+        # The reconcile's own verdicts are not the Deployment's to change.
+        (_ready("InvalidSpec", "False"), {"readyReplicas": 1}, 1, ("False", "InvalidSpec")),
+        (_ready("GatewayUnavailable", "False"), REJECTED, 1, ("False", "GatewayUnavailable")),
+    ],
+    ids=["ready", "not-ready", "zero", "from-zero", "rejected", "recovered", "invalid", "gateway"],
+)
+def test_ready_follows_the_worker_deployment(current, deployment_status, desired, expected):
+    result = conditions.ready_from_workload(
+        current, deployment_status, desired, "2026-01-01T00:00:00Z"
+    )
+    ready = next(c for c in result if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == expected
+    assert ready["observedGeneration"] == 3
+    if expected[1] == "FailedCreate":
+        assert "violates PodSecurity" in ready["message"]
+
+
+def test_ready_is_left_alone_before_the_first_reconcile():
+    assert conditions.ready_from_workload([], {"readyReplicas": 1}, 1, "now") == []
