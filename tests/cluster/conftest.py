@@ -80,17 +80,22 @@ class Kubectl:
     def __init__(self, kubeconfig: str):
         self.kubeconfig = kubeconfig
 
-    def run(
-        self, *args: str, stdin: str | None = None, timeout: float = 90
+    def _tool(
+        self, name: str, args: tuple[str, ...], stdin: str | None, timeout: float
     ) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [tool("kubectl"), "--kubeconfig", self.kubeconfig, *args],
+            [tool(name), "--kubeconfig", self.kubeconfig, *args],
             input=stdin,
             capture_output=True,
             text=True,
             timeout=timeout,
             cwd=REPO_ROOT,
         )
+
+    def run(
+        self, *args: str, stdin: str | None = None, timeout: float = 90
+    ) -> subprocess.CompletedProcess:
+        return self._tool("kubectl", args, stdin, timeout)
 
     def __call__(self, *args: str, stdin: str | None = None, timeout: float = 90) -> str:
         result = self.run(*args, stdin=stdin, timeout=timeout)
@@ -115,13 +120,7 @@ class Kubectl:
         return self(*args, stdin=manifest)
 
     def helm(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [tool("helm"), "--kubeconfig", self.kubeconfig, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=REPO_ROOT,
-        )
+        return self._tool("helm", args, None, timeout)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from tests.conftest import REPO_ROOT
 SOURCE = Path(__file__).resolve().parent / "harness"
 CACHE = REPO_ROOT / ".cache" / "kube"
 GO_FALLBACK = Path("/usr/local/go/bin/go")
+GO_MINIMUM = (1, 24)  # what k8s.io/kubernetes v1.34 needs
 
 
 class HarnessError(RuntimeError):
@@ -50,11 +51,21 @@ def binary_path() -> Path:
     return CACHE / source_digest() / "kube-harness"
 
 
+def _go_version(go: str) -> tuple[int, ...]:
+    result = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True)
+    match = re.match(r"go(\d+)\.(\d+)", result.stdout.strip())
+    return tuple(int(part) for part in match.groups()) if match else (0,)
+
+
 def go_command() -> str:
-    found = shutil.which("go") or (str(GO_FALLBACK) if GO_FALLBACK.exists() else None)
-    if not found:
-        raise HarnessError("no Go toolchain: install Go 1.24+ (on PATH or at /usr/local/go)")
-    return found
+    """A Go toolchain new enough for the pinned release: `go` on PATH, else /usr/local/go."""
+    candidates = [shutil.which("go"), str(GO_FALLBACK) if GO_FALLBACK.exists() else None]
+    for go in filter(None, candidates):
+        if _go_version(go) >= GO_MINIMUM:
+            return go
+    raise HarnessError(
+        f"no Go {'.'.join(map(str, GO_MINIMUM))}+ toolchain (looked on PATH and at {GO_FALLBACK})"
+    )
 
 
 def build(verbose: bool = False) -> Path:
@@ -79,7 +90,7 @@ def build(verbose: bool = False) -> Path:
     partial = target.with_suffix(".partial")
     started = time.monotonic()
     result = subprocess.run(
-        [go_command(), "build", "-ldflags", ldflags, "-o", str(partial), "."],
+        [go_command(), "build", "-buildvcs=false", "-ldflags", ldflags, "-o", str(partial), "."],
         cwd=SOURCE,
         env={**os.environ, "CGO_ENABLED": "0"},
         capture_output=not verbose,
@@ -88,6 +99,9 @@ def build(verbose: bool = False) -> Path:
     if result.returncode != 0:
         raise HarnessError(f"building the control plane failed:\n{(result.stderr or '')[-4000:]}")
     partial.rename(target)
+    for stale in CACHE.iterdir():  # binaries of earlier sources (120 MB each)
+        if stale != target.parent:
+            shutil.rmtree(stale, ignore_errors=True)
     if verbose:
         print(f"built {target} ({release}) in {time.monotonic() - started:.0f} s")
     return target

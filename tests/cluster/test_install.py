@@ -187,6 +187,18 @@ def ready_pods(kubectl: Kubectl, ns: str, name: str) -> list[dict]:
     ]
 
 
+def wait_condition(
+    kubectl: Kubectl, ns: str, name: str, type_: str, timeout: float = 60, **expected: str
+) -> dict:
+    """The HandlerDeployment's condition `type_` once it has the `expected` fields."""
+
+    def matches() -> dict | None:
+        found = condition(hd(kubectl, ns, name), type_)
+        return found if all(found.get(k) == v for k, v in expected.items()) else None
+
+    return wait_for(matches, timeout=timeout, message=f"{type_} with {expected} on hd/{name}")
+
+
 def test_the_chart_installs_in_a_restricted_namespace(installation):
     kubectl = installation.kubectl
     for name in ("handler-operator", "handler-gateway"):
@@ -246,14 +258,7 @@ def test_workers_the_namespace_refuses_make_the_handler_deployment_not_ready(ins
         podSecurityContext={"runAsNonRoot": False, "runAsUser": 0},
     )
     kubectl.apply(body, ns)
-    refused = wait_for(
-        lambda: (
-            (c := condition(hd(kubectl, ns, "rooted"), "Ready")).get("reason") == "FailedCreate"
-            and c
-        ),
-        timeout=60,
-        message="Ready=False FailedCreate",
-    )
+    refused = wait_condition(kubectl, ns, "rooted", "Ready", timeout=60, reason="FailedCreate")
     assert refused["status"] == "False"
     assert 'violates PodSecurity "restricted:latest"' in refused["message"], refused
     assert pods(kubectl, ns, "rooted") == []
@@ -315,15 +320,7 @@ def test_more_gpus_than_exist_stay_pending_and_nothing_piles_up(installation, ns
     )
     message = condition(pods(kubectl, ns, "big")[0], "PodScheduled")["message"]
     assert "Insufficient nvidia.com/gpu" in message or "didn't match" in message, message
-    waiting = wait_for(
-        lambda: (
-            (c := condition(hd(kubectl, ns, "big"), "Scaling")).get("reason")
-            == "WaitingForCapacity"
-            and c
-        ),
-        timeout=60,
-        message="Scaling=False WaitingForCapacity",
-    )
+    waiting = wait_condition(kubectl, ns, "big", "Scaling", timeout=60, reason="WaitingForCapacity")
     assert waiting["status"] == "False"
     # The need is 2: pending pods count as capacity on the way, no more are added.
     time.sleep(3)
@@ -339,14 +336,7 @@ def test_a_crash_looping_handler_shows_in_the_status(installation, ns):
         ),
         ns,
     )
-    unhealthy = wait_for(
-        lambda: (
-            (c := condition(hd(kubectl, ns, "broken"), "HandlerHealthy")).get("status") == "False"
-            and c
-        ),
-        timeout=90,
-        message="HandlerHealthy=False",
-    )
+    unhealthy = wait_condition(kubectl, ns, "broken", "HandlerHealthy", timeout=90, status="False")
     assert unhealthy["reason"] == "HandlerCrashLoop"
     assert "Cannot import handler module 'handlers.does_not_exist'" in unhealthy["message"]
     pod = pods(kubectl, ns, "broken")[0]
@@ -359,14 +349,7 @@ def test_an_image_that_cannot_be_pulled_shows_in_the_status(installation, ns):
     body = handler_deployment("nopull", scaling={"minReplicas": 1, "maxReplicas": 1})
     body["spec"]["image"] = UNPULLABLE + "nothing:1"
     kubectl.apply(body, ns)
-    unhealthy = wait_for(
-        lambda: (
-            (c := condition(hd(kubectl, ns, "nopull"), "HandlerHealthy")).get("status") == "False"
-            and c
-        ),
-        timeout=60,
-        message="HandlerHealthy=False",
-    )
+    unhealthy = wait_condition(kubectl, ns, "nopull", "HandlerHealthy", timeout=60, status="False")
     assert unhealthy["reason"] in ("ErrImagePull", "ImagePullBackOff"), unhealthy
     assert UNPULLABLE + "nothing:1" in unhealthy["message"]
 

@@ -153,31 +153,34 @@ func up(opts upOptions) error {
 		return err
 	}
 	if !opts.apiserverOnly {
-		kcmPort, err := freePort()
-		if err != nil {
-			return err
+		components := []struct {
+			name  string
+			flags func(port int) []string
+		}{
+			{"kube-controller-manager", func(port int) []string {
+				return controllerManagerFlags(dir, pki, kubeconfigs["controller-manager"], port)
+			}},
+			{"kube-scheduler", func(port int) []string {
+				return schedulerFlags(dir, kubeconfigs["scheduler"], port)
+			}},
 		}
-		kcm, err := startProcess(self, dir, "kube-controller-manager",
-			controllerManagerFlags(dir, pki, kubeconfigs["controller-manager"], kcmPort))
-		if err != nil {
-			return err
+		healthz := map[*process]string{}
+		for _, component := range components {
+			componentPort, err := freePort()
+			if err != nil {
+				return err
+			}
+			p, err := startProcess(self, dir, component.name, component.flags(componentPort))
+			if err != nil {
+				return err
+			}
+			procs = append(procs, p)
+			healthz[p] = fmt.Sprintf("https://127.0.0.1:%d/healthz", componentPort)
 		}
-		procs = append(procs, kcm)
-		schedPort, err := freePort()
-		if err != nil {
-			return err
-		}
-		sched, err := startProcess(self, dir, "kube-scheduler",
-			schedulerFlags(dir, kubeconfigs["scheduler"], schedPort))
-		if err != nil {
-			return err
-		}
-		procs = append(procs, sched)
-		if err := waitHealthy(ctx, kcm, fmt.Sprintf("https://127.0.0.1:%d/healthz", kcmPort), nil, opts.timeout); err != nil {
-			return err
-		}
-		if err := waitHealthy(ctx, sched, fmt.Sprintf("https://127.0.0.1:%d/healthz", schedPort), nil, opts.timeout); err != nil {
-			return err
+		for p, endpoint := range healthz {
+			if err := waitHealthy(ctx, p, endpoint, nil, opts.timeout); err != nil {
+				return err
+			}
 		}
 	}
 	ready := Ready{
