@@ -1,0 +1,126 @@
+"""The distribution as users install it: the sdist and the wheel built from it (`python -m
+build`), the wheel installed, not editable, into a fresh virtual environment once per extra;
+every module of the extra's packages imports and every entry point answers `--help`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, subprocess_env
+
+# What each extra is for, and so must work with it alone.
+EXTRAS = {
+    "worker": {
+        "packages": ["handler_worker"],
+        "commands": [["handler-worker", "--help"], ["-m", "handler_worker", "--help"]],
+    },
+    "gateway": {
+        "packages": ["handler_gateway"],
+        "commands": [["handler-gateway", "--help"], ["-m", "handler_gateway", "--help"]],
+    },
+    "operator": {
+        "packages": ["handler_operator"],
+        "commands": [["handlerctl", "--help"], ["-m", "handler_operator", "--help"]],
+    },
+}
+IMPORT_ALL = """
+import importlib, json, pkgutil, sys
+failed = {}
+count = 0
+for name in sys.argv[1:]:
+    package = importlib.import_module(name)
+    for module in pkgutil.walk_packages(package.__path__, name + "."):
+        count += 1
+        try:
+            importlib.import_module(module.name)
+        except Exception as exc:  # report every module that does not import
+            failed[module.name] = f"{type(exc).__name__}: {exc}"
+print(json.dumps({"modules": count, "failed": failed}))
+"""
+
+
+def clean_copy(target: Path) -> Path:
+    """The files git tracks or would track, without build leftovers (an editable install's
+    egg-info would otherwise feed the sdist its own file list)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, (n.decode() for n in listed)):
+        source = REPO_ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name, follow_symlinks=False)
+    return target
+
+
+@pytest.fixture(scope="session")
+def dist(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("dist")
+    source = clean_copy(tmp_path_factory.mktemp("source"))
+    built = subprocess.run(
+        [sys.executable, "-m", "build", "--outdir", str(out), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=subprocess_env(),
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    return {"wheel": next(out.glob("*.whl")), "sdist": next(out.glob("*.tar.gz"))}
+
+
+def test_the_wheel_carries_every_package(dist):
+    names = zipfile.ZipFile(dist["wheel"]).namelist()
+    on_disk = {
+        str(init.parent.relative_to(root))
+        for root in (REPO_ROOT / "worker-image", REPO_ROOT / "gateway", REPO_ROOT / "operator")
+        for init in root.glob("handler_*/**/__init__.py")
+    }
+    shipped = {name.rsplit("/", 1)[0] for name in names if name.endswith("/__init__.py")}
+    assert on_disk <= shipped, on_disk - shipped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", sorted(EXTRAS))
+def test_each_extra_installs_imports_and_starts(dist, tmp_path, extra):
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = str(env_dir / "bin" / "python")
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", f"{dist['wheel']}[{extra}]"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=subprocess_env(),
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    spec = EXTRAS[extra]
+    imported = subprocess.run(
+        [python, "-c", IMPORT_ALL, *spec["packages"]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # not the repo: only the installed wheel can be found
+        env=subprocess_env(),
+    )
+    assert imported.returncode == 0, imported.stderr[-3000:]
+    report = json.loads(imported.stdout.strip().splitlines()[-1])
+    assert report["modules"] > 0 and report["failed"] == {}, report
+    for command in spec["commands"]:
+        args = [python, *command] if command[0] == "-m" else [str(env_dir / "bin" / command[0])]
+        args += command[1:] if command[0] != "-m" else []
+        ran = subprocess.run(
+            args, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=subprocess_env()
+        )
+        assert ran.returncode == 0, (command, ran.stdout[-1500:], ran.stderr[-1500:])
+        assert "usage" in (ran.stdout + ran.stderr).lower(), (command, ran.stdout[-500:])
