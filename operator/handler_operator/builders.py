@@ -46,12 +46,21 @@ FOREIGN_PRODUCT_HINTS = {
 }
 
 
+def label_value(value: str) -> str:
+    """`value` as a label value (at most 63 characters): kept when it fits, else its head and a
+    stable hash, so that two long endpoint ids never share a label."""
+    if len(value) <= 63:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:10]
+    return f"{value[:52].rstrip('-._')}-{digest}"
+
+
 def labels(hd: HandlerDeployment) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "handler-worker",
         "app.kubernetes.io/instance": hd.name,
         "app.kubernetes.io/managed-by": "handler-operator",
-        f"{GROUP}/endpoint": hd.endpoint_id,
+        f"{GROUP}/endpoint": label_value(hd.endpoint_id),
     }
 
 

@@ -130,6 +130,9 @@ def build_crd() -> dict[str, Any]:
                             "type": "object",
                             "description": "A RunPod-style handler served by autoscaled GPU workers.",
                             "required": ["spec"],
+                            "x-kubernetes-validations": [
+                                {"rule": models.NAME_RULE, "message": models.NAME_MESSAGE}
+                            ],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},

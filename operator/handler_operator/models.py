@@ -18,6 +18,13 @@ PLURAL = "handlerdeployments"
 SHORT_NAME = "hd"
 CATEGORY = "handlerops"
 
+# The CR's name is the workers' app.kubernetes.io/instance label value: at most 63 characters.
+MAX_NAME = 63
+NAME_RULE = f"self.metadata.name.size() <= {MAX_NAME}"
+NAME_MESSAGE = (
+    f"metadata.name must be at most {MAX_NAME} characters: it is the value of the worker pods' "
+    "app.kubernetes.io/instance label"
+)
 MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 RESERVED_ENV_PREFIXES = ("RUNPOD_", "HANDLER_")
 RESERVED_ENV_RULE = "self.all(e, !e.name.startsWith('RUNPOD_') && !e.name.startsWith('HANDLER_'))"
@@ -319,6 +326,14 @@ class HandlerDeployment(BaseModel):
     metadata: dict[str, Any]
     spec: HandlerDeploymentSpec
     status: HandlerDeploymentStatus | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _name_fits_a_label(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        name = metadata.get("name") or ""
+        if len(name) > MAX_NAME:
+            raise ValueError(NAME_MESSAGE + f" (got {len(name)})")
+        return metadata
 
     @property
     def name(self) -> str:

@@ -117,3 +117,17 @@ def test_kubectl_get_hd_shows_the_printer_columns(bad_spec_namespace, kubectl):
     explained = kubectl("explain", "hd.spec.scaling.targetQueuePerWorker")
     assert "queued+in-progress" in explained.replace(" ", "") or "FIELD" in explained
     kubectl("delete", "hd", body["metadata"]["name"], "-n", bad_spec_namespace)
+
+
+@pytest.mark.parametrize(("length", "accepted"), [(63, True), (64, False)])
+def test_names_longer_than_a_label_value_are_rejected_at_apply(
+    bad_spec_namespace, kubectl, length, accepted
+):
+    body = sdxl(lambda s: None)
+    body["metadata"]["name"] = "h" * length
+    result = kubectl.run("apply", "-n", bad_spec_namespace, "-f", "-", stdin=yaml.safe_dump(body))
+    assert (result.returncode == 0) is accepted, result.stderr
+    if not accepted:
+        assert "metadata.name must be at most 63 characters" in result.stderr, result.stderr
+    else:
+        kubectl("delete", "hd", "h" * length, "-n", bad_spec_namespace)

@@ -9,6 +9,7 @@ import base64
 import json
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,21 @@ def test_workers_the_namespace_refuses_make_the_handler_deployment_not_ready(ins
     kubectl.apply(body, ns)
     kubectl("wait", "--for=condition=Ready", "hd/rooted", "-n", ns, "--timeout=90s")
     wait_for(lambda: ready_pods(kubectl, ns, "rooted"), timeout=90, message="a Ready worker")
+
+
+def test_the_longest_names_reconcile(installation):
+    """63 characters of namespace and of name: every label the operator writes still fits."""
+    kubectl = installation.kubectl
+    ns, name = f"t-{uuid.uuid4().hex[:8]}".ljust(63, "x"), "h" * 63
+    kubectl.apply(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": RESTRICTED}}
+    )
+    try:
+        kubectl.apply(handler_deployment(name, scaling={"minReplicas": 1, "maxReplicas": 1}), ns)
+        kubectl("wait", "--for=condition=Ready", f"hd/{name}", "-n", ns, "--timeout=60s")
+        wait_for(lambda: ready_pods(kubectl, ns, name), timeout=90, message="a Ready worker")
+    finally:
+        kubectl.run("delete", "namespace", ns, "--wait=false")
 
 
 def test_gpu_workers_land_on_nodes_with_the_requested_product(installation, ns):

@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from handler_operator import builders
+from handler_operator.models import HandlerDeployment
 from handler_operator.settings import OperatorSettings
+from tests.conftest import EXAMPLES
 from tests.operator.conftest import EXAMPLE_CRS, GOLDEN, load_cr, parse_cr
 
 SETTINGS = OperatorSettings(gateway_url="http://handler-gateway.hops.svc:8080")
@@ -273,3 +275,40 @@ def test_owned_objects_point_at_the_cr_as_controller():
             "blockOwnerDeletion": True,
         }
     ]
+
+
+@pytest.mark.parametrize("length", [1, 62, 63, 64, 200])
+def test_label_values_fit_63_characters(length):
+    value = "a" * length
+    shortened = builders.label_value(value)
+    assert len(shortened) <= 63
+    assert (shortened == value) is (length <= 63)
+    assert builders.label_value(value) == shortened  # stable
+
+
+def test_long_endpoint_ids_keep_distinct_labels():
+    one, two = "n" * 40 + "--" + "a" * 30, "n" * 40 + "--" + "a" * 29 + "b"
+    assert builders.label_value(one) != builders.label_value(two)
+
+
+def test_the_longest_names_give_valid_labels():
+    body = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
+    body["metadata"] = {"name": "h" * 63, "namespace": "n" * 63}
+    hd = HandlerDeployment.model_validate(body)
+    for obj in builders.build_objects(hd, OperatorSettings(), "token", 1):
+        for source in (
+            obj["metadata"],
+            obj.get("spec", {}).get("template", {}).get("metadata", {}),
+        ):
+            assert all(len(v) <= 63 for v in (source.get("labels") or {}).values()), source
+
+
+@pytest.mark.parametrize(("length", "accepted"), [(63, True), (64, False)])
+def test_names_longer_than_a_label_are_refused(length, accepted):
+    body = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
+    body["metadata"] = {"name": "h" * length}
+    if accepted:
+        HandlerDeployment.model_validate(body)
+    else:
+        with pytest.raises(ValueError, match="at most 63 characters"):
+            HandlerDeployment.model_validate(body)
