@@ -1,6 +1,7 @@
 """The only code that talks to Kubernetes and to the gateway (aiohttp, async).
 
-`KubeApi` does server-side apply with one field manager, reads, status patches and events;
+`KubeApi` does server-side apply with one field manager, reads, status patches and events, on
+kubernetes_asyncio's authenticated connection;
 `GatewayAdmin` registers endpoints and reads queue figures; `JobClient` is the client and admin
 API as `handlerctl` uses it. Retryable failures raise `Unavailable`.
 """
@@ -8,10 +9,11 @@ API as `handlerctl` uses it. Retryable failures raise `Unavailable`.
 from __future__ import annotations
 
 import json
-import ssl
 from typing import Any
 
 import aiohttp
+from kubernetes_asyncio import config
+from kubernetes_asyncio.client import ApiClient, Configuration
 
 from handler_operator.settings import FIELD_MANAGER
 
@@ -46,57 +48,64 @@ def collection_path(api_version: str, kind: str, namespace: str) -> str:
 
 
 class KubeApi:
-    def __init__(self, host: str, headers: dict[str, str], ssl_context: ssl.SSLContext | bool):
-        self.host = host.rstrip("/")
-        self.headers = headers
-        self.ssl = ssl_context
-        self._session: aiohttp.ClientSession | None = None
+    """Kubernetes calls on kubernetes_asyncio's authenticated connection.
+
+    Auth, TLS and token refresh are the maintained client's: in a pod the service-account token
+    is re-read from its file (projected tokens rotate), kubeconfigs may hold a token, a client
+    certificate or an exec plugin. Errors map to `NotFound`, `Unavailable` (retry) or
+    `ValueError` (a request the apiserver refuses).
+    """
+
+    def __init__(self, api_client: ApiClient):
+        self.api = api_client
         self.writes = 0  # apply/patch/delete calls made (tests count spurious updates)
 
     @classmethod
-    def from_kubeconfig(cls, config_file: str | None = None) -> KubeApi:
-        """From a kubeconfig (explicit path) or the in-cluster service account."""
-        from kubernetes import client, config
-
-        configuration = client.Configuration()
+    async def connect(cls, config_file: str | None = None) -> KubeApi:
+        """In-cluster service account when in a pod, else the kubeconfig (explicit path, or
+        the client's default lookup)."""
+        configuration = Configuration()
         try:
             config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
-            config.load_kube_config(config_file=config_file, client_configuration=configuration)
-        headers = {}
-        token = configuration.api_key.get("authorization") or configuration.api_key.get(
-            "BearerToken"
-        )
-        if token:
-            headers["Authorization"] = token if token.startswith("Bearer ") else f"Bearer {token}"
-        context: ssl.SSLContext | bool = False
-        if configuration.host.startswith("https"):
-            context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
-            if configuration.cert_file:
-                context.load_cert_chain(configuration.cert_file, configuration.key_file)
-            if not configuration.verify_ssl:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-        return cls(configuration.host, headers, context)
+            await config.load_kube_config(
+                config_file=config_file, client_configuration=configuration
+            )
+        return cls(ApiClient(configuration))
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-        headers = {**self.headers, **kwargs.pop("headers", {})}
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
         try:
-            async with self._session.request(
-                method, self.host + path, headers=headers, ssl=self.ssl, **kwargs
-            ) as response:
+            response = await self.api.call_api(
+                path,
+                method,
+                query_params=list((params or {}).items()),
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=30,
+            )
+            try:
                 text = await response.text()
-                if response.status == 404:
-                    raise NotFound(f"{method} {path}: not found")
-                if response.status in (409, 429) or response.status >= 500:
-                    raise Unavailable(f"{method} {path}: HTTP {response.status}: {text[:300]}")
-                if response.status >= 400:
-                    raise ValueError(f"{method} {path}: HTTP {response.status}: {text[:500]}")
-                return json.loads(text) if text else None
+            finally:
+                response.release()
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Unavailable(f"{method} {path}: {exc!r}") from exc
+        if response.status == 404:
+            raise NotFound(f"{method} {path}: not found")
+        if response.status in (409, 429) or response.status >= 500:
+            raise Unavailable(f"{method} {path}: HTTP {response.status}: {text[:300]}")
+        if response.status >= 400:
+            raise ValueError(f"{method} {path}: HTTP {response.status}: {text[:500]}")
+        return json.loads(text) if text else None
 
     async def apply(self, obj: dict[str, Any], force: bool = True) -> dict[str, Any]:
         """Server-side apply with our field manager (force only takes back our own fields)."""
@@ -107,11 +116,7 @@ class KubeApi:
         params = {"fieldManager": FIELD_MANAGER, "force": "true" if force else "false"}
         self.writes += 1
         return await self._request(
-            "PATCH",
-            path,
-            params=params,
-            data=json.dumps(obj),
-            headers={"Content-Type": "application/apply-patch+yaml"},
+            "PATCH", path, obj, content_type="application/apply-patch+yaml", params=params
         )
 
     async def get(
@@ -139,10 +144,7 @@ class KubeApi:
         path = f"{collection_path(api_version, kind, namespace)}/{name}/status"
         self.writes += 1
         await self._request(
-            "PATCH",
-            path,
-            data=json.dumps({"status": status}),
-            headers={"Content-Type": "application/merge-patch+json"},
+            "PATCH", path, {"status": status}, content_type="application/merge-patch+json"
         )
 
     async def delete(
@@ -155,10 +157,7 @@ class KubeApi:
         self.writes += 1
         try:
             await self._request(
-                "DELETE",
-                f"{collection_path(api_version, kind, namespace)}/{name}",
-                data=json.dumps(body),
-                headers={"Content-Type": "application/json"},
+                "DELETE", f"{collection_path(api_version, kind, namespace)}/{name}", body
             )
         except NotFound:
             return False
@@ -191,12 +190,7 @@ class KubeApi:
             "count": 1,
         }
         self.writes += 1
-        await self._request(
-            "POST",
-            collection_path("v1", "Event", meta["namespace"]),
-            data=json.dumps(event),
-            headers={"Content-Type": "application/json"},
-        )
+        await self._request("POST", collection_path("v1", "Event", meta["namespace"]), event)
 
     async def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         """Merge `annotations` into a pod's metadata (a pod already gone is left alone)."""
@@ -205,8 +199,8 @@ class KubeApi:
             await self._request(
                 "PATCH",
                 f"{collection_path('v1', 'Pod', namespace)}/{name}",
-                data=json.dumps({"metadata": {"annotations": annotations}}),
-                headers={"Content-Type": "application/merge-patch+json"},
+                {"metadata": {"annotations": annotations}},
+                content_type="application/merge-patch+json",
             )
         except NotFound:
             return
@@ -219,15 +213,14 @@ class KubeApi:
             await self._request(
                 "PATCH",
                 path,
-                data=json.dumps({"status": {"conditions": [condition]}}),
-                headers={"Content-Type": "application/strategic-merge-patch+json"},
+                {"status": {"conditions": [condition]}},
+                content_type="application/strategic-merge-patch+json",
             )
         except NotFound:
             return
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.api.close()
 
 
 class GatewayAdmin:

@@ -47,7 +47,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = 20  # INFO and up become Kubernetes events
     settings.watching.server_timeout = 300
     memo.settings = operator
-    memo.kube = KubeApi.from_kubeconfig(os.environ.get("KUBECONFIG"))
+    memo.kube = await KubeApi.connect(os.environ.get("KUBECONFIG"))
     memo.gateway = GatewayAdmin(operator.admin_url, operator.gateway_admin_key)
     # The scaling loop polls the gateway on a session of its own (its long-poll waits).
     memo.scaler = Scaler(
