@@ -149,8 +149,15 @@ def installation(control_plane, nodes, crd_installed, tmp_path_factory) -> Itera
     install = Installation(control_plane, kubectl, gateway, workdir)
     install.start_operator()
     yield install
-    install.stop_operator()
-    gateway.stop()
+    # Remove every endpoint while the operator and the gateway still run (purge, not drain:
+    # some tests leave jobs queued), so no worker process outlives its gateway.
+    kubectl.run("annotate", "hd", "--all", "-A", "handlerops.dev/on-delete=purge", "--overwrite")
+    kubectl.run("delete", "hd", "--all", "-A", "--timeout=90s")
+    try:
+        wait_for(lambda: not nodes.processes(), timeout=90, message="no worker process left")
+    finally:
+        install.stop_operator()
+        gateway.stop()
 
 
 @pytest.fixture

@@ -99,3 +99,64 @@ def test_worker_extra_in_a_fresh_venv(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == '{"output": {"greeting": "Hello, venv!"}}'
     assert sys.executable != python
+
+
+# Groups and users a Debian base image already has (base-passwd): `groupadd operator` fails there.
+DEBIAN_NAMES = {
+    "root",
+    "daemon",
+    "bin",
+    "sys",
+    "adm",
+    "tty",
+    "disk",
+    "lp",
+    "mail",
+    "news",
+    "uucp",
+    "man",
+    "proxy",
+    "kmem",
+    "dialout",
+    "fax",
+    "voice",
+    "cdrom",
+    "floppy",
+    "tape",
+    "sudo",
+    "audio",
+    "dip",
+    "www-data",
+    "backup",
+    "operator",
+    "list",
+    "irc",
+    "src",
+    "shadow",
+    "utmp",
+    "video",
+    "sasl",
+    "plugdev",
+    "staff",
+    "games",
+    "users",
+    "nogroup",
+    "sync",
+    "gnats",
+    "nobody",
+}
+
+
+@pytest.mark.parametrize("path", [DOCKERFILE, OPERATOR_DOCKERFILE], ids=["worker", "operator"])
+def test_the_image_user_and_group_do_not_clash_with_a_debian_base(path):
+    import re
+
+    created = [
+        name
+        for run in of(dockerfile.parse_file(str(path)), "RUN")
+        for name in re.findall(
+            r"(?:groupadd|useradd)\b[^&;]*?\s([a-z_][a-z0-9_-]*)\s*(?:\\\\|&&|$)", run.original
+        )
+    ]
+    assert created, "the image creates its user"
+    assert not set(created) & DEBIAN_NAMES, set(created) & DEBIAN_NAMES
