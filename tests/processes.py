@@ -19,6 +19,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import venv
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +140,21 @@ class GatewayProcess:
             RUNPOD_LOG_LEVEL="WARN",
         )
         return subprocess_env(**{**env, **extra})
+
+
+def fresh_venv(env_dir: Path, requirement: str, timeout: float = 900) -> str:
+    """A new virtual environment with `requirement` pip-installed (not editable); its python."""
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = str(env_dir / "bin" / "python")
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", requirement],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    return python
 
 
 def start_worker(

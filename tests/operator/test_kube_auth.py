@@ -96,6 +96,15 @@ async def read_secret(kube: KubeApi) -> dict | None:
     return await kube.get("v1", "Secret", "ns", "s")
 
 
+async def read_once(config_file: str) -> dict | None:
+    """Connect with `config_file`, make one request, close."""
+    kube = await KubeApi.connect(config_file)
+    try:
+        return await read_secret(kube)
+    finally:
+        await kube.close()
+
+
 async def test_in_cluster_the_token_is_sent_as_is_and_a_rotated_token_is_picked_up(
     ca, tmp_path, monkeypatch
 ):
@@ -128,11 +137,7 @@ async def test_kubeconfig_with_a_token(ca, tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     async with Recorder(ca) as server:
         path = kubeconfig(tmp_path / "config", server.server, ca, {"token": "kubeconfig-token"})
-        kube = await KubeApi.connect(path)
-        try:
-            await read_secret(kube)
-        finally:
-            await kube.close()
+        await read_once(path)
     assert [s["authorization"] for s in server.seen] == ["Bearer kubeconfig-token"]
 
 
@@ -149,11 +154,7 @@ async def test_kubeconfig_with_a_client_certificate(ca, tmp_path, monkeypatch):
             ca,
             {"client-certificate": str(cert), "client-key": str(key)},
         )
-        kube = await KubeApi.connect(path)
-        try:
-            await read_secret(kube)
-        finally:
-            await kube.close()
+        await read_once(path)
     assert server.seen == [
         {
             "path": "/api/v1/namespaces/ns/secrets/s",
@@ -178,9 +179,5 @@ async def test_kubeconfig_with_an_exec_plugin(ca, tmp_path, monkeypatch):
     }
     async with Recorder(ca) as server:
         path = kubeconfig(tmp_path / "config", server.server, ca, {"exec": plugin})
-        kube = await KubeApi.connect(path)
-        try:
-            await read_secret(kube)
-        finally:
-            await kube.close()
+        await read_once(path)
     assert [s["authorization"] for s in server.seen] == ["Bearer exec-plugin-token"]

@@ -8,13 +8,13 @@ import json
 import shutil
 import subprocess
 import sys
-import venv
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO_ROOT, subprocess_env
+from tests.processes import fresh_venv
 
 # What each extra is for, and so must work with it alone.
 EXTRAS = {
@@ -94,16 +94,7 @@ def test_the_wheel_carries_every_package(dist):
 @pytest.mark.parametrize("extra", sorted(EXTRAS))
 def test_each_extra_installs_imports_and_starts(dist, tmp_path, extra):
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(env_dir)
-    python = str(env_dir / "bin" / "python")
-    install = subprocess.run(
-        [python, "-m", "pip", "install", "-q", f"{dist['wheel']}[{extra}]"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=subprocess_env(),
-    )
-    assert install.returncode == 0, install.stderr[-3000:]
+    python = fresh_venv(env_dir, f"{dist['wheel']}[{extra}]")
     spec = EXTRAS[extra]
     imported = subprocess.run(
         [python, "-c", IMPORT_ALL, *spec["packages"]],

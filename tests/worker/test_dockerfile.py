@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import venv
 
 import dockerfile
 import pytest
 
 from tests.conftest import REPO_ROOT, subprocess_env
+from tests.processes import fresh_venv
 
 DOCKERFILE = REPO_ROOT / "worker-image" / "Dockerfile"
 OPERATOR_DOCKERFILE = REPO_ROOT / "operator" / "Dockerfile"
@@ -72,17 +72,7 @@ def test_apt_hygiene(commands):
 @pytest.mark.slow
 def test_worker_extra_in_a_fresh_venv(tmp_path):
     """`pip install .[worker]` alone is enough to validate a handler and run a local job."""
-    env_dir = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(env_dir)
-    python = str(env_dir / "bin" / "python")
-    install = subprocess.run(
-        [python, "-m", "pip", "install", "-q", f"{REPO_ROOT}[worker]"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=subprocess_env(),
-    )
-    assert install.returncode == 0, install.stderr[-2000:]
+    python = fresh_venv(tmp_path / "venv", f"{REPO_ROOT}[worker]", timeout=600)
     listed = subprocess.run(
         [python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True
     ).stdout.lower()

@@ -247,38 +247,35 @@ func apiserverFlags(dir string, pki *pkiFiles, port int, etcdURL string) []strin
 	}
 }
 
-func controllerManagerFlags(dir string, pki *pkiFiles, kubeconfig string, port int) []string {
+// componentFlags are what the controller-manager and the scheduler share: their identity, a
+// serving port on loopback, no leader election (one replica each).
+func componentFlags(dir, name, kubeconfig string, port int) []string {
 	return []string{
 		"--kubeconfig=" + kubeconfig,
 		"--authentication-kubeconfig=" + kubeconfig,
 		"--authorization-kubeconfig=" + kubeconfig,
 		"--bind-address=127.0.0.1",
 		"--secure-port=" + strconv.Itoa(port),
-		"--cert-dir=" + filepath.Join(dir, "pki", "controller-manager"),
+		"--cert-dir=" + filepath.Join(dir, "pki", name),
 		"--leader-elect=false",
-		"--use-service-account-credentials=true",
-		"--service-account-private-key-file=" + pki.saPrivate,
-		"--root-ca-file=" + pki.caFile,
-		"--cluster-signing-cert-file=" + pki.caFile,
-		"--cluster-signing-key-file=" + pki.caKey,
-		"--controllers=*,bootstrapsigner,tokencleaner",
 		"--profiling=false",
 		"--v=1",
 	}
 }
 
+func controllerManagerFlags(dir string, pki *pkiFiles, kubeconfig string, port int) []string {
+	return append(componentFlags(dir, "controller-manager", kubeconfig, port),
+		"--use-service-account-credentials=true",
+		"--service-account-private-key-file="+pki.saPrivate,
+		"--root-ca-file="+pki.caFile,
+		"--cluster-signing-cert-file="+pki.caFile,
+		"--cluster-signing-key-file="+pki.caKey,
+		"--controllers=*,bootstrapsigner,tokencleaner",
+	)
+}
+
 func schedulerFlags(dir, kubeconfig string, port int) []string {
-	return []string{
-		"--kubeconfig=" + kubeconfig,
-		"--authentication-kubeconfig=" + kubeconfig,
-		"--authorization-kubeconfig=" + kubeconfig,
-		"--bind-address=127.0.0.1",
-		"--secure-port=" + strconv.Itoa(port),
-		"--cert-dir=" + filepath.Join(dir, "pki", "scheduler"),
-		"--leader-elect=false",
-		"--profiling=false",
-		"--v=1",
-	}
+	return componentFlags(dir, "scheduler", kubeconfig, port)
 }
 
 func startEtcd(dataDir string) (*embed.Etcd, string, error) {
