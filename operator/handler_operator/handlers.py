@@ -60,10 +60,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
 @kopf.on.login()
 def login(**kwargs: Any) -> Any:
-    """kopf's watches log in through the official client's loaders: in-cluster service account,
-    else the kubeconfig named by KUBECONFIG, exec plugins included (kopf's own kubeconfig parser
-    has none). kopf logs in again on a 401, so a rotated token is picked up."""
-    return kopf.login_via_client(**kwargs)
+    """In-cluster service account (kopf reads the token file, and again after a 401: rotated
+    tokens are picked up), else the kubeconfig named by KUBECONFIG, read at call time."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.cleanup()

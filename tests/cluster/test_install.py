@@ -151,13 +151,15 @@ def installation(control_plane, nodes, crd_installed, tmp_path_factory) -> Itera
     yield install
     # Remove every endpoint while the operator and the gateway still run (purge, not drain:
     # some tests leave jobs queued), so no worker process outlives its gateway.
+    # Best effort: what is left when the agent stops is killed with it.
     kubectl.run("annotate", "hd", "--all", "-A", "handlerops.dev/on-delete=purge", "--overwrite")
-    kubectl.run("delete", "hd", "--all", "-A", "--timeout=90s")
+    kubectl.run("delete", "hd", "--all", "-A", "--wait=false")
     try:
-        wait_for(lambda: not nodes.processes(), timeout=90, message="no worker process left")
-    finally:
-        install.stop_operator()
-        gateway.stop()
+        wait_for(lambda: not nodes.processes(), timeout=120, message="no worker process left")
+    except TimeoutError:
+        pass
+    install.stop_operator()
+    gateway.stop()
 
 
 @pytest.fixture
