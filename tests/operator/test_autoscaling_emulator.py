@@ -155,9 +155,11 @@ def test_queue_scales_up_fast_drains_idle_workers_only_and_returns_to_zero(clust
     token = (secret.get("stringData") or {}).get("token") or base64.b64decode(
         secret["data"]["token"]
     ).decode()
-    workers = SimulatedWorkers(cluster, token).start()
+    workers = SimulatedWorkers(cluster, token)
     try:
-        # 20 jobs on an endpoint at zero: 5 workers (ceil(20 / 4)), within 2 s.
+        # 20 jobs on an endpoint at zero: 5 workers (ceil(20 / 4)). The pods (and their
+        # workers) come once the count is reached, so that no job is taken before the queue is
+        # seen whole; how fast is bench/autoscale_reaction.py's question.
         jobs = [{"hold": True}] + [{"n": n} for n in range(19)]
         for payload in jobs:
             call(
@@ -166,8 +168,8 @@ def test_queue_scales_up_fast_drains_idle_workers_only_and_returns_to_zero(clust
                 {"input": payload},
                 key=ADMIN_KEY,
             )
-        # How fast is bench/autoscale_reaction.py's question; here only that it happens.
         wait_for(lambda: replicas(cluster) == 5, timeout=30, message="scale-up to 5")
+        workers.start()
 
         # 19 jobs finish at once, one is held: down to one worker, and it is the busy one.
         wait_for(lambda: workers.holder is not None, message="a worker holds a job")
