@@ -339,11 +339,13 @@ class DevProcess:
             stop_group(self.process)
 
 
-def handlerctl(*args: str, timeout: float = 120, stdin: str | None = None):
-    """Run the CLI in a subprocess; returns the CompletedProcess (text)."""
+def handlerctl(
+    *args: str, timeout: float = 120, stdin: str | None = None, env: dict[str, str] | None = None
+):
+    """Run the CLI in a subprocess (`env`: extra variables); returns the CompletedProcess (text)."""
     return subprocess.run(
         [sys.executable, "-m", "handler_operator.cli", *args],
-        env=subprocess_env(COLUMNS="200"),
+        env=subprocess_env(COLUMNS="200", **(env or {})),
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

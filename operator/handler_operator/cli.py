@@ -1,7 +1,8 @@
 """`handlerctl`: the local dev loop, job commands against any gateway, render/crd, and build.
 
 Thin typer glue over `local.DevRunner`, `clients.JobClient`, the pure builders and `projects`.
-Exit codes: 0 ok, 1 a job failed (or timed out / was cancelled), 2 bad input, 3 gateway error.
+Exit codes: 0 ok, 1 a job failed (or timed out / was cancelled), 2 bad input, 3 gateway error,
+4 image build failed.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from handler_operator import builders, crds
+from handler_operator import builders, crds, images
 from handler_operator.clients import GatewayError, JobClient, Unavailable
 from handler_operator.models import HandlerDeployment
 from handler_operator.settings import OperatorSettings
 
-EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_GATEWAY = 1, 2, 3
+EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_GATEWAY, EXIT_BUILD = 1, 2, 3, 4
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 REQUEST_KEYS = {"input", "webhook", "policy", "s3Config"}
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -564,17 +565,28 @@ def build(
     out_dir: Path = typer.Option(
         None, "--out", help="where to write (default: PROJECT/.handler_build)"
     ),
-    image: str = typer.Option(None, help="worker image of the HandlerDeployments"),
+    image: str = typer.Option(
+        None,
+        help="image to build with the project's code (when a builder is found); the "
+        "HandlerDeployments name it",
+    ),
+    worker_image: str = typer.Option(
+        images.DEFAULT_WORKER_IMAGE, help="base of the project's image (FROM)"
+    ),
+    builder: str = typer.Option(
+        "auto", help="docker, podman, buildah, auto (the first found) or none (write only)"
+    ),
     namespace: str = typer.Option("default", help="namespace of the HandlerDeployments"),
 ) -> None:
     """Scan PROJECT for @remote (AST, no import); write the manifest, a handler module and a
-    HandlerDeployment per endpoint, and build.tar.gz (sources + handlers) for the worker image."""
-    import tarfile
-
+    HandlerDeployment per endpoint, build.tar.gz (sources + handlers) and a Dockerfile; with
+    --image, build that image (docker, podman or buildah)."""
     from handler_operator import projects
 
     if not project.is_dir():
         fail(f"{project} is not a directory", EXIT_BAD_INPUT)
+    if builder not in ("auto", "none", *images.BUILDERS):
+        fail(f"--builder must be auto, none or one of {', '.join(images.BUILDERS)}", EXIT_BAD_INPUT)
     target = (out_dir or project / ".handler_build").resolve()
     sources = read_sources(project.resolve(), target)
     result = projects.scan(sources)
@@ -593,17 +605,19 @@ def build(
         files = projects.build_outputs(result, image=image, namespace=namespace)
     except ValueError as exc:
         fail(f"the @remote settings make an invalid HandlerDeployment: {exc}", EXIT_BAD_INPUT)
+    archive = "build.tar.gz"
+    files["Dockerfile"] = images.build_dockerfile(archive, worker_image)
+    files[".dockerignore"] = images.build_dockerignore(archive, "requirements.txt")
     for relative, text in files.items():
         path = target / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    archive = target / "build.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for relative in sources:
-            tar.add(project / relative, arcname=relative)
-        for relative in files:
-            if relative.startswith(projects.PACKAGE) or relative == "requirements.txt":
-                tar.add(target / relative, arcname=relative)
+    packed = {relative: project / relative for relative in sources} | {
+        relative: target / relative
+        for relative in files
+        if relative.startswith(projects.PACKAGE) or relative == "requirements.txt"
+    }
+    write_archive(target / archive, packed)
     manifest = json.loads(files[projects.MANIFEST])
     for name, spec in manifest["endpoints"].items():
         functions = ", ".join(f["name"] for f in spec["functions"])
@@ -612,10 +626,86 @@ def build(
             highlight=False,
             soft_wrap=True,
         )
-    out.print(f"manifest {target / projects.MANIFEST}\narchive  {archive}", highlight=False)
+    out.print(
+        f"manifest {target / projects.MANIFEST}\narchive  {target / archive}\n"
+        f"image    {target / 'Dockerfile'}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if image:
+        build_image(builder, image, target, worker_image)
+    else:
+        out.print(
+            "the HandlerDeployments run the default worker image, without this project's code: "
+            "pass --image NAME to build one with it",
+            highlight=False,
+            soft_wrap=True,
+        )
     first = next(iter(manifest["endpoints"]))
     out.print(
         f"try it: handlerctl dev {project} -f {target / 'deploy' / (first + '.yaml')} -p {target}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def write_archive(archive: Path, members: dict[str, Path]) -> None:
+    """A reproducible tar.gz (archive name -> file): owned by root and world-readable, so the
+    image's non-root user can read what ADD unpacks."""
+    import gzip
+    import tarfile
+
+    def normalized(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        info.mode = 0o755 if info.isdir() else 0o644
+        info.mtime = 0
+        return info
+
+    with (
+        open(archive, "wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as zipped,
+        tarfile.open(fileobj=zipped, mode="w") as tar,
+    ):
+        for name, path in sorted(members.items()):
+            tar.add(path, arcname=name, filter=normalized)
+
+
+def build_image(builder: str, image: str, context: Path, worker_image: str) -> None:
+    """Build the project's image with the builder named (auto: the first found), streaming its
+    output; without a builder, say how to build it."""
+    import shutil
+    import subprocess
+
+    def usable(name: str) -> bool:
+        # A docker CLI without a reachable engine cannot build: skip it when choosing.
+        if not shutil.which(name):
+            return False
+        if name != "docker" or builder == "docker":
+            return True
+        return subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
+
+    found = [name for name in images.BUILDERS if usable(name)]
+    chosen = builder if builder in images.BUILDERS else (found[0] if found else None)
+    command = images.build_command(chosen or "docker", image, str(context), worker_image)
+    if builder == "none" or chosen is None:
+        reason = (
+            "--builder none" if builder == "none" else "no docker engine, podman or buildah found"
+        )
+        out.print(
+            f"{reason}: build it with\n  {' '.join(command)}", highlight=False, soft_wrap=True
+        )
+        return
+    if chosen not in found:
+        fail(f"{chosen} is not on PATH", EXIT_BAD_INPUT)
+    err.print(f"building {image} with {chosen}", highlight=False, soft_wrap=True)
+    started = time.monotonic()
+    built = subprocess.run(command, check=False)
+    if built.returncode != 0:
+        fail(f"{chosen} build failed with exit code {built.returncode}", EXIT_BUILD)
+    out.print(
+        f"image {image} built in {time.monotonic() - started:.0f} s: push it where your cluster "
+        f"pulls from, then kubectl apply -f {context / 'deploy'}",
         highlight=False,
         soft_wrap=True,
     )

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, Field
 
+from handler_operator import images
+
 ENV_PREFIX = "HANDLER_OPERATOR_"
 FIELD_MANAGER = "handler-operator"
 
@@ -22,7 +24,9 @@ class OperatorSettings(BaseModel):
         None, description="Gateway URL the operator calls (default: gateway_url)"
     )
     gateway_admin_key: str = ""
-    default_image: str = "ghcr.io/handler-operator/handler-worker:0.1.0"
+    default_image: str = Field(
+        images.DEFAULT_WORKER_IMAGE, description="worker image of HandlerDeployments naming none"
+    )
     namespaces: list[str] = Field(default_factory=list, description="watched; empty: cluster-wide")
     gpu_tolerations: bool = Field(True, description="tolerate the vendor's GPU taint by default")
     termination_grace_extra_seconds: int = 30

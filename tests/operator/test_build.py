@@ -26,7 +26,9 @@ PROJECT = FIXTURES / "remote_project"
 def built(tmp_path):
     project = tmp_path / "project"
     shutil.copytree(PROJECT, project)
-    result = handlerctl("build", str(project), "--image", "ghcr.io/acme/app:1.0")
+    result = handlerctl(
+        "build", str(project), "--image", "ghcr.io/acme/app:1.0", "--builder", "none"
+    )
     assert result.returncode == 0, result.stderr
     return project, project / ".handler_build", result.stdout
 

@@ -1,4 +1,4 @@
-"""worker-image/Dockerfile rules (hadolint-style; no image can be built without a Docker engine).
+"""Dockerfile rules, read statically (hadolint-style); tests/images builds and runs the images.
 
 Parsed with the `dockerfile` package (Docker's own Go parser); plus the worker extra installed in
 a fresh virtual environment, which is what the image's `pip install ".[worker]"` does.
@@ -17,6 +17,9 @@ from tests.processes import fresh_venv
 
 DOCKERFILE = REPO_ROOT / "worker-image" / "Dockerfile"
 OPERATOR_DOCKERFILE = REPO_ROOT / "operator" / "Dockerfile"
+GATEWAY_DOCKERFILE = REPO_ROOT / "gateway" / "Dockerfile"
+IMAGES = [DOCKERFILE, GATEWAY_DOCKERFILE, OPERATOR_DOCKERFILE]
+IMAGE_IDS = ["worker", "gateway", "operator"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def commands():
     return dockerfile.parse_file(str(DOCKERFILE))
 
 
-@pytest.mark.parametrize("path", [DOCKERFILE, OPERATOR_DOCKERFILE], ids=["worker", "operator"])
+@pytest.mark.parametrize("path", IMAGES, ids=IMAGE_IDS)
 def test_images_run_as_non_root_with_exec_entrypoints(path):
     parsed = dockerfile.parse_file(str(path))
     users = of(parsed, "USER")
@@ -137,7 +140,7 @@ DEBIAN_NAMES = {
 }
 
 
-@pytest.mark.parametrize("path", [DOCKERFILE, OPERATOR_DOCKERFILE], ids=["worker", "operator"])
+@pytest.mark.parametrize("path", IMAGES, ids=IMAGE_IDS)
 def test_the_image_user_and_group_do_not_clash_with_a_debian_base(path):
     import re
 
