@@ -21,7 +21,6 @@ from tests.processes import http_json
 VERSION = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
 REGISTRY = "ghcr.io/handler-operator"
 BUILD_IMAGES = REPO_ROOT / "scripts" / "build-images"
-APT_PACKAGES = "podman buildah runc uidmap fuse-overlayfs slirp4netns mmdebstrap"
 # What Pod Security `restricted` leaves a container: no capabilities, no privilege escalation.
 RESTRICTED = ("--cap-drop", "ALL", "--security-opt", "no-new-privileges")
 
@@ -43,8 +42,8 @@ def podman(tmp_path_factory):
     missing = missing_tools()
     if missing:
         pytest.fail(
-            f"the image tests need {', '.join(missing)}: apt-get install {APT_PACKAGES} "
-            "(bash .ci/run installs them)"
+            f"the image tests need {', '.join(missing)}: scripts/test-images --install "
+            "installs them (as .ci/run does)"
         )
     engine = Podman(tmp_path_factory.mktemp("containers"))
     yield engine
