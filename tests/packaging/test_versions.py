@@ -39,4 +39,4 @@ def test_our_image_references_carry_the_version(relative):
 
 def test_the_files_checked_include_the_examples_and_dockerfiles():
     assert "examples/hello/Dockerfile" in FILES and "examples/hello/handlerdeployment.yaml" in FILES
-    assert {"worker-image/Dockerfile", "gateway/Dockerfile", "operator/Dockerfile"} <= set(FILES)
+    assert {"worker-image/Dockerfile", "operator/Dockerfile"} <= set(FILES)

@@ -17,8 +17,12 @@ from tests.processes import fresh_venv
 
 DOCKERFILE = REPO_ROOT / "worker-image" / "Dockerfile"
 OPERATOR_DOCKERFILE = REPO_ROOT / "operator" / "Dockerfile"
-GATEWAY_DOCKERFILE = REPO_ROOT / "gateway" / "Dockerfile"
-IMAGES = [DOCKERFILE, GATEWAY_DOCKERFILE, OPERATOR_DOCKERFILE]
+# (Dockerfile, target stage or None for the last, module its entry point runs)
+IMAGES = [
+    (DOCKERFILE, None, "handler_worker"),
+    (OPERATOR_DOCKERFILE, "gateway", "handler_gateway"),
+    (OPERATOR_DOCKERFILE, "operator", "handler_operator"),
+]
 IMAGE_IDS = ["worker", "gateway", "operator"]
 
 
@@ -27,13 +31,25 @@ def commands():
     return dockerfile.parse_file(str(DOCKERFILE))
 
 
-@pytest.mark.parametrize("path", IMAGES, ids=IMAGE_IDS)
-def test_images_run_as_non_root_with_exec_entrypoints(path):
-    parsed = dockerfile.parse_file(str(path))
-    users = of(parsed, "USER")
-    assert users and users[-1].value[0].split(":")[0] not in ("root", "0")
-    (entry,) = of(parsed, "ENTRYPOINT")
-    assert entry.json and entry.value[:2] == ("python", "-m")
+def stage(path, target):
+    """The instructions of one build stage (`target`, or the last)."""
+    stages: list[tuple[str | None, list]] = []
+    for command in dockerfile.parse_file(str(path)):
+        if command.cmd.upper() == "FROM":
+            stages.append((command.value[2].lower() if len(command.value) == 3 else None, []))
+        if stages:  # global ARGs before the first FROM belong to no stage
+            stages[-1][1].append(command)
+    return dict(stages)[target] if target else stages[-1][1]
+
+
+@pytest.mark.parametrize(("path", "target", "module"), IMAGES, ids=IMAGE_IDS)
+def test_images_run_as_non_root_with_exec_entrypoints(path, target, module):
+    commands = stage(path, target)
+    users = of(commands, "USER")
+    assert users and users[-1].value[0] == "10001:10001"
+    (entry,) = of(commands, "ENTRYPOINT")
+    assert entry.json and list(entry.value) == ["python", "-m", module]
+    assert commands.index(users[-1]) < commands.index(entry)
 
 
 def of(commands, name):
@@ -140,7 +156,7 @@ DEBIAN_NAMES = {
 }
 
 
-@pytest.mark.parametrize("path", IMAGES, ids=IMAGE_IDS)
+@pytest.mark.parametrize("path", [DOCKERFILE, OPERATOR_DOCKERFILE], ids=["worker", "control-plane"])
 def test_the_image_user_and_group_do_not_clash_with_a_debian_base(path):
     import re
 
