@@ -169,16 +169,61 @@ def _affinity(hd: HandlerDeployment) -> dict[str, Any] | None:
 def _tolerations(hd: HandlerDeployment, settings: OperatorSettings) -> list[dict[str, Any]]:
     tolerations = list(hd.spec.tolerations)
     gpu = hd.spec.resources.gpu
-    if settings.gpu_tolerations and gpu is not None and gpu.count > 0:
+    if settings.gpu_tolerations and _uses_gpu(hd):
         default = {"key": GPU_RESOURCE[gpu.vendor], "operator": "Exists", "effect": "NoSchedule"}
         if default not in tolerations:
             tolerations.append(default)
     return tolerations
 
 
+SHM_VOLUME = "dshm"
+
+
+def _uses_gpu(hd: HandlerDeployment) -> bool:
+    gpu = hd.spec.resources.gpu
+    return gpu is not None and gpu.count > 0
+
+
+def _shared_memory(hd: HandlerDeployment) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(volume, mount) of a memory-backed /dev/shm, unless off or the user mounts their own."""
+    shm = hd.spec.sharedMemory
+    enabled = _uses_gpu(hd) if shm.enabled is None else shm.enabled
+    if not enabled or any(m.get("mountPath") == "/dev/shm" for m in hd.spec.volumeMounts):
+        return None
+    volume = {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": shm.sizeLimit}}
+    return volume, {"name": SHM_VOLUME, "mountPath": "/dev/shm"}
+
+
+def image_pull_policy(image: str) -> str:
+    """What Kubernetes defaults it to: Always for `:latest` or no tag (and no digest)."""
+    last = image.rsplit("/", 1)[-1]
+    if "@" in last:
+        return "IfNotPresent"
+    tag = last.split(":", 1)[1] if ":" in last else None
+    return "Always" if tag in (None, "latest") else "IfNotPresent"
+
+
+def _strategy(hd: HandlerDeployment) -> dict[str, Any]:
+    """Rollout strategy: GPU endpoints replace a worker before adding one (no spare GPU)."""
+    rollout = hd.spec.rollout
+    if rollout.strategy == "Recreate":
+        return {"type": "Recreate"}
+    surge, unavailable = (0, 1) if _uses_gpu(hd) else (1, 0)
+    surge = surge if rollout.maxSurge is None else rollout.maxSurge
+    unavailable = unavailable if rollout.maxUnavailable is None else rollout.maxUnavailable
+    if surge == 0 and unavailable == 0:  # one of them was set to 0, the other defaulted to 0
+        surge, unavailable = (0, 1) if rollout.maxSurge == 0 else (1, 0)
+    return {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": surge, "maxUnavailable": unavailable},
+    }
+
+
 def spec_hash(hd: HandlerDeployment) -> str:
-    """Digest of the spec, recorded on the pod template (what a rollout changed)."""
-    raw = json.dumps(hd.spec.model_dump(mode="json", exclude={"scaling"}), sort_keys=True)
+    """Digest of the spec, recorded on the pod template (what a rollout changed). Fields left at
+    their defaults are not hashed, so a release that adds a field does not roll every worker."""
+    spec = hd.spec.model_dump(mode="json", exclude={"scaling"}, exclude_defaults=True)
+    raw = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -190,20 +235,25 @@ def build_deployment(
     `replicas=None` leaves the field out, to whoever scales instead (KEDA's HPA).
     """
     spec = hd.spec
+    image = spec.image or settings.default_image
     container: dict[str, Any] = {
         "name": WORKER_CONTAINER,
-        "image": spec.image or settings.default_image,
+        "image": image,
+        "imagePullPolicy": spec.imagePullPolicy or image_pull_policy(image),
         "env": runtime_env(hd, settings) + list(spec.env),
         "resources": _resources(hd),
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": spec.securityContext or RESTRICTED_CONTAINER_SECURITY,
     }
-    if spec.imagePullPolicy:
-        container["imagePullPolicy"] = spec.imagePullPolicy
     if spec.envFrom:
         container["envFrom"] = list(spec.envFrom)
-    if spec.volumeMounts:
-        container["volumeMounts"] = list(spec.volumeMounts)
+    volumes, mounts = list(spec.volumes), list(spec.volumeMounts)
+    shm = _shared_memory(hd)
+    if shm is not None:
+        volumes.append(shm[0])
+        mounts.append(shm[1])
+    if mounts:
+        container["volumeMounts"] = mounts
     pod: dict[str, Any] = {
         "serviceAccountName": service_account_name(hd),
         "automountServiceAccountToken": False,
@@ -222,7 +272,7 @@ def build_deployment(
         "affinity": _affinity(hd),
         "tolerations": _tolerations(hd, settings) or None,
         "imagePullSecrets": [s.model_dump() for s in spec.imagePullSecrets] or None,
-        "volumes": list(spec.volumes) or None,
+        "volumes": volumes or None,
     }
     pod.update({key: value for key, value in optional.items() if value is not None})
     return {
@@ -232,10 +282,7 @@ def build_deployment(
         "spec": {
             **({"replicas": replicas} if replicas is not None else {}),
             "selector": {"matchLabels": selector_labels(hd)},
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
-            },
+            "strategy": _strategy(hd),
             "template": {
                 "metadata": {
                     "labels": {**spec.podLabels, **labels(hd)},

@@ -42,6 +42,16 @@ ENV_ITEM_SCHEMA = {
     "additionalProperties": True,
 }
 
+# An image reference as the container runtime parses it (distribution/reference): an optional
+# registry host[:port], lowercase path components, then a tag, a digest, or both.
+_DOMAIN_PART = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_PATTERN = (
+    rf"^(?:{_DOMAIN_PART}(?:\.{_DOMAIN_PART})*(?::[0-9]+)?/)?{_PATH_PART}(?:/{_PATH_PART})*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$"
+)
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"
+
 # A Kubernetes object (EnvVar, Volume, Toleration ...) kept as-is: the API server validates it.
 K8sObject = dict[str, Any]
 
@@ -88,6 +98,72 @@ class ResourcesSpec(_Spec):
     limits: dict[str, str] = Field(
         default_factory=dict, description="Container resource limits (the GPU limit is added)."
     )
+
+
+class SharedMemorySpec(_Spec):
+    """A memory-backed /dev/shm: containers get 64 MiB otherwise, and GPU frameworks (NCCL,
+    PyTorch DataLoader workers) need more."""
+
+    enabled: bool | None = Field(
+        None, description="Mount it; default: on for GPU endpoints, off for CPU-only ones."
+    )
+    sizeLimit: str = Field(
+        "2Gi",
+        max_length=32,
+        pattern=QUANTITY_PATTERN,
+        description="Size limit of the emptyDir (medium Memory); what it holds counts against "
+        "the pod's memory.",
+    )
+
+
+ROLLOUT_BOTH_ZERO = "rollout.maxSurge and rollout.maxUnavailable cannot both be 0"
+ROLLOUT_RECREATE = "rollout.maxSurge and rollout.maxUnavailable apply to RollingUpdate only"
+
+
+class RolloutSpec(_Spec):
+    """How a spec change replaces the workers. Default: RollingUpdate with maxSurge 1 and
+    maxUnavailable 0 for CPU endpoints; maxSurge 0 and maxUnavailable 1 for GPU endpoints (a surge
+    pod would need a spare GPU a full cluster does not have). A replaced worker finishes its job
+    in flight within its termination grace period either way."""
+
+    strategy: Literal["RollingUpdate", "Recreate"] = Field(
+        "RollingUpdate", description="Deployment strategy type."
+    )
+    maxSurge: int | None = Field(
+        None, ge=0, le=1000, description="Extra workers during a rollout (default by GPU use)."
+    )
+    maxUnavailable: int | None = Field(
+        None, ge=0, le=1000, description="Workers that may be missing during a rollout."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.maxSurge) || !has(self.maxUnavailable) || "
+                    "self.maxSurge > 0 || self.maxUnavailable > 0",
+                    "message": ROLLOUT_BOTH_ZERO,
+                },
+                {
+                    "rule": "self.strategy != 'Recreate' || "
+                    "(!has(self.maxSurge) && !has(self.maxUnavailable))",
+                    "message": ROLLOUT_RECREATE,
+                },
+            ]
+        },
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RolloutSpec:
+        if self.maxSurge == 0 and self.maxUnavailable == 0:
+            raise ValueError(ROLLOUT_BOTH_ZERO)
+        if self.strategy == "Recreate" and (
+            self.maxSurge is not None or self.maxUnavailable is not None
+        ):
+            raise ValueError(ROLLOUT_RECREATE)
+        return self
 
 
 RATE_FIELDS = ("maxScaleUpRate", "maxScaleDownRate")
@@ -214,9 +290,18 @@ class HandlerDeploymentSpec(_Spec):
 
     handler: HandlerSpec
     image: str | None = Field(
-        None, min_length=1, description="Worker image; the operator's default image when omitted."
+        None,
+        min_length=1,
+        max_length=512,
+        pattern=IMAGE_PATTERN,
+        description="Worker image, by tag or digest (registry/name:tag, name@sha256:...); the "
+        "operator's default image when omitted.",
     )
-    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None,
+        description="Default as Kubernetes derives it: Always for :latest or an untagged image, "
+        "IfNotPresent for a tag or digest.",
+    )
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     jobs: JobsSpec = Field(default_factory=JobsSpec)
@@ -259,6 +344,8 @@ class HandlerDeploymentSpec(_Spec):
         description="Worker container securityContext; replaces the default "
         "(allowPrivilegeEscalation false, all capabilities dropped).",
     )
+    sharedMemory: SharedMemorySpec = Field(default_factory=SharedMemorySpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
 
     @field_validator("env")
     @classmethod

@@ -312,3 +312,114 @@ def test_names_longer_than_a_label_are_refused(length, accepted):
     else:
         with pytest.raises(ValueError, match="at most 63 characters"):
             HandlerDeployment.model_validate(body)
+
+
+GPU = {"resources": {"gpu": {"count": 1}}}
+SHM_CASES = {
+    "gpu default": (GPU, "2Gi"),
+    "cpu default": ({}, None),
+    "cpu on": ({"sharedMemory": {"enabled": True, "sizeLimit": "512Mi"}}, "512Mi"),
+    "gpu off": ({**GPU, "sharedMemory": {"enabled": False}}, None),
+    "gpu sized": ({**GPU, "sharedMemory": {"sizeLimit": "16Gi"}}, "16Gi"),
+    "own mount": (
+        {
+            **GPU,
+            "volumes": [{"name": "big", "emptyDir": {"medium": "Memory"}}],
+            "volumeMounts": [{"name": "big", "mountPath": "/dev/shm"}],
+        },
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", SHM_CASES, ids=list(SHM_CASES))
+def test_shared_memory_at_dev_shm(case):
+    spec, size = SHM_CASES[case]
+    pod = pod_of(hd_with(spec))
+    ours = [v for v in pod.get("volumes", []) if v["name"] == builders.SHM_VOLUME]
+    mounts = [
+        m for m in pod["containers"][0].get("volumeMounts", []) if m["mountPath"] == "/dev/shm"
+    ]
+    if size is None:
+        assert not ours
+        assert len(mounts) == (1 if case == "own mount" else 0)
+    else:
+        assert ours == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": size}}]
+        assert mounts == [{"name": "dshm", "mountPath": "/dev/shm"}]
+
+
+STRATEGY_CASES = {
+    "cpu default": ({}, {"maxSurge": 1, "maxUnavailable": 0}),
+    "gpu default": (GPU, {"maxSurge": 0, "maxUnavailable": 1}),
+    "gpu surge allowed": (
+        {**GPU, "rollout": {"maxSurge": 1}},
+        {"maxSurge": 1, "maxUnavailable": 1},
+    ),
+    "gpu no unavailable": (
+        {**GPU, "rollout": {"maxUnavailable": 0}},
+        {"maxSurge": 1, "maxUnavailable": 0},
+    ),
+    "cpu no surge": ({"rollout": {"maxSurge": 0}}, {"maxSurge": 0, "maxUnavailable": 1}),
+    "both set": (
+        {"rollout": {"maxSurge": 2, "maxUnavailable": 3}},
+        {"maxSurge": 2, "maxUnavailable": 3},
+    ),
+    "recreate": ({**GPU, "rollout": {"strategy": "Recreate"}}, None),
+}
+
+
+@pytest.mark.parametrize("case", STRATEGY_CASES, ids=list(STRATEGY_CASES))
+def test_rollout_strategy(case):
+    spec, rolling = STRATEGY_CASES[case]
+    strategy = builders.build_deployment(hd_with(spec), SETTINGS, replicas=1)["spec"]["strategy"]
+    if rolling is None:
+        assert strategy == {"type": "Recreate"}
+    else:
+        assert strategy == {"type": "RollingUpdate", "rollingUpdate": rolling}
+
+
+@pytest.mark.parametrize(
+    ("rollout", "message"),
+    [
+        ({"maxSurge": 0, "maxUnavailable": 0}, "cannot both be 0"),
+        ({"strategy": "Recreate", "maxSurge": 1}, "apply to RollingUpdate only"),
+        ({"strategy": "Blue"}, "Input should be 'RollingUpdate' or 'Recreate'"),
+    ],
+)
+def test_bad_rollouts_are_refused(rollout, message):
+    with pytest.raises(ValueError, match=message):
+        hd_with({"rollout": rollout})
+
+
+@pytest.mark.parametrize(
+    ("image", "policy"),
+    [
+        ("ghcr.io/acme/app:1.0", "IfNotPresent"),
+        ("ghcr.io/acme/app", "Always"),
+        ("ghcr.io/acme/app:latest", "Always"),
+        ("localhost:5000/app", "Always"),
+        ("localhost:5000/app:2", "IfNotPresent"),
+        ("ghcr.io/acme/app@sha256:" + "a" * 64, "IfNotPresent"),
+        ("ghcr.io/acme/app:latest@sha256:" + "b" * 64, "IfNotPresent"),
+    ],
+)
+def test_image_pull_policy_is_derived_as_kubernetes_does(image, policy):
+    container = pod_of(hd_with({"image": image}))["containers"][0]
+    assert (container["image"], container["imagePullPolicy"]) == (image, policy)
+    explicit = pod_of(hd_with({"image": image, "imagePullPolicy": "Never"}))["containers"][0]
+    assert explicit["imagePullPolicy"] == "Never"
+
+
+@pytest.mark.parametrize(
+    "image", ["Ghcr.io/acme/App:1", "acme/app:", "acme app", "acme/app@sha256:short", "-acme/app"]
+)
+def test_malformed_image_references_are_refused(image):
+    with pytest.raises(ValueError, match="should match pattern"):
+        hd_with({"image": image})
+
+
+def test_a_new_default_field_does_not_change_the_spec_hash():
+    hd = hd_with({})
+    plain = builders.spec_hash(hd)
+    assert builders.spec_hash(hd_with({"sharedMemory": {}, "rollout": {}})) == plain
+    assert builders.spec_hash(hd_with({"rollout": {"strategy": "Recreate"}})) != plain

@@ -106,6 +106,16 @@ BAD_SPECS = {
     ),
     "unknown field": (lambda s: s.update(gpus=2), "spec"),
     "concurrency zero": (lambda s: s["jobs"].update(concurrency=0), "spec.jobs.concurrency"),
+    "image with a space": (lambda s: s.update(image="acme/sdxl worker:1"), "spec.image"),
+    "uppercase image path": (lambda s: s.update(image="ghcr.io/Acme/SDXL:1"), "spec.image"),
+    "shm size not a quantity": (
+        lambda s: s.update(sharedMemory={"sizeLimit": "lots"}),
+        "spec.sharedMemory.sizeLimit",
+    ),
+    "unknown rollout strategy": (
+        lambda s: s.update(rollout={"strategy": "BlueGreen"}),
+        "spec.rollout.strategy",
+    ),
 }
 
 
@@ -140,6 +150,14 @@ CEL_CASES = {
         lambda s: s["scaling"].update(maxScaleUpRate=0.2),
         "maxScaleUpRate must be 0",
     ),
+    "rollout with no room": (
+        lambda s: s.update(rollout={"maxSurge": 0, "maxUnavailable": 0}),
+        "cannot both be 0",
+    ),
+    "recreate with a surge": (
+        lambda s: s.update(rollout={"strategy": "Recreate", "maxSurge": 1}),
+        "apply to RollingUpdate only",
+    ),
 }
 
 
@@ -151,7 +169,7 @@ def test_cel_rules_are_in_the_crd_and_enforced_by_the_models(case):
         for _, node in walk(spec_schema())
         if "x-kubernetes-validations" in node
     ]
-    assert len(rules) == 3  # the root (name length), spec.scaling, spec.env
+    assert len(rules) == 4  # the root (name length), spec.scaling, spec.env, spec.rollout
     with pytest.raises(ValueError, match=message):
         parse_cr(bad(mutate))
 
