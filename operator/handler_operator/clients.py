@@ -8,7 +8,10 @@ API as `handlerctl` uses it. Retryable failures raise `Unavailable`.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -16,6 +19,8 @@ from kubernetes_asyncio import config
 from kubernetes_asyncio.client import ApiClient, Configuration
 
 from handler_operator.settings import FIELD_MANAGER
+
+logger = logging.getLogger(__name__)
 
 API_PATHS = {
     ("v1", "Secret"): "/api/v1/namespaces/{ns}/secrets",
@@ -43,8 +48,20 @@ class NotFound(Exception):
     pass
 
 
-def collection_path(api_version: str, kind: str, namespace: str) -> str:
-    return API_PATHS[(api_version, kind)].format(ns=namespace)
+def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
+    """The collection's URL path; namespace None: across all namespaces."""
+    path = API_PATHS[(api_version, kind)]
+    return path.replace("/namespaces/{ns}", "") if namespace is None else path.format(ns=namespace)
+
+
+def selector_matches(selector: str, labels: dict[str, str] | None) -> bool:
+    """An equality-based label selector (`k=v,k2=v2`) against an object's labels."""
+    labels = labels or {}
+    pairs = (term.split("=", 1) for term in selector.split(",") if term)
+    return all(labels.get(key.strip()) == value.strip() for key, value in pairs)
+
+
+WatchEvent = tuple[str, dict[str, Any]]  # ("ADDED" | "MODIFIED" | "DELETED", object)
 
 
 class KubeApi:
@@ -137,6 +154,92 @@ class KubeApi:
             "GET", collection_path(api_version, kind, namespace), params=params
         )
         return list((body or {}).get("items") or [])
+
+    async def watch(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        selector: str,
+        server_timeout: int = 300,
+        retry_delay: float = 1.0,
+    ) -> AsyncIterator[WatchEvent]:
+        """List, then watch from the list's resourceVersion, filtered on the server by the label
+        `selector`, forever: unrelated objects never reach this process. After an expired
+        resourceVersion (410) or a lost connection it lists again, yielding what it already
+        knew as MODIFIED (ADDED if new) and DELETED for what went away meanwhile."""
+        path = collection_path(api_version, kind, namespace)
+        known: dict[str, dict[str, Any]] = {}
+        while True:
+            try:
+                listing = await self._request("GET", path, params={"labelSelector": selector})
+                version = ((listing or {}).get("metadata") or {}).get("resourceVersion", "")
+                current = {
+                    item["metadata"]["uid"]: item for item in (listing or {}).get("items") or []
+                }
+                for uid, gone in known.items():
+                    if uid not in current:
+                        yield "DELETED", gone
+                for uid, item in current.items():
+                    yield ("MODIFIED" if uid in known else "ADDED"), item
+                known = current
+                async for event_type, obj in self._watch_from(
+                    path, selector, version, server_timeout
+                ):
+                    uid = obj["metadata"]["uid"]
+                    if event_type == "DELETED":
+                        known.pop(uid, None)
+                    else:
+                        known[uid] = obj
+                    yield event_type, obj
+            except (Unavailable, ValueError, aiohttp.ClientError, TimeoutError) as exc:
+                logger.info("watch of %s %s: %s; listing again", kind, selector, exc)
+                await asyncio.sleep(retry_delay)
+
+    async def _watch_from(
+        self, path: str, selector: str, version: str, server_timeout: int
+    ) -> AsyncIterator[WatchEvent]:
+        """Watch streams from `version` on; a server-closed stream resumes where it ended.
+        Returns (so the caller lists again) when the version has expired."""
+        while True:
+            params = [
+                ("watch", "true"),
+                ("labelSelector", selector),
+                ("resourceVersion", version),
+                ("allowWatchBookmarks", "true"),
+                ("timeoutSeconds", str(server_timeout)),
+            ]
+            response = await self.api.call_api(
+                path,
+                "GET",
+                query_params=params,
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=server_timeout + 30,
+            )
+            try:
+                if response.status == 410:
+                    return
+                if response.status >= 400:
+                    raise Unavailable(f"watch {path}: HTTP {response.status}")
+                async for line in response.content:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    obj = event.get("object") or {}
+                    if event.get("type") == "ERROR":
+                        if obj.get("code") == 410:
+                            return
+                        raise Unavailable(f"watch {path}: {obj.get('message')}")
+                    version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                    if event.get("type") == "BOOKMARK":
+                        continue
+                    # Servers that ignore the selector (test doubles) are filtered here too.
+                    if selector_matches(selector, (obj.get("metadata") or {}).get("labels")):
+                        yield event["type"], obj
+            finally:
+                response.release()
 
     async def patch_status(
         self, api_version: str, kind: str, namespace: str, name: str, status: dict[str, Any]

@@ -1,8 +1,9 @@
 """kopf handlers: reconcile HandlerDeployments into worker objects, surface crash loops, drain.
 
 Thin glue over the pure builders and the clients: create/update/resume run one idempotent
-reconcile (server-side apply, one field manager); pod events feed HandlerHealthy; deployment
-status feeds READY; the finalizer drains (or purges) the endpoint before deregistering it.
+reconcile (server-side apply, one field manager); worker pods (HandlerHealthy) and Deployments
+(READY), watched with a server-side label selector, feed the status; the finalizer drains (or
+purges) the endpoint before deregistering it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 import secrets
 import time
@@ -26,8 +28,9 @@ from handler_operator.scalers import Scaler
 from handler_operator.settings import OperatorSettings
 
 HD = (GROUP, VERSION, PLURAL)
-WORKER_LABELS = {"app.kubernetes.io/managed-by": "handler-operator"}
+WORKER_SELECTOR = "app.kubernetes.io/managed-by=handler-operator"
 ON_DELETE_ANNOTATION = f"{GROUP}/on-delete"  # "drain" (default) or "purge"
+logger = logging.getLogger(__name__)
 
 
 def now_iso() -> str:
@@ -54,6 +57,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         memo.kube, GatewayAdmin(operator.admin_url, operator.gateway_admin_key), operator
     )
     memo.scaler_task = asyncio.get_running_loop().create_task(memo.scaler.run())
+    memo.deployment_status = {}
+    memo.watch_tasks = start_watches(memo, operator.namespaces)
     if operator.metrics_port:
         start_metrics_server(operator.metrics_port)
 
@@ -67,9 +72,10 @@ def login(**kwargs: Any) -> Any:
 
 @kopf.on.cleanup()
 async def close_clients(memo: kopf.Memo, **_: Any) -> None:
-    memo.scaler_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await memo.scaler_task
+    for task in [memo.scaler_task, *memo.watch_tasks]:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await memo.scaler.gateway.close()
     await memo.kube.close()
     await memo.gateway.close()
@@ -331,17 +337,15 @@ async def _owner_hd(memo: kopf.Memo, namespace: str, name: str | None) -> dict[s
     return await memo.kube.get(f"{GROUP}/{VERSION}", "HandlerDeployment", namespace, name)
 
 
-@kopf.on.event("", "v1", "pods", labels=WORKER_LABELS)
-async def worker_pod_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+async def on_worker_pod(memo: kopf.Memo, event_type: str, pod: dict[str, Any]) -> None:
     """Pods feed the scaler; HandlerHealthy follows them (the loader's termination message)."""
-    pod = event.get("object") or {}
-    memo.scaler.observe_pod(event.get("type") or "", pod)
+    memo.scaler.observe_pod(event_type, pod)
     meta = pod.get("metadata") or {}
     namespace = meta.get("namespace", "default")
     owner = await _owner_hd(
         memo, namespace, (meta.get("labels") or {}).get("app.kubernetes.io/instance")
     )
-    if owner is None or event.get("type") == "DELETED":
+    if owner is None or event_type == "DELETED":
         return
     # Unschedulable pods are the scaler's (Scaling=WaitingForCapacity past pendingTimeout):
     # they are never deleted for it, a GPU node may be on its way.
@@ -373,23 +377,30 @@ async def worker_pod_event(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> 
             {"conditions": new},
         )
         if problem is not None:
-            kopf.warn(owner, reason=problem[0], message=problem[1])
+            await memo.kube.post_event(owner, "Warning", problem[0], problem[1], now_iso())
 
 
-@kopf.on.field("apps", "v1", "deployments", field="status", labels=WORKER_LABELS)
-async def worker_deployment_status(
-    new: Any, meta: kopf.Meta, spec: kopf.Spec, memo: kopf.Memo, **_: Any
+async def on_worker_deployment(
+    memo: kopf.Memo, event_type: str, deployment: dict[str, Any]
 ) -> None:
-    """READY and replicas of `kubectl get hd` follow the worker Deployment."""
-    instance = (meta.labels or {}).get("app.kubernetes.io/instance")
+    """READY and replicas of `kubectl get hd` follow the worker Deployment's status."""
+    meta = deployment.get("metadata") or {}
+    seen = memo.deployment_status
+    if event_type == "DELETED":
+        seen.pop(meta.get("uid"), None)
+        return
+    status = dict(deployment.get("status") or {})
+    if seen.get(meta.get("uid")) == status:
+        return  # only the status matters here: spec/metadata writes are ours
+    seen[meta.get("uid")] = status
+    spec = deployment.get("spec") or {}
+    namespace = meta.get("namespace", "default")
+    instance = (meta.get("labels") or {}).get("app.kubernetes.io/instance")
     if instance:
-        memo.scaler.observe_replicas(meta.namespace, instance, spec.get("replicas"))
-    owner = await _owner_hd(
-        memo, meta.namespace, (meta.labels or {}).get("app.kubernetes.io/instance")
-    )
+        memo.scaler.observe_replicas(namespace, instance, spec.get("replicas"))
+    owner = await _owner_hd(memo, namespace, instance)
     if owner is None:
         return
-    status = dict(new or {})
     ready = status.get("readyReplicas") or 0
     desired = (owner.get("status") or {}).get("desiredReplicas") or 0
     replicas = spec.get("replicas")
@@ -405,5 +416,33 @@ async def worker_deployment_status(
     if updated != current:
         patch["conditions"] = updated
     await memo.kube.patch_status(
-        f"{GROUP}/{VERSION}", "HandlerDeployment", meta.namespace, owner["metadata"]["name"], patch
+        f"{GROUP}/{VERSION}", "HandlerDeployment", namespace, owner["metadata"]["name"], patch
     )
+
+
+# The worker objects the operator follows, watched with a server-side label selector (kopf's
+# `labels=` filters in the client, after listing every Pod and Deployment of the cluster).
+WORKER_WATCHES = (("v1", "Pod", on_worker_pod), ("apps/v1", "Deployment", on_worker_deployment))
+
+
+async def _follow(memo: kopf.Memo, api_version: str, kind: str, namespace: str | None, react):
+    async for event_type, obj in memo.kube.watch(api_version, kind, namespace, WORKER_SELECTOR):
+        try:
+            await react(memo, event_type, obj)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # one event that fails must not end the watch
+            meta = obj.get("metadata") or {}
+            logger.exception(
+                "%s %s/%s: %s failed", kind, meta.get("namespace"), meta.get("name"), event_type
+            )
+
+
+def start_watches(memo: kopf.Memo, namespaces: list[str]) -> list[asyncio.Task]:
+    """One task per watched kind and namespace (all namespaces when none are named)."""
+    loop = asyncio.get_running_loop()
+    return [
+        loop.create_task(_follow(memo, api_version, kind, namespace, react))
+        for api_version, kind, react in WORKER_WATCHES
+        for namespace in (namespaces or [None])
+    ]

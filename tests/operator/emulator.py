@@ -21,6 +21,8 @@ from typing import Any
 import kmock
 from kmock._internal import dicts, enums, parsing
 
+from handler_operator.clients import selector_matches
+
 _parse_path = parsing.parse_path
 
 
@@ -105,6 +107,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self._versions = itertools.count(1)
         self.log: list[tuple[str, str | None]] = []  # (method, plural) of every request
+        self.reads: list[tuple[str, str, str | None]] = []  # (plural, list/watch, labelSelector)
         self._finished: set[int] = set()
         self.deletions: list[tuple[str, str | None, str]] = []  # (plural, namespace, name)
         # (group, resource[/subresource], verb) the operator used: checked against its RBAC
@@ -141,6 +144,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
     def _KubernetesEmulator__get_objs(self, request: Any, strict: bool) -> list[Any]:
         if request.name is not None and request.namespace is not None:
             return self._named(request)
+        selector = (request.params or {}).get("labelSelector") or ""
         return [
             obj
             for (resource, namespace, name), obj in self.objects.items()
@@ -149,7 +153,25 @@ class ApiEmulator(kmock.KubernetesEmulator):
                 namespace == request.namespace if strict else request.namespace in (None, namespace)
             )
             and (request.name is None or name == request.name)
+            and (not selector or selector_matches(selector, obj.raw["metadata"].get("labels")))
         ]
+
+    async def _serve_watch(self, request: Any) -> Any:
+        """kmock's watch, with the label selector applied as the apiserver does (kmock ignores
+        it): existing objects first, then the changes of matching objects."""
+        yield b""
+        selector = (request.params or {}).get("labelSelector") or ""
+        async with self._lock:
+            objs = [o for o in self._KubernetesEmulator__get_objs(request, False) if not o.deleted]
+            events = [{"type": "ADDED", "object": obj.raw} for obj in objs]
+        for event in events:
+            yield event
+        async for event in self._buses[request.resource]:
+            meta = event.get("object", {}).get("metadata", {})
+            if self._KubernetesEmulator__check(
+                request, request.resource, meta.get("namespace"), meta.get("name"), strict=False
+            ) and (not selector or selector_matches(selector, meta.get("labels"))):
+                yield event
 
     def _stored(self, request: Any) -> dict[str, Any] | None:
         found = (
@@ -304,6 +326,9 @@ class ApiEmulator(kmock.KubernetesEmulator):
         self.log.append(
             (request.method.upper(), request.resource.plural if request.resource else None)
         )
+        if request.resource is not None and _verb(request) in ("list", "watch"):
+            selector = (request.params or {}).get("labelSelector")
+            self.reads.append((request.resource.plural, _verb(request), selector))
         agent = (request.headers or {}).get("User-Agent", "")
         operator_agent = "aiohttp" in agent or "kopf" in agent
         if request.resource is not None and request.resource.plural and operator_agent:

@@ -223,3 +223,28 @@ def test_recreated_handler_deployment_gets_a_new_worker_token(cluster, operator)
     call("POST", cluster.url + HD_PATH.format(ns="default"), cr)
     second = wait_for(token, message="new worker token Secret")
     assert second != first
+
+
+def test_worker_objects_are_watched_with_a_server_side_selector(cluster, operator):
+    """Pods and Deployments are listed and watched with our label selector (unrelated ones never
+    reach the operator), and the worker Deployment carries no kopf bookkeeping annotation."""
+    unrelated = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "someone-else", "namespace": "default", "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "web", "image": "nginx"}]},
+    }
+    assert call("POST", cluster.url + "/api/v1/namespaces/default/pods", unrelated)[0] in (200, 201)
+    body = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
+    assert call("POST", cluster.url + HD_PATH.format(ns="default"), body)[0] in (200, 201)
+    wait_for(lambda: condition(hd(cluster, "default", "hello"), "Ready"), message="Ready")
+    reads = [r for r in cluster.api.reads if r[0] in ("pods", "deployments")]
+    assert {(plural, verb) for plural, verb, _ in reads} == {
+        ("pods", "list"),
+        ("pods", "watch"),
+        ("deployments", "list"),
+        ("deployments", "watch"),
+    }
+    assert {selector for *_, selector in reads} == {"app.kubernetes.io/managed-by=handler-operator"}
+    annotations = deployment(cluster, "default", "hello")["metadata"].get("annotations") or {}
+    assert not [key for key in annotations if key.startswith("kopf.zalando.org")], annotations
