@@ -7,6 +7,7 @@ the schema cannot catch as `SpecProblem`s (reason + message) for the Ready condi
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -84,7 +85,9 @@ def gpu_summary(hd: HandlerDeployment) -> str:
     gpu = hd.spec.resources.gpu
     if gpu is None or gpu.count == 0:
         return "none"
-    return f"{gpu.count}x {gpu.product or gpu.vendor}"
+    products = gpu.acceptable_products
+    more = f" (+{len(products) - 1})" if len(products) > 1 else ""
+    return f"{gpu.count}x {products[0] if products else gpu.vendor}{more}"
 
 
 def _metadata(hd: HandlerDeployment, name: str) -> dict[str, Any]:
@@ -151,19 +154,31 @@ def _resources(hd: HandlerDeployment) -> dict[str, Any]:
 
 
 def _affinity(hd: HandlerDeployment) -> dict[str, Any] | None:
+    """The spec's affinity with the GPU products required (ANDed into every node selector term)
+    and, for a list of products, preferred in their order."""
+    affinity = copy.deepcopy(hd.spec.affinity or {})
     gpu = hd.spec.resources.gpu
-    if gpu is None or gpu.count == 0 or not gpu.product:
-        return None
-    term = {
-        "matchExpressions": [
-            {"key": GPU_PRODUCT_LABEL[gpu.vendor], "operator": "In", "values": [gpu.product]}
-        ]
-    }
-    return {
-        "nodeAffinity": {
-            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
-        }
-    }
+    products = gpu.acceptable_products if gpu is not None and _uses_gpu(hd) else []
+    if not products:
+        return affinity or None
+    assert gpu is not None
+    key = GPU_PRODUCT_LABEL[gpu.vendor]
+    node = affinity.setdefault("nodeAffinity", {})
+    required = node.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+    expression = {"key": key, "operator": "In", "values": products}
+    required["nodeSelectorTerms"] = [
+        {**term, "matchExpressions": [*(term.get("matchExpressions") or []), expression]}
+        for term in required.get("nodeSelectorTerms") or [{}]
+    ]
+    if len(products) > 1:
+        node.setdefault("preferredDuringSchedulingIgnoredDuringExecution", []).extend(
+            {
+                "weight": 100 - 10 * rank,
+                "preference": {"matchExpressions": [{"key": key, "operator": "In", "values": [p]}]},
+            }
+            for rank, p in enumerate(products)
+        )
+    return affinity
 
 
 def _tolerations(hd: HandlerDeployment, settings: OperatorSettings) -> list[dict[str, Any]]:
@@ -273,6 +288,7 @@ def build_deployment(
         "tolerations": _tolerations(hd, settings) or None,
         "imagePullSecrets": [s.model_dump() for s in spec.imagePullSecrets] or None,
         "volumes": volumes or None,
+        "topologySpreadConstraints": list(spec.topologySpreadConstraints) or None,
     }
     pod.update({key: value for key, value in optional.items() if value is not None})
     return {
@@ -456,13 +472,12 @@ def check_spec(
     """What the schema cannot catch: vendor/product mismatches, missing pull secrets."""
     problems = []
     gpu = hd.spec.resources.gpu
-    if gpu is not None and gpu.product:
-        upper = gpu.product.upper()
-        if any(hint in upper for hint in FOREIGN_PRODUCT_HINTS[gpu.vendor]):
+    for product in gpu.acceptable_products if gpu is not None else []:
+        if any(hint in product.upper() for hint in FOREIGN_PRODUCT_HINTS[gpu.vendor]):
             problems.append(
                 SpecProblem(
                     "GpuProductMismatch",
-                    f"GPU product '{gpu.product}' does not look like a {gpu.vendor} GPU "
+                    f"GPU product '{product}' does not look like a {gpu.vendor} GPU "
                     f"(resources.gpu.vendor={gpu.vendor})",
                 )
             )

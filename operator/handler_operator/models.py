@@ -7,7 +7,7 @@ operator parses every CR through them, so the API server and the operator agree 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -71,6 +71,10 @@ class HandlerSpec(_Spec):
     )
 
 
+PRODUCT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+PRODUCTS_MESSAGE = "set resources.gpu.product or resources.gpu.products, not both"
+
+
 class GpuSpec(_Spec):
     """GPUs per worker."""
 
@@ -81,10 +85,41 @@ class GpuSpec(_Spec):
     product: str | None = Field(
         None,
         max_length=128,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-        description="GPU product label value (nvidia.com/gpu.product, amd.com/gpu.product-name); "
-        "workers are scheduled only on such nodes, e.g. NVIDIA-A100-SXM4-80GB.",
+        pattern=PRODUCT_PATTERN,
+        description="GPU product label value (nvidia.com/gpu.product, amd.com/gpu.product-name, "
+        "set by GPU Feature Discovery); workers are scheduled only on such nodes, e.g. "
+        "NVIDIA-A100-SXM4-80GB.",
     )
+    products: list[Annotated[str, Field(max_length=128, pattern=PRODUCT_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Acceptable GPU products in order of preference (instead of `product`): "
+        "workers go only to nodes with one of them, preferring the earlier ones.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.product) || !has(self.products) || size(self.products) == 0",
+                    "message": PRODUCTS_MESSAGE,
+                }
+            ]
+        },
+        extra="forbid",
+        populate_by_name=True,
+    )
+
+    @model_validator(mode="after")
+    def _one_product_field(self) -> GpuSpec:
+        if self.product and self.products:
+            raise ValueError(PRODUCTS_MESSAGE)
+        return self
+
+    @property
+    def acceptable_products(self) -> list[str]:
+        """The products a worker may run on, most preferred first (empty: any)."""
+        return list(self.products) or ([self.product] if self.product else [])
 
 
 class ResourcesSpec(_Spec):
@@ -328,6 +363,14 @@ class HandlerDeploymentSpec(_Spec):
     )
     tolerations: list[K8sObject] = Field(default_factory=list, description="Extra pod tolerations.")
     nodeSelector: dict[str, str] = Field(default_factory=dict)
+    affinity: K8sObject | None = Field(
+        None,
+        description="Pod affinity (Kubernetes Affinity); the GPU product requirement is added "
+        "to each of its required node selector terms.",
+    )
+    topologySpreadConstraints: list[K8sObject] = Field(
+        default_factory=list, max_length=16, description="Pod topology spread constraints."
+    )
     runtimeClassName: str | None = Field(None, description="e.g. nvidia")
     imagePullSecrets: list[ImagePullSecret] = Field(default_factory=list)
     podAnnotations: dict[str, str] = Field(default_factory=dict)

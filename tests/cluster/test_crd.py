@@ -74,6 +74,7 @@ APISERVER_MESSAGES = {
     "uppercase image path": "spec.image: Invalid value",
     "shm size not a quantity": "spec.sharedMemory.sizeLimit: Invalid value",
     "unknown rollout strategy": 'spec.rollout.strategy: Unsupported value: "BlueGreen"',
+    "product and products": "set resources.gpu.product or resources.gpu.products, not both",
     "rollout with no room": "rollout.maxSurge and rollout.maxUnavailable cannot both be 0",
     "recreate with a surge": "rollout.maxSurge and rollout.maxUnavailable apply to RollingUpdate only",
     "max below min": "maxReplicas must be greater than or equal to minReplicas",

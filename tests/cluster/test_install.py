@@ -315,6 +315,26 @@ def test_gpu_workers_land_on_nodes_with_the_requested_product(installation, ns):
     assert limits["nvidia.com/gpu"] == "1"
 
 
+def test_a_list_of_products_falls_back_to_the_next_one(installation, ns):
+    """Three 1-GPU workers, H100 preferred, A100 accepted: one node has 2 GPUs, so both GPU
+    nodes are used, and never the CPU node."""
+    kubectl = installation.kubectl
+    products = ["NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB"]
+    body = handler_deployment(
+        "fallback",
+        resources={"gpu": {"count": 1, "products": products}},
+        scaling={"minReplicas": 3, "maxReplicas": 3},
+    )
+    kubectl.apply(body, ns)
+
+    def scheduled():
+        placed = [p for p in pods(kubectl, ns, "fallback") if p["spec"].get("nodeName")]
+        return placed if len(placed) == 3 else None
+
+    nodes = [p["spec"]["nodeName"] for p in wait_for(scheduled, message="three scheduled pods")]
+    assert set(nodes) == {"gpu-h100-1", "gpu-a100-1"}, nodes
+
+
 def test_more_gpus_than_exist_stay_pending_and_nothing_piles_up(installation, ns):
     kubectl = installation.kubectl
     # No node has 4 A100s: every worker pod is unschedulable.

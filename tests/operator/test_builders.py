@@ -423,3 +423,64 @@ def test_a_new_default_field_does_not_change_the_spec_hash():
     plain = builders.spec_hash(hd)
     assert builders.spec_hash(hd_with({"sharedMemory": {}, "rollout": {}})) == plain
     assert builders.spec_hash(hd_with({"rollout": {"strategy": "Recreate"}})) != plain
+
+
+def node_affinity(pod) -> dict:
+    return pod["affinity"]["nodeAffinity"]
+
+
+def test_a_list_of_products_is_required_any_of_and_preferred_in_order():
+    products = ["NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-80GB", "NVIDIA-L40S"]
+    hd = hd_with({"resources": {"gpu": {"count": 1, "products": products}}})
+    affinity = node_affinity(pod_of(hd))
+    (term,) = affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == [
+        {"key": "nvidia.com/gpu.product", "operator": "In", "values": products}
+    ]
+    preferred = affinity["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert [(p["weight"], p["preference"]["matchExpressions"][0]["values"]) for p in preferred] == [
+        (100, [products[0]]),
+        (90, [products[1]]),
+        (80, [products[2]]),
+    ]
+    assert builders.gpu_summary(hd) == "1x NVIDIA-H100-80GB-HBM3 (+2)"
+
+
+def test_the_users_affinity_keeps_its_terms_and_gets_the_product_in_each():
+    zones = {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}
+    spot = {"key": "spot", "operator": "DoesNotExist"}
+    anti = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
+    user = {
+        **anti,
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [zones]}, {"matchExpressions": [spot]}]
+            }
+        },
+    }
+    spec = {"affinity": user, "resources": {"gpu": {"count": 1, "product": "NVIDIA-L4"}}}
+    affinity = pod_of(hd_with(spec))["affinity"]
+    product = {"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-L4"]}
+    terms = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms["nodeSelectorTerms"] == [
+        {"matchExpressions": [zones, product]},
+        {"matchExpressions": [spot, product]},
+    ]
+    assert affinity["podAntiAffinity"] == anti["podAntiAffinity"]
+    assert "preferredDuringSchedulingIgnoredDuringExecution" not in affinity["nodeAffinity"]
+    assert user["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ][0] == {"matchExpressions": [zones]}, "the spec is not modified"
+
+
+def test_affinity_and_spread_pass_through_without_gpus():
+    spread = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": {"app": "x"}}}]  # fmt: skip
+    affinity = {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": []}}
+    pod = pod_of(hd_with({"affinity": affinity, "topologySpreadConstraints": spread}))
+    assert pod["affinity"] == affinity
+    assert pod["topologySpreadConstraints"] == spread
+
+
+def test_foreign_products_in_the_list_are_reported():
+    hd = hd_with({"resources": {"gpu": {"count": 1, "products": ["NVIDIA-L4", "MI300X"]}}})
+    assert [p.reason for p in builders.check_spec(hd)] == ["GpuProductMismatch"]

@@ -150,6 +150,10 @@ CEL_CASES = {
         lambda s: s["scaling"].update(maxScaleUpRate=0.2),
         "maxScaleUpRate must be 0",
     ),
+    "product and products": (
+        lambda s: s["resources"]["gpu"].update(products=["NVIDIA-H100-80GB-HBM3"]),
+        "not both",
+    ),
     "rollout with no room": (
         lambda s: s.update(rollout={"maxSurge": 0, "maxUnavailable": 0}),
         "cannot both be 0",
@@ -169,7 +173,8 @@ def test_cel_rules_are_in_the_crd_and_enforced_by_the_models(case):
         for _, node in walk(spec_schema())
         if "x-kubernetes-validations" in node
     ]
-    assert len(rules) == 4  # the root (name length), spec.scaling, spec.env, spec.rollout
+    # the root (name length), spec.resources.gpu, spec.scaling, spec.env, spec.rollout
+    assert len(rules) == 5
     with pytest.raises(ValueError, match=message):
         parse_cr(bad(mutate))
 
