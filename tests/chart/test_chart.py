@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import tomllib
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -201,9 +203,8 @@ def test_generated_keys_and_existing_secrets():
 def test_redis_keeps_an_append_only_file(persistence):
     rendered = render([f"redis.persistence.enabled={str(persistence).lower()}"])
     statefulset = rendered.get("StatefulSet", REDIS)
-    args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--appendonly") + 1] == "yes"
-    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    (script,) = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--appendonly yes --appendfsync everysec" in script
     claims = statefulset["spec"].get("volumeClaimTemplates") or []
     assert bool(claims) is persistence
     if persistence:
@@ -288,3 +289,70 @@ def test_ingress_routes_the_host_to_the_gateway_service():
     paths = admin.get("Ingress", GATEWAY)["spec"]["rules"][0]["http"]["paths"]
     assert [p["path"] for p in paths] == ["/v2", "/admin/v1"]
     assert rendered.get("Service", GATEWAY)["spec"]["ports"][0]["name"] == "http"
+
+
+def test_redis_runs_the_rendered_command_without_its_password_on_any_command_line(tmp_path):
+    """The StatefulSet's own shell command, run with this machine's redis-server: the password
+    works, it is nowhere in the process's argv, eviction is off, the append-only file is on, and
+    the probe authenticates from the environment."""
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    from tests.processes import free_port
+
+    rendered = render()
+    container = rendered.get("StatefulSet", REDIS)["spec"]["template"]["spec"]["containers"][0]
+    (script,) = container["args"]
+    assert "$(" not in script and "--requirepass" not in script
+    assert {e["name"] for e in container["env"]} == {"REDIS_PASSWORD", "REDISCLI_AUTH"}
+    probe = container["readinessProbe"]["exec"]["command"]
+    assert "-a" not in " ".join(probe).split()
+    port, password = free_port(), "s3cret-pass-word"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "data").mkdir()
+    local = script.replace("/run/redis", str(tmp_path / "run")).replace(
+        "/data", str(tmp_path / "data")
+    )
+    env = {"PATH": "/usr/bin:/bin:/usr/sbin", "REDIS_PASSWORD": password}
+    server = subprocess.Popen(
+        [*container["command"], f"{local} --port {port} --bind 127.0.0.1"], env=env,
+        stdout=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    cli = [shutil.which("redis-cli"), "-p", str(port)]
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run([*cli, "ping"], capture_output=True, text=True).stdout.strip() not in (
+            "PONG",
+            "NOAUTH Authentication required.",
+        ):
+            assert time.monotonic() < deadline, "redis did not start"
+            time.sleep(0.1)
+        assert "NOAUTH" in subprocess.run([*cli, "ping"], capture_output=True, text=True).stdout
+        authed = {"PATH": env["PATH"], "REDISCLI_AUTH": password}
+
+        def get(name):
+            return subprocess.run(
+                [*cli, "config", "get", name], capture_output=True, text=True, env=authed
+            ).stdout.split()
+
+        assert get("maxmemory-policy") == ["maxmemory-policy", "noeviction"]
+        assert get("appendonly") == ["appendonly", "yes"]
+        probe_ok = subprocess.run(
+            [*probe[:2], probe[2].replace("redis-cli", " ".join(cli))], env=authed
+        )
+        assert probe_ok.returncode == 0
+        assert password.encode() not in Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        assert (tmp_path / "run" / "auth.conf").stat().st_mode & 0o077 == 0
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(10)
+
+
+def test_redis_statefulset_is_governed_by_a_headless_service():
+    rendered = render()
+    statefulset = rendered.get("StatefulSet", REDIS)
+    governing = rendered.get("Service", statefulset["spec"]["serviceName"])
+    assert governing["spec"]["clusterIP"] == "None"
+    assert rendered.get("Service", REDIS)["spec"].get("clusterIP") != "None"
