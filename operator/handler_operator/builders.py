@@ -39,6 +39,7 @@ RESTRICTED_CONTAINER_SECURITY = {
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 LOWEST_DELETION_COST = str(-(2**31))
 GPU_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu"}
+KEDA_API = "keda.sh/v1alpha1"
 GPU_PRODUCT_LABEL = {"nvidia": "nvidia.com/gpu.product", "amd": "amd.com/gpu.product-name"}
 # Product label values that name the other vendor's hardware.
 FOREIGN_PRODUCT_HINTS = {
@@ -352,7 +353,7 @@ def build_scaled_object(hd: HandlerDeployment, settings: OperatorSettings) -> di
     """
     scaling = hd.spec.scaling
     return {
-        "apiVersion": "keda.sh/v1alpha1",
+        "apiVersion": KEDA_API,
         "kind": "ScaledObject",
         "metadata": _metadata(hd, hd.name),
         "spec": {
@@ -385,7 +386,7 @@ def build_scaled_object(hd: HandlerDeployment, settings: OperatorSettings) -> di
 def build_trigger_authentication(hd: HandlerDeployment) -> dict[str, Any]:
     """KEDA reads the queue with the endpoint's worker token (Bearer), from its Secret."""
     return {
-        "apiVersion": "keda.sh/v1alpha1",
+        "apiVersion": KEDA_API,
         "kind": "TriggerAuthentication",
         "metadata": _metadata(hd, trigger_authentication_name(hd)),
         "spec": {

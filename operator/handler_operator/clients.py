@@ -146,6 +146,14 @@ class KubeApi:
         except NotFound:
             return None
 
+    async def serves(self, api_version: str) -> bool:
+        """Whether the apiserver serves this group/version (its CRDs are installed)."""
+        try:
+            await self._request("GET", f"/apis/{api_version}")
+        except NotFound:
+            return False
+        return True
+
     async def list(
         self, api_version: str, kind: str, namespace: str, selector: str | None = None
     ) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import logging
 import os
 import secrets
@@ -30,6 +31,8 @@ from handler_operator.settings import OperatorSettings
 HD = (GROUP, VERSION, PLURAL)
 WORKER_SELECTOR = "app.kubernetes.io/managed-by=handler-operator"
 ON_DELETE_ANNOTATION = f"{GROUP}/on-delete"  # "drain" (default) or "purge"
+GATEWAY_UNREACHABLE = "GatewayUnreachable"
+KEDA_RECHECK_SECONDS = 120
 logger = logging.getLogger(__name__)
 
 
@@ -201,6 +204,20 @@ async def reconcile_hd(
         raise kopf.TemporaryError(f"gateway unavailable: {exc}", delay=5) from exc
 
     keda = hd.spec.scaling.engine == "keda"
+    if keda and not await kube.serves(builders.KEDA_API):
+        message = (
+            f"scaling.engine is keda, but this cluster does not serve {builders.KEDA_API} "
+            "(KEDA is not installed): install KEDA, or use scaling.engine builtin"
+        )
+        ready = conditions.set_condition(
+            current, conditions.READY, False, conditions.KEDA_NOT_INSTALLED, message, now_iso(),
+            generation,
+        )  # fmt: skip
+        if ready != current:
+            await _write_status(memo, body, {"observedGeneration": generation, "conditions": ready})
+            kopf.warn(body, reason=conditions.KEDA_NOT_INSTALLED, message=message)
+        # Checked again now and then (KEDA may be installed later), not in a tight loop.
+        raise kopf.TemporaryError(message, delay=KEDA_RECHECK_SECONDS)
     live = {
         "ServiceAccount": await kube.get(
             "v1", "ServiceAccount", hd.namespace, builders.service_account_name(hd)
@@ -326,9 +343,24 @@ async def finalize(body: kopf.Body, memo: kopf.Memo, logger: Any, retry: int, **
                 )
         await memo.gateway.delete_endpoint(endpoint)
     except Unavailable as exc:
-        raise kopf.TemporaryError(f"gateway unavailable: {exc}", delay=5) from exc
+        waited = _seconds_since(body.metadata.get("deletionTimestamp"))
+        if waited < settings.deregister_timeout_seconds:
+            raise kopf.TemporaryError(f"gateway unavailable: {exc}", delay=5) from exc
+        message = (
+            f"the gateway was unreachable for {waited:.0f} s ({exc}): removing the "
+            f"HandlerDeployment anyway; endpoint {endpoint} may stay registered there"
+        )
+        await memo.kube.post_event(dict(body), "Warning", GATEWAY_UNREACHABLE, message, now_iso())
+        logger.warning(message)
+    else:
+        logger.info("endpoint %s deregistered", endpoint)
     memo.scaler.unregister(body.metadata.namespace, body.metadata.name)
-    logger.info("endpoint %s deregistered", endpoint)
+
+
+def _seconds_since(timestamp: str | None) -> float:
+    if not timestamp:
+        return 0.0
+    return time.time() - datetime.datetime.fromisoformat(timestamp).timestamp()
 
 
 async def _owner_hd(memo: kopf.Memo, namespace: str, name: str | None) -> dict[str, Any] | None:

@@ -36,6 +36,11 @@ class OperatorSettings(BaseModel):
         False, description="cancel queued jobs when a HandlerDeployment is deleted (else drain)"
     )
     drain_timeout_seconds: int = 600
+    deregister_timeout_seconds: int = Field(
+        60,
+        description="seconds a deleted HandlerDeployment waits for an unreachable gateway; then "
+        "it is removed anyway, with a Warning event (uninstalls never hang)",
+    )
     log_level: str = Field("INFO", description="INFO, or DEBUG for kopf's debug lines")
 
     @property

@@ -335,6 +335,28 @@ def test_a_list_of_products_falls_back_to_the_next_one(installation, ns):
     assert set(nodes) == {"gpu-h100-1", "gpu-a100-1"}, nodes
 
 
+def test_the_keda_engine_without_keda_says_so_without_a_retry_storm(installation, ns):
+    kubectl = installation.kubectl
+    kubectl.apply(handler_deployment("kedaless", scaling={"engine": "keda"}), ns)
+    ready = wait_for(
+        lambda: (
+            (c := condition(kubectl.get("hd", "kedaless", ns), "Ready"))
+            and c["reason"] == "KedaNotInstalled"
+            and c
+        ),
+        message="Ready=False KedaNotInstalled",
+    )
+    assert ready["status"] == "False" and "KEDA is not installed" in ready["message"]
+    assert not pods(kubectl, ns, "kedaless")
+    time.sleep(5)  # a retry storm would post more events meanwhile
+    events = [
+        e
+        for e in kubectl.get("events", namespace=ns)["items"]
+        if e.get("reason") == "KedaNotInstalled"
+    ]
+    assert len(events) == 1 and (events[0].get("count") or 1) == 1, events
+
+
 def test_more_gpus_than_exist_stay_pending_and_nothing_piles_up(installation, ns):
     kubectl = installation.kubectl
     # No node has 4 A100s: every worker pod is unschedulable.

@@ -79,6 +79,7 @@ def cluster(tmp_path, monkeypatch):
         return runner
 
     runner = cluster.run(serve())
+    cluster.stop_gateway = lambda: cluster.run(runner.cleanup())
     cluster.gateway_url = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig(tmp_path / "kubeconfig")))
     monkeypatch.setenv("HANDLER_OPERATOR_GATEWAY_URL", cluster.gateway_url)

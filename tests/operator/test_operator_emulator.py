@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from kopf.testing import KopfRunner
 
 from tests.operator.conftest import (
@@ -248,3 +249,30 @@ def test_worker_objects_are_watched_with_a_server_side_selector(cluster, operato
     assert {selector for *_, selector in reads} == {"app.kubernetes.io/managed-by=handler-operator"}
     annotations = deployment(cluster, "default", "hello")["metadata"].get("annotations") or {}
     assert not [key for key in annotations if key.startswith("kopf.zalando.org")], annotations
+
+
+@pytest.fixture
+def quick_deregister_timeout(monkeypatch):
+    monkeypatch.setenv("HANDLER_OPERATOR_DEREGISTER_TIMEOUT_SECONDS", "2")
+
+
+def test_an_uninstall_that_removes_the_gateway_first_does_not_hang(
+    cluster, quick_deregister_timeout, operator
+):
+    """`helm uninstall` may delete the gateway before the CRs go: the finalizer retries the
+    unreachable gateway for the deregister timeout, then lets the CR go with a Warning event."""
+    body = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
+    assert call("POST", cluster.url + HD_PATH.format(ns="default"), body)[0] in (200, 201)
+    wait_for(lambda: condition(hd(cluster, "default", "hello"), "Ready"), message="Ready")
+    cluster.stop_gateway()
+    call("DELETE", cluster.url + HD_PATH.format(ns="default") + "/hello")
+    wait_for(
+        lambda: (found := hd(cluster, "default", "hello")) is None or found.get("code") == 404,
+        message="the CR removed",
+    )
+    events = [
+        e for e in cluster.objects("events").values() if e.get("reason") == "GatewayUnreachable"
+    ]
+    assert len(events) == 1
+    assert "removing the HandlerDeployment anyway" in events[0]["message"]
+    assert events[0]["involvedObject"]["name"] == "hello"
