@@ -1,6 +1,7 @@
 """The only code that talks to Kubernetes and to the gateway (aiohttp, async).
 
-`KubeApi` does server-side apply with one field manager, reads, status patches and events, on
+`KubeApi` does server-side apply with one field manager, reads, label-selected watches,
+conditions per type (with a resourceVersion precondition) and events, on
 kubernetes_asyncio's authenticated connection;
 `GatewayAdmin` registers endpoints and reads queue figures; `JobClient` is the client and admin
 API as `handlerctl` uses it. Retryable failures raise `Unavailable`.
@@ -18,6 +19,7 @@ import aiohttp
 from kubernetes_asyncio import config
 from kubernetes_asyncio.client import ApiClient, Configuration
 
+from handler_operator import conditions
 from handler_operator.settings import FIELD_MANAGER
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,10 @@ class Unavailable(Exception):
 
 class NotFound(Exception):
     pass
+
+
+class Conflict(Unavailable):
+    """409: the object changed since it was read (a resourceVersion precondition failed)."""
 
 
 def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
@@ -118,7 +124,9 @@ class KubeApi:
             raise Unavailable(f"{method} {path}: {exc!r}") from exc
         if response.status == 404:
             raise NotFound(f"{method} {path}: not found")
-        if response.status in (409, 429) or response.status >= 500:
+        if response.status == 409:
+            raise Conflict(f"{method} {path}: HTTP 409: {text[:300]}")
+        if response.status == 429 or response.status >= 500:
             raise Unavailable(f"{method} {path}: HTTP {response.status}: {text[:300]}")
         if response.status >= 400:
             raise ValueError(f"{method} {path}: HTTP {response.status}: {text[:500]}")
@@ -249,14 +257,46 @@ class KubeApi:
             finally:
                 response.release()
 
-    async def patch_status(
-        self, api_version: str, kind: str, namespace: str, name: str, status: dict[str, Any]
-    ) -> None:
-        path = f"{collection_path(api_version, kind, namespace)}/{name}/status"
-        self.writes += 1
-        await self._request(
-            "PATCH", path, {"status": status}, content_type="application/merge-patch+json"
-        )
+    async def update_conditions(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str,
+        name: str,
+        updates: list[dict[str, Any]],
+        fields: dict[str, Any] | None = None,
+        attempts: int = 5,
+    ) -> bool:
+        """Set the conditions in `updates` (by type) and the status `fields` on the live object:
+        read, merge, write with its resourceVersion as a precondition, again on a conflict, so
+        a concurrent writer's conditions are never lost. False if the object is gone."""
+        path = f"{collection_path(api_version, kind, namespace)}/{name}"
+        for attempt in range(attempts):
+            try:
+                live = await self._request("GET", path)
+            except NotFound:
+                return False
+            status = live.get("status") or {}
+            merged = conditions.merge_conditions(status.get("conditions"), updates)
+            patch = {**(fields or {}), "conditions": merged}
+            if all(status.get(key) == value for key, value in patch.items()):
+                return True
+            version = live["metadata"].get("resourceVersion")
+            self.writes += 1
+            try:
+                await self._request(
+                    "PATCH",
+                    f"{path}/status",
+                    {"metadata": {"resourceVersion": version}, "status": patch},
+                    content_type="application/merge-patch+json",
+                )
+                return True
+            except Conflict:
+                if attempt == attempts - 1:
+                    raise
+            except NotFound:
+                return False
+        return False
 
     async def delete(
         self, api_version: str, kind: str, namespace: str, name: str, uid: str | None = None

@@ -1,6 +1,7 @@
-"""Status conditions of a HandlerDeployment: types, reasons (constants) and the pure setter.
+"""Status conditions of a HandlerDeployment: types, reasons (constants) and the pure setters.
 
-`lastTransitionTime` changes only when a condition's status changes, as Kubernetes expects.
+`lastTransitionTime` changes only when a condition's status changes, as Kubernetes expects;
+writers change conditions per type (`merge_conditions` into the live list), never the whole list.
 """
 
 from __future__ import annotations
@@ -39,6 +40,41 @@ def timestamp(epoch: float) -> str:
     return stamp.isoformat().replace("+00:00", "Z")
 
 
+def condition(
+    type_: str,
+    status: bool | None,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int | None = None,
+) -> dict[str, Any]:
+    """One condition (True/False/Unknown for True/False/None), stamped `now`."""
+    value = "Unknown" if status is None else ("True" if status else "False")
+    item = {"type": type_, "status": value, "reason": reason, "message": message}
+    item["lastTransitionTime"] = now
+    if generation is not None:
+        item["observedGeneration"] = generation
+    return item
+
+
+def merge_conditions(
+    conditions: list[dict[str, Any]] | None, updates: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """`conditions` with each update replacing the condition of its type, the others kept; a
+    condition whose status did not change keeps its lastTransitionTime."""
+    result = [dict(c) for c in conditions or []]
+    for update in updates:
+        previous = next((c for c in result if c.get("type") == update["type"]), None)
+        merged = dict(update)
+        if previous is not None and previous.get("status") == update["status"]:
+            merged["lastTransitionTime"] = previous.get(
+                "lastTransitionTime", update["lastTransitionTime"]
+            )
+        result = [c for c in result if c.get("type") != update["type"]] + [merged]
+    order = {name: index for index, name in enumerate(TYPES)}
+    return sorted(result, key=lambda c: order.get(c["type"], len(order)))
+
+
 def set_condition(
     conditions: list[dict[str, Any]] | None,
     type_: str,
@@ -49,22 +85,17 @@ def set_condition(
     generation: int | None = None,
 ) -> list[dict[str, Any]]:
     """A new list with condition `type_` set (True/False/Unknown for True/False/None)."""
-    value = "Unknown" if status is None else ("True" if status else "False")
-    result = [dict(c) for c in conditions or [] if c.get("type") != type_]
-    previous = next((c for c in conditions or [] if c.get("type") == type_), None)
-    changed = previous is None or previous.get("status") != value
-    condition = {
-        "type": type_,
-        "status": value,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": now if changed else previous.get("lastTransitionTime", now),
-    }
-    if generation is not None:
-        condition["observedGeneration"] = generation
-    result.append(condition)
-    order = {name: index for index, name in enumerate(TYPES)}
-    return sorted(result, key=lambda c: order.get(c["type"], len(order)))
+    return merge_conditions(
+        conditions, [condition(type_, status, reason, message, now, generation)]
+    )
+
+
+def changed_types(
+    before: list[dict[str, Any]] | None, after: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The conditions of `after` that differ from those of the same type in `before`."""
+    old = {c.get("type"): c for c in before or []}
+    return [c for c in after if old.get(c["type"]) != c]
 
 
 # Kubelet waiting reasons that are the endpoint's own problem, kept as the condition's reason.

@@ -84,13 +84,17 @@ async def close_clients(memo: kopf.Memo, **_: Any) -> None:
     await memo.gateway.close()
 
 
-async def _write_status(memo: kopf.Memo, body: kopf.Body, status: dict[str, Any]) -> None:
-    await memo.kube.patch_status(
+async def _write_status(
+    memo: kopf.Memo, body: kopf.Body, fields: dict[str, Any], *updates: dict[str, Any]
+) -> None:
+    """Status `fields` and the conditions in `updates` (by type; the others are kept)."""
+    await memo.kube.update_conditions(
         f"{GROUP}/{VERSION}",
         "HandlerDeployment",
         body.metadata.namespace,
         body.metadata.name,
-        status,
+        list(updates),
+        fields,
     )
 
 
@@ -127,18 +131,10 @@ async def reconcile_hd(
         await _write_status(
             memo,
             body,
-            {
-                "observedGeneration": generation,
-                "conditions": conditions.set_condition(
-                    current,
-                    conditions.READY,
-                    False,
-                    conditions.INVALID_SPEC,
-                    message,
-                    now_iso(),
-                    generation,
-                ),
-            },
+            {"observedGeneration": generation},
+            conditions.condition(
+                conditions.READY, False, conditions.INVALID_SPEC, message, now_iso(), generation
+            ),
         )
         kopf.warn(body, reason=conditions.INVALID_SPEC, message=message)
         raise kopf.PermanentError(message) from None
@@ -154,19 +150,10 @@ async def reconcile_hd(
         await _write_status(
             memo,
             body,
-            {
-                "observedGeneration": generation,
-                "endpointId": hd.endpoint_id,
-                "conditions": conditions.set_condition(
-                    current,
-                    conditions.READY,
-                    False,
-                    problems[0].reason,
-                    message,
-                    now_iso(),
-                    generation,
-                ),
-            },
+            {"observedGeneration": generation, "endpointId": hd.endpoint_id},
+            conditions.condition(
+                conditions.READY, False, problems[0].reason, message, now_iso(), generation
+            ),
         )
         kopf.warn(body, reason=problems[0].reason, message=message)
         raise kopf.PermanentError(message)
@@ -189,18 +176,12 @@ async def reconcile_hd(
         await _write_status(
             memo,
             body,
-            {
-                "conditions": conditions.set_condition(
-                    current,
-                    conditions.READY,
-                    False,
-                    conditions.GATEWAY_UNAVAILABLE,
-                    str(exc),
-                    now_iso(),
-                    generation,
-                )
-            },
-        )
+            {},
+            conditions.condition(
+                conditions.READY, False, conditions.GATEWAY_UNAVAILABLE, str(exc), now_iso(),
+                generation,
+            ),
+        )  # fmt: skip
         raise kopf.TemporaryError(f"gateway unavailable: {exc}", delay=5) from exc
 
     keda = hd.spec.scaling.engine == "keda"
@@ -209,12 +190,11 @@ async def reconcile_hd(
             f"scaling.engine is keda, but this cluster does not serve {builders.KEDA_API} "
             "(KEDA is not installed): install KEDA, or use scaling.engine builtin"
         )
-        ready = conditions.set_condition(
-            current, conditions.READY, False, conditions.KEDA_NOT_INSTALLED, message, now_iso(),
-            generation,
-        )  # fmt: skip
-        if ready != current:
-            await _write_status(memo, body, {"observedGeneration": generation, "conditions": ready})
+        ready = conditions.condition(
+            conditions.READY, False, conditions.KEDA_NOT_INSTALLED, message, now_iso(), generation
+        )
+        if conditions.changed_types(current, conditions.merge_conditions(current, [ready])):
+            await _write_status(memo, body, {"observedGeneration": generation}, ready)
             kopf.warn(body, reason=conditions.KEDA_NOT_INSTALLED, message=message)
         # Checked again now and then (KEDA may be installed later), not in a tight loop.
         raise kopf.TemporaryError(message, delay=KEDA_RECHECK_SECONDS)
@@ -252,25 +232,26 @@ async def reconcile_hd(
         if replicas == 0
         else (conditions.WORKERS_READY if ready else conditions.WORKERS_NOT_READY)
     )
-    new_status = {
+    fields = {
         "observedGeneration": generation,
         "endpointId": hd.endpoint_id,
         "selector": builders.selector_string(hd),
         "gpu": builders.gpu_summary(hd),
         "desiredReplicas": replicas,
         "ready": f"{ready}/{replicas}",
-        "conditions": conditions.set_condition(
-            current,
-            conditions.READY,
-            True,
-            reason,
-            f"worker Deployment {hd.name} reconciled ({replicas} desired)",
-            now_iso(),
-            generation,
-        ),
     }
-    if any(status.get(key) != value for key, value in new_status.items()):
-        await _write_status(memo, body, new_status)
+    reconciled = conditions.condition(
+        conditions.READY,
+        True,
+        reason,
+        f"worker Deployment {hd.name} reconciled ({replicas} desired)",
+        now_iso(),
+        generation,
+    )
+    if any(status.get(key) != value for key, value in fields.items()) or (
+        conditions.changed_types(current, conditions.merge_conditions(current, [reconciled]))
+    ):
+        await _write_status(memo, body, fields, reconciled)
         kopf.info(body, reason=conditions.RECONCILED, message=f"applied generation {generation}")
 
 
@@ -382,32 +363,26 @@ async def on_worker_pod(memo: kopf.Memo, event_type: str, pod: dict[str, Any]) -
     # Unschedulable pods are the scaler's (Scaling=WaitingForCapacity past pendingTimeout):
     # they are never deleted for it, a GPU node may be on its way.
     current = (owner.get("status") or {}).get("conditions") or []
+    generation = owner["metadata"].get("generation")
     problem = conditions.pod_problem(pod)
     if problem is None:
         running = (pod.get("status") or {}).get("phase") == "Running"
         if not running:
             return
-        new = conditions.set_condition(
-            current,
-            conditions.HANDLER_HEALTHY,
-            True,
-            conditions.HANDLER_OK,
-            "workers are running",
-            now_iso(),
+        problem_free = (True, conditions.HANDLER_OK, "workers are running")
+        healthy = conditions.condition(
+            conditions.HANDLER_HEALTHY, *problem_free, now_iso(), generation
         )
     else:
         reason, message = problem
-        new = conditions.set_condition(
-            current, conditions.HANDLER_HEALTHY, False, reason, message, now_iso()
+        healthy = conditions.condition(
+            conditions.HANDLER_HEALTHY, False, reason, message, now_iso(), generation
         )
-    if new != current:
-        await memo.kube.patch_status(
-            f"{GROUP}/{VERSION}",
-            "HandlerDeployment",
-            namespace,
-            owner["metadata"]["name"],
-            {"conditions": new},
-        )
+    if conditions.changed_types(current, conditions.merge_conditions(current, [healthy])):
+        await memo.kube.update_conditions(
+            f"{GROUP}/{VERSION}", "HandlerDeployment", namespace, owner["metadata"]["name"],
+            [healthy],
+        )  # fmt: skip
         if problem is not None:
             await memo.kube.post_event(owner, "Warning", problem[0], problem[1], now_iso())
 
@@ -440,16 +415,15 @@ async def on_worker_deployment(
     updated = conditions.ready_from_workload(
         current, status, replicas if replicas is not None else desired, now_iso()
     )
-    patch: dict[str, Any] = {
+    fields: dict[str, Any] = {
         "replicas": status.get("replicas") or 0,
         "readyReplicas": ready,
         "ready": f"{ready}/{desired}",
     }
-    if updated != current:
-        patch["conditions"] = updated
-    await memo.kube.patch_status(
-        f"{GROUP}/{VERSION}", "HandlerDeployment", namespace, owner["metadata"]["name"], patch
-    )
+    await memo.kube.update_conditions(
+        f"{GROUP}/{VERSION}", "HandlerDeployment", namespace, owner["metadata"]["name"],
+        conditions.changed_types(current, updated), fields,
+    )  # fmt: skip
 
 
 # The worker objects the operator follows, watched with a server-side label selector (kopf's

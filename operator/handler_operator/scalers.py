@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handler_operator import builders, conditions, policies
-from handler_operator.clients import GatewayAdmin, KubeApi, NotFound, Unavailable
+from handler_operator.clients import GatewayAdmin, KubeApi, Unavailable
 from handler_operator.models import GROUP, VERSION, HandlerDeployment
 from handler_operator.policies import Observation, PodView, ScalerState
 from handler_operator.settings import OperatorSettings
@@ -125,7 +125,9 @@ class Scaler:
         ref = {
             "apiVersion": cr.get("apiVersion", f"{GROUP}/{VERSION}"),
             "kind": cr.get("kind", "HandlerDeployment"),
-            "metadata": {k: cr["metadata"].get(k) for k in ("name", "namespace", "uid")},
+            "metadata": {
+                k: cr["metadata"].get(k) for k in ("name", "namespace", "uid", "generation")
+            },
         }
         target = self.targets.get(key)
         if target is None or target.cr["metadata"]["uid"] != ref["metadata"]["uid"]:
@@ -146,7 +148,7 @@ class Scaler:
                 status_written=self.clock(),
             )
         else:
-            target.hd, target.replicas = hd, replicas
+            target.hd, target.replicas, target.cr = hd, replicas, ref
 
     def unregister(self, namespace: str, name: str) -> None:
         self.targets.pop((namespace, name), None)
@@ -295,9 +297,12 @@ class Scaler:
         a write, and only our two condition types are replaced in it.
         """
         stamp = conditions.timestamp(now)
+        generation = target.cr["metadata"].get("generation")
 
         def ours(current: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            new = conditions.set_condition(current, conditions.QUEUE_HEALTHY, *queue_healthy, stamp)
+            new = conditions.set_condition(
+                current, conditions.QUEUE_HEALTHY, *queue_healthy, stamp, generation
+            )
             if scaling is None:
                 return new
             if scaling.waiting_for_capacity:
@@ -308,9 +313,10 @@ class Scaler:
                     conditions.WAITING_FOR_CAPACITY,
                     scaling.waiting_for_capacity,
                     stamp,
+                    generation,
                 )
             return conditions.set_condition(
-                new, conditions.SCALING, True, scaling.reason, scaling.message, stamp
+                new, conditions.SCALING, True, scaling.reason, scaling.message, stamp, generation
             )
 
         def mine(items: list[dict[str, Any]], keys: tuple[str, ...]) -> list[tuple[Any, ...]]:
@@ -331,22 +337,14 @@ class Scaler:
         if not (important or (detail and now - target.status_written >= QUEUE_STATUS_EVERY_S)):
             return
         hd = target.hd
-        live = await self.kube.get(f"{GROUP}/{VERSION}", "HandlerDeployment", hd.namespace, hd.name)
-        if live is None:
-            return
-        new = ours(list((live.get("status") or {}).get("conditions") or []))
-        try:
-            await self.kube.patch_status(
-                f"{GROUP}/{VERSION}",
-                "HandlerDeployment",
-                hd.namespace,
-                hd.name,
-                {**fields, "conditions": new},
-            )
-        except NotFound:
+        # Only our two condition types are written (merged into the live list by type).
+        written = await self.kube.update_conditions(
+            f"{GROUP}/{VERSION}", "HandlerDeployment", hd.namespace, hd.name, ours([]), fields
+        )
+        if not written:
             return
         target.status.update(fields)
-        target.conditions = new
+        target.conditions = proposed
         target.status_written = now
 
     async def _mark_gateway_unavailable(self, message: str) -> None:

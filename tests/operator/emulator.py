@@ -378,6 +378,12 @@ class ApiEmulator(kmock.KubernetesEmulator):
                     {"kind": "Status", "code": 404, "reason": "NotFound"}, status=404
                 )
         if request.resource is not None and isinstance(request.data, dict):
+            conflict = self._stale(request)
+            if conflict:
+                return web.json_response(
+                    {"kind": "Status", "code": 409, "reason": "Conflict", "message": conflict},
+                    status=409,
+                )
             request = self._stamp(request)
         response = await super()._handle(request)
         if (
@@ -388,6 +394,21 @@ class ApiEmulator(kmock.KubernetesEmulator):
         ):
             self._register_crd(request.data)
         return response
+
+    def _stale(self, request: Any) -> str | None:
+        """The apiserver's optimistic concurrency: a write that names a resourceVersion other
+        than the stored one is refused (409), which kmock does not do."""
+        wanted = (request.data.get("metadata") or {}).get("resourceVersion")
+        if not wanted or request.action != enums.action.UPDATE or not request.name:
+            return None
+        existing = self._stored(request)
+        current = (existing or {}).get("metadata", {}).get("resourceVersion")
+        if existing is None or current == wanted:
+            return None
+        return (
+            f'Operation cannot be fulfilled on {request.resource.plural} "{request.name}": the '
+            "object has been modified; please apply your changes to the latest version and try again"
+        )
 
     def _stamp(self, request: Any) -> Any:
         """Fill in the metadata a real API server maintains, before kmock stores the change."""

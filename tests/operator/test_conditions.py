@@ -166,3 +166,41 @@ def test_ready_follows_the_worker_deployment(current, deployment_status, desired
 
 def test_ready_is_left_alone_before_the_first_reconcile():
     assert conditions.ready_from_workload([], {"readyReplicas": 1}, 1, "now") == []
+
+
+def test_merge_replaces_by_type_and_keeps_the_others():
+    live = [
+        conditions.condition(conditions.READY, True, "WorkersReady", "1/1", "t0", 3),
+        conditions.condition(conditions.SCALING, True, "Stable", "ok", "t0", 3),
+    ]
+    update = conditions.condition(
+        conditions.HANDLER_HEALTHY, False, "HandlerCrashLoop", "x", "t1", 3
+    )
+    merged = conditions.merge_conditions(live, [update])
+    assert [c["type"] for c in merged] == [
+        conditions.READY,
+        conditions.HANDLER_HEALTHY,
+        conditions.SCALING,
+    ]
+    assert merged[0] == live[0] and merged[2] == live[1]
+
+
+@pytest.mark.parametrize(("status", "kept"), [(True, True), (False, False)])
+def test_merge_keeps_the_transition_time_while_the_status_holds(status, kept):
+    live = [conditions.condition(conditions.READY, True, "WorkersReady", "1/1", "t0", 1)]
+    update = conditions.condition(conditions.READY, status, "WorkersNotReady", "0/1", "t1", 2)
+    (merged,) = conditions.merge_conditions(live, [update])
+    assert merged["lastTransitionTime"] == ("t0" if kept else "t1")
+    assert merged["observedGeneration"] == 2 and merged["reason"] == "WorkersNotReady"
+
+
+def test_changed_types_lists_only_what_differs():
+    live = [conditions.condition(conditions.READY, True, "WorkersReady", "1/1", "t0", 1)]
+    same = conditions.merge_conditions(
+        live, [conditions.condition(conditions.READY, True, "WorkersReady", "1/1", "t9", 1)]
+    )
+    assert conditions.changed_types(live, same) == []
+    other = conditions.merge_conditions(
+        live, [conditions.condition(conditions.SCALING, True, "Stable", "ok", "t1")]
+    )
+    assert [c["type"] for c in conditions.changed_types(live, other)] == [conditions.SCALING]
