@@ -395,6 +395,17 @@ def build_trigger_authentication(hd: HandlerDeployment) -> dict[str, Any]:
     }
 
 
+def build_pod_disruption_budget(hd: HandlerDeployment) -> dict[str, Any]:
+    """For endpoints that keep workers (minReplicas > 0): voluntary disruptions (node drains,
+    evictions) take one worker at a time, which finishes its job in flight first."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(hd, hd.name),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(hd)}},
+    }
+
+
 def build_objects(
     hd: HandlerDeployment, settings: OperatorSettings, token: str, replicas: int
 ) -> list[dict[str, Any]]:
@@ -408,6 +419,8 @@ def build_objects(
     ]
     if keda:
         objects += [build_trigger_authentication(hd), build_scaled_object(hd, settings)]
+    if hd.spec.scaling.minReplicas > 0:
+        objects.append(build_pod_disruption_budget(hd))
     return objects
 
 

@@ -204,6 +204,9 @@ async def reconcile_hd(
         ),
         "Secret": await kube.get("v1", "Secret", hd.namespace, builders.secret_name(hd)),
         "Deployment": await kube.get("apps/v1", "Deployment", hd.namespace, hd.name),
+        "PodDisruptionBudget": await kube.get(
+            "policy/v1", "PodDisruptionBudget", hd.namespace, hd.name
+        ),
     }
     replicas = _replicas(hd, live["Deployment"])
     objects = builders.build_objects(hd, settings, token, replicas)
@@ -220,6 +223,9 @@ async def reconcile_hd(
                 await kube.apply(obj)
         if not keda and was_keda is not False:
             await _remove_keda_objects(kube, hd)
+        budget = live["PodDisruptionBudget"]
+        if hd.spec.scaling.minReplicas == 0 and budget and _owned_by_hd(budget):
+            await kube.delete("policy/v1", "PodDisruptionBudget", hd.namespace, hd.name)
     except Unavailable as exc:
         raise kopf.TemporaryError(str(exc), delay=5) from exc
     except ValueError as exc:  # e.g. the KEDA CRDs are not installed
@@ -265,11 +271,13 @@ async def _remove_keda_objects(kube: KubeApi, hd: HandlerDeployment) -> None:
             found = await kube.get("keda.sh/v1alpha1", kind, hd.namespace, name)
         except ValueError:  # KEDA not installed
             return
-        if found and any(
-            ref.get("kind") == "HandlerDeployment"
-            for ref in found["metadata"].get("ownerReferences") or []
-        ):
+        if found and _owned_by_hd(found):
             await kube.delete("keda.sh/v1alpha1", kind, hd.namespace, name)
+
+
+def _owned_by_hd(obj: dict[str, Any]) -> bool:
+    refs = obj["metadata"].get("ownerReferences") or []
+    return any(ref.get("kind") == "HandlerDeployment" for ref in refs)
 
 
 @kopf.on.resume(*HD)

@@ -50,6 +50,13 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule("", "pods/status", ("patch",), "the heartbeat readiness gate of worker pods"),
     Rule(
+        "policy",
+        "poddisruptionbudgets",
+        ("get", "create", "patch", "delete"),
+        "server-side apply of the PodDisruptionBudget of endpoints with minReplicas > 0, "
+        "removed when minReplicas goes back to 0",
+    ),
+    Rule(
         "",
         "secrets",
         ("get", "create", "patch"),

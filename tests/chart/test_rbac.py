@@ -7,6 +7,7 @@ import pytest
 
 from handler_operator import rbac
 from tests.chart.conftest import NAMESPACE, Rendered, render
+from tests.conftest import REPO_ROOT
 
 OPERATOR = "handler-operator"
 CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions")}
@@ -69,3 +70,13 @@ def test_every_rule_says_why():
     assert all(rule.why for rule in rbac.RULES)
     groups = {(r.group, r.resource) for r in rbac.RULES}
     assert CLUSTER_SCOPED <= groups
+
+
+def test_the_readme_lists_every_permission_with_its_reason():
+    """README's "Install on a cluster" table: one row per rule, the same verbs and reason."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `") and " | " in line]
+    for rule in rbac.RULES:
+        resource = f"{rule.group}/{rule.resource}" if rule.group else rule.resource
+        expected = f"| `{resource}` | {', '.join(rule.verbs)} | {rule.why} |"
+        assert expected in rows, f"README is missing: {expected}"

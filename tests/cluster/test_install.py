@@ -357,6 +357,30 @@ def test_the_keda_engine_without_keda_says_so_without_a_retry_storm(installation
     assert len(events) == 1 and (events[0].get("count") or 1) == 1, events
 
 
+def test_endpoints_that_keep_workers_get_a_disruption_budget(installation, ns):
+    kubectl = installation.kubectl
+    kubectl.apply(handler_deployment("kept", scaling={"minReplicas": 1, "maxReplicas": 2}), ns)
+    budget = wait_for(
+        lambda: kubectl.maybe("poddisruptionbudget", "kept", ns), message="PodDisruptionBudget"
+    )
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["metadata"]["ownerReferences"][0]["kind"] == "HandlerDeployment"
+    kubectl(
+        "patch",
+        "hd",
+        "kept",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        '{"spec":{"scaling":{"minReplicas":0}}}',
+    )
+    wait_for(
+        lambda: kubectl.maybe("poddisruptionbudget", "kept", ns) is None,
+        message="the budget removed at minReplicas 0",
+    )
+
+
 def test_more_gpus_than_exist_stay_pending_and_nothing_piles_up(installation, ns):
     kubectl = installation.kubectl
     # No node has 4 A100s: every worker pod is unschedulable.

@@ -484,3 +484,23 @@ def test_affinity_and_spread_pass_through_without_gpus():
 def test_foreign_products_in_the_list_are_reported():
     hd = hd_with({"resources": {"gpu": {"count": 1, "products": ["NVIDIA-L4", "MI300X"]}}})
     assert [p.reason for p in builders.check_spec(hd)] == ["GpuProductMismatch"]
+
+
+@pytest.mark.parametrize(("minimum", "expected"), [(0, False), (1, True), (3, True)])
+def test_a_disruption_budget_only_for_endpoints_that_keep_workers(minimum, expected):
+    import kubernetes_validate
+
+    hd = hd_with({"scaling": {"minReplicas": minimum, "maxReplicas": 4}})
+    budgets = [
+        o
+        for o in builders.build_objects(hd, SETTINGS, "TOKEN", minimum)
+        if o["kind"] == "PodDisruptionBudget"
+    ]
+    assert bool(budgets) is expected
+    if expected:
+        (budget,) = budgets
+        assert budget["spec"] == {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": builders.selector_labels(hd)},
+        }
+        kubernetes_validate.validate(budget, "1.33", strict=True)
