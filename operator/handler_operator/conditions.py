@@ -75,19 +75,10 @@ def merge_conditions(
     return sorted(result, key=lambda c: order.get(c["type"], len(order)))
 
 
-def set_condition(
-    conditions: list[dict[str, Any]] | None,
-    type_: str,
-    status: bool | None,
-    reason: str,
-    message: str,
-    now: str,
-    generation: int | None = None,
-) -> list[dict[str, Any]]:
-    """A new list with condition `type_` set (True/False/Unknown for True/False/None)."""
-    return merge_conditions(
-        conditions, [condition(type_, status, reason, message, now, generation)]
-    )
+def set_condition(conditions: list[dict[str, Any]] | None, *fields: Any) -> list[dict[str, Any]]:
+    """A new list with one condition set; `fields` as for `condition` (type, status, reason,
+    message, now[, generation])."""
+    return merge_conditions(conditions, [condition(*fields)])
 
 
 def changed_types(
