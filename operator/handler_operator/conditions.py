@@ -29,6 +29,7 @@ HANDLER_OK = "HandlerLoaded"
 CRASH_LOOP = "HandlerCrashLoop"
 NO_WORKERS = "NoWorkers"
 WAITING_FOR_CAPACITY = "WaitingForCapacity"
+UNSCHEDULABLE = "Unschedulable"  # no node of the cluster as it is could ever take the pod
 WORKERS_REJECTED = "FailedCreate"  # the ReplicaSet cannot create pods (admission, quota)
 SCALING_STABLE = "Stable"
 QUEUE_OK = "QueueReachable"
@@ -181,3 +182,19 @@ def unschedulable_message(pod: dict[str, Any]) -> str | None:
             name = (pod.get("metadata") or {}).get("name", "pod")
             return f"{name} waits for capacity: {condition.get('message') or 'unschedulable'}"
     return None
+
+
+# Scheduler reasons that more or bigger nodes of the kinds the pod accepts would fix.
+CAPACITY_HINTS = ("Insufficient", "Too many pods")
+
+
+def never_fits(scheduler_message: str) -> bool:
+    """The scheduler's message says no node of the cluster as it is could take the pod (every
+    node excluded by its node affinity/selector: e.g. a GPU product no node has), as opposed to
+    nodes short of GPUs or memory, which capacity on the way may fix."""
+    if "nodes are available:" not in scheduler_message:
+        return False
+    reasons = scheduler_message.split("nodes are available:", 1)[1].split("preemption:")[0]
+    return "didn't match Pod's node affinity/selector" in reasons and not any(
+        hint in reasons for hint in CAPACITY_HINTS
+    )

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from handler_operator.conditions import timestamp
+from handler_operator.conditions import never_fits, timestamp
 from handler_operator.models import ScalingSpec
 
 PodPhase = Literal["pending", "starting", "ready"]
@@ -77,6 +77,7 @@ class Decision:
     undrain: tuple[str, ...] = ()  # give these workers jobs again
     remove: tuple[str, ...] = ()  # drained and idle: delete these pods, replicas lowered
     waiting_for_capacity: str | None = None  # message when pods wait past pendingTimeout
+    unschedulable: bool = False  # ... because no node could ever take them (said at once)
     state: ScalerState = ScalerState()
 
 
@@ -90,11 +91,16 @@ def _clamp(value: int, spec: ScalingSpec) -> int:
 
 
 def _waiting_for_capacity(obs: Observation, spec: ScalingSpec, now: float) -> str | None:
+    """Why workers wait: pods unschedulable past pendingTimeoutSeconds, or at once when no node
+    of the cluster matches them at all (more of the same nodes would not help)."""
     stuck = [
         pod
         for pod in obs.pods
         if pod.unschedulable_since is not None
-        and now - pod.unschedulable_since >= spec.pendingTimeoutSeconds
+        and (
+            now - pod.unschedulable_since >= spec.pendingTimeoutSeconds
+            or never_fits(pod.unschedulable_message)
+        )
     ]
     if not stuck:
         return None
@@ -104,6 +110,13 @@ def _waiting_for_capacity(obs: Observation, spec: ScalingSpec, now: float) -> st
         f"{len(stuck)} worker pod(s) unschedulable for {now - oldest:.0f} s "
         f"(pendingTimeoutSeconds={spec.pendingTimeoutSeconds}); they are kept and counted as "
         "capacity on the way" + (f": {said}" if said else "")
+    )
+
+
+def _unschedulable(obs: Observation) -> bool:
+    return any(
+        pod.unschedulable_since is not None and never_fits(pod.unschedulable_message)
+        for pod in obs.pods
     )
 
 
@@ -193,6 +206,7 @@ def compute_desired_replicas(
                 message=f"{current} -> {target} workers: {why}",
                 undrain=undrain,
                 waiting_for_capacity=waiting,
+                unschedulable=_unschedulable(obs),
                 state=state,
             )
         steady = STABLE if reason_up == SCALE_UP else FIXED
@@ -203,6 +217,7 @@ def compute_desired_replicas(
             message=f"{current} workers: {why}",
             undrain=undrain,
             waiting_for_capacity=waiting,
+            unschedulable=_unschedulable(obs),
             state=state,
         )
 
@@ -220,6 +235,7 @@ def compute_desired_replicas(
             ),
             undrain=draining,
             waiting_for_capacity=waiting,
+            unschedulable=_unschedulable(obs),
             state=replace(state, draining=()),
         )
     target = _rate_limited(stabilized, current, spec)
@@ -258,6 +274,7 @@ def compute_desired_replicas(
         undrain=undrain,
         remove=remove,
         waiting_for_capacity=waiting,
+        unschedulable=_unschedulable(obs),
         state=state,
     )
 

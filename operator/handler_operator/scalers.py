@@ -310,7 +310,9 @@ class Scaler:
                     new,
                     conditions.SCALING,
                     False,
-                    conditions.WAITING_FOR_CAPACITY,
+                    conditions.UNSCHEDULABLE
+                    if scaling.unschedulable
+                    else conditions.WAITING_FOR_CAPACITY,
                     scaling.waiting_for_capacity,
                     stamp,
                     generation,

@@ -381,6 +381,27 @@ def test_endpoints_that_keep_workers_get_a_disruption_budget(installation, ns):
     )
 
 
+def test_a_product_no_node_has_is_said_at_once_and_nothing_piles_up(installation, ns):
+    kubectl = installation.kubectl
+    body = handler_deployment(
+        "b200",
+        resources={"gpu": {"count": 1, "product": "NVIDIA-B200"}},
+        scaling={"minReplicas": 1, "maxReplicas": 4, "pendingTimeoutSeconds": 3600},
+    )
+    kubectl.apply(body, ns)
+    scaling = wait_for(
+        lambda: (
+            (c := condition(kubectl.get("hd", "b200", ns), "Scaling"))
+            and c["reason"] == "Unschedulable"
+            and c
+        ),
+        message="Scaling=False Unschedulable",
+    )
+    assert scaling["status"] == "False"
+    assert "didn't match Pod's node affinity/selector" in scaling["message"]
+    assert len(pods(kubectl, ns, "b200")) == 1
+
+
 def test_more_gpus_than_exist_stay_pending_and_nothing_piles_up(installation, ns):
     kubectl = installation.kubectl
     # No node has 4 A100s: every worker pod is unschedulable.

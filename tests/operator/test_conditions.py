@@ -204,3 +204,23 @@ def test_changed_types_lists_only_what_differs():
         live, [conditions.condition(conditions.SCALING, True, "Stable", "ok", "t1")]
     )
     assert [c["type"] for c in conditions.changed_types(live, other)] == [conditions.SCALING]
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector. preemption: 0/3 nodes are available: 3 Preemption is not helpful for scheduling.",
+            True,
+        ),
+        (
+            "0/3 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, 2 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available: 1 Preemption is not helpful for scheduling, 2 No preemption victims found for incoming pod.",
+            False,
+        ),
+        ("0/2 nodes are available: 2 Too many pods.", False),
+        ("pod waits for capacity: unschedulable", False),
+    ],
+    ids=["no-product", "gpus-busy", "pods-full", "no-scheduler-words"],
+)
+def test_never_fits_reads_the_schedulers_reasons(message, expected):
+    assert conditions.never_fits(message) is expected

@@ -83,6 +83,42 @@ def test_pods_pending_past_the_timeout_report_waiting_for_capacity_and_are_kept(
     assert "unschedulable for 61 s" in decision.waiting_for_capacity
 
 
+NO_SUCH_PRODUCT = (
+    "0/3 nodes are available: 3 node(s) didn't match Pod's node affinity/selector. "
+    "preemption: 0/3 nodes are available: 3 Preemption is not helpful for scheduling."
+)
+NO_GPU_LEFT = (
+    "0/3 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, "
+    "2 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available: 1 Preemption is not "
+    "helpful for scheduling, 2 No preemption victims found for incoming pod."
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "immediately", "unschedulable"),
+    [(NO_SUCH_PRODUCT, True, True), (NO_GPU_LEFT, False, False)],
+    ids=["no-node-matches", "gpus-busy"],
+)
+def test_no_matching_node_is_said_at_once_and_capacity_after_the_timeout(
+    message, immediately, unschedulable
+):
+    pods = (PodView("p0", "pending", 0.0, unschedulable_since=0.0, unschedulable_message=message),)
+
+    def at(now):
+        return compute_desired_replicas(
+            Observation(queued=1, in_progress=0, replicas=1, pods=pods),
+            spec(pendingTimeoutSeconds=60),
+            ScalerState(),
+            now=now,
+        )
+
+    early, late = at(5.0), at(61.0)
+    assert (early.waiting_for_capacity is not None) is immediately
+    assert late.waiting_for_capacity is not None and message in late.waiting_for_capacity
+    assert late.unschedulable is unschedulable
+    assert late.replicas == early.replicas == 1 and not late.remove  # kept, nothing added
+
+
 @pytest.mark.parametrize(("rate", "expected"), [(0, 10), (2, 4), (1.5, 3)])
 def test_scale_up_rate(rate, expected):
     decision = compute_desired_replicas(
