@@ -188,6 +188,21 @@ def pods(kubectl: Kubectl, ns: str, name: str) -> list[dict]:
     return json.loads(kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json"))["items"]
 
 
+def apply_gpu_endpoint(kubectl: Kubectl, ns: str, name: str, gpu: dict, **scaling: Any) -> None:
+    body = handler_deployment(name, resources={"gpu": gpu}, scaling=scaling)
+    kubectl.apply(body, ns)
+
+
+def wait_reason(kubectl: Kubectl, ns: str, name: str, type_: str, reason: str) -> dict:
+    """The HandlerDeployment's condition `type_` once it has `reason`."""
+    return wait_for(
+        lambda: (
+            (c := condition(kubectl.get("hd", name, ns), type_)) and c["reason"] == reason and c
+        ),
+        message=f"{name}: {type_} {reason}",
+    )
+
+
 def ready_pods(kubectl: Kubectl, ns: str, name: str) -> list[dict]:
     return [
         p
@@ -338,14 +353,7 @@ def test_a_list_of_products_falls_back_to_the_next_one(installation, ns):
 def test_the_keda_engine_without_keda_says_so_without_a_retry_storm(installation, ns):
     kubectl = installation.kubectl
     kubectl.apply(handler_deployment("kedaless", scaling={"engine": "keda"}), ns)
-    ready = wait_for(
-        lambda: (
-            (c := condition(kubectl.get("hd", "kedaless", ns), "Ready"))
-            and c["reason"] == "KedaNotInstalled"
-            and c
-        ),
-        message="Ready=False KedaNotInstalled",
-    )
+    ready = wait_reason(kubectl, ns, "kedaless", "Ready", "KedaNotInstalled")
     assert ready["status"] == "False" and "KEDA is not installed" in ready["message"]
     assert not pods(kubectl, ns, "kedaless")
     time.sleep(5)  # a retry storm would post more events meanwhile
@@ -383,20 +391,10 @@ def test_endpoints_that_keep_workers_get_a_disruption_budget(installation, ns):
 
 def test_a_product_no_node_has_is_said_at_once_and_nothing_piles_up(installation, ns):
     kubectl = installation.kubectl
-    body = handler_deployment(
-        "b200",
-        resources={"gpu": {"count": 1, "product": "NVIDIA-B200"}},
-        scaling={"minReplicas": 1, "maxReplicas": 4, "pendingTimeoutSeconds": 3600},
-    )
-    kubectl.apply(body, ns)
-    scaling = wait_for(
-        lambda: (
-            (c := condition(kubectl.get("hd", "b200", ns), "Scaling"))
-            and c["reason"] == "Unschedulable"
-            and c
-        ),
-        message="Scaling=False Unschedulable",
-    )
+    gpu = {"count": 1, "product": "NVIDIA-B200"}
+    # A pending timeout of an hour: only the scheduler's words can make it say so at once.
+    apply_gpu_endpoint(kubectl, ns, "b200", gpu, minReplicas=1, pendingTimeoutSeconds=3600)
+    scaling = wait_reason(kubectl, ns, "b200", "Scaling", "Unschedulable")
     assert scaling["status"] == "False"
     assert "didn't match Pod's node affinity/selector" in scaling["message"]
     assert len(pods(kubectl, ns, "b200")) == 1
@@ -405,12 +403,8 @@ def test_a_product_no_node_has_is_said_at_once_and_nothing_piles_up(installation
 def test_more_gpus_than_exist_stay_pending_and_nothing_piles_up(installation, ns):
     kubectl = installation.kubectl
     # No node has 4 A100s: every worker pod is unschedulable.
-    body = handler_deployment(
-        "big",
-        resources={"gpu": {"count": 4, "product": "NVIDIA-A100-SXM4-80GB"}},
-        scaling={"minReplicas": 0, "maxReplicas": 5, "pendingTimeoutSeconds": 10},
-    )
-    kubectl.apply(body, ns)
+    gpu = {"count": 4, "product": "NVIDIA-A100-SXM4-80GB"}
+    apply_gpu_endpoint(kubectl, ns, "big", gpu, maxReplicas=5, pendingTimeoutSeconds=10)
     kubectl("wait", "--for=condition=Ready", "hd/big", "-n", ns, "--timeout=60s")
     for _ in range(2):
         status, _ = http_json(
