@@ -61,13 +61,6 @@ def collection_path(api_version: str, kind: str, namespace: str | None) -> str:
     return path.replace("/namespaces/{ns}", "") if namespace is None else path.format(ns=namespace)
 
 
-def selector_matches(selector: str, labels: dict[str, str] | None) -> bool:
-    """An equality-based label selector (`k=v,k2=v2`) against an object's labels."""
-    labels = labels or {}
-    pairs = (term.split("=", 1) for term in selector.split(",") if term)
-    return all(labels.get(key.strip()) == value.strip() for key, value in pairs)
-
-
 WatchEvent = tuple[str, dict[str, Any]]  # ("ADDED" | "MODIFIED" | "DELETED", object)
 
 
@@ -250,10 +243,7 @@ class KubeApi:
                             return
                         raise Unavailable(f"watch {path}: {obj.get('message')}")
                     version = (obj.get("metadata") or {}).get("resourceVersion") or version
-                    if event.get("type") == "BOOKMARK":
-                        continue
-                    # Servers that ignore the selector (test doubles) are filtered here too.
-                    if selector_matches(selector, (obj.get("metadata") or {}).get("labels")):
+                    if event.get("type") != "BOOKMARK":
                         yield event["type"], obj
             finally:
                 response.release()

@@ -82,6 +82,11 @@ def set_condition(conditions: list[dict[str, Any]] | None, *fields: Any) -> list
     return merge_conditions(conditions, [condition(*fields)])
 
 
+def would_change(conditions: list[dict[str, Any]] | None, *updates: dict[str, Any]) -> bool:
+    """Whether merging `updates` into `conditions` changes anything worth a write."""
+    return bool(changed_types(conditions, merge_conditions(conditions, list(updates))))
+
+
 def changed_types(
     before: list[dict[str, Any]] | None, after: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:

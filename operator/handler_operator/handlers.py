@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime
 import logging
 import os
 import secrets
@@ -25,7 +24,7 @@ from handler_operator import builders, conditions
 from handler_operator.clients import GatewayAdmin, KubeApi, Unavailable
 from handler_operator.metrics import RECONCILE_SECONDS, RECONCILES, start_metrics_server
 from handler_operator.models import GROUP, PLURAL, VERSION, HandlerDeployment
-from handler_operator.scalers import Scaler
+from handler_operator.scalers import Scaler, epoch
 from handler_operator.settings import OperatorSettings
 
 HD = (GROUP, VERSION, PLURAL)
@@ -193,7 +192,7 @@ async def reconcile_hd(
         ready = conditions.condition(
             conditions.READY, False, conditions.KEDA_NOT_INSTALLED, message, now_iso(), generation
         )
-        if conditions.changed_types(current, conditions.merge_conditions(current, [ready])):
+        if conditions.would_change(current, ready):
             await _write_status(memo, body, {"observedGeneration": generation}, ready)
             kopf.warn(body, reason=conditions.KEDA_NOT_INSTALLED, message=message)
         # Checked again now and then (KEDA may be installed later), not in a tight loop.
@@ -255,7 +254,7 @@ async def reconcile_hd(
         generation,
     )
     if any(status.get(key) != value for key, value in fields.items()) or (
-        conditions.changed_types(current, conditions.merge_conditions(current, [reconciled]))
+        conditions.would_change(current, reconciled)
     ):
         await _write_status(memo, body, fields, reconciled)
         kopf.info(body, reason=conditions.RECONCILED, message=f"applied generation {generation}")
@@ -332,7 +331,7 @@ async def finalize(body: kopf.Body, memo: kopf.Memo, logger: Any, retry: int, **
                 )
         await memo.gateway.delete_endpoint(endpoint)
     except Unavailable as exc:
-        waited = _seconds_since(body.metadata.get("deletionTimestamp"))
+        waited = time.time() - (epoch(body.metadata.get("deletionTimestamp")) or time.time())
         if waited < settings.deregister_timeout_seconds:
             raise kopf.TemporaryError(f"gateway unavailable: {exc}", delay=5) from exc
         message = (
@@ -344,12 +343,6 @@ async def finalize(body: kopf.Body, memo: kopf.Memo, logger: Any, retry: int, **
     else:
         logger.info("endpoint %s deregistered", endpoint)
     memo.scaler.unregister(body.metadata.namespace, body.metadata.name)
-
-
-def _seconds_since(timestamp: str | None) -> float:
-    if not timestamp:
-        return 0.0
-    return time.time() - datetime.datetime.fromisoformat(timestamp).timestamp()
 
 
 async def _owner_hd(memo: kopf.Memo, namespace: str, name: str | None) -> dict[str, Any] | None:
@@ -386,7 +379,7 @@ async def on_worker_pod(memo: kopf.Memo, event_type: str, pod: dict[str, Any]) -
         healthy = conditions.condition(
             conditions.HANDLER_HEALTHY, False, reason, message, now_iso(), generation
         )
-    if conditions.changed_types(current, conditions.merge_conditions(current, [healthy])):
+    if conditions.would_change(current, healthy):
         await memo.kube.update_conditions(
             f"{GROUP}/{VERSION}", "HandlerDeployment", namespace, owner["metadata"]["name"],
             [healthy],

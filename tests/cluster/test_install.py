@@ -193,16 +193,6 @@ def apply_gpu_endpoint(kubectl: Kubectl, ns: str, name: str, gpu: dict, **scalin
     kubectl.apply(body, ns)
 
 
-def wait_reason(kubectl: Kubectl, ns: str, name: str, type_: str, reason: str) -> dict:
-    """The HandlerDeployment's condition `type_` once it has `reason`."""
-    return wait_for(
-        lambda: (
-            (c := condition(kubectl.get("hd", name, ns), type_)) and c["reason"] == reason and c
-        ),
-        message=f"{name}: {type_} {reason}",
-    )
-
-
 def ready_pods(kubectl: Kubectl, ns: str, name: str) -> list[dict]:
     return [
         p
@@ -353,7 +343,7 @@ def test_a_list_of_products_falls_back_to_the_next_one(installation, ns):
 def test_the_keda_engine_without_keda_says_so_without_a_retry_storm(installation, ns):
     kubectl = installation.kubectl
     kubectl.apply(handler_deployment("kedaless", scaling={"engine": "keda"}), ns)
-    ready = wait_reason(kubectl, ns, "kedaless", "Ready", "KedaNotInstalled")
+    ready = wait_condition(kubectl, ns, "kedaless", "Ready", reason="KedaNotInstalled")
     assert ready["status"] == "False" and "KEDA is not installed" in ready["message"]
     assert not pods(kubectl, ns, "kedaless")
     time.sleep(5)  # a retry storm would post more events meanwhile
@@ -394,7 +384,7 @@ def test_a_product_no_node_has_is_said_at_once_and_nothing_piles_up(installation
     gpu = {"count": 1, "product": "NVIDIA-B200"}
     # A pending timeout of an hour: only the scheduler's words can make it say so at once.
     apply_gpu_endpoint(kubectl, ns, "b200", gpu, minReplicas=1, pendingTimeoutSeconds=3600)
-    scaling = wait_reason(kubectl, ns, "b200", "Scaling", "Unschedulable")
+    scaling = wait_condition(kubectl, ns, "b200", "Scaling", reason="Unschedulable")
     assert scaling["status"] == "False"
     assert "didn't match Pod's node affinity/selector" in scaling["message"]
     assert len(pods(kubectl, ns, "b200")) == 1

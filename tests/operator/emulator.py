@@ -21,8 +21,6 @@ from typing import Any
 import kmock
 from kmock._internal import dicts, enums, parsing
 
-from handler_operator.clients import selector_matches
-
 _parse_path = parsing.parse_path
 
 
@@ -100,6 +98,13 @@ def _verb(request: Any) -> str:
     return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(
         method, method.lower()
     )
+
+
+def selector_matches(selector: str, labels: dict[str, str] | None) -> bool:
+    """An equality-based label selector (`k=v,k2=v2`) against an object's labels."""
+    labels = labels or {}
+    pairs = (term.split("=", 1) for term in selector.split(",") if term)
+    return all(labels.get(key.strip()) == value.strip() for key, value in pairs)
 
 
 class ApiEmulator(kmock.KubernetesEmulator):
