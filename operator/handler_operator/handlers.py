@@ -258,6 +258,25 @@ async def reconcile_hd(
     ):
         await _write_status(memo, body, fields, reconciled)
         kopf.info(body, reason=conditions.RECONCILED, message=f"applied generation {generation}")
+        await _keep_refusal(memo, body, hd, conditions.merge_conditions(current, [reconciled]))
+
+
+async def _keep_refusal(
+    memo: kopf.Memo, body: kopf.Body, hd: HandlerDeployment, written: list[dict[str, Any]]
+) -> None:
+    """The worker Deployment's watcher may have said FailedCreate before the reconcile's Ready
+    landed on top of it; read the Deployment after the write, so its refusal always has the last
+    word whichever writer came second."""
+    deployment = await memo.kube.get("apps/v1", "Deployment", hd.namespace, hd.name)
+    if not deployment:
+        return
+    spec_replicas = (deployment.get("spec") or {}).get("replicas") or 0
+    derived = conditions.ready_from_workload(
+        written, deployment.get("status") or {}, spec_replicas, now_iso()
+    )
+    ready = next(c for c in derived if c.get("type") == conditions.READY)
+    if ready.get("reason") == conditions.WORKERS_REJECTED:
+        await _write_status(memo, body, {}, ready)
 
 
 async def _remove_keda_objects(kube: KubeApi, hd: HandlerDeployment) -> None:
@@ -277,6 +296,11 @@ async def _remove_keda_objects(kube: KubeApi, hd: HandlerDeployment) -> None:
 def _owned_by_hd(obj: dict[str, Any]) -> bool:
     refs = obj["metadata"].get("ownerReferences") or []
     return any(ref.get("kind") == "HandlerDeployment" for ref in refs)
+
+
+def _owned_by(obj: dict[str, Any], owner: dict[str, Any]) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == owner["metadata"].get("uid") for ref in refs)
 
 
 @kopf.on.resume(*HD)
@@ -400,15 +424,15 @@ async def on_worker_deployment(
     status = dict(deployment.get("status") or {})
     if seen.get(meta.get("uid")) == status:
         return  # only the status matters here: spec/metadata writes are ours
-    seen[meta.get("uid")] = status
     spec = deployment.get("spec") or {}
     namespace = meta.get("namespace", "default")
     instance = (meta.get("labels") or {}).get("app.kubernetes.io/instance")
     if instance:
         memo.scaler.observe_replicas(namespace, instance, spec.get("replicas"))
     owner = await _owner_hd(memo, namespace, instance)
-    if owner is None:
-        return
+    if owner is None or not _owned_by(deployment, owner):
+        return  # not remembered: the status counts once its HandlerDeployment has adopted it
+    seen[meta.get("uid")] = status
     ready = status.get("readyReplicas") or 0
     desired = (owner.get("status") or {}).get("desiredReplicas") or 0
     replicas = spec.get("replicas")

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import jsonpatch
 import kmock
 from kmock._internal import dicts, enums, parsing
 
@@ -390,7 +391,15 @@ class ApiEmulator(kmock.KubernetesEmulator):
                     status=409,
                 )
             request = self._stamp(request)
-        response = await super()._handle(request)
+        try:
+            response = await super()._handle(request)
+        except jsonpatch.JsonPatchTestFailed as exc:
+            # kopf's JSON patches test the resourceVersion first; the apiserver answers a failed
+            # test with 422 (kopf then retries on the next event), kmock with a 500 forever.
+            return web.json_response(
+                {"kind": "Status", "code": 422, "reason": "Invalid", "message": str(exc)},
+                status=422,
+            )
         if (
             request.resource is not None
             and request.resource.plural == "customresourcedefinitions"

@@ -251,6 +251,47 @@ def test_worker_objects_are_watched_with_a_server_side_selector(cluster, operato
     assert not [key for key in annotations if key.startswith("kopf.zalando.org")], annotations
 
 
+def test_a_refusal_seen_before_the_first_reconcile_is_not_overwritten(cluster, operator):
+    """The worker Deployment's ReplicaSet was refused (Pod Security) before the reconcile's own
+    Ready landed: whichever writer comes second, Ready ends False FailedCreate."""
+    refused = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "hello",
+            "namespace": "default",
+            "labels": {
+                "app.kubernetes.io/managed-by": "handler-operator",
+                "app.kubernetes.io/instance": "hello",
+            },
+        },
+        "spec": {"replicas": 1, "template": {"spec": {"containers": []}}},
+        "status": {
+            "conditions": [
+                {
+                    "type": "ReplicaFailure",
+                    "status": "True",
+                    "reason": "FailedCreate",
+                    "message": 'pods "hello-1" is forbidden: violates PodSecurity',
+                }
+            ]
+        },
+    }
+    deployments = "/apis/apps/v1/namespaces/default/deployments"
+    assert call("POST", cluster.url + deployments, refused)[0] in (200, 201)
+    body = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
+    assert call("POST", cluster.url + HD_PATH.format(ns="default"), body)[0] in (200, 201)
+    ready = wait_for(
+        lambda: (
+            (c := condition(hd(cluster, "default", "hello"), "Ready"))
+            and c["reason"] == "FailedCreate"
+            and c
+        ),
+        message="Ready False FailedCreate",
+    )
+    assert ready["status"] == "False" and "violates PodSecurity" in ready["message"]
+
+
 @pytest.fixture
 def quick_deregister_timeout(monkeypatch):
     monkeypatch.setenv("HANDLER_OPERATOR_DEREGISTER_TIMEOUT_SECONDS", "2")
