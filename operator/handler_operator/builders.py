@@ -106,6 +106,50 @@ def build_secret(hd: HandlerDeployment, token: str) -> dict[str, Any]:
     }
 
 
+# The chart's generated credentials (gateway keys, Redis password) are made at install time by
+# a hook, never rendered: `helm template` stays the same on every render, and Helm never deletes
+# or rotates them on an upgrade (`keep` is honoured on the live object).
+KEEP_ANNOTATIONS = {"helm.sh/resource-policy": "keep"}
+
+
+def build_kept_secret_write(
+    namespace: str,
+    name: str,
+    keys: list[str],
+    labels: dict[str, str],
+    existing: dict[str, Any] | None,
+    new_value: Any,
+) -> tuple[str, dict[str, Any]] | None:
+    """What the chart's key hook writes for one Secret: ("create", the Secret) when it is
+    missing; ("patch", a merge patch) adding the keys it lacks and the keep annotation; None
+    when nothing is missing. Values already there are never changed. `new_value()` makes one."""
+    if existing is None:
+        return "create", {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": labels,
+                "annotations": dict(KEEP_ANNOTATIONS),
+            },
+            "type": "Opaque",
+            "stringData": {key: new_value() for key in keys},
+        }
+    meta = existing.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    patch: dict[str, Any] = {}
+    missing = [key for key in keys if key not in (existing.get("data") or {})]
+    if missing:
+        patch["stringData"] = {key: new_value() for key in missing}
+    if any(annotations.get(key) != value for key, value in KEEP_ANNOTATIONS.items()):
+        patch["metadata"] = {"annotations": dict(KEEP_ANNOTATIONS)}
+    if not patch:
+        return None
+    patch.setdefault("metadata", {})["resourceVersion"] = meta.get("resourceVersion")
+    return "patch", patch
+
+
 def build_service_account(hd: HandlerDeployment) -> dict[str, Any]:
     return {
         "apiVersion": "v1",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -79,14 +80,15 @@ class KubeApi:
 
     @classmethod
     async def connect(cls, config_file: str | None = None) -> KubeApi:
-        """In-cluster service account when in a pod, else the kubeconfig (explicit path, or
-        the client's default lookup)."""
+        """In-cluster service account when in a pod, else the kubeconfig (explicit path, else
+        $KUBECONFIG read now, else the client's default ~/.kube/config)."""
         configuration = Configuration()
         try:
             config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
             await config.load_kube_config(
-                config_file=config_file, client_configuration=configuration
+                config_file=config_file or os.environ.get("KUBECONFIG"),
+                client_configuration=configuration,
             )
         return cls(ApiClient(configuration))
 
@@ -334,15 +336,31 @@ class KubeApi:
         self.writes += 1
         await self._request("POST", collection_path("v1", "Event", meta["namespace"]), event)
 
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """POST a new object; `Conflict` when one of that name already exists."""
+        meta = obj["metadata"]
+        self.writes += 1
+        return await self._request(
+            "POST", collection_path(obj["apiVersion"], obj["kind"], meta["namespace"]), obj
+        )
+
+    async def merge_patch(
+        self, api_version: str, kind: str, namespace: str, name: str, patch: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A JSON merge patch (a `metadata.resourceVersion` in it is a precondition)."""
+        self.writes += 1
+        return await self._request(
+            "PATCH",
+            f"{collection_path(api_version, kind, namespace)}/{name}",
+            patch,
+            content_type="application/merge-patch+json",
+        )
+
     async def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         """Merge `annotations` into a pod's metadata (a pod already gone is left alone)."""
-        self.writes += 1
         try:
-            await self._request(
-                "PATCH",
-                f"{collection_path('v1', 'Pod', namespace)}/{name}",
-                {"metadata": {"annotations": annotations}},
-                content_type="application/merge-patch+json",
+            await self.merge_patch(
+                "v1", "Pod", namespace, name, {"metadata": {"annotations": annotations}}
             )
         except NotFound:
             return

@@ -52,7 +52,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = 20  # INFO and up become Kubernetes events
     settings.watching.server_timeout = 300
     memo.settings = operator
-    memo.kube = await KubeApi.connect(os.environ.get("KUBECONFIG"))
+    memo.kube = await KubeApi.connect()
     memo.gateway = GatewayAdmin(operator.admin_url, operator.gateway_admin_key)
     # The scaling loop polls the gateway on a session of its own (its long-poll waits).
     memo.scaler = Scaler(
@@ -105,9 +105,6 @@ async def _worker_token(kube: KubeApi, hd: HandlerDeployment, uid: str) -> str:
         raw = (secret.get("data") or {}).get(builders.TOKEN_KEY)
         if uid in owners and raw:
             return base64.b64decode(raw).decode()
-        string = (secret.get("stringData") or {}).get(builders.TOKEN_KEY)
-        if uid in owners and string:
-            return string
     return secrets.token_urlsafe(32)
 
 

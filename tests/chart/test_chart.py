@@ -3,7 +3,6 @@ what the operator and gateway read (settings, flags, keys, Redis)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -16,10 +15,20 @@ import yaml
 
 from handler_gateway import settings as gateway_settings
 from handler_operator.settings import ENV_PREFIX, OperatorSettings
-from tests.chart.conftest import CHART, NAMESPACE, RELEASE, VARIANTS, helm, render, render_error
+from tests.chart.conftest import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    VARIANTS,
+    helm,
+    render,
+    render_error,
+    template_args,
+)
 from tests.conftest import REPO_ROOT
 
 GATEWAY, OPERATOR, REDIS = "handler-gateway", "handler-operator", "handler-redis"
+CREDENTIALS = "handler-credentials"
 SCHEMAS = REPO_ROOT / "tests" / "data"
 
 
@@ -184,19 +193,38 @@ def test_gateway_flags_and_env_are_what_the_gateway_parses(name, monkeypatch):
     assert service["spec"]["ports"][0]["targetPort"] == "http"
 
 
-def test_generated_keys_and_existing_secrets():
+def test_no_secret_value_is_rendered_and_the_hook_generates_each_one():
     rendered = render()
-    keys = rendered.get("Secret", f"{GATEWAY}-keys")["data"]
-    for key in ("admin-key", "api-key"):
-        assert len(base64.b64decode(keys[key])) == 40
-    assert keys["admin-key"] != keys["api-key"]
-    assert rendered.get("Secret", REDIS)["data"]["redis-password"]
+    assert not rendered.of("Secret")
+    job = rendered.get("Job", CREDENTIALS)
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "handler_operator.credentials"]
+    assert container["image"] == rendered.container(OPERATOR)["image"]
+    secrets = [arg.split("=", 1)[1] for arg in container["args"] if arg.startswith("--secret=")]
+    assert secrets == [f"{GATEWAY}-keys=admin-key,api-key", f"{REDIS}=redis-password"]
+    # What the hook generates is what the gateway, the operator and Redis read.
+    volumes = rendered.get("Deployment", GATEWAY)["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "keys", "secret": {"secretName": f"{GATEWAY}-keys"}} in volumes
+    redis = rendered.get("StatefulSet", REDIS)["spec"]["template"]["spec"]["containers"][0]
+    assert redis["env"][0]["valueFrom"]["secretKeyRef"] == {"name": REDIS, "key": "redis-password"}
+
+
+def test_existing_secrets_need_no_hook():
     existing = render(["gateway.auth.existingSecret=mine", "redis.auth.existingSecret=redis-mine"])
-    assert not existing.of("Secret")
+    assert not existing.of("Secret") and not existing.of("Job")
     volumes = existing.get("Deployment", GATEWAY)["spec"]["template"]["spec"]["volumes"]
     assert {"name": "keys", "secret": {"secretName": "mine"}} in volumes
     redis_env = existing.get("StatefulSet", REDIS)["spec"]["template"]["spec"]["containers"][0]
     assert redis_env["env"][0]["valueFrom"]["secretKeyRef"]["name"] == "redis-mine"
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_helm_template_renders_the_same_every_time(name):
+    """What GitOps tools compare on every sync: nothing random, nothing read from a cluster."""
+    first, second = (helm(*template_args(VARIANTS[name], "--include-crds")) for _ in range(2))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
 
 
 @pytest.mark.parametrize("persistence", [True, False])

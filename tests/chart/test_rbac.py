@@ -1,5 +1,6 @@
 """The chart's RBAC is exactly `handler_operator.rbac.RULES`: cluster-wide in one ClusterRole, or
-namespaced Roles plus a ClusterRole for the cluster-scoped reads."""
+namespaced Roles plus a ClusterRole for the cluster-scoped reads; the credentials hook's Role
+reaches only the Secrets it generates."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from handler_operator import rbac
 from tests.chart.conftest import NAMESPACE, Rendered, render
 from tests.conftest import REPO_ROOT
 
-OPERATOR = "handler-operator"
+OPERATOR, CREDENTIALS = "handler-operator", "handler-credentials"
+COMPONENT = "app.kubernetes.io/component"
 CLUSTER_SCOPED = {("apiextensions.k8s.io", "customresourcedefinitions")}
 
 
@@ -44,9 +46,16 @@ def bound_to_operator(rendered: Rendered, binding_kind: str, namespace: str | No
     raise AssertionError(f"no {binding_kind} in {namespace}")
 
 
+def operator_roles(rendered: Rendered) -> list[dict]:
+    """The operator's Roles (the credentials hook brings its own, see below)."""
+    return [
+        r for r in rendered.of("Role") if r["metadata"]["labels"].get(COMPONENT) != "credentials"
+    ]
+
+
 def test_cluster_wide_role_is_exactly_the_rules():
     rendered = render()
-    assert not rendered.of("Role")
+    assert not operator_roles(rendered)
     role = rendered.get("ClusterRole", OPERATOR)
     assert grants(role["rules"]) == wanted()
     assert bound_to_operator(rendered, "ClusterRoleBinding") == OPERATOR
@@ -58,12 +67,41 @@ def test_cluster_wide_role_is_exactly_the_rules():
 def test_watch_namespaces_get_roles_and_only_crd_reads_stay_cluster_wide(namespaces):
     rendered = render([f"watchNamespaces={{{','.join(namespaces)}}}"])
     assert grants(rendered.get("ClusterRole", OPERATOR)["rules"]) == wanted(scoped=True)
-    roles = rendered.of("Role")
+    roles = operator_roles(rendered)
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(namespaces)
     for role in roles:
         assert grants(role["rules"]) == wanted(scoped=False)
         namespace = role["metadata"]["namespace"]
         assert bound_to_operator(rendered, "RoleBinding", namespace) == OPERATOR
+
+
+@pytest.mark.parametrize(
+    ("sets", "names"),
+    [
+        pytest.param([], ["handler-gateway-keys", "handler-redis"], id="default"),
+        pytest.param(["redis.auth.existingSecret=mine"], ["handler-gateway-keys"], id="own-redis"),
+        pytest.param(
+            ["redis.enabled=false", "gateway.replicas=1"], ["handler-gateway-keys"], id="no-redis"
+        ),
+    ],
+)
+def test_the_credentials_hook_may_only_make_and_read_its_own_secrets(sets, names):
+    rendered = render(sets)
+    role = rendered.get("Role", CREDENTIALS)
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": names,
+            "verbs": ["get", "patch"],
+        },
+    ]
+    binding = rendered.get("RoleBinding", CREDENTIALS)
+    assert binding["roleRef"]["name"] == CREDENTIALS
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": CREDENTIALS, "namespace": NAMESPACE}
+    ]
 
 
 def test_every_rule_says_why():

@@ -27,7 +27,7 @@ from tests.tools import tool
 CLUSTER_DIR = Path(__file__).resolve().parent
 IMAGE_PREFIX = "ghcr.io/handler-operator/"
 # What each image holds, on this machine: the examples' images hold their example's code, the
-# default worker image the test handlers (`handlers.*`).
+# default worker image the test handlers (`handlers.*`), the operator image this project.
 IMAGE_CODE = {
     **{
         f"{IMAGE_PREFIX}examples-{path.name}:": [str(path), str(REPO_ROOT)]
@@ -35,7 +35,11 @@ IMAGE_CODE = {
         if (path / "handler.py").exists()
     },
     f"{IMAGE_PREFIX}handler-worker:": [str(FIXTURES), str(REPO_ROOT)],
+    f"{IMAGE_PREFIX}handler-operator:": [str(REPO_ROOT)],
 }
+# The chart's operator pod is only marked running: the tests run that operator on this machine,
+# where the gateway is reachable. Its credentials hook runs as the pod would.
+IMAGE_COMMANDS = {f"{IMAGE_PREFIX}handler-operator:": "handler_operator.credentials"}
 RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
     "pod-security.kubernetes.io/enforce-version": "latest",
@@ -58,7 +62,10 @@ def control_plane(tmp_path_factory) -> Iterator[harness.ControlPlane]:
 @pytest.fixture(scope="session")
 def nodes(control_plane, tmp_path_factory) -> Iterator[NodeAgent]:
     agent = NodeAgent(
-        control_plane.kubeconfig, tmp_path_factory.mktemp("nodes"), code=IMAGE_CODE
+        control_plane.kubeconfig,
+        tmp_path_factory.mktemp("nodes"),
+        code=IMAGE_CODE,
+        commands=IMAGE_COMMANDS,
     ).start()
     yield agent
     agent.stop()

@@ -169,8 +169,14 @@ class PodRun:
     ip: str
     started: str
     containers: list[Container]
+    restart_policy: str = "Always"
     terminating: bool = False
     written: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        """Every container exited for good (a Job's pod): the phase is Succeeded or Failed."""
+        return not self.terminating and all("terminated" in c.state for c in self.containers)
 
 
 class NodeAgent:
@@ -178,6 +184,8 @@ class NodeAgent:
 
     `code`: image prefix → PYTHONPATH entries; a container whose image starts with one runs
     `python -m handler_worker` (or its `command`) as a process with that PYTHONPATH.
+    `commands`: image prefix → what its container's command must contain to run (other
+    containers of that image are only marked running).
     """
 
     def __init__(
@@ -186,6 +194,7 @@ class NodeAgent:
         workdir: Path,
         nodes: tuple[NodeSpec, ...] = DEFAULT_NODES,
         code: dict[str, list[str]] | None = None,
+        commands: dict[str, str] | None = None,
         backoff_base: float = 1.0,
     ):
         self.api_client = config.new_client_from_config(config_file=kubeconfig)
@@ -194,6 +203,7 @@ class NodeAgent:
         self.workdir = workdir
         self.nodes = {spec.name: spec for spec in nodes}
         self.code = dict(code or {})
+        self.commands = dict(commands or {})
         self.backoff_base = backoff_base
         self.pods: dict[str, PodRun] = {}
         self.lock = threading.RLock()
@@ -333,15 +343,17 @@ class NodeAgent:
             ip=f"10.244.{n // 250}.{n % 250 + 2}",
             started=now(),
             containers=[Container(c["name"], c["image"]) for c in spec["containers"]],
+            restart_policy=spec.get("restartPolicy") or "Always",
         )
         self.pods[run.uid] = run
         for container, container_spec in zip(run.containers, spec["containers"], strict=True):
             self._start(run, container, container_spec, pod)
         return run
 
-    def _code_for(self, image: str) -> list[str] | None:
+    def _code_for(self, image: str, spec: dict[str, Any]) -> list[str] | None:
+        command = " ".join(spec.get("command") or [])
         for prefix, paths in self.code.items():
-            if image.startswith(prefix):
+            if image.startswith(prefix) and self.commands.get(prefix, "") in command:
                 return paths
         return None
 
@@ -359,7 +371,7 @@ class NodeAgent:
             container.next_start = time.monotonic() + self.backoff_base
             self.events.append((run.name, container.name, reason))
             return
-        paths = self._code_for(container.image)
+        paths = self._code_for(container.image, spec)
         container.started_at = now()
         container.next_start = None
         container.state = {"running": {"startedAt": container.started_at}}
@@ -374,6 +386,10 @@ class NodeAgent:
         env = resolve_env(self.core, pod, spec)
         env.setdefault("HANDLER_TERMINATION_LOG", str(container.termination_log))
         full_env = subprocess_env(PYTHONPATH=os.pathsep.join(paths), **env)
+        # The API as the pod would reach it: its service account's token, or nothing at all.
+        full_env.pop("KUBECONFIG", None)
+        if pod["spec"].get("automountServiceAccountToken") is not False:
+            full_env["KUBECONFIG"] = self._service_account_kubeconfig(pod, stem)
         command = expand(spec.get("command") or [sys.executable, "-m", "handler_worker"], env)
         if command[0] in ("python", "python3"):
             command[0] = sys.executable
@@ -389,6 +405,56 @@ class NodeAgent:
                 preexec_fn=die_with_parent,
             )
         self.events.append((run.name, container.name, "started"))
+
+    def _service_account_kubeconfig(self, pod: dict[str, Any], stem: str) -> str:
+        """A kubeconfig holding what a kubelet would mount: a token bound to this pod for its
+        service account (TokenRequest), and the cluster's CA."""
+        meta = pod["metadata"]
+        account = pod["spec"].get("serviceAccountName") or "default"
+        request = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(
+                audiences=[],
+                expiration_seconds=3600,
+                bound_object_ref=client.V1BoundObjectReference(
+                    api_version="v1", kind="Pod", name=meta["name"], uid=meta["uid"]
+                ),
+            )
+        )
+        token = self.core.create_namespaced_service_account_token(
+            account, meta["namespace"], request
+        ).status.token
+        configuration = self.api_client.configuration
+        path = self.workdir / f"{stem}.kubeconfig"
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [
+                        {
+                            "name": "cluster",
+                            "cluster": {
+                                "server": configuration.host,
+                                "certificate-authority": configuration.ssl_ca_cert,
+                            },
+                        }
+                    ],
+                    "users": [{"name": account, "user": {"token": token}}],
+                    "contexts": [
+                        {
+                            "name": "pod",
+                            "context": {
+                                "cluster": "cluster",
+                                "user": account,
+                                "namespace": meta["namespace"],
+                            },
+                        }
+                    ],
+                    "current-context": "pod",
+                }
+            )
+        )
+        return str(path)
 
     def _supervise(self) -> None:
         while not self.stopping.is_set():
@@ -423,8 +489,12 @@ class NodeAgent:
             }
             container.process = None
             self.events.append((run.name, container.name, f"exited {code}"))
-            if run.terminating:
-                container.state = container.last_state
+            if (
+                run.terminating
+                or run.restart_policy == "Never"
+                or (run.restart_policy == "OnFailure" and code == 0)
+            ):
+                container.state, container.last_state = container.last_state, {}
                 return True
             container.restarts += 1
             delay = min(self.backoff_base * 2 ** (container.restarts - 1), 300)
@@ -476,6 +546,9 @@ class NodeAgent:
         )
         if run.terminating and not any(c.running for c in run.containers):
             phase = "Running"  # a kubelet keeps the phase until it removes the pod
+        elif run.finished:
+            codes = [c.state["terminated"].get("exitCode") for c in run.containers]
+            phase = "Succeeded" if not any(codes) else "Failed"
         conditions = {
             "PodReadyToStartContainers": True,
             "Initialized": True,

@@ -9,6 +9,7 @@ background thread; `kubeconfig()` writes a kubeconfig pointing at it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import datetime
 import itertools
@@ -448,6 +449,13 @@ class ApiEmulator(kmock.KubernetesEmulator):
         else:
             return request
         meta["resourceVersion"] = str(next(self._versions))
+        if request.resource.plural == "secrets" and "stringData" in data:
+            # The apiserver folds the write-only stringData into data (base64) on every write.
+            written = {
+                key: base64.b64encode(str(value).encode()).decode()
+                for key, value in (data.pop("stringData") or {}).items()
+            }
+            data["data"] = {**(data.get("data") or {}), **written}
         # kmock's Request is a frozen attrs class; the fallback reactions need this very object.
         object.__setattr__(request, "action", action)
         object.__setattr__(request, "data", data)

@@ -152,9 +152,7 @@ def test_queue_scales_up_fast_drains_idle_workers_only_and_returns_to_zero(clust
     status, secret = call(
         "GET", f"{cluster.url}/api/v1/namespaces/{NS}/secrets/{NAME}-worker-token"
     )
-    token = (secret.get("stringData") or {}).get("token") or base64.b64decode(
-        secret["data"]["token"]
-    ).decode()
+    token = base64.b64decode(secret["data"]["token"]).decode()
     workers = SimulatedWorkers(cluster, token)
     try:
         # 20 jobs on an endpoint at zero: 5 workers (ceil(20 / 4)). The pods (and their

@@ -206,7 +206,7 @@ def test_recreated_handler_deployment_gets_a_new_worker_token(cluster, operator)
         owner = hd(cluster, "default", "hello") or {}
         if owners[0]["uid"] != (owner.get("metadata") or {}).get("uid"):
             return None  # still the previous CR's Secret
-        return secret.get("stringData", secret.get("data"))
+        return secret["data"]
 
     call("POST", cluster.url + HD_PATH.format(ns="default"), cr)
     first = wait_for(token, message="worker token Secret")

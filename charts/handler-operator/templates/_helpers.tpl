@@ -1,4 +1,4 @@
-{{/* Names, labels, images and generated secrets shared by the templates. */}}
+{{/* Names, labels, images and the generated Secrets' names shared by the templates. */}}
 
 {{- define "handler-operator.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
@@ -70,17 +70,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/*
-A random secret value that survives upgrades: the value already in the cluster when the Secret
-exists (read with `lookup`), else a new one. (dict "ctx" . "secret" NAME "key" KEY)
+The Secrets the credentials hook generates, as a JSON list of "NAME=KEY[,KEY]": the gateway keys
+and the bundled Redis's password, each unless an existingSecret names the user's own.
 */}}
-{{- define "handler-operator.keptSecretValue" -}}
-{{- $existing := lookup "v1" "Secret" .ctx.Release.Namespace .secret }}
-{{- $data := ($existing | default dict).data | default dict }}
-{{- if hasKey $data .key }}
-{{- index $data .key }}
-{{- else }}
-{{- randAlphaNum 40 | b64enc }}
+{{- define "handler-operator.generatedSecrets" -}}
+{{- $secrets := list }}
+{{- if not .Values.gateway.auth.existingSecret }}
+{{- $secrets = append $secrets (printf "%s=admin-key,api-key" (include "handler-operator.gatewayKeysSecret" .)) }}
 {{- end }}
+{{- if and (eq (include "handler-operator.redisMode" .) "internal") (not .Values.redis.auth.existingSecret) }}
+{{- $secrets = append $secrets (printf "%s=%s" (include "handler-operator.redisPasswordSecret" .) .Values.redis.auth.passwordKey) }}
+{{- end }}
+{{- toJson $secrets }}
 {{- end }}
 
 {{/* Redis: which one, and the env a gateway container needs to reach it. */}}
