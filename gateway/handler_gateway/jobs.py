@@ -309,6 +309,24 @@ def lose_worker(job: JobRecord, now: float, lost_after_s: float) -> Change | Non
     return _change(job, new, effects, f"re-queued (lost {worker})")
 
 
+def give_back(job: JobRecord, worker: str) -> Change | None:
+    """A job claimed for `worker` whose take answer never reached it: queued again as it was
+    (not a delivery: no retry counted, nothing ran)."""
+    if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
+        return None
+    new = job.model_copy(
+        update={
+            "status": JobStatus.IN_QUEUE,
+            "started_at": None,
+            "heartbeat_at": None,
+            "worker_id": None,
+        }
+    )
+    return _change(
+        job, new, Effects(release_worker=worker, enqueue=True), f"given back by {worker}"
+    )
+
+
 def requeue(job: JobRecord, now: float, reset_attempts: bool) -> Change | None:
     """Client `retry` of a finished-unsuccessfully job, or an admin dead-letter replay."""
     if job.status not in RETRYABLE:

@@ -111,6 +111,14 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
         None,
         WORKER,
     ),
+    (
+        "post",
+        "/v2/{endpoint}/leave/{worker}",
+        "A worker shuts down: its long-polls end now, it gets no new job",
+        None,
+        None,
+        WORKER,
+    ),
     ("get", "/admin/v1/endpoints", "List endpoints", None, models.EndpointList, ADMIN),
     (
         "put",

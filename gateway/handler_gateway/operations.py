@@ -35,6 +35,8 @@ from handler_gateway.models import (
 )
 
 log = logging.getLogger("handler_gateway")
+# A leaving worker's mark outlives its longest long-poll by this much.
+LEAVING_MARGIN_S = 10.0
 
 
 class NotFound(Exception):
@@ -235,19 +237,25 @@ class Gateway:
         count: int,
         hold: float,
         capacity: int | None = None,
+        connected: Callable[[], bool] = lambda: True,
     ) -> list[JobRecord]:
         """Long-poll for up to `count` jobs; [] after `hold` seconds (or while draining).
 
         With `capacity`, the worker never holds more than that many jobs: a take from a full
         worker waits until one of its jobs ends (the loader gives the SDK a spare slot so it
-        keeps such a long-poll open instead of sleeping a second between jobs).
+        keeps such a long-poll open instead of sleeping a second between jobs). A leaving
+        worker gets [] at once; nothing is claimed for a caller no longer `connected()`.
         """
         await self.endpoint(endpoint_id)
         deadline = self.clock() + hold
         notifier, channel = self.backend.notifier, queue_channel(endpoint_id)
         while True:
             seen = notifier.version(channel)
-            held, draining = await self.backend.poll_worker(endpoint_id, worker, self.clock())
+            held, draining, leaving = await self.backend.poll_worker(
+                endpoint_id, worker, self.clock()
+            )
+            if leaving or not connected():
+                return []
             allowed = count if capacity is None else min(count, capacity - held)
             if allowed > 0 and not draining:
                 changes = await self.backend.claim_jobs(
@@ -269,12 +277,12 @@ class Gateway:
         while True:
             seen = notifier.version(channel)
             now = self.clock()
-            await self.backend.touch_worker(endpoint_id, worker, now)
+            leaving = (await self.backend.poll_worker(endpoint_id, worker, now)).leaving
             signals = await self.backend.due_stop_signals(
                 endpoint_id, worker, now, self.timings.stop_resend
             )
             remaining = deadline - self.clock()
-            if signals or remaining <= 0:
+            if signals or leaving or remaining <= 0:
                 return signals
             await notifier.wait(channel, min(remaining, self.timings.recheck), since=seen)
 
@@ -391,6 +399,31 @@ class Gateway:
     async def queue(self, endpoint_id: str) -> QueueFigures:
         await self.endpoint(endpoint_id)
         return (await self.queues([endpoint_id]))[endpoint_id]
+
+    async def leave(self, endpoint_id: str, worker: str) -> list[str]:
+        """A worker shuts down (SIGTERM): its take and stop long-polls end now, it is handed
+        nothing more, and it keeps finishing what it holds (returned). Expires after the
+        longest long-poll, so a worker back under the same name is served again."""
+        await self.endpoint(endpoint_id)
+        now = self.clock()
+        until = now + max(self.timings.take_hold, self.timings.stop_hold) + LEAVING_MARGIN_S
+        await self.backend.set_leaving(endpoint_id, worker, now, until)
+        record = (await self.backend.get_workers(endpoint_id)).get(worker)
+        return sorted(record.jobs) if record else []
+
+    async def give_back(self, endpoint_id: str, worker: str, taken: list[JobRecord]) -> None:
+        """Jobs claimed for a take whose caller was gone before the answer reached it: back to
+        the queue at once, not a delivery (no retry counted), instead of sitting IN_PROGRESS on
+        nobody until the heartbeat deadline."""
+        changes = []
+        for job in taken:
+            change = await self.backend.update_job(
+                endpoint_id, job.id, lambda j: jobs.give_back(j, worker)
+            )
+            if change is not None:
+                changes.append(change)
+                log.info("job %s/%s %s", endpoint_id, job.id, change.note)
+        self._observe(changes)
 
     async def drain(self, endpoint_id: str, worker: str, draining: bool) -> list[str]:
         """Mark a worker (un)draining; returns the jobs it still holds."""

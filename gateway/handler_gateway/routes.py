@@ -298,35 +298,51 @@ def capacity_query(request: web.Request) -> int | None:
     return int_query(request, "capacity", 1, 1, MAX_BATCH)
 
 
-async def job_take(request: web.Request) -> web.Response:
-    endpoint = await authorize_worker(request)
-    gateway = request.app[GATEWAY]
-    taken = await gateway.take(
-        endpoint,
-        request.match_info["worker"],
-        1,
-        gateway.timings.take_hold,
-        capacity_query(request),
-    )
-    if not taken:
-        return web.Response(status=204)
-    return web.json_response(take_payload(taken[0]))
+def _connected(request: web.Request) -> bool:
+    """Whether the caller is still there (aiohttp does not cancel a handler when it leaves)."""
+    return request.transport is not None and not request.transport.is_closing()
 
 
-async def job_take_batch(request: web.Request) -> web.Response:
+async def _take(request: web.Request, size: int, batch: bool) -> web.StreamResponse:
+    """A worker's take long-poll: jobs are claimed only while the caller is connected, and a
+    job whose answer cannot be written goes straight back to the queue."""
     endpoint = await authorize_worker(request)
-    gateway = request.app[GATEWAY]
-    size = int_query(request, "batch_size", 1, 1, MAX_BATCH)
+    gateway, worker = request.app[GATEWAY], request.match_info["worker"]
     taken = await gateway.take(
         endpoint,
-        request.match_info["worker"],
+        worker,
         size,
         gateway.timings.take_hold,
         capacity_query(request),
+        connected=lambda: _connected(request),
     )
     if not taken:
         return web.Response(status=204)
-    return web.json_response([take_payload(job) for job in taken])
+    payloads = [take_payload(job) for job in taken]
+    response = web.json_response(payloads if batch else payloads[0])
+    try:
+        if not _connected(request):
+            raise ConnectionResetError("the worker left before its jobs were handed over")
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionResetError:
+        await gateway.give_back(endpoint, worker, taken)
+    return response
+
+
+async def job_take(request: web.Request) -> web.StreamResponse:
+    return await _take(request, 1, batch=False)
+
+
+async def job_take_batch(request: web.Request) -> web.StreamResponse:
+    return await _take(request, int_query(request, "batch_size", 1, 1, MAX_BATCH), batch=True)
+
+
+async def leave(request: web.Request) -> web.Response:
+    """A worker shutting down (SIGTERM): its long-polls end now and it gets no new job."""
+    endpoint = await authorize_worker(request)
+    held = await request.app[GATEWAY].leave(endpoint, request.match_info["worker"])
+    return web.json_response({"jobs": held})
 
 
 async def job_stop(request: web.Request) -> web.Response:
@@ -529,6 +545,7 @@ WORKER_ROUTES = [
     ("POST", "job-done/{worker}/{job}", job_done),
     ("POST", "job-stream/{worker}/{job}", job_stream),
     ("GET", "ping/{worker}", ping),
+    ("POST", "leave/{worker}", leave),
 ]
 ADMIN_ROUTES = [
     ("GET", "endpoints", list_endpoints),

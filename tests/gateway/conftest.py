@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
@@ -167,13 +166,34 @@ class Api:
             await asyncio.sleep(0.05)
 
 
+class ServedAsInProduction(TestServer):
+    """The app as `python -m handler_gateway` serves it (`web.run_app`): a handler whose caller
+    went away is not cancelled, aiohttp's default; TestServer alone would cancel it."""
+
+    async def _make_runner(self, **kwargs):
+        return await super()._make_runner(**{**kwargs, "handler_cancellation": False})
+
+
 @pytest_asyncio.fixture
-async def api(make_backend) -> AsyncIterator[Api]:
-    keys = Keys(frozenset({CLIENT_KEY}), frozenset({ADMIN_KEY}))
-    app = create_app(make_backend(), keys, FAST, max_body=1024 * 1024)
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    api = Api(client)
-    await api.register()
-    yield api
-    await client.close()
+async def make_api(make_backend):
+    """A gateway app on this test's backend with the given timings, closed after the test."""
+    clients: list[TestClient] = []
+
+    async def make(timings: Timings = FAST) -> Api:
+        keys = Keys(frozenset({CLIENT_KEY}), frozenset({ADMIN_KEY}))
+        app = create_app(make_backend(), keys, timings, max_body=1024 * 1024)
+        client = TestClient(ServedAsInProduction(app))
+        await client.start_server()
+        clients.append(client)
+        api = Api(client)
+        await api.register()
+        return api
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest_asyncio.fixture
+async def api(make_api) -> Api:
+    return await make_api()

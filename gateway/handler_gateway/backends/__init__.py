@@ -11,7 +11,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from handler_gateway.jobs import Change, JobRecord
 from handler_gateway.models import EndpointConfig
@@ -35,6 +35,12 @@ class WorkerRecord:
         if self.draining:
             return "draining"
         return "running" if self.jobs else "idle"
+
+
+class WorkerPoll(NamedTuple):
+    held: int  # jobs the worker holds
+    draining: bool  # the operator drains it: no new jobs, long-polls held as usual
+    leaving: bool  # it is shutting down: no new jobs, long-polls answered at once
 
 
 # Notified on every enqueue, on any endpoint: wakes the autoscaler's long-poll of all queues.
@@ -195,11 +201,15 @@ class Backend(ABC):
     @abstractmethod
     async def worker_job_count(self, endpoint: str, worker: str) -> int: ...
 
-    async def poll_worker(self, endpoint: str, worker: str, now: float) -> tuple[int, bool]:
-        """Mark the worker seen; return (jobs it holds, draining). One round trip where it can."""
-        await self.touch_worker(endpoint, worker, now)
-        held = await self.worker_job_count(endpoint, worker)
-        return held, await self.worker_draining(endpoint, worker)
+    @abstractmethod
+    async def set_leaving(self, endpoint: str, worker: str, now: float, until: float) -> None:
+        """The worker is shutting down (SIGTERM): until `until` its long-polls end at once and
+        it is handed nothing; its long-polls are woken now. Expires by itself, so a worker that
+        comes back under the same name is served again."""
+
+    @abstractmethod
+    async def poll_worker(self, endpoint: str, worker: str, now: float) -> WorkerPoll:
+        """Mark the worker seen; return what a long-poll needs to know. One round trip."""
 
     @abstractmethod
     async def due_stop_signals(

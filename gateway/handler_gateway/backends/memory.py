@@ -12,8 +12,11 @@ from handler_gateway.backends import (
     Backend,
     Notifier,
     Transition,
+    WorkerPoll,
     WorkerRecord,
     change_channels,
+    queue_channel,
+    stop_channel,
 )
 from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
 from handler_gateway.models import EndpointConfig
@@ -28,6 +31,7 @@ class _EndpointState:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.chunks: dict[str, list[Any]] = {}
         self.workers: dict[str, WorkerRecord] = {}
+        self.leaving: dict[str, float] = {}  # worker -> until
         self.stops: dict[str, dict[str, float]] = {}
         self.dead: list[str] = []
         self.activity: float | None = None
@@ -178,10 +182,30 @@ class MemoryBackend(Backend):
             state.workers.setdefault(worker, WorkerRecord(worker, now)).draining = draining
             self.notifier.notify(f"drain:{endpoint}:{worker}")
 
+    async def set_leaving(self, endpoint: str, worker: str, now: float, until: float) -> None:
+        state = self._state(endpoint)
+        if state is not None:
+            state.workers.setdefault(worker, WorkerRecord(worker, now))
+            state.leaving[worker] = until
+            self.notifier.notify(queue_channel(endpoint))
+            self.notifier.notify(stop_channel(endpoint, worker))
+
+    async def poll_worker(self, endpoint: str, worker: str, now: float) -> WorkerPoll:
+        await self.touch_worker(endpoint, worker, now)
+        state = self._state(endpoint)
+        record = state.workers.get(worker) if state else None
+        leaving = state is not None and state.leaving.get(worker, 0.0) > now
+        if state is not None and not leaving:
+            state.leaving.pop(worker, None)
+        if record is None:
+            return WorkerPoll(0, False, leaving)
+        return WorkerPoll(len(record.jobs), record.draining, leaving)
+
     async def remove_worker(self, endpoint: str, worker: str) -> None:
         state = self._state(endpoint)
         if state is not None:
             state.workers.pop(worker, None)
+            state.leaving.pop(worker, None)
             state.stops.pop(worker, None)
 
     async def worker_draining(self, endpoint: str, worker: str) -> bool:

@@ -27,8 +27,11 @@ from handler_gateway.backends import (
     BackendUnavailable,
     Notifier,
     Transition,
+    WorkerPoll,
     WorkerRecord,
     change_channels,
+    queue_channel,
+    stop_channel,
 )
 from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
 from handler_gateway.models import EndpointConfig
@@ -348,13 +351,25 @@ class RedisBackend(Backend):
     async def worker_draining(self, endpoint: str, worker: str) -> bool:
         return bool(await self.redis.sismember(self._k(endpoint, "draining"), worker))
 
-    async def poll_worker(self, endpoint: str, worker: str, now: float) -> tuple[int, bool]:
+    async def set_leaving(self, endpoint: str, worker: str, now: float, until: float) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(self._k(endpoint, "workers"), worker, repr(now))
+            # Expires by itself: a worker back under the same name is served again.
+            pipe.set(
+                self._k(endpoint, "leaving", worker), "1", px=max(1, int((until - now) * 1000))
+            )
+            pipe.publish(self._channel, queue_channel(endpoint))
+            pipe.publish(self._channel, stop_channel(endpoint, worker))
+            await pipe.execute()
+
+    async def poll_worker(self, endpoint: str, worker: str, now: float) -> WorkerPoll:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(self._k(endpoint, "workers"), worker, repr(now))
             pipe.scard(self._k(endpoint, "wjobs", worker))
             pipe.sismember(self._k(endpoint, "draining"), worker)
-            _, held, draining = await pipe.execute()
-        return int(held), bool(draining)
+            pipe.exists(self._k(endpoint, "leaving", worker))
+            _, held, draining, leaving = await pipe.execute()
+        return WorkerPoll(int(held), bool(draining), bool(leaving))
 
     async def worker_job_count(self, endpoint: str, worker: str) -> int:
         return int(await self.redis.scard(self._k(endpoint, "wjobs", worker)))
@@ -363,7 +378,11 @@ class RedisBackend(Backend):
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self._k(endpoint, "workers"), worker)
             pipe.srem(self._k(endpoint, "draining"), worker)
-            pipe.delete(self._k(endpoint, "wjobs", worker), self._k(endpoint, "stops", worker))
+            pipe.delete(
+                self._k(endpoint, "wjobs", worker),
+                self._k(endpoint, "stops", worker),
+                self._k(endpoint, "leaving", worker),
+            )
             await pipe.execute()
 
     async def due_stop_signals(
