@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import runpod
@@ -13,19 +14,25 @@ from tests.processes import CLIENT_KEY, GatewayProcess, kill_group, start_worker
 TOKEN = "e2e-worker-token-0123456789"
 
 
-@pytest.fixture(params=backend_params())
-def gateway(request, tmp_path):
+def serve_gateway(kind: str, tmp_path, *extra_args: str) -> Iterator[GatewayProcess]:
+    """A gateway subprocess on `kind` ("memory" or "redis") with endpoint "ep" registered."""
     prefix = f"e2e-{uuid.uuid4().hex[:8]}"
-    if request.param == "memory":
-        process = GatewayProcess("memory://", tmp_path)
+    if kind == "memory":
+        process = GatewayProcess("memory://", tmp_path, extra_args=extra_args)
     else:
-        process = GatewayProcess(redis_url(), tmp_path, extra_args=("--redis-prefix", prefix))
+        args = ("--redis-prefix", prefix, *extra_args)
+        process = GatewayProcess(redis_url(), tmp_path, extra_args=args)
     process.start()
     process.register("ep", TOKEN, heartbeatIntervalSeconds=1, heartbeatMisses=3)
     yield process
     process.stop()
-    if request.param != "memory":
+    if kind != "memory":
         clean_redis_prefix(prefix)
+
+
+@pytest.fixture(params=backend_params())
+def gateway(request, tmp_path):
+    yield from serve_gateway(request.param, tmp_path)
 
 
 @pytest.fixture

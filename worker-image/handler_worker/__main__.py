@@ -83,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import runpod
 
+    from handler_worker.signals import leave_on_sigterm
     from handler_worker.slots import apply_spare_slot
 
     apply_spare_slot(config, module, concurrency(os.environ), os.environ)
+    leave_on_sigterm(config, os.environ)
     sys.argv = [sys.argv[0], *passthrough]
     runpod.serverless.start(config)
     return 0
