@@ -296,3 +296,25 @@ def carried_out(decision: Decision, before: int, gone: Sequence[str]) -> Decisio
         reason=SCALED_TO_ZERO if replicas == 0 else SCALE_DOWN,
         message=f"{before} -> {replicas} workers; removed idle {', '.join(gone)}",
     )
+
+
+# The pod-deletion-cost of a worker that holds jobs: whatever removes pods through the
+# ReplicaSet (KEDA's HPA, `kubectl scale`, a rollout's scale-down) takes idle ones (cost 0)
+# first. Drained workers carry the lowest cost and are left alone here.
+BUSY_DELETION_COST = 1000
+
+
+def compute_deletion_costs(
+    current: Mapping[str, str | None], worker_jobs: Mapping[str, int], lowest: str
+) -> dict[str, str]:
+    """The deletion-cost annotations to write, by pod name: busy workers (in `worker_jobs` with
+    jobs) get BUSY_DELETION_COST, workers that went idle go back to 0; only changes are
+    returned, so a pod is written when it turns busy or idle, not on every pass."""
+    changes: dict[str, str] = {}
+    for name, cost in current.items():
+        if cost == lowest or name not in worker_jobs:
+            continue  # drained for removal, or no heartbeat yet: nothing known
+        wanted = str(BUSY_DELETION_COST) if worker_jobs[name] > 0 else "0"
+        if (cost or "0") != wanted:
+            changes[name] = wanted
+    return changes

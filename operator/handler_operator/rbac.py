@@ -45,8 +45,9 @@ RULES: tuple[Rule, ...] = (
         "",
         "pods",
         ("get", "list", "watch", "patch", "delete"),
-        "crash loops and pending pods feed the status; drained idle workers get the lowest "
-        "pod-deletion-cost (so the ReplicaSet removes them) and are deleted",
+        "crash loops and pending pods feed the status; busy workers get a high "
+        "pod-deletion-cost and idle ones 0 (any scale-down removes idle pods first), drained "
+        "idle workers the lowest, and are deleted",
     ),
     Rule("", "pods/status", ("patch",), "the heartbeat readiness gate of worker pods"),
     Rule(

@@ -214,6 +214,7 @@ class Scaler:
         states = figures.get("workerStates") or {}
         live = set(states)
         await self._readiness_gates(target, live)
+        await self._deletion_costs(target, figures.get("workerJobs") or {})
         if not target.builtin:
             await self._write_status(target, {"queue": _queue(figures)}, now=now)
             return
@@ -259,6 +260,22 @@ class Scaler:
             pod = target.pods.pop(name, None)
             uid = (pod or {}).get("metadata", {}).get("uid")
             await self.kube.delete("v1", "Pod", target.hd.namespace, name, uid=uid)
+
+    async def _deletion_costs(self, target: Target, worker_jobs: dict[str, int]) -> None:
+        """Busy workers cost more to delete than idle ones, for every engine: a ReplicaSet
+        scaled down by KEDA's HPA or by hand removes idle pods first."""
+        current = {
+            name: ((pod.get("metadata") or {}).get("annotations") or {}).get(builders.DELETION_COST)
+            for name, pod in target.pods.items()
+            if not (pod.get("metadata") or {}).get("deletionTimestamp")
+        }
+        changes = policies.compute_deletion_costs(
+            current, worker_jobs, builders.LOWEST_DELETION_COST
+        )
+        for name, cost in changes.items():
+            await self.kube.annotate_pod(target.hd.namespace, name, {builders.DELETION_COST: cost})
+            meta = target.pods[name].setdefault("metadata", {})
+            meta.setdefault("annotations", {})[builders.DELETION_COST] = cost
 
     async def _readiness_gates(self, target: Target, live: set[str]) -> None:
         """A worker pod is ready once the gateway hears its heartbeat (and not after it stops)."""

@@ -603,6 +603,37 @@ def test_a_spec_change_rolls_out_new_workers_and_stops_the_old_ones_gracefully(
     assert first["metadata"]["name"] not in nodes.processes(ns)
 
 
+def test_deleting_a_busy_worker_pod_lets_its_job_finish_once(installation, ns, nodes):
+    """A pod deleted mid-job (scale-down, drain, eviction all end this way): SIGTERM, the job
+    completes on that worker once, nothing is redelivered, and the process exits by itself
+    (exit 0) instead of being killed at the end of the grace period."""
+    kubectl = installation.kubectl
+    kubectl.apply(handler_deployment("busy", scaling={"minReplicas": 1, "maxReplicas": 1}), ns)
+    name = wait_for(lambda: ready_pods(kubectl, ns, "busy"), timeout=60, message="a worker")[0][
+        "metadata"
+    ]["name"]
+    base, key = f"{installation.gateway.url}/v2/{ns}--busy", installation.api_key
+    job = http_json("POST", f"{base}/run", {"input": {"sleep": 4, "n": 1}}, key=key)[1]["id"]
+
+    def status() -> dict:
+        return http_json("GET", f"{base}/status/{job}", key=key)[1]
+
+    wait_for(lambda: status()["status"] == "IN_PROGRESS", timeout=60, message="the job running")
+    kubectl("delete", "pod", name, "-n", ns, "--wait=false")
+    done = wait_for(
+        lambda: (view := status())["status"] not in ("IN_QUEUE", "IN_PROGRESS") and view,
+        timeout=60,
+        message="the job's end",
+    )
+    assert done["status"] == "COMPLETED" and done["workerId"] == name, done
+    assert done["output"]["echo"] == {"sleep": 4, "n": 1}
+    jobs = http_json("GET", f"{base}/health", key=key)[1]["jobs"]
+    assert jobs.get("retried", 0) == 0 and jobs["completed"] == 1, jobs
+    wait_for(lambda: name not in nodes.processes(ns), timeout=60, message="the worker's exit")
+    events = [what for pod, _, what in nodes.events if pod == name]
+    assert "exited 0" in events and not [e for e in events if e.startswith("killed")], events
+
+
 def test_the_gitops_example_reconciles_scales_and_stays_in_sync(installation, monkeypatch):
     kubectl = installation.kubectl
     kubectl("apply", "-k", "examples/gitops")

@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 
+from handler_operator import policies
 from handler_operator.builders import DELETION_COST
 from tests.operator.conftest import ADMIN_KEY, HD_PATH, call, condition, deployment, hd, wait_for
 
@@ -58,7 +59,7 @@ class SimulatedWorkers:
         while not self.stop.is_set():
             wanted, pods = replicas(self.cluster) or 0, worker_pods(self.cluster)
             # Like a ReplicaSet scaling down: the pods with the lowest deletion cost go first.
-            for name in sorted(pods, key=self._deletion_cost)[: max(0, len(pods) - wanted)]:
+            for name in sorted(pods, key=self.deletion_cost)[: max(0, len(pods) - wanted)]:
                 call("DELETE", f"{self.cluster.url}{POD_PATH}/{name}")
             for _ in range(wanted - len(pods)):
                 self.created += 1
@@ -82,7 +83,7 @@ class SimulatedWorkers:
                 self._spawn(self._worker, name)
             time.sleep(0.05)
 
-    def _deletion_cost(self, name: str) -> int:
+    def deletion_cost(self, name: str) -> int:
         pod = self.cluster.objects("pods").get((NS, name)) or {}
         annotations = pod.get("metadata", {}).get("annotations") or {}
         return int(annotations.get(DELETION_COST, 0))
@@ -178,6 +179,11 @@ def test_queue_scales_up_fast_drains_idle_workers_only_and_returns_to_zero(clust
         )
         released_at = time.monotonic()
         busy = workers.holder
+        # Whatever else scales the ReplicaSet down (KEDA's HPA, kubectl scale) takes it last.
+        wait_for(
+            lambda: workers.deletion_cost(busy) == policies.BUSY_DELETION_COST,
+            message="the busy worker's deletion cost",
+        )
         assert all(worker != busy for _, worker, draining, _ in drains if draining)
         assert ("pods", NS, busy) not in cluster.api.deletions
         removed = {name for plural, _, name in cluster.api.deletions if plural == "pods"}

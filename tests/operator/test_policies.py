@@ -488,3 +488,27 @@ def test_carried_out_counts_the_policys_own_removals_once():
     done = policies.carried_out(decision, 1, ["a"])
     assert done.replicas == 0 and done.reason == policies.SCALED_TO_ZERO
     assert done.message == "1 -> 0 workers; removed idle a"
+
+
+LOWEST = "-2147483648"
+
+
+@pytest.mark.parametrize(
+    ("current", "worker_jobs", "changes"),
+    [
+        pytest.param({"a": None}, {"a": 1}, {"a": "1000"}, id="turns-busy"),
+        pytest.param({"a": "1000"}, {"a": 0}, {"a": "0"}, id="turns-idle"),
+        pytest.param({"a": "1000"}, {"a": 3}, {}, id="still-busy-no-write"),
+        pytest.param({"a": None}, {"a": 0}, {}, id="idle-unannotated-is-already-0"),
+        pytest.param({"a": LOWEST}, {"a": 1}, {}, id="drained-for-removal-left-alone"),
+        pytest.param({"a": None}, {}, {}, id="no-heartbeat-yet"),
+        pytest.param(
+            {"busy": "0", "idle": "1000", "new": None},
+            {"busy": 2, "idle": 0, "new": 0},
+            {"busy": "1000", "idle": "0"},
+            id="several",
+        ),
+    ],
+)
+def test_deletion_costs_follow_busy_and_idle(current, worker_jobs, changes):
+    assert policies.compute_deletion_costs(current, worker_jobs, LOWEST) == changes
