@@ -318,9 +318,12 @@ def build_deployment(
         "serviceAccountName": service_account_name(hd),
         "automountServiceAccountToken": False,
         "securityContext": spec.podSecurityContext or RESTRICTED_POD_SECURITY,
-        # The SDK finishes in-flight jobs on SIGTERM: give it the whole execution timeout.
-        "terminationGracePeriodSeconds": spec.jobs.executionTimeoutSeconds
-        + settings.termination_grace_extra_seconds,
+        # On SIGTERM the worker finishes its jobs: give it the execution timeout, up to a cap
+        # (a node drain waits this long; a longer job is redelivered instead).
+        "terminationGracePeriodSeconds": min(
+            spec.jobs.executionTimeoutSeconds + settings.termination_grace_extra_seconds,
+            settings.termination_grace_max_seconds,
+        ),
         # Ready once the gateway has heard the worker's heartbeat (the operator sets it).
         "readinessGates": [{"conditionType": HEARTBEAT_CONDITION}],
         "containers": [container],

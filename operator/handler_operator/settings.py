@@ -30,6 +30,11 @@ class OperatorSettings(BaseModel):
     namespaces: list[str] = Field(default_factory=list, description="watched; empty: cluster-wide")
     gpu_tolerations: bool = Field(True, description="tolerate the vendor's GPU taint by default")
     termination_grace_extra_seconds: int = 30
+    termination_grace_max_seconds: int = Field(
+        3600,
+        description="cap of a worker pod's termination grace period (execution timeout + extra): "
+        "node drains and cluster autoscalers wait for it",
+    )
     metrics_port: int = Field(8081, description="0 turns the metrics server off")
     liveness_port: int = 8080
     purge_on_delete: bool = Field(

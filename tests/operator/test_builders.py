@@ -122,9 +122,21 @@ def test_user_env_comes_after_and_cannot_override_runtime_keys():
             hd_with({"env": [{"name": reserved, "value": "x"}]})
 
 
-def test_termination_grace_covers_the_execution_timeout():
+@pytest.mark.parametrize(
+    ("timeout", "grace"),
+    [(900, 930), (3570, 3600), (86400, 3600)],  # + 30 s, capped at an hour by default
+)
+def test_termination_grace_covers_the_execution_timeout_up_to_a_cap(timeout, grace):
+    assert (
+        pod_of(hd_with({"jobs": {"executionTimeoutSeconds": timeout}}))[
+            "terminationGracePeriodSeconds"
+        ]
+        == grace
+    )
+
+
+def test_worker_pods_say_why_they_failed_and_wait_for_a_heartbeat():
     pod = pod_of(hd_with({"jobs": {"executionTimeoutSeconds": 900}}))
-    assert pod["terminationGracePeriodSeconds"] >= 900
     assert pod["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert pod["readinessGates"] == [{"conditionType": "handlerops.dev/heartbeat"}]
 
