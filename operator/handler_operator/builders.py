@@ -7,8 +7,10 @@ the schema cannot catch as `SpecProblem`s (reason + message) for the Ready condi
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -74,8 +76,20 @@ def selector_string(hd: HandlerDeployment) -> str:
     return ",".join(f"{k}={v}" for k, v in selector_labels(hd).items())
 
 
-def secret_name(hd: HandlerDeployment) -> str:
-    return f"{hd.name}-worker-token"
+def worker_token(hd: HandlerDeployment, settings: OperatorSettings) -> str:
+    """The endpoint's worker token: an HMAC of the CR's uid under the gateway admin key. The
+    operator computes it rather than reading it back, so it needs no read access to Secrets;
+    it stays the same while the CR lives, and a re-created CR (new uid) gets a new one."""
+    message = f"{GROUP}/worker-token/v1/{hd.metadata.get('uid', '')}".encode()
+    digest = hmac.new(settings.gateway_admin_key.encode(), message, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def secret_name(hd: HandlerDeployment, settings: OperatorSettings) -> str:
+    """Named after its content, so the operator only ever creates it: a new token (re-created
+    CR, new admin key) is a new Secret, and an old one is collected with its owner."""
+    fingerprint = hashlib.sha256(worker_token(hd, settings).encode()).hexdigest()[:10]
+    return f"{hd.name}-worker-token-{fingerprint}"
 
 
 def service_account_name(hd: HandlerDeployment) -> str:
@@ -95,15 +109,26 @@ def _metadata(hd: HandlerDeployment, name: str) -> dict[str, Any]:
     return {"name": name, "namespace": hd.namespace, "labels": labels(hd)}
 
 
-def build_secret(hd: HandlerDeployment, token: str) -> dict[str, Any]:
-    """The endpoint's worker token (workers send it as RUNPOD_AI_API_KEY)."""
+def build_secret(hd: HandlerDeployment, settings: OperatorSettings) -> dict[str, Any]:
+    """The endpoint's worker token (workers send it as RUNPOD_AI_API_KEY); created, never
+    updated (see `secret_name`)."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _metadata(hd, secret_name(hd)),
+        "metadata": _metadata(hd, secret_name(hd, settings)),
         "type": "Opaque",
-        "stringData": {TOKEN_KEY: token},
+        "stringData": {TOKEN_KEY: worker_token(hd, settings)},
     }
+
+
+def references_secret(deployment: dict[str, Any] | None, name: str) -> bool:
+    """Whether a (live) worker Deployment's pods read the token from Secret `name`."""
+    spec = ((deployment or {}).get("spec") or {}).get("template", {}).get("spec") or {}
+    return any(
+        ((item.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name") == name
+        for container in spec.get("containers") or []
+        for item in container.get("env") or []
+    )
 
 
 # The chart's generated credentials (gateway keys, Redis password) are made at install time by
@@ -174,7 +199,7 @@ def runtime_env(hd: HandlerDeployment, settings: OperatorSettings) -> list[dict[
         {"name": "RUNPOD_POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {
             "name": "RUNPOD_AI_API_KEY",
-            "valueFrom": {"secretKeyRef": {"name": secret_name(hd), "key": TOKEN_KEY}},
+            "valueFrom": {"secretKeyRef": {"name": secret_name(hd, settings), "key": TOKEN_KEY}},
         },
         {"name": "RUNPOD_ENDPOINT_ID", "value": hd.endpoint_id},
         {"name": "RUNPOD_PING_INTERVAL", "value": str(jobs.heartbeatIntervalSeconds * 1000)},
@@ -430,15 +455,16 @@ def build_scaled_object(hd: HandlerDeployment, settings: OperatorSettings) -> di
     }
 
 
-def build_trigger_authentication(hd: HandlerDeployment) -> dict[str, Any]:
+def build_trigger_authentication(
+    hd: HandlerDeployment, settings: OperatorSettings
+) -> dict[str, Any]:
     """KEDA reads the queue with the endpoint's worker token (Bearer), from its Secret."""
+    secret = {"parameter": "token", "name": secret_name(hd, settings), "key": TOKEN_KEY}
     return {
         "apiVersion": KEDA_API,
         "kind": "TriggerAuthentication",
         "metadata": _metadata(hd, trigger_authentication_name(hd)),
-        "spec": {
-            "secretTargetRef": [{"parameter": "token", "name": secret_name(hd), "key": TOKEN_KEY}]
-        },
+        "spec": {"secretTargetRef": [secret]},
     }
 
 
@@ -454,18 +480,18 @@ def build_pod_disruption_budget(hd: HandlerDeployment) -> dict[str, Any]:
 
 
 def build_objects(
-    hd: HandlerDeployment, settings: OperatorSettings, token: str, replicas: int
+    hd: HandlerDeployment, settings: OperatorSettings, replicas: int
 ) -> list[dict[str, Any]]:
-    """Every object the operator applies for `hd` (what `handlerctl render` prints)."""
+    """Every object the operator writes for `hd` (what `handlerctl render` prints)."""
     keda = hd.spec.scaling.engine == "keda"
     objects = [
         build_service_account(hd),
-        build_secret(hd, token),
+        build_secret(hd, settings),
         # engine keda: the Deployment's replicas belong to KEDA's HPA, not to us.
         build_deployment(hd, settings, None if keda else replicas),
     ]
     if keda:
-        objects += [build_trigger_authentication(hd), build_scaled_object(hd, settings)]
+        objects += [build_trigger_authentication(hd, settings), build_scaled_object(hd, settings)]
     if hd.spec.scaling.minReplicas > 0:
         objects.append(build_pod_disruption_budget(hd))
     return objects

@@ -22,6 +22,7 @@ from kubernetes_asyncio.client import ApiClient, Configuration
 
 from handler_operator import conditions
 from handler_operator.settings import FIELD_MANAGER
+from handler_worker import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ API_PATHS = {
         "HandlerDeployment",
     ): "/apis/handlerops.dev/v1alpha1/namespaces/{ns}/handlerdeployments",
 }
+
+
+USER_AGENT = f"handler-operator/{__version__}"
 
 
 class Unavailable(Exception):
@@ -76,6 +80,8 @@ class KubeApi:
 
     def __init__(self, api_client: ApiClient):
         self.api = api_client
+        # Who made a call, in the apiserver's audit log (and the emulator's RBAC check).
+        self.api.user_agent = USER_AGENT
         self.writes = 0  # apply/patch/delete calls made (tests count spurious updates)
 
     @classmethod

@@ -9,11 +9,9 @@ purges) the endpoint before deregistering it.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
-import secrets
 import time
 from typing import Any
 
@@ -21,7 +19,7 @@ import kopf
 from pydantic import ValidationError
 
 from handler_operator import builders, conditions
-from handler_operator.clients import GatewayAdmin, KubeApi, Unavailable
+from handler_operator.clients import Conflict, GatewayAdmin, KubeApi, Unavailable
 from handler_operator.metrics import RECONCILE_SECONDS, RECONCILES, start_metrics_server
 from handler_operator.models import GROUP, PLURAL, VERSION, HandlerDeployment
 from handler_operator.scalers import Scaler, epoch
@@ -48,6 +46,9 @@ def _validation_message(exc: ValidationError) -> str:
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     operator = OperatorSettings.from_env(os.environ)
+    if not operator.gateway_admin_key:
+        # It also keys the workers' tokens (builders.worker_token): never run without one.
+        raise kopf.PermanentError("HANDLER_OPERATOR_GATEWAY_ADMIN_KEY is not set")
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = 20  # INFO and up become Kubernetes events
     settings.watching.server_timeout = 300
@@ -97,15 +98,13 @@ async def _write_status(
     )
 
 
-async def _worker_token(kube: KubeApi, hd: HandlerDeployment, uid: str) -> str:
-    """The endpoint's worker token: kept while this CR lives, new for a re-created CR."""
-    secret = await kube.get("v1", "Secret", hd.namespace, builders.secret_name(hd))
-    if secret:
-        owners = {ref.get("uid") for ref in secret["metadata"].get("ownerReferences") or []}
-        raw = (secret.get("data") or {}).get(builders.TOKEN_KEY)
-        if uid in owners and raw:
-            return base64.b64decode(raw).decode()
-    return secrets.token_urlsafe(32)
+async def _create_secret(kube: KubeApi, hd: HandlerDeployment, settings, owner) -> None:
+    """Create the worker token Secret; one that exists already holds this very token (its
+    name is its content's), so a conflict means done. The operator never reads a Secret."""
+    try:
+        await kube.create(builders.owned(builders.build_secret(hd, settings), owner))
+    except Conflict:
+        pass
 
 
 def _replicas(hd: HandlerDeployment, current: dict[str, Any] | None) -> int:
@@ -155,7 +154,7 @@ async def reconcile_hd(
         raise kopf.PermanentError(message)
 
     settings: OperatorSettings = memo.settings
-    token = await _worker_token(kube, hd, meta.get("uid", ""))
+    token = builders.worker_token(hd, settings)
     jobs = hd.spec.jobs
     try:
         await memo.gateway.put_endpoint(
@@ -198,14 +197,13 @@ async def reconcile_hd(
         "ServiceAccount": await kube.get(
             "v1", "ServiceAccount", hd.namespace, builders.service_account_name(hd)
         ),
-        "Secret": await kube.get("v1", "Secret", hd.namespace, builders.secret_name(hd)),
         "Deployment": await kube.get("apps/v1", "Deployment", hd.namespace, hd.name),
         "PodDisruptionBudget": await kube.get(
             "policy/v1", "PodDisruptionBudget", hd.namespace, hd.name
         ),
     }
     replicas = _replicas(hd, live["Deployment"])
-    objects = builders.build_objects(hd, settings, token, replicas)
+    objects = builders.build_objects(hd, settings, replicas)
     if keda:
         for kind, name in (
             ("TriggerAuthentication", builders.trigger_authentication_name(hd)),
@@ -214,6 +212,11 @@ async def reconcile_hd(
             live[kind] = await kube.get("keda.sh/v1alpha1", kind, hd.namespace, name)
     try:
         for obj in objects:
+            if obj["kind"] == "Secret":
+                # Created once per token: a Deployment already reading it means it exists.
+                if not builders.references_secret(live["Deployment"], obj["metadata"]["name"]):
+                    await _create_secret(kube, hd, settings, dict(body))
+                continue
             obj = builders.applied(obj, dict(body))
             if builders.needs_apply(obj, live[obj["kind"]]):  # unchanged: no write at all
                 await kube.apply(obj)
@@ -400,6 +403,7 @@ async def on_worker_pod(memo: kopf.Memo, event_type: str, pod: dict[str, Any]) -
         healthy = conditions.condition(
             conditions.HANDLER_HEALTHY, False, reason, message, now_iso(), generation
         )
+        await _recreate_missing_secret(memo, owner, reason, message)
     if conditions.would_change(current, healthy):
         await memo.kube.update_conditions(
             f"{GROUP}/{VERSION}", "HandlerDeployment", namespace, owner["metadata"]["name"],
@@ -407,6 +411,21 @@ async def on_worker_pod(memo: kopf.Memo, event_type: str, pod: dict[str, Any]) -
         )  # fmt: skip
         if problem is not None:
             await memo.kube.post_event(owner, "Warning", problem[0], problem[1], now_iso())
+
+
+async def _recreate_missing_secret(
+    memo: kopf.Memo, owner: dict[str, Any], reason: str, message: str
+) -> None:
+    """The worker token Secret was deleted under running workers (the kubelet says so): the
+    operator, which never reads Secrets, creates it again (same name, same token)."""
+    if reason != "CreateContainerConfigError":
+        return
+    try:
+        hd = HandlerDeployment.model_validate(owner)
+    except ValidationError:
+        return
+    if f'secret "{builders.secret_name(hd, memo.settings)}" not found' in message:
+        await _create_secret(memo.kube, hd, memo.settings, owner)
 
 
 async def on_worker_deployment(

@@ -60,8 +60,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "",
         "secrets",
-        ("get", "create", "patch"),
-        "server-side apply of the per-endpoint worker token",
+        ("create",),
+        "the per-endpoint worker token, created once (named after its content, computed, never "
+        "read back or changed: no read access to any Secret)",
     ),
     Rule(
         "",

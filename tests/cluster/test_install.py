@@ -179,6 +179,13 @@ def handler_deployment(name: str, module: str = "handlers.echo_async", **spec: A
     return body
 
 
+def token_secret_name(kubectl: Kubectl, ns: str, name: str) -> str:
+    """The worker token Secret the endpoint's Deployment reads (its name is computed)."""
+    container = kubectl.get("deployment", name, ns)["spec"]["template"]["spec"]["containers"][0]
+    env = next(e for e in container["env"] if e["name"] == "RUNPOD_AI_API_KEY")
+    return env["valueFrom"]["secretKeyRef"]["name"]
+
+
 def hd(kubectl: Kubectl, ns: str, name: str) -> dict:
     return kubectl.get("hd", name, ns)
 
@@ -511,13 +518,14 @@ def test_delete_cascades_and_the_finalizer_completes(installation, ns):
             "GET", f"{installation.gateway.url}/admin/v1/endpoints", key=installation.admin_key
         )[1]["endpoints"]
     ]
+    secret = token_secret_name(kubectl, ns, "gone")
     kubectl("delete", "hd", "gone", "-n", ns, "--timeout=60s")
     wait_for(
         lambda: all(
             kubectl.maybe(kind, name, ns) is None
             for kind, name in (
                 ("deployment", "gone"),
-                ("secret", "gone-worker-token"),
+                ("secret", secret),
                 ("serviceaccount", "gone-worker"),
             )
         ),
@@ -555,7 +563,7 @@ def test_an_operator_restart_mid_reconcile_converges_without_duplicates(installa
     assert sorted(d["metadata"]["name"] for d in deployments) == names
     assert sorted(len(pods(kubectl, ns, n)) for n in names) == [1] * len(names)
     secrets = [s["metadata"]["name"] for s in kubectl.get("secrets", namespace=ns)["items"]]
-    assert sorted(secrets) == sorted(f"{n}-worker-token" for n in names)
+    assert sorted(secrets) == sorted(token_secret_name(kubectl, ns, n) for n in names)
 
 
 def test_a_spec_change_rolls_out_new_workers_and_stops_the_old_ones_gracefully(

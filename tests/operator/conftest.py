@@ -126,3 +126,14 @@ def condition(obj, type_):
     return next(
         (c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), None
     )
+
+
+def worker_token_secret(cluster, ns: str, name: str) -> dict | None:
+    """The worker token Secret the endpoint's Deployment reads (its name is computed)."""
+    found = deployment(cluster, ns, name)
+    if not found:
+        return None
+    env = found["spec"]["template"]["spec"]["containers"][0]["env"]
+    ref = next(e for e in env if e["name"] == "RUNPOD_AI_API_KEY")["valueFrom"]["secretKeyRef"]
+    status, secret = call("GET", f"{cluster.url}/api/v1/namespaces/{ns}/secrets/{ref['name']}")
+    return secret if status == 200 else None

@@ -337,7 +337,7 @@ class ApiEmulator(kmock.KubernetesEmulator):
             selector = (request.params or {}).get("labelSelector")
             self.reads.append((request.resource.plural, _verb(request), selector))
         agent = (request.headers or {}).get("User-Agent", "")
-        operator_agent = "aiohttp" in agent or "kopf" in agent
+        operator_agent = any(name in agent for name in ("aiohttp", "kopf", "handler-operator"))
         if request.resource is not None and request.resource.plural and operator_agent:
             self.operator_calls.add(
                 (

@@ -11,7 +11,16 @@ import urllib.request
 
 from handler_operator import policies
 from handler_operator.builders import DELETION_COST
-from tests.operator.conftest import ADMIN_KEY, HD_PATH, call, condition, deployment, hd, wait_for
+from tests.operator.conftest import (
+    ADMIN_KEY,
+    HD_PATH,
+    call,
+    condition,
+    deployment,
+    hd,
+    wait_for,
+    worker_token_secret,
+)
 
 NAME, NS = "auto", "default"
 ENDPOINT = f"{NS}--{NAME}"
@@ -150,9 +159,7 @@ def test_queue_scales_up_fast_drains_idle_workers_only_and_returns_to_zero(clust
     assert call("POST", cluster.url + HD_PATH.format(ns=NS), body)[0] in (200, 201)
     wait_for(lambda: (condition(hd(cluster, NS, NAME), "Ready") or {}).get("status") == "True")
     assert replicas(cluster) == 0
-    status, secret = call(
-        "GET", f"{cluster.url}/api/v1/namespaces/{NS}/secrets/{NAME}-worker-token"
-    )
+    secret = worker_token_secret(cluster, NS, NAME)
     token = base64.b64decode(secret["data"]["token"]).decode()
     workers = SimulatedWorkers(cluster, token)
     try:

@@ -16,14 +16,16 @@ from handler_operator.settings import OperatorSettings
 from tests.conftest import EXAMPLES
 from tests.operator.conftest import EXAMPLE_CRS, GOLDEN, load_cr, parse_cr
 
-SETTINGS = OperatorSettings(gateway_url="http://handler-gateway.hops.svc:8080")
+SETTINGS = OperatorSettings(
+    gateway_url="http://handler-gateway.hops.svc:8080", gateway_admin_key="admin-key"
+)
 
 
 def render_all(path) -> str:
     hd = parse_cr(load_cr(path))
     objects = [
         builders.build_service_account(hd),
-        builders.build_secret(hd, "TOKEN"),
+        builders.build_secret(hd, SETTINGS),
         builders.build_deployment(hd, SETTINGS, replicas=0),
     ]
     return yaml.safe_dump_all(objects, sort_keys=False, width=100)
@@ -109,7 +111,8 @@ def test_runtime_env():
         == "http://handler-gateway.hops.svc:8080/v2/ml--x/job-take/$ID?"
     )
     assert env["RUNPOD_POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert env["RUNPOD_AI_API_KEY"] == {"secretKeyRef": {"name": "x-worker-token", "key": "token"}}
+    secret = builders.secret_name(hd_with({}), SETTINGS)
+    assert env["RUNPOD_AI_API_KEY"] == {"secretKeyRef": {"name": secret, "key": "token"}}
     assert env["RUNPOD_SKIP_AUTO_SYSTEM_CHECKS"] == "true"
     assert env["RUNPOD_PING_INTERVAL"] == "2000"
 
@@ -202,7 +205,10 @@ def keda_hd(**scaling):
     ("build", "schema"),
     [
         (lambda hd: builders.build_scaled_object(hd, SETTINGS), "scaledobject.schema.json"),
-        (builders.build_trigger_authentication, "triggerauthentication.schema.json"),
+        (
+            lambda hd: builders.build_trigger_authentication(hd, SETTINGS),
+            "triggerauthentication.schema.json",
+        ),
     ],
     ids=["ScaledObject", "TriggerAuthentication"],
 )
@@ -225,8 +231,9 @@ def test_scaled_object_scales_on_the_gateway_queue():
     assert trigger["metadata"]["valueLocation"] == "load"
     assert trigger["metadata"]["targetValue"] == "3"
     assert trigger["authenticationRef"] == {"name": "x-gateway"}
-    auth = builders.build_trigger_authentication(hd)["spec"]["secretTargetRef"]
-    assert auth == [{"parameter": "token", "name": "x-worker-token", "key": "token"}]
+    auth = builders.build_trigger_authentication(hd, SETTINGS)["spec"]["secretTargetRef"]
+    name = builders.secret_name(hd, SETTINGS)
+    assert auth == [{"parameter": "token", "name": name, "key": "token"}]
 
 
 @pytest.mark.parametrize(
@@ -307,7 +314,7 @@ def test_the_longest_names_give_valid_labels():
     body = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
     body["metadata"] = {"name": "h" * 63, "namespace": "n" * 63}
     hd = HandlerDeployment.model_validate(body)
-    for obj in builders.build_objects(hd, OperatorSettings(), "token", 1):
+    for obj in builders.build_objects(hd, OperatorSettings(), 1):
         for source in (
             obj["metadata"],
             obj.get("spec", {}).get("template", {}).get("metadata", {}),
@@ -505,7 +512,7 @@ def test_a_disruption_budget_only_for_endpoints_that_keep_workers(minimum, expec
     hd = hd_with({"scaling": {"minReplicas": minimum, "maxReplicas": 4}})
     budgets = [
         o
-        for o in builders.build_objects(hd, SETTINGS, "TOKEN", minimum)
+        for o in builders.build_objects(hd, SETTINGS, minimum)
         if o["kind"] == "PodDisruptionBudget"
     ]
     assert bool(budgets) is expected
@@ -516,3 +523,34 @@ def test_a_disruption_budget_only_for_endpoints_that_keep_workers(minimum, expec
             "selector": {"matchLabels": builders.selector_labels(hd)},
         }
         kubernetes_validate.validate(budget, "1.33", strict=True)
+
+
+def with_uid(uid: str):
+    hd = hd_with({})
+    return hd.model_copy(update={"metadata": {**hd.metadata, "uid": uid}})
+
+
+def test_the_worker_token_is_computed_and_named_after_itself():
+    """Same CR, same key: the same token and Secret (nothing to read back); a re-created CR or
+    a new admin key: a new token in a Secret of a new name (created, never updated)."""
+    first, again, recreated = with_uid("u-1"), with_uid("u-1"), with_uid("u-2")
+    other_key = OperatorSettings(gateway_admin_key="another-admin-key")
+    token = builders.worker_token(first, SETTINGS)
+    assert len(token) == 43 and token == builders.worker_token(again, SETTINGS)
+    assert builders.secret_name(first, SETTINGS) == builders.secret_name(again, SETTINGS)
+    for changed, settings in ((recreated, SETTINGS), (first, other_key)):
+        assert builders.worker_token(changed, settings) != token
+        assert builders.secret_name(changed, settings) != builders.secret_name(first, SETTINGS)
+    secret = builders.build_secret(first, SETTINGS)
+    assert secret["stringData"] == {"token": token}
+    assert secret["metadata"]["name"].startswith("x-worker-token-")
+
+
+def test_a_deployment_says_which_secret_its_workers_read():
+    hd = with_uid("u-1")
+    deployment = builders.build_deployment(hd, SETTINGS, replicas=1)
+    assert builders.references_secret(deployment, builders.secret_name(hd, SETTINGS))
+    assert not builders.references_secret(
+        deployment, builders.secret_name(with_uid("u-2"), SETTINGS)
+    )
+    assert not builders.references_secret(None, builders.secret_name(hd, SETTINGS))

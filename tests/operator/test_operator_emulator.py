@@ -19,6 +19,7 @@ from tests.operator.conftest import (
     hd,
     load_cr,
     wait_for,
+    worker_token_secret,
 )
 
 
@@ -197,11 +198,10 @@ def test_fifty_handler_deployments_reconcile(cluster, operator):
 def test_recreated_handler_deployment_gets_a_new_worker_token(cluster, operator):
     """Delete + re-create rotates the endpoint's worker token; a plain update keeps it."""
     cr = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
-    secret_url = f"{cluster.url}/api/v1/namespaces/default/secrets/hello-worker-token"
 
     def token():
-        status, secret = call("GET", secret_url)
-        if status != 200 or not (owners := secret["metadata"].get("ownerReferences")):
+        secret = worker_token_secret(cluster, "default", "hello")
+        if not secret or not (owners := secret["metadata"].get("ownerReferences")):
             return None
         owner = hd(cluster, "default", "hello") or {}
         if owners[0]["uid"] != (owner.get("metadata") or {}).get("uid"):
@@ -224,6 +224,11 @@ def test_recreated_handler_deployment_gets_a_new_worker_token(cluster, operator)
     call("POST", cluster.url + HD_PATH.format(ns="default"), cr)
     second = wait_for(token, message="new worker token Secret")
     assert second != first
+    # The operator only ever created Secrets: it never read or changed one.
+    secret_calls = {
+        verb for group, plural, verb in cluster.api.operator_calls if plural == "secrets"
+    }
+    assert secret_calls == {"create"}, secret_calls
 
 
 def test_worker_objects_are_watched_with_a_server_side_selector(cluster, operator):
@@ -290,6 +295,50 @@ def test_a_refusal_seen_before_the_first_reconcile_is_not_overwritten(cluster, o
         message="Ready False FailedCreate",
     )
     assert ready["status"] == "False" and "violates PodSecurity" in ready["message"]
+
+
+def test_a_worker_token_secret_deleted_by_hand_is_created_again(cluster, operator):
+    """The operator never reads Secrets: it learns of a missing one from the kubelet's
+    CreateContainerConfigError on a worker pod, and creates it again (same name, same token)."""
+    body = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
+    assert call("POST", cluster.url + HD_PATH.format(ns="default"), body)[0] in (200, 201)
+    secret = wait_for(lambda: worker_token_secret(cluster, "default", "hello"), message="Secret")
+    name = secret["metadata"]["name"]
+    secrets = "/api/v1/namespaces/default/secrets"
+    assert call("DELETE", f"{cluster.url}{secrets}/{name}")[0] == 200
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "hello-abc12",
+            "namespace": "default",
+            "labels": {
+                "app.kubernetes.io/managed-by": "handler-operator",
+                "app.kubernetes.io/name": "handler-worker",
+                "app.kubernetes.io/instance": "hello",
+            },
+        },
+        "spec": {"containers": [{"name": "worker", "image": "x"}]},
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "state": {
+                        "waiting": {
+                            "reason": "CreateContainerConfigError",
+                            "message": f'secret "{name}" not found',
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    assert call("POST", f"{cluster.url}/api/v1/namespaces/default/pods", pod)[0] in (200, 201)
+    again = wait_for(
+        lambda: worker_token_secret(cluster, "default", "hello"), message="the Secret again"
+    )
+    assert again["data"] == secret["data"]
 
 
 @pytest.fixture
