@@ -691,8 +691,12 @@ def build_image(builder: str, image: str, context: Path, worker_image: str) -> N
             return True
         return subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
 
-    found = [name for name in images.BUILDERS if usable(name)]
-    chosen = builder if builder in images.BUILDERS else (found[0] if found else None)
+    if builder in images.BUILDERS:
+        chosen: str | None = builder
+    elif builder == "auto":  # probe only when asked to choose (`docker info` may take seconds)
+        chosen = next((name for name in images.BUILDERS if usable(name)), None)
+    else:
+        chosen = None
     command = images.build_command(chosen or "docker", image, str(context), worker_image)
     if builder == "none" or chosen is None:
         reason = (
@@ -702,7 +706,7 @@ def build_image(builder: str, image: str, context: Path, worker_image: str) -> N
             f"{reason}: build it with\n  {' '.join(command)}", highlight=False, soft_wrap=True
         )
         return
-    if chosen not in found:
+    if not usable(chosen):
         fail(f"{chosen} is not on PATH", EXIT_BAD_INPUT)
     err.print(f"building {image} with {chosen}", highlight=False, soft_wrap=True)
     started = time.monotonic()

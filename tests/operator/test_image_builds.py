@@ -89,6 +89,14 @@ def test_build_writes_a_dockerfile_and_a_context_of_two_files(project, fake_path
     )
 
 
+def test_builder_none_runs_no_builder_at_all(project, fake_path, tmp_path):
+    """Not even `docker info` to choose one: --builder none only writes the context."""
+    env = fake_path("docker", "podman", "buildah")
+    done = handlerctl("build", str(project), "--image", "app:1", "--builder", "none", env=env)
+    assert done.returncode == 0, done.stderr
+    assert calls(tmp_path) == []
+
+
 def test_the_archive_is_root_owned_readable_and_reproducible(project):
     archive = project / ".handler_build" / "build.tar.gz"
     assert handlerctl("build", str(project), "--builder", "none").returncode == 0
