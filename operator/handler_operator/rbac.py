@@ -31,7 +31,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "handlerops.dev",
         "handlerdeployments/status",
-        ("get", "patch"),
+        ("patch",),
         "conditions, observedGeneration, replicas, queue figures",
     ),
     Rule(
@@ -44,7 +44,7 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "",
         "pods",
-        ("get", "list", "watch", "patch", "delete"),
+        ("list", "watch", "patch", "delete"),
         "crash loops and pending pods feed the status; busy workers get a high "
         "pod-deletion-cost and idle ones 0 (any scale-down removes idle pods first), drained "
         "idle workers the lowest, and are deleted",

@@ -9,7 +9,7 @@ import time
 import urllib.error
 import urllib.request
 
-from handler_operator import policies
+from handler_operator import policies, rbac
 from handler_operator.builders import DELETION_COST
 from tests.operator.conftest import (
     ADMIN_KEY,
@@ -302,3 +302,97 @@ def test_engine_keda_renders_a_scaled_object_and_leaves_replicas_alone(cluster, 
         lambda: deployment(cluster, NS, "kd")["spec"].get("replicas") == 3,
         message="builtin scale-up",
     )
+
+
+# Verbs a real apiserver checks that no request names: a server-side apply that creates an
+# object needs `create`, an owner reference with blockOwnerDeletion needs `update` on the
+# owner's finalizers (OwnerReferencesPermissionEnforcement). The cluster tier enforces them.
+IMPLIED = {
+    ("apps", "deployments", "create"),
+    ("", "serviceaccounts", "create"),
+    ("policy", "poddisruptionbudgets", "create"),
+    ("keda.sh", "scaledobjects", "create"),
+    ("keda.sh", "triggerauthentications", "create"),
+    ("handlerops.dev", "handlerdeployments/finalizers", "update"),
+}
+
+
+def patch_spec(cluster, spec: dict) -> None:
+    status, body = call(
+        "PATCH",
+        cluster.url + HD_PATH.format(ns=NS) + f"/{NAME}",
+        {"spec": spec},
+        "application/merge-patch+json",
+    )
+    assert status == 200, body
+
+
+def test_the_operator_uses_every_verb_it_is_granted_and_no_other(cluster, operator):
+    """One life of an endpoint through every feature: the calls the operator made, plus the
+    verbs the apiserver implies, are exactly `rbac.RULES` (each grant is needed, none missing)."""
+    for kind, plural in (
+        ("ScaledObject", "scaledobjects"),
+        ("TriggerAuthentication", "triggerauthentications"),
+    ):
+        call("POST", f"{cluster.url}/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+             keda_crd(kind, plural))  # fmt: skip
+    body = {
+        "apiVersion": "handlerops.dev/v1alpha1",
+        "kind": "HandlerDeployment",
+        "metadata": {"name": NAME, "namespace": NS},
+        "spec": {
+            "handler": {"module": "handler"},
+            "scaling": {"minReplicas": 1, "maxReplicas": 2, "scaleToZeroAfterSeconds": 1,
+                        "scaleDownStabilizationSeconds": 0},
+            "jobs": {"heartbeatIntervalSeconds": 1},
+        },
+    }  # fmt: skip
+    assert call("POST", cluster.url + HD_PATH.format(ns=NS), body)[0] in (200, 201)
+    wait_for(lambda: (NS, NAME) in cluster.objects("poddisruptionbudgets"), message="the PDB")
+    token = base64.b64decode(worker_token_secret(cluster, NS, NAME)["data"]["token"]).decode()
+    workers = SimulatedWorkers(cluster, token).start()
+    try:
+        # A worker holds a job: it becomes Ready (pods/status) and costly to delete (pods).
+        call("POST", f"{cluster.gateway_url}/v2/{ENDPOINT}/run", {"input": {"hold": True}},
+             key=ADMIN_KEY)  # fmt: skip
+        wait_for(lambda: workers.holder is not None, message="a worker holds a job")
+        wait_for(
+            lambda: workers.deletion_cost(workers.holder) == policies.BUSY_DELETION_COST,
+            message="the busy worker's deletion cost",
+        )
+        workers.release.set()
+        # Down to zero: the PDB goes, the idle worker is drained and its pod deleted.
+        patch_spec(cluster, {"scaling": {"minReplicas": 0}})
+        wait_for(lambda: (NS, NAME) not in cluster.objects("poddisruptionbudgets"),
+                 message="the PDB removed")  # fmt: skip
+        wait_for(lambda: replicas(cluster) == 0 and not worker_pods(cluster), timeout=30,
+                 message="scaled to zero")  # fmt: skip
+    finally:
+        workers.stop.set()
+    # KEDA and back: its objects are applied, then removed.
+    patch_spec(cluster, {"scaling": {"engine": "keda"}})
+    wait_for(lambda: (NS, NAME) in cluster.objects("scaledobjects"), message="ScaledObject")
+    patch_spec(cluster, {"scaling": {"engine": "builtin"}})
+    wait_for(lambda: (NS, NAME) not in cluster.objects("scaledobjects"), message="SO removed")
+    # A crash-looping worker: HandlerHealthy and a Warning event.
+    crashed = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"{NAME}-crash", "namespace": NS, "labels": {
+            "app.kubernetes.io/managed-by": "handler-operator",
+            "app.kubernetes.io/name": "handler-worker", "app.kubernetes.io/instance": NAME}},
+        "spec": {"containers": [{"name": "worker", "image": "x"}]},
+        "status": {"phase": "Running", "containerStatuses": [{"name": "worker", "state": {
+            "waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}},
+            "lastState": {"terminated": {"exitCode": 3, "message": "bad module"}}}]},
+    }  # fmt: skip
+    assert call("POST", cluster.url + POD_PATH, crashed)[0] in (200, 201)
+    wait_for(lambda: (condition(hd(cluster, NS, NAME), "HandlerHealthy") or {}).get("status")
+             == "False", message="HandlerHealthy False")  # fmt: skip
+    # Deleted: the finalizer deregisters the endpoint and lets go.
+    call("DELETE", cluster.url + HD_PATH.format(ns=NS) + f"/{NAME}")
+    wait_for(lambda: (hd(cluster, NS, NAME) or {}).get("code") == 404, message="gone")
+    granted = {(rule.group, rule.resource, verb) for rule in rbac.RULES for verb in rule.verbs}
+    used = set(cluster.api.operator_calls)
+    assert used <= granted, sorted(used - granted)
+    assert used | IMPLIED == granted, f"granted, never used: {sorted(granted - used - IMPLIED)}"
