@@ -292,21 +292,22 @@ def lose_worker(job: JobRecord, now: float, lost_after_s: float) -> Change | Non
         effects.dead_letter = True
         effects.count("deadLettered")
         return _change(job, new, effects, f"dead-lettered (lost {worker})")
-    new = job.model_copy(
-        update={
-            "status": JobStatus.IN_QUEUE,
-            "started_at": None,
-            "heartbeat_at": None,
-            "worker_id": None,
-            "progress": None,
-            "redeliveries": attempts,
-            "error": None,
-            "extra": {**job.extra, "lastError": LOST_WORKER_ERROR.format(worker=worker)},
-        }
+    new = _queued_again(
+        job,
+        progress=None,
+        redeliveries=attempts,
+        error=None,
+        extra={**job.extra, "lastError": LOST_WORKER_ERROR.format(worker=worker)},
     )
     effects.enqueue = True
     effects.count("retried")
     return _change(job, new, effects, f"re-queued (lost {worker})")
+
+
+def _queued_again(job: JobRecord, **update: Any) -> JobRecord:
+    """The job back in its queue, on no worker (plus `update`)."""
+    fields = {"status": JobStatus.IN_QUEUE, "started_at": None, "heartbeat_at": None}
+    return job.model_copy(update={**fields, "worker_id": None, **update})
 
 
 def give_back(job: JobRecord, worker: str) -> Change | None:
@@ -314,14 +315,7 @@ def give_back(job: JobRecord, worker: str) -> Change | None:
     (not a delivery: no retry counted, nothing ran)."""
     if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
         return None
-    new = job.model_copy(
-        update={
-            "status": JobStatus.IN_QUEUE,
-            "started_at": None,
-            "heartbeat_at": None,
-            "worker_id": None,
-        }
-    )
+    new = _queued_again(job)
     return _change(
         job, new, Effects(release_worker=worker, enqueue=True), f"given back by {worker}"
     )
@@ -331,20 +325,15 @@ def requeue(job: JobRecord, now: float, reset_attempts: bool) -> Change | None:
     """Client `retry` of a finished-unsuccessfully job, or an admin dead-letter replay."""
     if job.status not in RETRYABLE:
         return None
-    new = job.model_copy(
-        update={
-            "status": JobStatus.IN_QUEUE,
-            "created_at": now,
-            "started_at": None,
-            "finished_at": None,
-            "heartbeat_at": None,
-            "worker_id": None,
-            "output": None,
-            "progress": None,
-            "error": None,
-            "stream_cursor": 0,
-            "redeliveries": 0 if reset_attempts else job.redeliveries,
-        }
+    new = _queued_again(
+        job,
+        created_at=now,
+        finished_at=None,
+        output=None,
+        progress=None,
+        error=None,
+        stream_cursor=0,
+        redeliveries=0 if reset_attempts else job.redeliveries,
     )
     effects = Effects(enqueue=True, undead_letter=True)
     effects.count("retried")

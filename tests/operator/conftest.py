@@ -128,6 +128,16 @@ def condition(obj, type_):
     )
 
 
+def wait_condition(cluster, ns: str, name: str, type_: str, **expected: str) -> dict:
+    """The CR's condition `type_` once its fields are `expected` (e.g. status="False")."""
+
+    def matching():
+        found = condition(hd(cluster, ns, name), type_)
+        return found if found and all(found.get(k) == v for k, v in expected.items()) else None
+
+    return wait_for(matching, message=f"{type_} {expected} on {ns}/{name}")
+
+
 def worker_token_secret(cluster, ns: str, name: str) -> dict | None:
     """The worker token Secret the endpoint's Deployment reads (its name is computed)."""
     found = deployment(cluster, ns, name)

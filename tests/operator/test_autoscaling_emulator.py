@@ -27,6 +27,20 @@ ENDPOINT = f"{NS}--{NAME}"
 POD_PATH = f"/api/v1/namespaces/{NS}/pods"
 
 
+def auto_hd(scaling: dict) -> dict:
+    """The HandlerDeployment these tests scale, with 1 s heartbeats."""
+    return {
+        "apiVersion": "handlerops.dev/v1alpha1",
+        "kind": "HandlerDeployment",
+        "metadata": {"name": NAME, "namespace": NS},
+        "spec": {
+            "handler": {"module": "handler"},
+            "scaling": scaling,
+            "jobs": {"heartbeatIntervalSeconds": 1},
+        },
+    }
+
+
 def replicas(cluster) -> int | None:
     found = deployment(cluster, NS, NAME)
     return None if found is None else found["spec"].get("replicas")
@@ -139,23 +153,16 @@ def test_queue_scales_up_fast_drains_idle_workers_only_and_returns_to_zero(clust
         return held
 
     cluster.gateway.drain = recording_drain
-    body = {
-        "apiVersion": "handlerops.dev/v1alpha1",
-        "kind": "HandlerDeployment",
-        "metadata": {"name": NAME, "namespace": NS},
-        "spec": {
-            "handler": {"module": "handler"},
-            "scaling": {
-                "minReplicas": 0,
-                "maxReplicas": 5,
-                "targetQueuePerWorker": 4,
-                "scaleToZeroAfterSeconds": 3,
-                "scaleDownStabilizationSeconds": 0,
-                "maxScaleDownRate": 0,
-            },
-            "jobs": {"heartbeatIntervalSeconds": 1},
-        },
-    }
+    body = auto_hd(
+        {
+            "minReplicas": 0,
+            "maxReplicas": 5,
+            "targetQueuePerWorker": 4,
+            "scaleToZeroAfterSeconds": 3,
+            "scaleDownStabilizationSeconds": 0,
+            "maxScaleDownRate": 0,
+        }
+    )
     assert call("POST", cluster.url + HD_PATH.format(ns=NS), body)[0] in (200, 201)
     wait_for(lambda: (condition(hd(cluster, NS, NAME), "Ready") or {}).get("status") == "True")
     assert replicas(cluster) == 0
@@ -336,17 +343,14 @@ def test_the_operator_uses_every_verb_it_is_granted_and_no_other(cluster, operat
     ):
         call("POST", f"{cluster.url}/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
              keda_crd(kind, plural))  # fmt: skip
-    body = {
-        "apiVersion": "handlerops.dev/v1alpha1",
-        "kind": "HandlerDeployment",
-        "metadata": {"name": NAME, "namespace": NS},
-        "spec": {
-            "handler": {"module": "handler"},
-            "scaling": {"minReplicas": 1, "maxReplicas": 2, "scaleToZeroAfterSeconds": 1,
-                        "scaleDownStabilizationSeconds": 0},
-            "jobs": {"heartbeatIntervalSeconds": 1},
-        },
-    }  # fmt: skip
+    body = auto_hd(
+        {
+            "minReplicas": 1,
+            "maxReplicas": 2,
+            "scaleToZeroAfterSeconds": 1,
+            "scaleDownStabilizationSeconds": 0,
+        }
+    )
     assert call("POST", cluster.url + HD_PATH.format(ns=NS), body)[0] in (200, 201)
     wait_for(lambda: (NS, NAME) in cluster.objects("poddisruptionbudgets"), message="the PDB")
     token = base64.b64decode(worker_token_secret(cluster, NS, NAME)["data"]["token"]).decode()

@@ -18,6 +18,7 @@ from tests.operator.conftest import (
     deployment,
     hd,
     load_cr,
+    wait_condition,
     wait_for,
     worker_token_secret,
 )
@@ -100,14 +101,7 @@ def test_reconcile_update_crash_loop_and_delete(cluster, operator):
         },
     }
     assert call("POST", cluster.url + "/api/v1/namespaces/default/pods", pod)[0] in (200, 201)
-    healthy = wait_for(
-        lambda: (
-            (c := condition(hd(cluster, "default", "hello"), "HandlerHealthy"))
-            and c["status"] == "False"
-            and c
-        ),
-        message="HandlerHealthy=False",
-    )
+    healthy = wait_condition(cluster, "default", "hello", "HandlerHealthy", status="False")
     assert healthy["reason"] == "HandlerCrashLoop" and healthy["message"] == message
 
     # Delete: the finalizer deregisters the endpoint, then the CR goes.
@@ -286,14 +280,7 @@ def test_a_refusal_seen_before_the_first_reconcile_is_not_overwritten(cluster, o
     assert call("POST", cluster.url + deployments, refused)[0] in (200, 201)
     body = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
     assert call("POST", cluster.url + HD_PATH.format(ns="default"), body)[0] in (200, 201)
-    ready = wait_for(
-        lambda: (
-            (c := condition(hd(cluster, "default", "hello"), "Ready"))
-            and c["reason"] == "FailedCreate"
-            and c
-        ),
-        message="Ready False FailedCreate",
-    )
+    ready = wait_condition(cluster, "default", "hello", "Ready", reason="FailedCreate")
     assert ready["status"] == "False" and "violates PodSecurity" in ready["message"]
 
 
