@@ -117,18 +117,37 @@ def test_refresh_worker_sets_stop_pod(stub_gateway, start_worker):
     assert stub_gateway.wait_done("job-refresh") == {"output": {"value": 1}, "stopPod": True}
 
 
+SDK = {"HANDLER_SDK_LOOP": "1"}
+
+
 @pytest.mark.parametrize(
     ("module", "env", "expected"),
     [
         ("handlers.batched", {}, ["batch_size=4"]),
-        ("handlers.echo_async", {"HANDLER_CONCURRENCY": "4"}, ["capacity=4", "batch_size=9"]),
-        ("handlers.echo_async", {}, ["capacity=1", "batch_size=3"]),
-        ("handlers.echo_async", {"HANDLER_SPARE_SLOT": "false"}, ["job-take/"]),
+        ("handlers.echo_async", {"HANDLER_CONCURRENCY": "4"}, ["capacity=4", "batch_size=4"]),
+        ("handlers.echo_async", {}, ["capacity=1", "/job-take/"]),
+        ("handlers.batched", SDK, ["batch_size=4"]),
+        (
+            "handlers.echo_async",
+            {**SDK, "HANDLER_CONCURRENCY": "4"},
+            ["capacity=4", "batch_size=9"],
+        ),
+        ("handlers.echo_async", SDK, ["capacity=1", "batch_size=3"]),
+        ("handlers.echo_async", {**SDK, "HANDLER_SPARE_SLOT": "false"}, ["job-take/"]),
     ],
-    ids=["module-concurrency-modifier", "env-concurrency", "default", "spare-slot-off"],
+    ids=[
+        "module-concurrency-modifier",
+        "env-concurrency",
+        "default",
+        "sdk-loop-module-concurrency-modifier",
+        "sdk-loop-env-concurrency",
+        "sdk-loop-default",
+        "sdk-loop-spare-slot-off",
+    ],
 )
 def test_take_url_carries_capacity_and_batch(stub_gateway, start_worker, module, env, expected):
-    """The SDK gets 2N+1 slots (it sleeps when they look full) and the gateway the capacity N."""
+    """Our loop asks for as many jobs as it has free slots, the gateway caps it at N; the SDK's
+    own loop (HANDLER_SDK_LOOP=1) gets 2N+1 slots (it sleeps when they look full)."""
     for index in range(8):
         stub_gateway.enqueue(f"job-{index}", {"sleep": 0.2})
     start_worker(module, **env)

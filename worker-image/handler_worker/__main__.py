@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Mapping
 
 from handler_worker import speedups
 from handler_worker.loader import HandlerLoadError, concurrency, load_module
@@ -81,9 +82,23 @@ def main(argv: list[str] | None = None) -> int:
         print(render_result(result), flush=True)
         return EXIT_JOB_FAILED if result.get("error") else 0
 
+    from handler_worker.signals import leave_on_sigterm, leaver
+
+    announce = leaver(os.environ)
+    if announce is not None and not passthrough and not sdk_loop(os.environ):
+        # Production against a gateway: our loop (no idle polling), the SDK's job functions.
+        from runpod.serverless.modules import rp_job
+
+        from handler_worker.loops import serve
+        from handler_worker.slots import capacity_url
+
+        if getattr(module, "concurrency_modifier", None) is None:  # else it decides, as in the SDK
+            rp_job.JOB_GET_URL = capacity_url(rp_job.JOB_GET_URL, concurrency(os.environ))
+        serve(config, concurrency(os.environ), announce)
+        return 0
+
     import runpod
 
-    from handler_worker.signals import leave_on_sigterm
     from handler_worker.slots import apply_spare_slot
 
     apply_spare_slot(config, module, concurrency(os.environ), os.environ)
@@ -91,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [sys.argv[0], *passthrough]
     runpod.serverless.start(config)
     return 0
+
+
+SDK_LOOP_ENV = "HANDLER_SDK_LOOP"
+
+
+def sdk_loop(env: Mapping[str, str]) -> bool:
+    """HANDLER_SDK_LOOP=1 runs the runpod SDK's own job loop instead of ours."""
+    return env.get(SDK_LOOP_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 if __name__ == "__main__":

@@ -62,15 +62,23 @@ def _identity(current: int) -> int:
     return current
 
 
+def leaver(env: Mapping[str, str]) -> Callable[[], bool] | None:
+    """Tells the gateway of this worker's environment that it leaves; None without one."""
+    url = leave_url(env.get("RUNPOD_WEBHOOK_GET_JOB", ""), env.get("RUNPOD_POD_ID", ""))
+    if url is None:
+        return None
+    token = env.get("RUNPOD_AI_API_KEY", "")
+    return lambda: announce_leaving(url, token)
+
+
 def leave_on_sigterm(config: dict[str, Any], env: Mapping[str, str]) -> bool:
     """Arrange for SIGTERM to announce the leave. The SDK installs its own SIGTERM handler when
     it starts, so ours is chained in at the SDK's first call of `concurrency_modifier` (a
     public config key, called on the main thread inside its loop), wrapping any modifier set.
     False when there is no gateway to tell (local test runs)."""
-    url = leave_url(env.get("RUNPOD_WEBHOOK_GET_JOB", ""), env.get("RUNPOD_POD_ID", ""))
-    if url is None:
+    announce = leaver(env)
+    if announce is None:
         return False
-    token = env.get("RUNPOD_AI_API_KEY", "")
     modifier = config.get("concurrency_modifier") or _identity
     installed = False
 
@@ -78,7 +86,7 @@ def leave_on_sigterm(config: dict[str, Any], env: Mapping[str, str]) -> bool:
         nonlocal installed
         if not installed:
             installed = True
-            chain_sigterm(lambda: announce_leaving(url, token))
+            chain_sigterm(announce)
         return modifier(current)
 
     config["concurrency_modifier"] = modify

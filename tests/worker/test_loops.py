@@ -1,0 +1,200 @@
+"""Our job loop with stand-in take/run/stop functions: counted and ordered, no clocks. The real
+SDK functions and a real gateway run through it in tests/worker/test_worker_loop.py and
+tests/e2e; here, what it relies on in the pinned runpod SDK is checked by name and signature."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from importlib import metadata
+
+import pytest
+
+from handler_worker import loops
+
+
+class Script:
+    """Stand-ins: `fetch` hands out the queued jobs (then waits like a long-poll), `run` records
+    and holds each job until released, `stops` hands out stop ids once."""
+
+    def __init__(self, jobs: list[dict], hold: bool = False):
+        self.queue = list(jobs)
+        self.events: list[tuple] = []
+        self.release = asyncio.Event()
+        self.hold = hold
+        self.stop_ids: asyncio.Queue[list[str]] = asyncio.Queue()
+        self.fetch_cancelled = 0
+
+    async def fetch(self, session, count):
+        self.events.append(("take", count))
+        if self.queue:
+            taken, self.queue = self.queue[:count], self.queue[count:]
+            return taken
+        try:
+            await asyncio.Event().wait()  # a long-poll with nothing to hand out
+        except asyncio.CancelledError:
+            self.fetch_cancelled += 1
+            raise
+
+    async def run(self, session, config, job):
+        self.events.append(("start", job["id"]))
+        if self.hold:
+            await self.release.wait()
+        self.events.append(("end", job["id"]))
+
+    async def stops(self, session):
+        return await self.stop_ids.get()
+
+
+def jobs(*ids: str) -> list[dict]:
+    return [{"id": job_id, "input": {}} for job_id in ids]
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def until(predicate, limit: int = 5000) -> None:
+    for _ in range(limit):
+        if predicate():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("never happened")
+
+
+async def test_each_taken_job_starts_before_the_next_take():
+    script = Script(jobs("a", "b", "c"))
+    loop = loops.WorkerLoop({}, 1, script.fetch, script.run)
+    running = asyncio.create_task(loop.run(None))
+    await until(lambda: loop.takes == 4)
+    await settle()
+    loop.stop()
+    await running
+    assert script.events[:6] == [
+        ("take", 1), ("start", "a"), ("end", "a"),
+        ("take", 1), ("start", "b"), ("end", "b"),
+    ]  # fmt: skip
+    assert script.fetch_cancelled == 1, "the open take is abandoned on stop"
+
+
+async def test_a_take_asks_for_the_free_slots_and_waits_for_one_when_full():
+    script = Script(jobs("a", "b", "c"), hold=True)
+    loop = loops.WorkerLoop({}, 2, script.fetch, script.run)
+    running = asyncio.create_task(loop.run(None))
+    await settle()
+    assert script.events == [("take", 2), ("start", "a"), ("start", "b")]
+    assert loop.takes == 1, "full: no take until a slot is free"
+    script.release.set()
+    await settle()
+    assert ("take", 2) in script.events[3:] and ("start", "c") in script.events
+    loop.stop()
+    await running
+
+
+async def test_stop_lets_running_jobs_finish_and_says_so_once():
+    said = []
+    script = Script(jobs("a"), hold=True)
+    loop = loops.WorkerLoop({}, 2, script.fetch, script.run, on_stop=lambda: said.append(1))
+    running = asyncio.create_task(loop.run(None))
+    await settle()
+    loop.stop()
+    loop.stop()
+    await settle()
+    assert not running.done(), "a job is still running"
+    script.release.set()
+    await running
+    assert script.events[-1] == ("end", "a") and said == [1]
+    assert loop.takes == 2 and script.fetch_cancelled == 1
+
+
+async def test_a_stop_signal_cancels_just_that_job():
+    script = Script(jobs("a", "b"), hold=True)
+    loop = loops.WorkerLoop({}, 2, script.fetch, script.run, stops=script.stops)
+    running = asyncio.create_task(loop.run(None))
+    await settle()
+    script.stop_ids.put_nowait(["a"])
+    await until(lambda: "a" not in loop.tasks)
+    assert "b" in loop.tasks
+    loop.stop()
+    script.release.set()
+    await running
+    assert ("end", "a") not in script.events and ("end", "b") in script.events
+
+
+async def test_refresh_worker_ends_the_loop_after_its_job():
+    script = Script(jobs("a", "b"))
+    loop = loops.WorkerLoop({"refresh_worker": True}, 1, script.fetch, script.run)
+    await asyncio.wait_for(loop.run(None), 5)
+    assert [e for e in script.events if e[0] == "start"] == [("start", "a")]
+
+
+async def test_a_failing_take_backs_off_and_goes_on(monkeypatch):
+    monkeypatch.setattr(loops, "ERROR_BACKOFF_S", 0)
+    calls = []
+
+    async def flaky(session, count):
+        calls.append(count)
+        if len(calls) == 1:
+            raise ConnectionError("gateway restarting")
+        return jobs("a") if len(calls) == 2 else await asyncio.Event().wait()
+
+    script = Script([])
+    loop = loops.WorkerLoop({}, 1, flaky, script.run)
+    running = asyncio.create_task(loop.run(None))
+    await until(lambda: len(calls) == 3)
+    loop.stop()
+    await running
+    assert ("start", "a") in script.events and len(calls) == 3
+
+
+async def test_the_concurrency_modifier_sets_the_slots_before_each_take():
+    seen = []
+
+    def modifier(current):
+        seen.append(current)
+        return 3
+
+    script = Script(jobs("a", "b", "c", "d"), hold=True)
+    loop = loops.WorkerLoop({"concurrency_modifier": modifier}, 1, script.fetch, script.run)
+    running = asyncio.create_task(loop.run(None))
+    await settle()
+    assert script.events[0] == ("take", 3) and seen[0] == 1
+    loop.stop()
+    script.release.set()
+    await running
+
+
+# What the loop relies on in the pinned SDK: an upgrade that moves any of it fails here first.
+SDK_SIGNATURES = {
+    ("runpod.serverless.modules.rp_job", "get_job"): ["session", "num_jobs"],
+    ("runpod.serverless.modules.rp_job", "handle_job"): ["session", "config", "job"],
+    ("runpod.serverless.modules.rp_job", "get_stop_signals"): ["session"],
+    ("runpod.serverless.modules.rp_fitness", "run_fitness_checks"): [],
+    ("runpod.http_client", "AsyncClientSession"): ["args", "kwargs"],
+}
+
+
+def test_the_pinned_sdk_has_what_the_loop_uses():
+    import importlib
+
+    assert metadata.version("runpod") == "1.12.0"
+    for (module, name), parameters in SDK_SIGNATURES.items():
+        found = getattr(importlib.import_module(module), name)
+        assert list(inspect.signature(found).parameters) == parameters, (module, name)
+    from runpod.serverless.modules import rp_job, rp_ping
+    from runpod.serverless.modules.worker_state import JobsProgress, PingJobMirror
+
+    assert isinstance(rp_job.JOB_GET_URL, str)
+    assert all(hasattr(JobsProgress(), m) for m in ("add", "remove", "set_mirror"))
+    assert (
+        callable(PingJobMirror)
+        and "mirror" in inspect.signature(rp_ping.Heartbeat.start_ping).parameters
+    )
+
+
+@pytest.mark.parametrize("value", ["1", "true", "on"])
+def test_handler_sdk_loop_chooses_the_sdk(value):
+    from handler_worker.__main__ import sdk_loop
+
+    assert sdk_loop({"HANDLER_SDK_LOOP": value}) and not sdk_loop({})

@@ -1,0 +1,208 @@
+"""The worker's job loop in production: a taken job starts the moment it arrives, a free slot
+asks for the next one at once (the runpod SDK's loop polls its local queue every 0.1 s, so each
+warm job waited for that sleep). The SDK's own functions do the rest: `get_job` takes,
+`handle_job` runs the handler and posts results, progress and stream chunks in the SDK's format,
+`get_stop_signals` long-polls cancellations; `JobsProgress` and the SDK's heartbeat process
+report the running jobs. runpod is pinned; tests/worker/test_loops.py checks what we rely on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger("handler_worker")
+
+Fetch = Callable[[Any, int], Awaitable[list[dict[str, Any]] | None]]
+Run = Callable[[Any, dict[str, Any], dict[str, Any]], Awaitable[Any]]
+Stops = Callable[[Any], Awaitable[list[str]]]
+
+TAKE_TIMEOUT_S = 90.0  # the SDK's: above the gateway's take hold
+STOP_TIMEOUT_S = 90.0
+ERROR_BACKOFF_S = 1.0  # after a failed take or stop poll: no tight loop on a gateway outage
+THROTTLED_BACKOFF_S = 5.0  # after a 429, as the SDK does
+STOP_POLL_FLOOR_S = 1.0  # the least time between two stop polls, as the SDK's floor
+
+
+class WorkerLoop:
+    """Runs up to `capacity` jobs at a time (the config's `concurrency_modifier` may change it
+    before each take, as in the SDK); `stop()` ends taking, lets running jobs finish."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        capacity: int,
+        fetch: Fetch,
+        run: Run,
+        stops: Stops | None = None,
+        progress: Any = None,
+        on_stop: Callable[[], None] | None = None,
+    ):
+        self.config = config
+        self.capacity = max(1, capacity)
+        self.fetch, self.run_job, self.stops = fetch, run, stops
+        self.progress = progress
+        self.on_stop = on_stop
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.takes = 0  # take requests made (tests count them)
+        self._stopping: asyncio.Event | None = None
+        self._slot_freed: asyncio.Event | None = None
+
+    # -- control ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Take nothing more; the jobs running finish, then `run()` returns."""
+        if self._stopping is not None and not self._stopping.is_set():
+            self._stopping.set()
+            if self.on_stop is not None:
+                self.on_stop()
+
+    def _free_slots(self) -> int:
+        modifier = self.config.get("concurrency_modifier")
+        if modifier is not None:
+            self.capacity = max(1, int(modifier(self.capacity)))
+        return self.capacity - len(self.tasks)
+
+    # -- the loop --------------------------------------------------------------------------
+    async def run(self, session: Any) -> None:
+        self._stopping, self._slot_freed = asyncio.Event(), asyncio.Event()
+        watcher = asyncio.create_task(self._watch_stops(session)) if self.stops else None
+        try:
+            while not self._stopping.is_set():
+                free = self._free_slots()
+                if free <= 0:
+                    await self._until(self._slot_freed.wait())
+                    self._slot_freed.clear()
+                    continue
+                jobs = await self._take(session, free)
+                for job in jobs or []:
+                    self._start(session, job)  # at once: nothing waits in a local queue
+        finally:
+            if self.tasks:
+                await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+
+    async def _until(self, awaitable: Awaitable[Any]) -> Any:
+        """`awaitable`'s result, or None once stop() is called (the awaitable is cancelled:
+        an abandoned take is given back by the gateway)."""
+        assert self._stopping is not None
+        work = asyncio.ensure_future(awaitable)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        done, _ = await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            stopping.cancel()
+            return work.result()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        return None
+
+    async def _take(self, session: Any, count: int) -> list[dict[str, Any]] | None:
+        self.takes += 1
+        try:
+            return await self._until(asyncio.wait_for(self.fetch(session, count), TAKE_TIMEOUT_S))
+        except TimeoutError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - the gateway's problem: log, back off, go on
+            throttled = getattr(exc, "status", None) == 429
+            log.warning("taking a job failed: %s", exc)
+            await self._until(asyncio.sleep(THROTTLED_BACKOFF_S if throttled else ERROR_BACKOFF_S))
+            return None
+
+    def _start(self, session: Any, job: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.add(job)
+        self.tasks[job["id"]] = asyncio.create_task(self._handle(session, job))
+
+    async def _handle(self, session: Any, job: dict[str, Any]) -> None:
+        try:
+            await self.run_job(session, self.config, job)
+            if self.config.get("refresh_worker", False):
+                self.stop()  # the SDK's per-worker refresh: exit after this job, a new one starts
+        except asyncio.CancelledError:
+            log.info("job %s stopped", job["id"])
+        except Exception:
+            log.exception("job %s: handling failed", job["id"])
+        finally:
+            if self.progress is not None:
+                self.progress.remove(job)
+            self.tasks.pop(job["id"], None)
+            assert self._slot_freed is not None
+            self._slot_freed.set()
+
+    async def _watch_stops(self, session: Any) -> None:
+        """Cancel the jobs the gateway says to stop (cancelled, timed out)."""
+        assert self.stops is not None and self._stopping is not None
+        clock = asyncio.get_running_loop().time
+        while not self._stopping.is_set():
+            asked = clock()
+            try:
+                ids = await self._until(asyncio.wait_for(self.stops(session), STOP_TIMEOUT_S))
+            except TimeoutError:
+                continue
+            except Exception as exc:  # noqa: BLE001
+                log.warning("polling job stops failed: %s", exc)
+                await self._until(asyncio.sleep(ERROR_BACKOFF_S))
+                continue
+            for job_id in ids or []:
+                task = self.tasks.get(job_id)
+                if task is not None:
+                    task.cancel()
+            if not ids and clock() - asked < STOP_POLL_FLOOR_S:
+                # An empty answer that did not wait (no stop channel): no tight loop.
+                await self._until(asyncio.sleep(STOP_POLL_FLOOR_S - (clock() - asked)))
+
+
+def install_signals(loop: WorkerLoop) -> None:
+    """SIGTERM/SIGINT stop the loop (take nothing more, finish what runs); a second one stops
+    the running jobs too."""
+    event_loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if loop._stopping is not None and loop._stopping.is_set():
+            for task in list(loop.tasks.values()):
+                task.cancel()
+            return
+        loop.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        event_loop.add_signal_handler(sig, on_signal)
+
+
+def serve(config: dict[str, Any], capacity: int, announce_leaving: Callable[[], None]) -> None:
+    """The production worker: the SDK's fitness checks and heartbeat, then our loop on the
+    SDK's HTTP session until SIGTERM (which also tells the gateway the worker leaves)."""
+    import threading
+
+    from runpod.http_client import AsyncClientSession
+    from runpod.serverless.modules import rp_job, rp_ping
+    from runpod.serverless.modules.rp_fitness import run_fitness_checks
+    from runpod.serverless.modules.worker_state import JobsProgress, PingJobMirror
+
+    progress, mirror = JobsProgress(), PingJobMirror()
+    progress.set_mirror(mirror)
+
+    def leave() -> None:
+        threading.Thread(target=announce_leaving, name="leave", daemon=True).start()
+
+    loop = WorkerLoop(
+        config,
+        capacity,
+        fetch=rp_job.get_job,
+        run=rp_job.handle_job,
+        stops=rp_job.get_stop_signals,
+        progress=progress,
+        on_stop=leave,
+    )
+
+    async def main() -> None:
+        await run_fitness_checks()
+        rp_ping.Heartbeat().start_ping(mirror)
+        install_signals(loop)
+        async with AsyncClientSession() as session:
+            await loop.run(session)
+
+    asyncio.run(main())
