@@ -1,0 +1,206 @@
+"""Warm path side by side, in one run: runpod's own server (`--rp_serve_api`: the handler in the
+HTTP process, no queue) against ours (gateway + real workers: memory and Redis, 1 worker, 1
+worker with concurrency 16, 4 workers), interleaved over rounds so load drifts hit all alike.
+
+    python bench/side_by_side.py [--rounds 3] [--requests 300]
+
+Prints req/s, p50 and p99 of POST /runsync (trivial echo handler) per setup and client
+concurrency, ours/peer ratios, /run enqueue rates, and Redis commands per job (INFO
+commandstats). No figure is asserted anywhere: this prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.processes import (  # noqa: E402
+    CLIENT_KEY,
+    GatewayProcess,
+    RedisServer,
+    free_port,
+    kill_group,
+    start_worker,
+    subprocess_env,
+)
+
+TOKEN = "bench-side-by-side-token-0123456789"
+MODULE = "handlers.echo_async"
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@dataclass
+class Setup:
+    label: str
+    url: str  # the runsync URL
+    clients: int
+    samples: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+    requests: int = 0
+
+
+async def drive(session: aiohttp.ClientSession, setup: Setup, count: int) -> None:
+    """`count` runsync requests over `setup.clients` connections; latencies in ms."""
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    remaining = count
+
+    async def client() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            started = time.perf_counter()
+            async with session.post(setup.url, json={"input": {"n": 1}}, headers=headers) as r:
+                body = await r.json()
+            assert body.get("status") == "COMPLETED" or "output" in body, body
+            setup.samples.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(setup.clients)))
+    setup.elapsed += time.perf_counter() - started
+    setup.requests += count
+
+
+def peer(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """runpod's local API server on our handler module (no gateway, no queue)."""
+    port = free_port()
+    env = subprocess_env(HANDLER_MODULE=MODULE, PYTHONPATH=f"{FIXTURES}:{ROOT}")
+    env.pop("RUNPOD_WEBHOOK_GET_JOB", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "handler_worker", "--rp_serve_api", "--rp_api_port", str(port),
+         "--rp_log_level", "ERROR"],
+        env=env, cwd=ROOT, stdout=open(workdir / "peer.log", "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    return process, f"http://127.0.0.1:{port}/runsync"
+
+
+async def wait_ready(session: aiohttp.ClientSession, url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+            async with session.post(url, json={"input": {"n": 0}}, headers=headers) as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} never answered")
+        await asyncio.sleep(0.2)
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def enqueue_rate(session, gateway: GatewayProcess, endpoint: str, count: int = 2000) -> float:
+    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+    remaining = count
+
+    async def client() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            async with session.post(f"{gateway.url}/v2/{endpoint}/run", json={"input": {}},
+                                    headers=headers) as response:  # fmt: skip
+                await response.read()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(16)))
+    return count / (time.perf_counter() - started)
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> None:
+    processes: list[subprocess.Popen] = []
+    redis_server = RedisServer(workdir / "redis", appendfsync="everysec").start()
+    gateways = {
+        "memory": GatewayProcess("memory://", workdir / "memory").start(),
+        "redis": GatewayProcess(redis_server.url, workdir / "redis-gw").start(),
+    }
+    setups: list[Setup] = []
+    try:
+        peer_process, peer_url = peer(workdir)
+        processes.append(peer_process)
+        setups += [Setup("peer, c1", peer_url, 1), Setup("peer, c16", peer_url, 16)]
+        layouts = (("1 worker", 1, 1, 1), ("1 worker x16", 1, 16, 16), ("4 workers", 4, 1, 16))
+        for backend, gateway in gateways.items():
+            for label, workers, concurrency, clients in layouts:
+                if backend == "redis" and label != "1 worker":
+                    continue
+                endpoint = f"{backend}-{workers}-{concurrency}"
+                gateway.register(endpoint, TOKEN, heartbeatIntervalSeconds=1, heartbeatMisses=3)
+                for n in range(workers):
+                    env = gateway.worker_env(endpoint, TOKEN, f"{endpoint}-w{n}",
+                                             HANDLER_CONCURRENCY=str(concurrency))  # fmt: skip
+                    processes.append(start_worker(env, MODULE, [], workdir / f"{endpoint}-{n}.log"))
+                url = f"{gateway.url}/v2/{endpoint}/runsync"
+                setups.append(Setup(f"ours {backend}, {label}, c{clients}", url, clients))
+        connector = aiohttp.TCPConnector(limit=64)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for setup in setups:
+                await wait_ready(session, setup.url)
+            for _ in range(args.rounds):  # interleaved: every setup once per round
+                for setup in setups:
+                    await drive(session, setup, args.requests)
+            client = redis.Redis.from_url(redis_server.url)
+            client.config_resetstat()
+            jobs = 200
+            redis_setup = Setup(
+                "redis commands", f"{gateways['redis'].url}/v2/redis-1-1/runsync", 1
+            )
+            await drive(session, redis_setup, jobs)
+            commands = sum(v["calls"] for v in client.info("commandstats").values())
+            enqueue = {
+                backend: await enqueue_rate(session, gateway, f"{backend}-1-1")
+                for backend, gateway in gateways.items()
+            }
+    finally:
+        for process in processes:
+            kill_group(process)
+        for gateway in gateways.values():
+            gateway.stop()
+        redis_server.kill()
+    peers = {s.clients: s for s in setups if s.label.startswith("peer")}
+    print(f"load: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores; "
+          f"{args.rounds} rounds x {args.requests} runsync per setup")  # fmt: skip
+    print(f"{'setup':<36} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'ours/peer':>10}")
+    for setup in setups:
+        rate = setup.requests / setup.elapsed
+        reference = peers.get(1 if setup.clients == 1 else 16)
+        ratio = rate / (reference.requests / reference.elapsed) if reference else float("nan")
+        print(f"{setup.label:<36} {rate:8.0f} {statistics.median(setup.samples):8.1f} "
+              f"{pct(setup.samples, 0.99):8.1f} {ratio:10.3f}")  # fmt: skip
+    print(f"Redis commands per job (runsync, 1 worker): {commands / jobs:.1f}")
+    print(f"/run enqueue c16: memory {enqueue['memory']:.0f}/s, redis {enqueue['redis']:.0f}/s "
+          f"(redis/memory {enqueue['redis'] / enqueue['memory']:.2f})")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=300)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for name in ("memory", "redis-gw", "redis"):
+            (workdir / name).mkdir()
+        asyncio.run(run(args, workdir))
+
+
+if __name__ == "__main__":
+    main()
