@@ -21,13 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.processes import (  # noqa: E402
-    CLIENT_KEY,
-    GatewayProcess,
-    http_json,
-    kill_group,
-    start_worker,
-)
+from tests import processes  # noqa: E402
+from tests.processes import CLIENT_KEY, GatewayProcess, http_json  # noqa: E402
 
 TOKEN = "bench-shutdown-token-0123456789"
 # The SDK on its own: the same handler module, no handler_worker runtime around it.
@@ -47,7 +42,7 @@ def trial(gateway: GatewayProcess, workdir: Path, plain: bool, job_seconds: floa
             start_new_session=True,
         )
     else:
-        worker = start_worker(env, "handlers.echo_async", [], workdir / "worker.log")
+        worker = processes.start_worker(env, "handlers.echo_async", [], workdir / "worker.log")
     try:
         url = f"{gateway.url}/v2/ep"
         job = http_json("POST", f"{url}/run", {"input": {"sleep": job_seconds}}, key=CLIENT_KEY)[1]
@@ -65,7 +60,7 @@ def trial(gateway: GatewayProcess, workdir: Path, plain: bool, job_seconds: floa
         worker.wait(300)
         return time.monotonic() - ended
     finally:
-        kill_group(worker)
+        processes.kill_group(worker)
 
 
 def main() -> None:

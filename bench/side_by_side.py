@@ -53,24 +53,35 @@ class Setup:
     requests: int = 0
 
 
-async def drive(session: aiohttp.ClientSession, setup: Setup, count: int) -> None:
-    """`count` runsync requests over `setup.clients` connections; latencies in ms."""
-    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
+HEADERS = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
+async def clients(count: int, connections: int, request) -> float:
+    """`count` calls of `request()` spread over `connections` concurrent clients; seconds."""
     remaining = count
 
     async def client() -> None:
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            started = time.perf_counter()
-            async with session.post(setup.url, json={"input": {"n": 1}}, headers=headers) as r:
-                body = await r.json()
-            assert body.get("status") == "COMPLETED" or "output" in body, body
-            setup.samples.append((time.perf_counter() - started) * 1000)
+            await request()
 
     started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(setup.clients)))
-    setup.elapsed += time.perf_counter() - started
+    await asyncio.gather(*(client() for _ in range(connections)))
+    return time.perf_counter() - started
+
+
+async def drive(session: aiohttp.ClientSession, setup: Setup, count: int) -> None:
+    """`count` runsync requests over `setup.clients` connections; latencies in ms."""
+
+    async def runsync() -> None:
+        started = time.perf_counter()
+        async with session.post(setup.url, json={"input": {"n": 1}}, headers=HEADERS) as r:
+            body = await r.json()
+        assert body.get("status") == "COMPLETED" or "output" in body, body
+        setup.samples.append((time.perf_counter() - started) * 1000)
+
+    setup.elapsed += await clients(count, setup.clients, runsync)
     setup.requests += count
 
 
@@ -92,8 +103,7 @@ async def wait_ready(session: aiohttp.ClientSession, url: str, timeout: float = 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
-            async with session.post(url, json={"input": {"n": 0}}, headers=headers) as response:
+            async with session.post(url, json={"input": {"n": 0}}, headers=HEADERS) as response:
                 if response.status == 200:
                     return
         except aiohttp.ClientError:
@@ -109,20 +119,12 @@ def pct(samples: list[float], q: float) -> float:
 
 
 async def enqueue_rate(session, gateway: GatewayProcess, endpoint: str, count: int = 2000) -> float:
-    headers = {"Authorization": f"Bearer {CLIENT_KEY}"}
-    remaining = count
+    async def enqueue() -> None:
+        url = f"{gateway.url}/v2/{endpoint}/run"
+        async with session.post(url, json={"input": {}}, headers=HEADERS) as response:
+            await response.read()
 
-    async def client() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            async with session.post(f"{gateway.url}/v2/{endpoint}/run", json={"input": {}},
-                                    headers=headers) as response:  # fmt: skip
-                await response.read()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(16)))
-    return count / (time.perf_counter() - started)
+    return count / await clients(count, 16, enqueue)
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> None:
