@@ -134,7 +134,12 @@ def references_secret(deployment: dict[str, Any] | None, name: str) -> bool:
 # The chart's generated credentials (gateway keys, Redis password) are made at install time by
 # a hook, never rendered: `helm template` stays the same on every render, and Helm never deletes
 # or rotates them on an upgrade (`keep` is honoured on the live object).
-KEEP_ANNOTATIONS = {"helm.sh/resource-policy": "keep"}
+KEEP_ANNOTATIONS = {
+    "helm.sh/resource-policy": "keep",
+    # Argo CD neither prunes them nor shows them out of sync (they are in no rendered manifest).
+    "argocd.argoproj.io/sync-options": "Prune=false",
+    "argocd.argoproj.io/compare-options": "IgnoreExtraneous",
+}
 
 
 def build_kept_secret_write(

@@ -1,5 +1,5 @@
 """A worker told to stop (SIGTERM: scale-down, rollout, node drain, eviction) while it runs a
-job, on both backends, with the real runpod worker loop: the job completes once, nothing is
+job, on both backends, through both job loops (ours and the runpod SDK's): the job completes once, nothing is
 redelivered, no new job is handed to it, and it exits long before a take long-poll would end."""
 
 from __future__ import annotations
@@ -34,9 +34,13 @@ def status(gateway, job_id: str) -> dict:
     return http_json("GET", f"{gateway.url}/v2/ep/status/{job_id}", key=CLIENT_KEY)[1]
 
 
-def test_sigterm_mid_job_finishes_it_once_takes_nothing_more_and_exits(gateway, tmp_path):
+@pytest.mark.parametrize("loop", ["ours", "sdk"])
+def test_sigterm_mid_job_finishes_it_once_takes_nothing_more_and_exits(gateway, tmp_path, loop):
+    """Both job loops: ours (default), and the SDK's own (HANDLER_SDK_LOOP=1), where the leave
+    is chained in front of the SDK's SIGTERM handler."""
+    sdk = {"HANDLER_SDK_LOOP": "1"} if loop == "sdk" else {}
     worker = start_worker(
-        gateway.worker_env("ep", TOKEN, "leaving", HANDLER_CONCURRENCY="2"),
+        gateway.worker_env("ep", TOKEN, "leaving", HANDLER_CONCURRENCY="2", **sdk),
         "handlers.echo_async",
         [],
         tmp_path / "leaving.log",

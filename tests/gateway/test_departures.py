@@ -94,7 +94,7 @@ async def test_a_job_whose_take_answer_cannot_be_written_goes_back(api, monkeypa
     monkeypatch.setattr(api.gateway, "take", claiming_take)
     monkeypatch.setattr(routes, "_connected", lambda request: not claimed.is_set())
     job_id = await api.run({"n": 1})
-    assert await api.take("gone") is None or True  # the answer is lost either way
+    await api.take("gone")  # its answer never reaches the worker
     view = await api.status(job_id)
     assert view["status"] == "IN_QUEUE", view
     monkeypatch.setattr(routes, "_connected", lambda request: True)

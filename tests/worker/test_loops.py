@@ -24,14 +24,27 @@ class Script:
         self.hold = hold
         self.stop_ids: asyncio.Queue[list[str]] = asyncio.Queue()
         self.fetch_cancelled = 0
+        self.left = asyncio.Event()  # the gateway heard the leave
+        self.on_leave: list[dict] = []  # what the open take hands over in its answer to it
+
+    def leave(self) -> bool:
+        """The blocking announce (run in a thread by the loop)."""
+        self.events.append(("leave",))
+        asyncio.run_coroutine_threadsafe(self._left(), self.loop).result(5)
+        return True
+
+    async def _left(self) -> None:
+        self.left.set()
 
     async def fetch(self, session, count):
+        self.loop = asyncio.get_running_loop()
         self.events.append(("take", count))
         if self.queue:
             taken, self.queue = self.queue[:count], self.queue[count:]
             return taken
         try:
-            await asyncio.Event().wait()  # a long-poll with nothing to hand out
+            await self.left.wait()  # a long-poll, answered at once once the worker leaves
+            return self.on_leave or None
         except asyncio.CancelledError:
             self.fetch_cancelled += 1
             raise
@@ -92,20 +105,55 @@ async def test_a_take_asks_for_the_free_slots_and_waits_for_one_when_full():
     await running
 
 
-async def test_stop_lets_running_jobs_finish_and_says_so_once():
-    said = []
+async def test_stop_tells_the_gateway_once_and_lets_running_jobs_finish():
     script = Script(jobs("a"), hold=True)
-    loop = loops.WorkerLoop({}, 2, script.fetch, script.run, on_stop=lambda: said.append(1))
+    loop = loops.WorkerLoop({}, 2, script.fetch, script.run, leave=script.leave)
     running = asyncio.create_task(loop.run(None))
-    await settle()
+    await until(lambda: loop.takes == 2)
     loop.stop()
     loop.stop()
+    await until(lambda: script.left.is_set())
     await settle()
     assert not running.done(), "a job is still running"
     script.release.set()
     await running
-    assert script.events[-1] == ("end", "a") and said == [1]
-    assert loop.takes == 2 and script.fetch_cancelled == 1
+    assert script.events.count(("leave",)) == 1 and script.events[-1] == ("end", "a")
+    assert script.fetch_cancelled == 0, "the open take was answered, not abandoned"
+
+
+async def test_a_job_handed_over_in_the_answer_to_the_leave_still_runs():
+    """Cancelling the open take on SIGTERM could lose a job the gateway already wrote to us."""
+    script = Script([])
+    script.on_leave = jobs("late")
+    loop = loops.WorkerLoop({}, 1, script.fetch, script.run, leave=script.leave)
+    running = asyncio.create_task(loop.run(None))
+    await until(lambda: loop.takes == 1)
+    loop.stop()
+    await asyncio.wait_for(running, 5)
+    assert ("start", "late") in script.events and ("end", "late") in script.events
+
+
+async def test_stops_still_reach_jobs_while_the_worker_drains():
+    script = Script(jobs("a"), hold=True)
+    loop = loops.WorkerLoop({}, 1, script.fetch, script.run, stops=script.stops)
+    running = asyncio.create_task(loop.run(None))
+    await until(lambda: "a" in loop.tasks)
+    loop.stop()
+    script.stop_ids.put_nowait(["a"])  # a client cancels while the pod drains
+    await asyncio.wait_for(running, 5)
+    assert ("end", "a") not in script.events
+
+
+async def test_a_job_handed_over_twice_runs_once_here():
+    script = Script(jobs("a") + jobs("a"), hold=True)
+    loop = loops.WorkerLoop({}, 2, script.fetch, script.run)
+    running = asyncio.create_task(loop.run(None))
+    await until(lambda: loop.takes >= 1 and "a" in loop.tasks)
+    await settle()
+    assert script.events.count(("start", "a")) == 1
+    loop.stop()
+    script.release.set()
+    await running
 
 
 async def test_a_stop_signal_cancels_just_that_job():
@@ -122,11 +170,14 @@ async def test_a_stop_signal_cancels_just_that_job():
     assert ("end", "a") not in script.events and ("end", "b") in script.events
 
 
-async def test_refresh_worker_ends_the_loop_after_its_job():
+async def test_refresh_worker_ends_the_loop_after_its_job_without_leaving():
     script = Script(jobs("a", "b"))
-    loop = loops.WorkerLoop({"refresh_worker": True}, 1, script.fetch, script.run)
+    loop = loops.WorkerLoop(
+        {"refresh_worker": True}, 1, script.fetch, script.run, leave=script.leave
+    )
     await asyncio.wait_for(loop.run(None), 5)
     assert [e for e in script.events if e[0] == "start"] == [("start", "a")]
+    assert ("leave",) not in script.events, "the next process takes jobs under the same name"
 
 
 async def test_a_failing_take_backs_off_and_goes_on(monkeypatch):

@@ -25,6 +25,8 @@ STOP_TIMEOUT_S = 90.0
 ERROR_BACKOFF_S = 1.0  # after a failed take or stop poll: no tight loop on a gateway outage
 THROTTLED_BACKOFF_S = 5.0  # after a 429, as the SDK does
 STOP_POLL_FLOOR_S = 1.0  # the least time between two stop polls, as the SDK's floor
+TAKE_POLL_FLOOR_S = 0.2  # the least time between two takes answered empty at once
+LEAVE_ANSWER_S = 10.0  # how long the open take may take to answer once the leave was heard
 
 
 class WorkerLoop:
@@ -39,25 +41,35 @@ class WorkerLoop:
         run: Run,
         stops: Stops | None = None,
         progress: Any = None,
-        on_stop: Callable[[], None] | None = None,
+        leave: Callable[[], bool] | None = None,
     ):
         self.config = config
         self.capacity = max(1, capacity)
         self.fetch, self.run_job, self.stops = fetch, run, stops
         self.progress = progress
-        self.on_stop = on_stop
+        self.leave = leave  # tells the gateway (blocking, bounded): True when it heard
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.takes = 0  # take requests made (tests count them)
         self._stopping: asyncio.Event | None = None
         self._slot_freed: asyncio.Event | None = None
+        self._leaving = False
+        self._announced: bool | None = None
 
     # -- control ---------------------------------------------------------------------------
-    def stop(self) -> None:
-        """Take nothing more; the jobs running finish, then `run()` returns."""
+    def stop(self, leaving: bool = True) -> None:
+        """Take nothing more; the jobs running finish, then `run()` returns. `leaving` (a
+        signal, not a refresh): the gateway is told, so the open take is answered at once and
+        anything it hands over in that answer still runs."""
         if self._stopping is not None and not self._stopping.is_set():
+            self._leaving = leaving
             self._stopping.set()
-            if self.on_stop is not None:
-                self.on_stop()
+
+    async def _announce(self) -> bool:
+        if self._announced is None:
+            self._announced = bool(
+                self._leaving and self.leave is not None and await asyncio.to_thread(self.leave)
+            )
+        return self._announced
 
     def _free_slots(self) -> int:
         modifier = self.config.get("concurrency_modifier")
@@ -79,6 +91,7 @@ class WorkerLoop:
                 jobs = await self._take(session, free)
                 for job in jobs or []:
                     self._start(session, job)  # at once: nothing waits in a local queue
+            await self._announce()
         finally:
             if self.tasks:
                 await asyncio.gather(*self.tasks.values(), return_exceptions=True)
@@ -101,9 +114,23 @@ class WorkerLoop:
         return None
 
     async def _take(self, session: Any, count: int) -> list[dict[str, Any]] | None:
+        """One take long-poll. Stopped meanwhile: once the gateway has heard the leave it
+        answers the take at once, and a job it handed over in that answer still runs (cancelling
+        the take could lose a job already written to us); unheard, the take is abandoned."""
+        assert self._stopping is not None
         self.takes += 1
+        asked = asyncio.get_running_loop().time()
+        take = asyncio.ensure_future(asyncio.wait_for(self.fetch(session, count), TAKE_TIMEOUT_S))
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            return await self._until(asyncio.wait_for(self.fetch(session, count), TAKE_TIMEOUT_S))
+            await asyncio.wait({take, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if not take.done() and await self._announce():
+                await asyncio.wait({take}, timeout=LEAVE_ANSWER_S)
+            if not take.done():
+                take.cancel()
+                await asyncio.gather(take, return_exceptions=True)
+                return None
+            jobs = take.result()
         except TimeoutError:
             return None
         except Exception as exc:  # noqa: BLE001 - the gateway's problem: log, back off, go on
@@ -111,8 +138,18 @@ class WorkerLoop:
             log.warning("taking a job failed: %s", exc)
             await self._until(asyncio.sleep(THROTTLED_BACKOFF_S if throttled else ERROR_BACKOFF_S))
             return None
+        finally:
+            stopping.cancel()
+        quick = asyncio.get_running_loop().time() - asked < TAKE_POLL_FLOOR_S
+        if not jobs and quick and not self._stopping.is_set():
+            # An empty answer that did not wait (a mark from a previous life): no tight loop.
+            await self._until(asyncio.sleep(TAKE_POLL_FLOOR_S))
+        return jobs
 
     def _start(self, session: Any, job: dict[str, Any]) -> None:
+        if job["id"] in self.tasks:  # handed over again while it runs here: once is enough
+            log.warning("job %s is already running here", job["id"])
+            return
         if self.progress is not None:
             self.progress.add(job)
         self.tasks[job["id"]] = asyncio.create_task(self._handle(session, job))
@@ -121,7 +158,9 @@ class WorkerLoop:
         try:
             await self.run_job(session, self.config, job)
             if self.config.get("refresh_worker", False):
-                self.stop()  # the SDK's per-worker refresh: exit after this job, a new one starts
+                # The SDK's per-worker refresh: exit after this job and start afresh (not a
+                # departure: the next process takes jobs under the same name at once).
+                self.stop(leaving=False)
         except asyncio.CancelledError:
             log.info("job %s stopped", job["id"])
         except Exception:
@@ -137,23 +176,25 @@ class WorkerLoop:
         """Cancel the jobs the gateway says to stop (cancelled, timed out)."""
         assert self.stops is not None and self._stopping is not None
         clock = asyncio.get_running_loop().time
-        while not self._stopping.is_set():
+        # Until the last job ends, stopped or not: a cancel or a timeout during a drain still
+        # reaches its job (a leaving worker's stop polls are answered at once, floor below).
+        while not self._stopping.is_set() or self.tasks:
             asked = clock()
             try:
-                ids = await self._until(asyncio.wait_for(self.stops(session), STOP_TIMEOUT_S))
+                ids = await asyncio.wait_for(self.stops(session), STOP_TIMEOUT_S)
             except TimeoutError:
                 continue
             except Exception as exc:  # noqa: BLE001
                 log.warning("polling job stops failed: %s", exc)
-                await self._until(asyncio.sleep(ERROR_BACKOFF_S))
+                await asyncio.sleep(ERROR_BACKOFF_S)
                 continue
             for job_id in ids or []:
                 task = self.tasks.get(job_id)
                 if task is not None:
                     task.cancel()
             if not ids and clock() - asked < STOP_POLL_FLOOR_S:
-                # An empty answer that did not wait (no stop channel): no tight loop.
-                await self._until(asyncio.sleep(STOP_POLL_FLOOR_S - (clock() - asked)))
+                # An empty answer that did not wait (no stop channel, leaving): no tight loop.
+                await asyncio.sleep(STOP_POLL_FLOOR_S - (clock() - asked))
 
 
 def install_signals(loop: WorkerLoop) -> None:
@@ -172,11 +213,9 @@ def install_signals(loop: WorkerLoop) -> None:
         event_loop.add_signal_handler(sig, on_signal)
 
 
-def serve(config: dict[str, Any], capacity: int, announce_leaving: Callable[[], None]) -> None:
+def serve(config: dict[str, Any], capacity: int, announce_leaving: Callable[[], bool]) -> None:
     """The production worker: the SDK's fitness checks and heartbeat, then our loop on the
     SDK's HTTP session until SIGTERM (which also tells the gateway the worker leaves)."""
-    import threading
-
     from runpod.http_client import AsyncClientSession
     from runpod.serverless.modules import rp_job, rp_ping
     from runpod.serverless.modules.rp_fitness import run_fitness_checks
@@ -185,9 +224,6 @@ def serve(config: dict[str, Any], capacity: int, announce_leaving: Callable[[], 
     progress, mirror = JobsProgress(), PingJobMirror()
     progress.set_mirror(mirror)
 
-    def leave() -> None:
-        threading.Thread(target=announce_leaving, name="leave", daemon=True).start()
-
     loop = WorkerLoop(
         config,
         capacity,
@@ -195,7 +231,7 @@ def serve(config: dict[str, Any], capacity: int, announce_leaving: Callable[[], 
         run=rp_job.handle_job,
         stops=rp_job.get_stop_signals,
         progress=progress,
-        on_stop=leave,
+        leave=announce_leaving,
     )
 
     async def main() -> None:

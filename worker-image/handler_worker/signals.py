@@ -8,9 +8,9 @@ as soon as its last job is done.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -40,7 +40,7 @@ def announce_leaving(url: str, token: str, timeout: float = LEAVE_TIMEOUT_S) -> 
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
             return 200 <= response.status < 300
-    except (OSError, urllib.error.URLError) as exc:
+    except Exception as exc:  # noqa: BLE001 - URLError, HTTPException, ValueError: never raise
         log.warning("could not tell the gateway this worker is leaving: %s", exc)
         return False
 
@@ -54,6 +54,9 @@ def chain_sigterm(on_term: Callable[[], None]) -> None:
         threading.Thread(target=on_term, name="leave", daemon=True).start()
         if callable(previous):
             previous(signum, frame)
+        elif previous != signal.SIG_IGN:  # the default: SIGTERM still ends the process
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, handle)
 
