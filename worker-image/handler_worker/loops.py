@@ -100,8 +100,8 @@ class WorkerLoop:
                 await asyncio.gather(watcher, return_exceptions=True)
 
     async def _until(self, awaitable: Awaitable[Any]) -> Any:
-        """`awaitable`'s result, or None once stop() is called (the awaitable is cancelled:
-        an abandoned take is given back by the gateway)."""
+        """`awaitable`'s result (a back-off sleep, the wait for a free slot), or None once
+        stop() is called (the awaitable is cancelled)."""
         assert self._stopping is not None
         work = asyncio.ensure_future(awaitable)
         stopping = asyncio.ensure_future(self._stopping.wait())
