@@ -5,8 +5,9 @@ worker with concurrency 16, 4 workers), interleaved over rounds so load drifts h
     python bench/side_by_side.py [--rounds 3] [--requests 300]
 
 Prints req/s, p50 and p99 of POST /runsync (trivial echo handler) per setup and client
-concurrency, ours/peer ratios, /run enqueue rates, and Redis commands per job (INFO
-commandstats). No figure is asserted anywhere: this prints.
+concurrency, ours/peer ratios, /run enqueue rates, and per job on Redis: the requests the gateway
+sent (round trips; a MULTI block counts once) and the commands run, in scripts or not (MONITOR).
+No figure is asserted anywhere: this prints.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +120,50 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class RedisCommands:
+    """Counts, through MONITOR, what clients send (a MULTI..EXEC block is one request) and every
+    command Redis runs, inside scripts too. Idle pub/sub and the monitor itself are left out."""
+
+    def __init__(self, url: str):
+        self.client = redis.Redis.from_url(url, decode_responses=True)
+        self.requests = self.scripts = self.commands = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._count, daemon=True)
+
+    def _count(self) -> None:
+        in_multi: set[str] = set()
+        with self.client.monitor() as monitor:
+            self._ready.set()
+            while not self._stop.is_set():
+                entry = monitor.next_command()
+                command = entry["command"].split(" ", 1)[0].strip('"').upper()
+                if command in ("MONITOR", "PING") or entry.get("client_type") == "lua":
+                    self.commands += entry.get("client_type") == "lua"
+                    continue
+                self.commands += 1
+                source = f"{entry.get('client_address')}:{entry.get('client_port')}"
+                if command == "MULTI":
+                    in_multi.add(source)
+                elif command in ("EXEC", "DISCARD"):
+                    in_multi.discard(source)
+                    self.requests += 1
+                elif source not in in_multi:
+                    self.requests += 1
+                    self.scripts += command in ("EVALSHA", "EVAL", "FCALL")
+
+    def __enter__(self) -> RedisCommands:
+        self._ready = threading.Event()
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.client.ping()  # wakes the monitor so it sees the stop
+        self._thread.join(10)
+        self.client.close()
+
+
 async def enqueue_rate(session, gateway: GatewayProcess, endpoint: str, count: int = 2000) -> float:
     async def enqueue() -> None:
         url = f"{gateway.url}/v2/{endpoint}/run"
@@ -159,14 +205,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
             for _ in range(args.rounds):  # interleaved: every setup once per round
                 for setup in setups:
                     await drive(session, setup, args.requests)
-            client = redis.Redis.from_url(redis_server.url)
-            client.config_resetstat()
             jobs = 200
             redis_setup = Setup(
                 "redis commands", f"{gateways['redis'].url}/v2/redis-1-1/runsync", 1
             )
-            await drive(session, redis_setup, jobs)
-            commands = sum(v["calls"] for v in client.info("commandstats").values())
+            with RedisCommands(redis_server.url) as counted:
+                await drive(session, redis_setup, jobs)
             enqueue = {
                 backend: await enqueue_rate(session, gateway, f"{backend}-1-1")
                 for backend, gateway in gateways.items()
@@ -187,7 +231,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         ratio = rate / (reference.requests / reference.elapsed) if reference else float("nan")
         print(f"{setup.label:<36} {rate:8.0f} {statistics.median(setup.samples):8.1f} "
               f"{pct(setup.samples, 0.99):8.1f} {ratio:10.3f}")  # fmt: skip
-    print(f"Redis commands per job (runsync, 1 worker): {commands / jobs:.1f}")
+    print(f"Redis per job (runsync, 1 worker): {counted.requests / jobs:.1f} requests from the "
+          f"gateway ({counted.scripts / jobs:.1f} scripts), {counted.commands / jobs:.1f} "
+          "commands run")  # fmt: skip
     print(f"/run enqueue c16: memory {enqueue['memory']:.0f}/s, redis {enqueue['redis']:.0f}/s "
           f"(redis/memory {enqueue['redis'] / enqueue['memory']:.2f})")  # fmt: skip
 

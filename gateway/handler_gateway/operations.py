@@ -37,6 +37,8 @@ from handler_gateway.models import (
 log = logging.getLogger("handler_gateway")
 # A leaving worker's mark outlives its longest long-poll by this much.
 LEAVING_MARGIN_S = 10.0
+# Results that ended on this replica, kept for a runsync waiting on them (oldest dropped first).
+KEPT_RESULTS = 1024
 
 
 class NotFound(Exception):
@@ -77,6 +79,7 @@ class Gateway:
         self.replica = uuid.uuid4().hex[:12]
         self.stopping = False
         self._endpoints: dict[str, tuple[EndpointConfig, float]] = {}
+        self._results: dict[tuple[str, str], JobRecord] = {}  # ended here, not yet read back
 
     # -- endpoints -------------------------------------------------------------------------
     async def endpoint(self, endpoint_id: str) -> EndpointConfig:
@@ -110,6 +113,15 @@ class Gateway:
         for change in changes if isinstance(changes, list) else [changes]:
             for observer in self.observers:
                 observer.on_change(change)
+            job = change.job
+            if job.terminal:
+                # A runsync waiting here gets the result without reading it back.
+                self._results[(job.endpoint, job.id)] = job
+                while len(self._results) > KEPT_RESULTS:
+                    del self._results[next(iter(self._results))]
+                self.backend.notifier.notify(job_channel(job.endpoint, job.id))
+            else:
+                self._results.pop((job.endpoint, job.id), None)
 
     async def submit(self, endpoint_id: str, request: RunRequest) -> JobRecord:
         config = await self.endpoint(endpoint_id)
@@ -146,14 +158,26 @@ class Gateway:
             raise NotFound(f"job '{job_id}' not found in endpoint '{endpoint_id}'")
         return job
 
-    async def wait_terminal(self, endpoint_id: str, job_id: str, wait: float) -> JobRecord:
-        """The job once it has ended, or as it is after `wait` seconds (runsync)."""
+    async def wait_terminal(
+        self, endpoint_id: str, job_id: str, wait: float, submitted: JobRecord | None = None
+    ) -> JobRecord:
+        """The job once it has ended, or as it is after `wait` seconds (runsync).
+
+        `submitted`: the record `submit` just returned, so the first look needs no read. A
+        result this replica stored is taken as it was stored; others are read back.
+        """
         deadline = self.clock() + wait
         channel = job_channel(endpoint_id, job_id)
         notifier = self.backend.notifier
+        seen = 0  # a job's channel is first notified after the job is created
         while True:
-            seen = notifier.version(channel)
-            job = await self.job(endpoint_id, job_id)
+            if submitted is not None:
+                job, submitted = submitted, None
+            else:
+                seen = notifier.version(channel)
+                job = self._results.pop((endpoint_id, job_id), None) or await self.job(
+                    endpoint_id, job_id
+                )
             remaining = deadline - self.clock()
             if job.terminal or remaining <= 0:
                 return job
@@ -251,20 +275,15 @@ class Gateway:
         notifier, channel = self.backend.notifier, queue_channel(endpoint_id)
         while True:
             seen = notifier.version(channel)
-            held, draining, leaving = await self.backend.poll_worker(
-                endpoint_id, worker, self.clock()
-            )
-            if leaving or not connected():
+            if not connected():
                 return []
-            allowed = count if capacity is None else min(count, capacity - held)
-            if allowed > 0 and not draining:
-                changes = await self.backend.claim_jobs(
-                    endpoint_id, allowed, lambda job: jobs.start(job, worker, self.clock())
-                )
-                self._observe(changes)
-                started = [c.job for c in changes if c.job.status == JobStatus.IN_PROGRESS]
-                if started:
-                    return started
+            poll, changes = await self.backend.take_jobs(
+                endpoint_id, worker, count, capacity, self.clock()
+            )
+            self._observe(changes)
+            started = [c.job for c in changes if c.job.status == JobStatus.IN_PROGRESS]
+            if started or poll.leaving:
+                return started
             remaining = deadline - self.clock()
             if remaining <= 0:
                 return []
@@ -464,7 +483,6 @@ class Gateway:
             return []
         changes: list[Change] = []
         now = self.clock()
-        await self.backend.recover(now)
         for config in await self.backend.list_endpoints():
             endpoint_id, lost_after = config.id, config.lost_after_s
             for job_id in await self.backend.active_job_ids(endpoint_id):

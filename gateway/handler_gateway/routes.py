@@ -228,7 +228,7 @@ async def runsync(request: web.Request) -> web.Response:
         request, "wait", int(timings.runsync_wait * 1000), 0, int(timings.runsync_wait_max * 1000)
     )
     job = await gateway.submit(endpoint, body)
-    job = await gateway.wait_terminal(endpoint, job.id, wait_ms / 1000)
+    job = await gateway.wait_terminal(endpoint, job.id, wait_ms / 1000, submitted=job)
     if job.terminal:
         return respond(job_view(job))
     return web.json_response({"id": job.id, "status": job.status.value})

@@ -2,7 +2,7 @@
 
 A backend persists job records and applies a transition's `Effects` atomically (queue, counters,
 worker assignment, stop signals, dead letters) and wakes long-polls through channels. Two
-implementations pass the same contract suite: `memory://` (embedded) and `redis://` (Streams).
+implementations pass the same contract suite: `memory://` (embedded) and `redis://`.
 """
 
 from __future__ import annotations
@@ -152,11 +152,16 @@ class Backend(ABC):
         """Apply `transition` to the stored job atomically; None when it is absent or unchanged."""
 
     @abstractmethod
-    async def claim_jobs(self, endpoint: str, count: int, transition: Transition) -> list[Change]:
-        """Pop up to `count` queued jobs, applying `transition` (start) to each atomically.
+    async def take_jobs(
+        self, endpoint: str, worker: str, count: int, capacity: int | None, now: float
+    ) -> tuple[WorkerPoll, list[Change]]:
+        """A worker's take, atomically and in one round trip: mark it seen and, unless it is
+        draining or leaving, pop up to `count` queued jobs (fewer when it would then hold more
+        than `capacity`) and apply `jobs.start(job, worker, now)` to each.
 
-        Entries whose job is no longer queued are dropped. Returns every change applied (a
-        start, or an expiry when the job's ttl passed while queued).
+        Entries whose job is no longer queued are dropped. Returns the worker's state before
+        the take and every change applied (a start, or an expiry when the job's ttl passed
+        while it was queued).
         """
 
     @abstractmethod
@@ -253,10 +258,6 @@ class Backend(ABC):
     async def forget_expired(self, endpoint: str, now: float) -> int:
         """Delete terminal job records past their expiry (where storage does not expire them)."""
 
-    async def recover(self, now: float) -> int:
-        """Re-queue deliveries a dead gateway replica left half-done. Returns how many."""
-        return 0
-
     @abstractmethod
     async def ping(self) -> None: ...
 
@@ -271,7 +272,7 @@ def open_backend(url: str, **options: Any) -> Backend:
 
         return MemoryBackend()
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from handler_gateway.backends.redis_streams import RedisBackend
+        from handler_gateway.backends.redis_scripts import RedisBackend
 
         return RedisBackend(url, **options)
     raise ValueError(f"unknown backend URL '{url}': use memory:// or redis://host:port/db")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from handler_gateway import jobs
 from handler_gateway.backends import (
     Backend,
     Notifier,
@@ -116,19 +117,23 @@ class MemoryBackend(Backend):
             self._apply(state, job, change)
         return change
 
-    async def claim_jobs(self, endpoint: str, count: int, transition: Transition) -> list[Change]:
+    async def take_jobs(
+        self, endpoint: str, worker: str, count: int, capacity: int | None, now: float
+    ) -> tuple[WorkerPoll, list[Change]]:
+        poll = await self.poll_worker(endpoint, worker, now)
+        allowed = count if capacity is None else min(count, capacity - poll.held)
         state = self._state(endpoint)
         changes: list[Change] = []
         started = 0
-        while state and state.queue and started < count:
+        while state and state.queue and started < allowed and not (poll.draining or poll.leaving):
             job = state.jobs.get(state.queue.popleft())
-            change = transition(job) if job is not None else None
+            change = jobs.start(job, worker, now) if job is not None else None
             if change is None:
                 continue
             self._apply(state, job, change)
             changes.append(change)
             started += change.job.status == JobStatus.IN_PROGRESS
-        return changes
+        return poll, changes
 
     async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
         state = self._state(endpoint)

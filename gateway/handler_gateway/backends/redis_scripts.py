@@ -1,0 +1,649 @@
+"""The production backend (`redis://`): job records, queues and counters in Redis, each job
+transition one server-side script (one round trip) applied only at the revision it was computed
+from, so gateway replicas share one Redis safely.
+
+A record is a hash of its fields (each a JSON value) plus `rev`; a queue is a list. Keys carry
+the endpoint as a hash tag (`{ep}`) so Redis Cluster keeps them together. Long-polls wake
+through one pub/sub channel; every wait also re-checks on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import json
+import logging
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from handler_gateway import jobs
+from handler_gateway.backends import (
+    Backend,
+    BackendUnavailable,
+    Notifier,
+    Transition,
+    WorkerPoll,
+    WorkerRecord,
+    change_channels,
+    job_channel,
+    queue_channel,
+    stop_channel,
+)
+from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
+from handler_gateway.models import EndpointConfig
+
+log = logging.getLogger("handler_gateway.redis")
+# The key layout this module reads and writes; older layouts are converted on first use.
+SCHEMA = "2"
+# Records this replica last wrote or took, kept to apply the next transition in one round trip.
+CACHED_RECORDS = 10_000
+
+# Store one job change if the record is still at the revision it was computed from ('' : the
+# record must not exist). On a conflict, answers the record as it is now, so the caller can
+# compute again without another read. KEYS: job, input, chunks, queue, active, counters,
+# activity, dead letters, released worker's jobs, assigned worker's jobs, stopped worker's stops.
+# ARGV: expected revision, effects (JSON), field/value pairs.
+APPLY = """
+local job = KEYS[1]
+local rev = redis.call('HGET', job, 'rev')
+if (ARGV[1] == '' and rev) or (ARGV[1] ~= '' and rev ~= ARGV[1]) then
+  return {0, redis.call('HGETALL', job)}
+end
+local e = cjson.decode(ARGV[2])
+local id = e.id
+rev = redis.call('HINCRBY', job, 'rev', 1)
+redis.call('HSET', job, unpack(ARGV, 3))
+if e.input then redis.call('SET', KEYS[2], e.input) end
+if e.expire_ms then
+  for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], e.expire_ms) end
+elseif e.persist then
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+end
+if e.active == 1 then redis.call('SADD', KEYS[5], id)
+elseif e.active == 0 then redis.call('SREM', KEYS[5], id) end
+if e.activity then redis.call('HSET', KEYS[7], e.endpoint, e.activity) end
+if e.enqueue then redis.call('RPUSH', KEYS[4], id) end
+for name, delta in pairs(e.counters) do redis.call('HINCRBY', KEYS[6], name, delta) end
+if e.release then redis.call('SREM', KEYS[9], id) end
+if e.assign then redis.call('SADD', KEYS[10], id) end
+if e.stop then redis.call('HSET', KEYS[11], id, '0') end
+if e.dead then redis.call('RPUSH', KEYS[8], id) end
+if e.undead then redis.call('LREM', KEYS[8], 0, id) end
+for _, channel in ipairs(e.channels) do redis.call('PUBLISH', e.notify, channel) end
+return {1, rev}
+"""
+
+# A worker's take: mark it seen and, unless it is draining or leaving, start up to `count` jobs
+# from the queue head (no more than `capacity` held), as `jobs.start` does: a job whose ttl
+# passed while queued times out instead. Answers held, draining, leaving, then per job popped
+# in a startable state {id, input, fields as they were}. KEYS: workers, the worker's jobs,
+# draining, leaving, queue, active, counters, activity. ARGV: worker, now, count, capacity
+# (-1: none), worker as JSON, job key prefix, input key prefix, chunks key prefix, endpoint,
+# notify channel, job channel prefix, ttl error text before and after the seconds, result
+# retention seconds.
+TAKE = """
+local worker, now = ARGV[1], tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], worker, ARGV[2])
+local held = redis.call('SCARD', KEYS[2])
+local draining = redis.call('SISMEMBER', KEYS[3], worker)
+local leaving = redis.call('EXISTS', KEYS[4])
+local out = {held, draining, leaving}
+if draining == 1 or leaving == 1 then return out end
+local allowed = tonumber(ARGV[3])
+local capacity = tonumber(ARGV[4])
+if capacity >= 0 then allowed = math.min(allowed, capacity - held) end
+local started = 0
+while started < allowed do
+  local id = redis.call('LPOP', KEYS[5])
+  if not id then break end
+  local key = ARGV[6] .. id
+  local fields = redis.call('HGETALL', key)
+  local f = {}
+  for i = 1, #fields, 2 do f[fields[i]] = fields[i + 1] end
+  if f.status == '"IN_QUEUE"' then
+    out[#out + 1] = {id, redis.call('GET', ARGV[7] .. id) or 'null', fields}
+    local created, ttl = tonumber(f.created_at), tonumber(f.ttl_s)
+    redis.call('HINCRBY', key, 'rev', 1)
+    if now >= created + ttl then
+      local message = ARGV[12] .. string.format('%g', ttl) .. ARGV[13]
+      redis.call('HSET', key, 'status', '"TIMED_OUT"', 'finished_at', ARGV[2],
+        'error', cjson.encode(message))
+      redis.call('HINCRBY', KEYS[7], 'inQueue', -1)
+      redis.call('HINCRBY', KEYS[7], 'timedOut', 1)
+      local expire_ms = string.format('%d',
+        math.floor(math.max(created + ttl, now + tonumber(ARGV[14])) * 1000))
+      for _, k in ipairs({key, ARGV[7] .. id, ARGV[8] .. id}) do
+        redis.call('PEXPIREAT', k, expire_ms)
+      end
+      redis.call('PUBLISH', ARGV[10], ARGV[11] .. id)
+    else
+      redis.call('HSET', key, 'status', '"IN_PROGRESS"', 'started_at', ARGV[2],
+        'heartbeat_at', ARGV[2], 'worker_id', ARGV[5])
+      redis.call('SADD', KEYS[6], id)
+      redis.call('SADD', KEYS[2], id)
+      redis.call('HINCRBY', KEYS[7], 'inQueue', -1)
+      redis.call('HINCRBY', KEYS[7], 'inProgress', 1)
+      redis.call('HSET', KEYS[8], ARGV[9], ARGV[2])
+      started = started + 1
+    end
+  end
+end
+return out
+"""
+
+
+def _unavailable(method):
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py turns a cancelled command into a connection error: keep the cancel.
+                raise asyncio.CancelledError from exc
+            raise BackendUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+    return wrapper
+
+
+class RedisBackend(Backend):
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "hop",
+        replica: str | None = None,
+        max_connections: int = 256,
+        **_: Any,
+    ):
+        self.url = url
+        self.prefix = prefix
+        self.replica = replica or f"gw-{uuid.uuid4().hex[:12]}"
+        # Blocking pool: many long-polls and bursts wait for a connection instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=10,
+            max_connections=max_connections,
+            timeout=5,
+        )
+        self.redis = aioredis.Redis(connection_pool=pool)
+        self.notifier = Notifier()
+        self._channel = f"{prefix}:notify"
+        self._listener: asyncio.Task[None] | None = None
+        self._pubsub: Any = None
+        self._records: OrderedDict[tuple[str, str], tuple[str, JobRecord]] = OrderedDict()
+        self._schema_ok = False
+        self._scripts = {
+            "apply": self.redis.register_script(APPLY),
+            "take": self.redis.register_script(TAKE),
+        }
+
+    # -- keys --------------------------------------------------------------------------------
+    def _k(self, endpoint: str, *parts: str) -> str:
+        return f"{self.prefix}:{{{endpoint}}}:" + ":".join(parts)
+
+    @property
+    def _endpoints_key(self) -> str:
+        return f"{self.prefix}:endpoints"
+
+    @property
+    def _activity_key(self) -> str:
+        return f"{self.prefix}:activity"
+
+    # -- notifications -----------------------------------------------------------------------
+    def _ensure_listener(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+
+    async def _listen(self) -> None:
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            self._pubsub = pubsub
+            try:
+                await pubsub.subscribe(self._channel)
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message and message.get("type") == "message":
+                        self.notifier.notify(message["data"])
+            except (RedisError, OSError) as exc:
+                log.debug("notification listener reconnecting: %s", exc)
+                await self._close_pubsub()
+                await asyncio.sleep(0.5)
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pubsub.aclose(), 2)
+
+    # -- endpoints -------------------------------------------------------------------------
+    async def put_endpoint(self, config: EndpointConfig) -> None:
+        await self.redis.hset(self._endpoints_key, config.id, config.model_dump_json())
+
+    async def get_endpoint(self, endpoint: str) -> EndpointConfig | None:
+        self._ensure_listener()
+        raw = await self.redis.hget(self._endpoints_key, endpoint)
+        return EndpointConfig.model_validate_json(raw) if raw else None
+
+    async def delete_endpoint(self, endpoint: str) -> bool:
+        removed = await self.redis.hdel(self._endpoints_key, endpoint)
+        await self.redis.hdel(self._activity_key, endpoint)
+        keys = [key async for key in self.redis.scan_iter(match=self._k(endpoint, "*"), count=500)]
+        for start in range(0, len(keys), 500):
+            await self.redis.unlink(*keys[start : start + 500])
+        for key in [key for key in self._records if key[0] == endpoint]:
+            del self._records[key]
+        return bool(removed)
+
+    async def list_endpoints(self) -> list[EndpointConfig]:
+        raw = await self.redis.hgetall(self._endpoints_key)
+        return [EndpointConfig.model_validate_json(value) for value in raw.values()]
+
+    # -- jobs --------------------------------------------------------------------------------
+    def _effects(self, change: Change, expected: str) -> dict[str, Any]:
+        """The script's view of `change.effects` and of what the new status implies for keys."""
+        job, effects = change.job, change.effects
+        created = expected == ""
+        out: dict[str, Any] = {
+            "id": job.id,
+            "endpoint": job.endpoint,
+            "notify": self._channel,
+            "counters": effects.counters,
+            "channels": change_channels(change),
+        }
+        if created:  # a new job: nothing to expire, persist or deactivate yet
+            out["input"] = json.dumps(job.input)
+        elif job.terminal and not effects.dead_letter:
+            out["expire_ms"] = str(int(job.expires_at * 1000))
+        elif effects.enqueue:  # back in line after a result's expiry was set
+            out["persist"] = True
+        if job.status == JobStatus.IN_PROGRESS:
+            out["active"] = 1
+        elif not created:
+            out["active"] = 0
+        if effects.activity:
+            out["activity"] = repr(job.finished_at or job.started_at or job.created_at)
+        for key, value in (
+            ("enqueue", effects.enqueue),
+            ("release", effects.release_worker),
+            ("assign", effects.assign_worker),
+            ("stop", effects.stop_worker),
+            ("dead", effects.dead_letter),
+            ("undead", effects.undead_letter),
+        ):
+            if value:
+                out[key] = True
+        return out
+
+    async def _apply(self, change: Change, expected: str) -> tuple[bool, Any]:
+        """Run APPLY for `change`: (True, new revision) or (False, the record's fields now)."""
+        job, effects = change.job, change.effects
+        endpoint, job_id = job.endpoint, job.id
+        fields = job.model_dump(mode="json", exclude={"input"})
+        pairs = [item for name, value in fields.items() for item in (name, json.dumps(value))]
+        keys = [
+            self._k(endpoint, "job", job_id),
+            self._k(endpoint, "input", job_id),
+            self._k(endpoint, "chunks", job_id),
+            self._k(endpoint, "queue"),
+            self._k(endpoint, "active"),
+            self._k(endpoint, "counters"),
+            self._activity_key,
+            self._k(endpoint, "dlq"),
+            self._k(endpoint, "wjobs", effects.release_worker or ""),
+            self._k(endpoint, "wjobs", effects.assign_worker or ""),
+            self._k(endpoint, "stops", effects.stop_worker or ""),
+        ]
+        args = [expected, json.dumps(self._effects(change, expected)), *pairs]
+        await self._ensure_schema()
+        done, value = await self._scripts["apply"](keys=keys, args=args)
+        return bool(done), value
+
+    def _remember(self, job: JobRecord, rev: int) -> None:
+        key = (job.endpoint, job.id)
+        self._records.pop(key, None)
+        if job.terminal:
+            return  # finished: further transitions are rare (retry), a read serves them
+        self._records[key] = (str(rev), job.model_copy(update={"input": None}))
+        while len(self._records) > CACHED_RECORDS:
+            self._records.popitem(last=False)
+
+    @staticmethod
+    def _record(fields: dict[str, str] | list[str]) -> tuple[str, JobRecord] | None:
+        """(revision, record) from a record hash (HGETALL's dict or a script's flat list)."""
+        if isinstance(fields, list):
+            fields = dict(zip(fields[::2], fields[1::2], strict=True))
+        if not fields:
+            return None
+        rev = fields.pop("rev", "0")
+        values = {name: json.loads(value) for name, value in fields.items()}
+        return rev, JobRecord.model_validate(values)
+
+    async def create_job(self, change: Change) -> None:
+        done, rev = await self._apply(change, "")
+        if not done:
+            raise RuntimeError(f"job id {change.job.id} already exists")
+        self._remember(change.job, int(rev))
+
+    async def _read(self, endpoint: str, job_id: str) -> tuple[str, JobRecord] | None:
+        await self._ensure_schema()
+        return self._record(await self.redis.hgetall(self._k(endpoint, "job", job_id)))
+
+    async def get_job(self, endpoint: str, job_id: str) -> JobRecord | None:
+        current = await self._read(endpoint, job_id)
+        return current[1] if current else None
+
+    async def update_job(self, endpoint: str, job_id: str, transition: Transition) -> Change | None:
+        """One round trip when this replica holds the record's latest revision, else two."""
+        current = self._records.get((endpoint, job_id))
+        fresh = current is None
+        if current is None:
+            current = await self._read(endpoint, job_id)
+        while current is not None:
+            rev, job = current
+            change = transition(job)
+            if change is None:
+                if fresh:
+                    return None
+                current, fresh = await self._read(endpoint, job_id), True
+                continue
+            done, value = await self._apply(change, rev)
+            if done:
+                self._remember(change.job, int(value))
+                return change
+            current, fresh = self._record(value), True
+        self._records.pop((endpoint, job_id), None)
+        return None
+
+    async def take_jobs(
+        self, endpoint: str, worker: str, count: int, capacity: int | None, now: float
+    ) -> tuple[WorkerPoll, list[Change]]:
+        await self._ensure_schema()
+        before, after = jobs.TTL_EXPIRED_ERROR.split("{seconds:g}")
+        reply = await self._scripts["take"](
+            keys=[
+                self._k(endpoint, "workers"),
+                self._k(endpoint, "wjobs", worker),
+                self._k(endpoint, "draining"),
+                self._k(endpoint, "leaving", worker),
+                self._k(endpoint, "queue"),
+                self._k(endpoint, "active"),
+                self._k(endpoint, "counters"),
+                self._activity_key,
+            ],
+            args=[
+                worker,
+                repr(now),
+                count,
+                -1 if capacity is None else capacity,
+                json.dumps(worker),
+                self._k(endpoint, "job", ""),
+                self._k(endpoint, "input", ""),
+                self._k(endpoint, "chunks", ""),
+                endpoint,
+                self._channel,
+                job_channel(endpoint, ""),
+                before,
+                after,
+                repr(jobs.MIN_RESULT_RETENTION_S),
+            ],
+        )
+        held, draining, leaving, *taken = reply
+        changes = []
+        for _job_id, raw_input, fields in taken:
+            current = self._record(fields)
+            if current is None:
+                continue
+            rev, job = current
+            change = jobs.start(job, worker, now)  # what the script just stored
+            if change is None:
+                continue
+            change.job.input = json.loads(raw_input)
+            self._remember(change.job, int(rev) + 1)
+            changes.append(change)
+        return WorkerPoll(int(held), bool(draining), bool(leaving)), changes
+
+    async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
+        await self._ensure_schema()
+        return list(await self.redis.lrange(self._k(endpoint, "queue"), 0, limit - 1))
+
+    async def active_job_ids(self, endpoint: str) -> list[str]:
+        return list(await self.redis.smembers(self._k(endpoint, "active")))
+
+    async def purge_queue(self, endpoint: str, transition: Transition) -> list[Change]:
+        await self._ensure_schema()
+        changes: list[Change] = []
+        while job_id := await self.redis.lpop(self._k(endpoint, "queue")):
+            change = await self.update_job(endpoint, job_id, transition)
+            if change is not None:
+                changes.append(change)
+        return changes
+
+    # -- older layouts -------------------------------------------------------------------------
+    async def _ensure_schema(self) -> None:
+        if self._schema_ok:
+            return
+        schema_key = f"{self.prefix}:schema"
+        if await self.redis.get(schema_key) != SCHEMA:
+            for config in await self.list_endpoints():
+                await self._convert_endpoint(config.id)
+            await self.redis.set(schema_key, SCHEMA)
+        self._schema_ok = True
+
+    async def _convert_endpoint(self, endpoint: str) -> None:
+        """Layout 1 (records as JSON strings, queues as streams) to this one; idempotent, safe
+        with replicas converting at the same time."""
+        async for key in self.redis.scan_iter(match=self._k(endpoint, "job", "*"), count=500):
+            await self._convert_record(key)
+        queue = self._k(endpoint, "queue")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(queue)
+                    if await pipe.type(queue) != "stream":
+                        await pipe.reset()
+                        return
+                    ids = [fields.get("id", "") for _, fields in await pipe.xrange(queue)]
+                    pipe.multi()
+                    pipe.delete(queue)
+                    if ids:
+                        pipe.rpush(queue, *ids)
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue
+
+    async def _convert_record(self, key: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    if await pipe.type(key) != "string":
+                        await pipe.reset()
+                        return
+                    job = JobRecord.model_validate_json(await pipe.get(key))
+                    ttl_ms = await pipe.pttl(key)
+                    fields = job.model_dump(mode="json", exclude={"input"})
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.hset(key, mapping={n: json.dumps(v) for n, v in fields.items()})
+                    pipe.hset(key, "rev", "1")
+                    if ttl_ms > 0:
+                        pipe.pexpire(key, ttl_ms)
+                    await pipe.execute()
+                    return
+                except WatchError:
+                    continue
+
+    # -- streams -----------------------------------------------------------------------------
+    async def append_chunk(self, endpoint: str, job_id: str, chunk: Any, expire_at: float) -> None:
+        key = self._k(endpoint, "chunks", job_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, json.dumps(chunk))
+            pipe.pexpireat(key, int(expire_at * 1000) + 60_000)
+            await pipe.execute()
+
+    async def read_chunks(self, endpoint: str, job_id: str, start: int) -> list[Any]:
+        raw = await self.redis.lrange(self._k(endpoint, "chunks", job_id), start, -1)
+        return [json.loads(item) for item in raw]
+
+    # -- workers -----------------------------------------------------------------------------
+    async def touch_worker(self, endpoint: str, worker: str, now: float) -> None:
+        await self.redis.hset(self._k(endpoint, "workers"), worker, repr(now))
+
+    async def get_workers(self, endpoint: str) -> dict[str, WorkerRecord]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self._k(endpoint, "workers"))
+            pipe.smembers(self._k(endpoint, "draining"))
+            seen, draining = await pipe.execute()
+        ids = sorted(set(seen) | set(draining))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker in ids:
+                pipe.smembers(self._k(endpoint, "wjobs", worker))
+            held = await pipe.execute()
+        return {
+            worker: WorkerRecord(
+                worker, float(seen.get(worker, 0.0)), worker in draining, set(jobs)
+            )
+            for worker, jobs in zip(ids, held, strict=True)
+        }
+
+    async def set_draining(self, endpoint: str, worker: str, draining: bool, now: float) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if draining:
+                pipe.sadd(self._k(endpoint, "draining"), worker)
+            else:
+                pipe.srem(self._k(endpoint, "draining"), worker)
+            pipe.hsetnx(self._k(endpoint, "workers"), worker, repr(now))
+            await pipe.execute()
+
+    async def worker_draining(self, endpoint: str, worker: str) -> bool:
+        return bool(await self.redis.sismember(self._k(endpoint, "draining"), worker))
+
+    async def set_leaving(self, endpoint: str, worker: str, now: float, until: float) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(self._k(endpoint, "workers"), worker, repr(now))
+            # Expires by itself: a worker back under the same name is served again.
+            pipe.set(
+                self._k(endpoint, "leaving", worker), "1", px=max(1, int((until - now) * 1000))
+            )
+            pipe.publish(self._channel, queue_channel(endpoint))
+            pipe.publish(self._channel, stop_channel(endpoint, worker))
+            await pipe.execute()
+
+    async def poll_worker(self, endpoint: str, worker: str, now: float) -> WorkerPoll:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self._k(endpoint, "workers"), worker, repr(now))
+            pipe.scard(self._k(endpoint, "wjobs", worker))
+            pipe.sismember(self._k(endpoint, "draining"), worker)
+            pipe.exists(self._k(endpoint, "leaving", worker))
+            _, held, draining, leaving = await pipe.execute()
+        return WorkerPoll(int(held), bool(draining), bool(leaving))
+
+    async def worker_job_count(self, endpoint: str, worker: str) -> int:
+        return int(await self.redis.scard(self._k(endpoint, "wjobs", worker)))
+
+    async def remove_worker(self, endpoint: str, worker: str) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self._k(endpoint, "workers"), worker)
+            pipe.srem(self._k(endpoint, "draining"), worker)
+            pipe.delete(
+                self._k(endpoint, "wjobs", worker),
+                self._k(endpoint, "stops", worker),
+                self._k(endpoint, "leaving", worker),
+            )
+            await pipe.execute()
+
+    async def due_stop_signals(
+        self, endpoint: str, worker: str, now: float, resend_after: float
+    ) -> list[str]:
+        pending = await self.pending_stop_signals(endpoint, worker)
+        due = [job for job, sent in pending.items() if now - sent >= resend_after]
+        if due:
+            # A stop cleared meanwhile may come back once: harmless (the SDK ignores a stop for
+            # a job it does not run) and cleared again by the worker's next ping.
+            key = self._k(endpoint, "stops", worker)
+            await self.redis.hset(key, mapping={job: repr(now) for job in due})
+        return due
+
+    async def pending_stop_signals(self, endpoint: str, worker: str) -> dict[str, float]:
+        raw = await self.redis.hgetall(self._k(endpoint, "stops", worker))
+        return {job: float(sent) for job, sent in raw.items()}
+
+    async def clear_stop_signals(self, endpoint: str, worker: str, job_ids: list[str]) -> None:
+        if job_ids:
+            await self.redis.hdel(self._k(endpoint, "stops", worker), *job_ids)
+
+    # -- figures -----------------------------------------------------------------------------
+    @staticmethod
+    def _counters(raw: dict[str, str]) -> dict[str, int]:
+        counters = dict.fromkeys(COUNTERS, 0)
+        counters.update({name: int(value) for name, value in raw.items()})
+        return counters
+
+    async def counters(self, endpoint: str) -> dict[str, int]:
+        return self._counters(await self.redis.hgetall(self._k(endpoint, "counters")))
+
+    async def add_counters(self, endpoint: str, deltas: dict[str, int]) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for name, delta in deltas.items():
+                pipe.hincrby(self._k(endpoint, "counters"), name, delta)
+            await pipe.execute()
+
+    async def all_counters(self, endpoints: list[str]) -> dict[str, dict[str, int]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for endpoint in endpoints:
+                pipe.hgetall(self._k(endpoint, "counters"))
+            raw = await pipe.execute()
+        return {endpoint: self._counters(r) for endpoint, r in zip(endpoints, raw, strict=True)}
+
+    async def activity(self, endpoints: list[str]) -> dict[str, float | None]:
+        if not endpoints:
+            return {}
+        values = await self.redis.hmget(self._activity_key, endpoints)
+        return {e: float(v) if v else None for e, v in zip(endpoints, values, strict=True)}
+
+    async def dead_letters(self, endpoint: str) -> list[str]:
+        return list(await self.redis.lrange(self._k(endpoint, "dlq"), 0, -1))
+
+    # -- housekeeping ------------------------------------------------------------------------
+    async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        key = f"{self.prefix}:lease:{name}"
+        ttl_ms = int(ttl * 1000)
+        if await self.redis.set(key, owner, nx=True, px=ttl_ms):
+            return True
+        if await self.redis.get(key) == owner:
+            await self.redis.pexpire(key, ttl_ms)
+            return True
+        return False
+
+    async def forget_expired(self, endpoint: str, now: float) -> int:
+        return 0  # Redis expires terminal records by itself (PEXPIREAT)
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._listener, 2)
+        await self._close_pubsub()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.redis.aclose(), 2)
+
+
+for _name, _method in list(vars(RedisBackend).items()):
+    if inspect.iscoroutinefunction(_method) and not _name.startswith("_") and _name != "close":
+        setattr(RedisBackend, _name, _unavailable(_method))

@@ -1,0 +1,241 @@
+"""Backend-level contract: a take stores what it returns, transitions from a stale copy are
+computed again, the Redis path's round trips per job, and Redis data of the older layout."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import redis
+import redis.asyncio.connection
+
+from handler_gateway import jobs
+from handler_gateway.backends import open_backend
+from handler_gateway.jobs import JobStatus
+from handler_gateway.models import EndpointConfig, RunRequest
+from handler_gateway.operations import Gateway, Timings
+from tests.gateway.conftest import clean_redis_prefix, redis_url
+
+ENDPOINT = "ep"
+T0 = 1_800_000_000.25
+
+
+def new_job(job_input=None, now: float = T0, ttl_s: float = 60.0) -> jobs.Change:
+    return jobs.new_job(
+        uuid.uuid4().hex,
+        ENDPOINT,
+        job_input if job_input is not None else {"n": 1},
+        now,
+        execution_timeout_s=600.0,
+        ttl_s=ttl_s,
+        max_retries=2,
+        extra={"s3Config": {"buckets": [], "big": 12345678901234567890}},
+    )
+
+
+@pytest.fixture
+async def backend(make_backend):
+    backend = make_backend()
+    await backend.put_endpoint(EndpointConfig(id=ENDPOINT, workerToken="t" * 20))
+    yield backend
+    await backend.close()
+
+
+@pytest.fixture
+def redis_prefix():
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    clean_redis_prefix(prefix)
+
+
+async def redis_backend(prefix: str):
+    backend = open_backend(redis_url(), prefix=prefix)
+    await backend.put_endpoint(EndpointConfig(id=ENDPOINT, workerToken="t" * 20))
+    return backend
+
+
+def stored(job: jobs.JobRecord) -> dict:
+    return job.model_dump(exclude={"input"})
+
+
+async def test_a_take_stores_the_start_it_returns(backend):
+    change = new_job({"prompt": "hi", "list": []})
+    await backend.create_job(change)
+    poll, taken = await backend.take_jobs(ENDPOINT, "w1", 5, None, T0 + 1)
+    assert poll == (0, False, False)
+    assert [c.job.status for c in taken] == [JobStatus.IN_PROGRESS]
+    job = taken[0].job
+    assert job.input == {"prompt": "hi", "list": []}
+    assert (job.worker_id, job.started_at, job.heartbeat_at) == ("w1", T0 + 1, T0 + 1)
+    assert stored(await backend.get_job(ENDPOINT, job.id)) == stored(job)
+    assert taken[0].effects.counters == {"inQueue": -1, "inProgress": 1}
+    counters = await backend.counters(ENDPOINT)
+    assert (counters["inQueue"], counters["inProgress"]) == (0, 1)
+    assert await backend.active_job_ids(ENDPOINT) == [job.id]
+    assert await backend.worker_job_count(ENDPOINT, "w1") == 1
+    assert (await backend.activity([ENDPOINT]))[ENDPOINT] == T0 + 1
+
+
+async def test_a_take_times_out_a_job_whose_ttl_passed_as_start_says(backend):
+    expired, fresh = new_job(ttl_s=2.5), new_job(now=T0 + 3)
+    await backend.create_job(expired)
+    await backend.create_job(fresh)
+    _, taken = await backend.take_jobs(ENDPOINT, "w1", 1, None, T0 + 4)
+    assert [(c.job.id, c.job.status) for c in taken] == [
+        (expired.job.id, JobStatus.TIMED_OUT),
+        (fresh.job.id, JobStatus.IN_PROGRESS),
+    ]
+    assert taken[0].job.error == "job expired in the queue after its ttl of 2.5 s"
+    assert stored(await backend.get_job(ENDPOINT, expired.job.id)) == stored(taken[0].job)
+    counters = await backend.counters(ENDPOINT)
+    assert (counters["inQueue"], counters["inProgress"], counters["timedOut"]) == (0, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("capacity", "held_before", "wanted", "taken"),
+    [(None, 0, 3, 3), (2, 0, 3, 2), (2, 1, 3, 1), (1, 1, 3, 0)],
+    ids=["no-capacity", "capped", "partly-full", "full"],
+)
+async def test_a_take_keeps_to_capacity(backend, capacity, held_before, wanted, taken):
+    for _ in range(held_before + wanted):
+        await backend.create_job(new_job())
+    if held_before:
+        await backend.take_jobs(ENDPOINT, "w1", held_before, None, T0)
+    poll, changes = await backend.take_jobs(ENDPOINT, "w1", wanted, capacity, T0)
+    assert poll.held == held_before
+    assert len(changes) == taken
+
+
+@pytest.mark.parametrize("state", ["draining", "leaving"])
+async def test_a_draining_or_leaving_worker_is_handed_nothing(backend, state):
+    await backend.create_job(new_job())
+    if state == "draining":
+        await backend.set_draining(ENDPOINT, "w1", True, T0)
+    else:
+        await backend.set_leaving(ENDPOINT, "w1", T0, T0 + 60)
+    poll, changes = await backend.take_jobs(ENDPOINT, "w1", 1, None, T0 + 1)
+    assert (poll.draining, poll.leaving, changes) == (state == "draining", state == "leaving", [])
+    assert await backend.queued_job_ids(ENDPOINT, 10) != []
+
+
+async def test_a_take_drops_entries_of_jobs_no_longer_queued(backend):
+    cancelled, queued = new_job(), new_job()
+    await backend.create_job(cancelled)
+    await backend.create_job(queued)
+    await backend.update_job(ENDPOINT, cancelled.job.id, lambda j: jobs.cancel(j, T0))
+    _, changes = await backend.take_jobs(ENDPOINT, "w1", 5, None, T0)
+    assert [c.job.id for c in changes] == [queued.job.id]
+    assert await backend.queued_job_ids(ENDPOINT, 10) == []
+
+
+async def test_a_transition_from_a_stale_copy_is_computed_again(redis_prefix):
+    """Replica A holds a copy of a job it handed out; replica B changed the job since."""
+    a, b = await redis_backend(redis_prefix), await redis_backend(redis_prefix)
+    try:
+        change = new_job()
+        await a.create_job(change)
+        job_id = change.job.id
+        await a.take_jobs(ENDPOINT, "w1", 1, None, T0)
+        # B: a progress update, then the worker gives the job back and w2 takes it.
+        await b.update_job(ENDPOINT, job_id, lambda j: jobs.progress(j, "w1", 50, T0 + 1))
+        await b.update_job(ENDPOINT, job_id, lambda j: jobs.give_back(j, "w1"))
+        await b.take_jobs(ENDPOINT, "w2", 1, None, T0 + 2)
+        # A's copy says w1 runs it: w2's result is still taken, w1's ignored.
+        assert await a.update_job(ENDPOINT, job_id, lambda j: jobs.finish(j, "w1", {}, T0)) is None
+        done = await a.update_job(
+            ENDPOINT, job_id, lambda j: jobs.finish(j, "w2", {"output": 7}, T0 + 3)
+        )
+        assert done is not None and done.job.status == JobStatus.COMPLETED
+        job = await b.get_job(ENDPOINT, job_id)
+        assert (job.status, job.worker_id, job.output, job.progress) == (
+            JobStatus.COMPLETED,
+            "w2",
+            7,
+            None,
+        )
+        counters = await b.counters(ENDPOINT)
+        assert (counters["inProgress"], counters["completed"]) == (0, 1)
+    finally:
+        await a.close()
+        await b.close()
+
+
+class RoundTrips:
+    """Counts what the gateway sends to Redis: one send is one round trip (a pipeline is one)."""
+
+    def __init__(self, monkeypatch):
+        self.sent = 0
+        original = redis.asyncio.connection.AbstractConnection.send_packed_command
+
+        async def counting(connection, command, check_health=True):
+            self.sent += 1
+            return await original(connection, command, check_health)
+
+        monkeypatch.setattr(
+            redis.asyncio.connection.AbstractConnection, "send_packed_command", counting
+        )
+
+    def take(self) -> int:
+        sent, self.sent = self.sent, 0
+        return sent
+
+
+async def test_a_job_costs_three_round_trips_on_redis(redis_prefix, monkeypatch):
+    """submit, take and result are one round trip each; runsync reads nothing back."""
+    backend = open_backend(redis_url(), prefix=redis_prefix)
+    gateway = Gateway(backend, Timings(endpoint_cache=3600))
+    await gateway.put_endpoint(EndpointConfig(id=ENDPOINT, workerToken="t" * 20))
+    counted = RoundTrips(monkeypatch)
+    try:
+        for round_ in range(3):
+            job = await gateway.submit(ENDPOINT, RunRequest(input={"n": round_}))
+            submitted = counted.take()
+            assert [j.id for j in await gateway.take(ENDPOINT, "w1", 1, 0)] == [job.id]
+            took = counted.take()
+            assert await gateway.done(ENDPOINT, "w1", job.id, {"output": 1}, False) == "accepted"
+            finished = counted.take()
+            result = await gateway.wait_terminal(ENDPOINT, job.id, 5, submitted=job)
+            read_back = counted.take()
+            assert result.status == JobStatus.COMPLETED
+            if round_:  # the first round reads the endpoint and loads the scripts
+                assert (submitted, took, finished, read_back) == (1, 1, 1, 0)
+    finally:
+        await backend.close()
+
+
+async def test_redis_data_of_the_older_layout_is_converted_and_served(redis_prefix):
+    """Layout 1: records as JSON strings, queues as streams read through a consumer group."""
+    raw = redis.Redis.from_url(redis_url(), decode_responses=True)
+    key = f"{redis_prefix}:{{{ENDPOINT}}}:"
+    config = EndpointConfig(id=ENDPOINT, workerToken="t" * 20)
+    raw.hset(f"{redis_prefix}:endpoints", ENDPOINT, config.model_dump_json())
+    queued = [new_job({"n": n}).job for n in range(4)]
+    finished = new_job().job.model_copy(
+        update={"status": JobStatus.COMPLETED, "output": "done", "finished_at": T0}
+    )
+    for job in [*queued, finished]:
+        raw.set(key + f"job:{job.id}", job.model_dump_json(exclude={"input"}))
+        raw.set(key + f"input:{job.id}", json.dumps(job.input))
+    raw.pexpire(key + f"job:{finished.id}", 300_000)
+    raw.xgroup_create(key + "queue", "takers", id="0", mkstream=True)
+    for job in queued:
+        raw.xadd(key + "queue", {"id": job.id})
+    # A replica of the older version read the first entry and died before claiming it.
+    raw.xreadgroup("takers", "gone", {key + "queue": ">"}, count=1)
+    raw.hset(key + "counters", mapping={"inQueue": 4, "completed": 1})
+
+    backends = [await redis_backend(redis_prefix), await redis_backend(redis_prefix)]
+    try:
+        _, taken = await backends[0].take_jobs(ENDPOINT, "w1", 3, None, T0 + 1)
+        assert [c.job.input for c in taken] == [{"n": 0}, {"n": 1}, {"n": 2}]
+        job = await backends[1].get_job(ENDPOINT, finished.id)
+        assert (job.status, job.output) == (JobStatus.COMPLETED, "done")
+        assert 0 < raw.pttl(key + f"job:{finished.id}") <= 300_000
+        assert raw.type(key + "queue") == "list"
+        assert await backends[1].queued_job_ids(ENDPOINT, 10) == [queued[3].id]
+        assert (await backends[1].counters(ENDPOINT))["inProgress"] == 3
+    finally:
+        for backend in backends:
+            await backend.close()
+        raw.close()
