@@ -23,6 +23,7 @@ from handler_gateway.backends import (
     job_channel,
     queue_channel,
     stop_channel,
+    worker_channel,
 )
 from handler_gateway.jobs import Change, JobRecord, JobStatus
 from handler_gateway.models import (
@@ -80,6 +81,7 @@ class Gateway:
         self.stopping = False
         self._endpoints: dict[str, tuple[EndpointConfig, float]] = {}
         self._results: dict[tuple[str, str], JobRecord] = {}  # ended here, not yet read back
+        self._emptied: dict[str, tuple[int, float]] = {}  # endpoint -> (queue version, when)
 
     # -- endpoints -------------------------------------------------------------------------
     async def endpoint(self, endpoint_id: str) -> EndpointConfig:
@@ -272,22 +274,38 @@ class Gateway:
         """
         await self.endpoint(endpoint_id)
         deadline = self.clock() + hold
-        notifier, channel = self.backend.notifier, queue_channel(endpoint_id)
+        notifier = self.backend.notifier
+        queue, slot = queue_channel(endpoint_id), worker_channel(endpoint_id, worker)
+        # Nothing was enqueued since a take found this queue empty moments ago: wait at once.
+        seen = notifier.version(queue)
+        looked = self._emptied.get(endpoint_id)
+        skip = (
+            looked is not None
+            and looked[0] == seen
+            and self.clock() - looked[1] < self.timings.recheck
+        )
         while True:
-            seen = notifier.version(channel)
-            if not connected():
-                return []
-            poll, changes = await self.backend.take_jobs(
-                endpoint_id, worker, count, capacity, self.clock()
-            )
-            self._observe(changes)
-            started = [c.job for c in changes if c.job.status == JobStatus.IN_PROGRESS]
-            if started or poll.leaving:
-                return started
+            channel, since = queue, notifier.version(queue)
+            if not skip:
+                freed = notifier.version(slot)
+                if not connected():
+                    return []
+                poll, changes, emptied = await self.backend.take_jobs(
+                    endpoint_id, worker, count, capacity, self.clock()
+                )
+                if emptied:
+                    self._emptied[endpoint_id] = (since, self.clock())
+                self._observe(changes)
+                started = [c.job for c in changes if c.job.status == JobStatus.IN_PROGRESS]
+                if started or poll.leaving:
+                    return started
+                if capacity is not None and poll.held >= capacity and not poll.draining:
+                    channel, since = slot, freed  # full: wait for one of its jobs to end
+            skip = False
             remaining = deadline - self.clock()
             if remaining <= 0:
                 return []
-            await notifier.wait(channel, min(remaining, self.timings.recheck), since=seen)
+            await notifier.wait(channel, min(remaining, self.timings.recheck), since=since)
 
     async def stop_signals(self, endpoint_id: str, worker: str, hold: float) -> list[str]:
         await self.endpoint(endpoint_id)

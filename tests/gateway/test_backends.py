@@ -3,6 +3,7 @@ computed again, the Redis path's round trips per job, and Redis data of the olde
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -62,8 +63,8 @@ def stored(job: jobs.JobRecord) -> dict:
 async def test_a_take_stores_the_start_it_returns(backend):
     change = new_job({"prompt": "hi", "list": []})
     await backend.create_job(change)
-    poll, taken = await backend.take_jobs(ENDPOINT, "w1", 5, None, T0 + 1)
-    assert poll == (0, False, False)
+    poll, taken, emptied = await backend.take_jobs(ENDPOINT, "w1", 5, None, T0 + 1)
+    assert (poll, emptied) == ((0, False, False), True)
     assert [c.job.status for c in taken] == [JobStatus.IN_PROGRESS]
     job = taken[0].job
     assert job.input == {"prompt": "hi", "list": []}
@@ -81,7 +82,7 @@ async def test_a_take_times_out_a_job_whose_ttl_passed_as_start_says(backend):
     expired, fresh = new_job(ttl_s=2.5), new_job(now=T0 + 3)
     await backend.create_job(expired)
     await backend.create_job(fresh)
-    _, taken = await backend.take_jobs(ENDPOINT, "w1", 1, None, T0 + 4)
+    _, taken, _ = await backend.take_jobs(ENDPOINT, "w1", 1, None, T0 + 4)
     assert [(c.job.id, c.job.status) for c in taken] == [
         (expired.job.id, JobStatus.TIMED_OUT),
         (fresh.job.id, JobStatus.IN_PROGRESS),
@@ -102,9 +103,10 @@ async def test_a_take_keeps_to_capacity(backend, capacity, held_before, wanted, 
         await backend.create_job(new_job())
     if held_before:
         await backend.take_jobs(ENDPOINT, "w1", held_before, None, T0)
-    poll, changes = await backend.take_jobs(ENDPOINT, "w1", wanted, capacity, T0)
+    poll, changes, emptied = await backend.take_jobs(ENDPOINT, "w1", wanted, capacity, T0)
     assert poll.held == held_before
     assert len(changes) == taken
+    assert emptied == (taken == wanted)
 
 
 @pytest.mark.parametrize("state", ["draining", "leaving"])
@@ -114,8 +116,9 @@ async def test_a_draining_or_leaving_worker_is_handed_nothing(backend, state):
         await backend.set_draining(ENDPOINT, "w1", True, T0)
     else:
         await backend.set_leaving(ENDPOINT, "w1", T0, T0 + 60)
-    poll, changes = await backend.take_jobs(ENDPOINT, "w1", 1, None, T0 + 1)
+    poll, changes, emptied = await backend.take_jobs(ENDPOINT, "w1", 1, None, T0 + 1)
     assert (poll.draining, poll.leaving, changes) == (state == "draining", state == "leaving", [])
+    assert not emptied
     assert await backend.queued_job_ids(ENDPOINT, 10) != []
 
 
@@ -124,7 +127,7 @@ async def test_a_take_drops_entries_of_jobs_no_longer_queued(backend):
     await backend.create_job(cancelled)
     await backend.create_job(queued)
     await backend.update_job(ENDPOINT, cancelled.job.id, lambda j: jobs.cancel(j, T0))
-    _, changes = await backend.take_jobs(ENDPOINT, "w1", 5, None, T0)
+    _, changes, _ = await backend.take_jobs(ENDPOINT, "w1", 5, None, T0)
     assert [c.job.id for c in changes] == [queued.job.id]
     assert await backend.queued_job_ids(ENDPOINT, 10) == []
 
@@ -182,7 +185,8 @@ class RoundTrips:
 
 
 async def test_a_job_costs_three_round_trips_on_redis(redis_prefix, monkeypatch):
-    """submit, take and result are one round trip each; runsync reads nothing back."""
+    """submit, take and result are one round trip each; runsync reads nothing back; the
+    worker's next take, right after a take that emptied the queue, waits without a look."""
     backend = open_backend(redis_url(), prefix=redis_prefix)
     gateway = Gateway(backend, Timings(endpoint_cache=3600))
     await gateway.put_endpoint(EndpointConfig(id=ENDPOINT, workerToken="t" * 20))
@@ -198,8 +202,10 @@ async def test_a_job_costs_three_round_trips_on_redis(redis_prefix, monkeypatch)
             result = await gateway.wait_terminal(ENDPOINT, job.id, 5, submitted=job)
             read_back = counted.take()
             assert result.status == JobStatus.COMPLETED
+            assert await gateway.take(ENDPOINT, "w1", 1, 0) == []
+            took_none = counted.take()
             if round_:  # the first round reads the endpoint and loads the scripts
-                assert (submitted, took, finished, read_back) == (1, 1, 1, 0)
+                assert (submitted, took, finished, read_back, took_none) == (1, 1, 1, 0, 0)
     finally:
         await backend.close()
 
@@ -227,7 +233,7 @@ async def test_redis_data_of_the_older_layout_is_converted_and_served(redis_pref
 
     backends = [await redis_backend(redis_prefix), await redis_backend(redis_prefix)]
     try:
-        _, taken = await backends[0].take_jobs(ENDPOINT, "w1", 3, None, T0 + 1)
+        _, taken, _ = await backends[0].take_jobs(ENDPOINT, "w1", 3, None, T0 + 1)
         assert [c.job.input for c in taken] == [{"n": 0}, {"n": 1}, {"n": 2}]
         job = await backends[1].get_job(ENDPOINT, finished.id)
         assert (job.status, job.output) == (JobStatus.COMPLETED, "done")
@@ -239,3 +245,28 @@ async def test_redis_data_of_the_older_layout_is_converted_and_served(redis_pref
         for backend in backends:
             await backend.close()
         raw.close()
+
+
+@pytest.mark.parametrize("submitted_on", ["this replica", "another replica"])
+async def test_a_waiting_take_wakes_for_a_job_submitted_on_any_replica(
+    redis_prefix, submitted_on, monkeypatch
+):
+    """Only a notification can end the wait here (no re-check before the hold): this
+    replica's own submit wakes it without the pub/sub echo, another's through pub/sub."""
+    timings = Timings(recheck=60, endpoint_cache=3600)
+    taker = Gateway(open_backend(redis_url(), prefix=redis_prefix), timings)
+    other = Gateway(open_backend(redis_url(), prefix=redis_prefix), timings)
+    await taker.put_endpoint(EndpointConfig(id=ENDPOINT, workerToken="t" * 20))
+    submitter = taker if submitted_on == "this replica" else other
+    await submitter.endpoint(ENDPOINT)
+    await taker.endpoint(ENDPOINT)  # starts the pub/sub listener
+    await asyncio.sleep(0.2)  # subscribed
+    try:
+        assert await taker.take(ENDPOINT, "w1", 1, 0) == []  # finds the queue empty
+        take = asyncio.create_task(taker.take(ENDPOINT, "w1", 1, 30))
+        await asyncio.sleep(0.1)
+        job = await submitter.submit(ENDPOINT, RunRequest(input={}))
+        assert [j.id for j in await take] == [job.id]
+    finally:
+        await taker.backend.close()
+        await other.backend.close()

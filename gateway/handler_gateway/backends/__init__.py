@@ -43,6 +43,12 @@ class WorkerPoll(NamedTuple):
     leaving: bool  # it is shutting down: no new jobs, long-polls answered at once
 
 
+class Take(NamedTuple):
+    poll: WorkerPoll  # the worker as the take found it
+    changes: list[Change]  # starts, and expiries of jobs whose ttl passed in the queue
+    emptied: bool  # the queue was empty when the take ended
+
+
 # Notified on every enqueue, on any endpoint: wakes the autoscaler's long-poll of all queues.
 ENQUEUED_CHANNEL = "enqueued"
 
@@ -59,20 +65,34 @@ def stop_channel(endpoint: str, worker: str) -> str:
     return f"stop:{endpoint}:{worker}"
 
 
+def worker_channel(endpoint: str, worker: str) -> str:
+    """Notified when the worker lets go of a job (a take held by its capacity goes on) or
+    leaves."""
+    return f"worker:{endpoint}:{worker}"
+
+
 def change_channels(change: Change) -> list[str]:
     """Channels to wake after `change` is stored."""
     job = change.job
     channels = []
-    if change.effects.enqueue or change.effects.release_worker:
-        # A released job frees a slot of a capacity-limited worker: its take may go on.
-        channels.append(queue_channel(job.endpoint))
     if change.effects.enqueue:
-        channels.append(ENQUEUED_CHANNEL)
+        channels += [queue_channel(job.endpoint), ENQUEUED_CHANNEL]
+    if change.effects.release_worker:
+        channels.append(worker_channel(job.endpoint, change.effects.release_worker))
     if job.terminal:
         channels.append(job_channel(job.endpoint, job.id))
     if change.effects.stop_worker:
         channels.append(stop_channel(job.endpoint, change.effects.stop_worker))
     return channels
+
+
+def leaving_channels(endpoint: str, worker: str) -> list[str]:
+    """Channels to wake when a worker says it leaves: its take and stop long-polls end."""
+    return [
+        queue_channel(endpoint),
+        worker_channel(endpoint, worker),
+        stop_channel(endpoint, worker),
+    ]
 
 
 class Notifier:
@@ -154,14 +174,12 @@ class Backend(ABC):
     @abstractmethod
     async def take_jobs(
         self, endpoint: str, worker: str, count: int, capacity: int | None, now: float
-    ) -> tuple[WorkerPoll, list[Change]]:
+    ) -> Take:
         """A worker's take, atomically and in one round trip: mark it seen and, unless it is
         draining or leaving, pop up to `count` queued jobs (fewer when it would then hold more
         than `capacity`) and apply `jobs.start(job, worker, now)` to each.
 
-        Entries whose job is no longer queued are dropped. Returns the worker's state before
-        the take and every change applied (a start, or an expiry when the job's ttl passed
-        while it was queued).
+        Entries whose job is no longer queued are dropped.
         """
 
     @abstractmethod

@@ -12,12 +12,12 @@ from handler_gateway import jobs
 from handler_gateway.backends import (
     Backend,
     Notifier,
+    Take,
     Transition,
     WorkerPoll,
     WorkerRecord,
     change_channels,
-    queue_channel,
-    stop_channel,
+    leaving_channels,
 )
 from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
 from handler_gateway.models import EndpointConfig
@@ -119,7 +119,7 @@ class MemoryBackend(Backend):
 
     async def take_jobs(
         self, endpoint: str, worker: str, count: int, capacity: int | None, now: float
-    ) -> tuple[WorkerPoll, list[Change]]:
+    ) -> Take:
         poll = await self.poll_worker(endpoint, worker, now)
         allowed = count if capacity is None else min(count, capacity - poll.held)
         state = self._state(endpoint)
@@ -133,7 +133,7 @@ class MemoryBackend(Backend):
             self._apply(state, job, change)
             changes.append(change)
             started += change.job.status == JobStatus.IN_PROGRESS
-        return poll, changes
+        return Take(poll, changes, not (state and state.queue))
 
     async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
         state = self._state(endpoint)
@@ -192,8 +192,8 @@ class MemoryBackend(Backend):
         if state is not None:
             state.workers.setdefault(worker, WorkerRecord(worker, now))
             state.leaving[worker] = until
-            self.notifier.notify(queue_channel(endpoint))
-            self.notifier.notify(stop_channel(endpoint, worker))
+            for channel in leaving_channels(endpoint, worker):
+                self.notifier.notify(channel)
 
     async def poll_worker(self, endpoint: str, worker: str, now: float) -> WorkerPoll:
         await self.touch_worker(endpoint, worker, now)

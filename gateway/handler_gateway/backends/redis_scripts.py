@@ -29,13 +29,13 @@ from handler_gateway.backends import (
     Backend,
     BackendUnavailable,
     Notifier,
+    Take,
     Transition,
     WorkerPoll,
     WorkerRecord,
     change_channels,
     job_channel,
-    queue_channel,
-    stop_channel,
+    leaving_channels,
 )
 from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
 from handler_gateway.models import EndpointConfig
@@ -43,6 +43,8 @@ from handler_gateway.models import EndpointConfig
 log = logging.getLogger("handler_gateway.redis")
 # The key layout this module reads and writes; older layouts are converted on first use.
 SCHEMA = "2"
+# Between a notification's origin replica and its channel, as published.
+ORIGIN_MARK = "|"
 # Records this replica last wrote or took, kept to apply the next transition in one round trip.
 CACHED_RECORDS = 10_000
 
@@ -50,7 +52,7 @@ CACHED_RECORDS = 10_000
 # record must not exist). On a conflict, answers the record as it is now, so the caller can
 # compute again without another read. KEYS: job, input, chunks, queue, active, counters,
 # activity, dead letters, released worker's jobs, assigned worker's jobs, stopped worker's stops.
-# ARGV: expected revision, effects (JSON), field/value pairs.
+# ARGV: expected revision, effects (JSON), the fields (a JSON object of each field's JSON).
 APPLY = """
 local job = KEYS[1]
 local rev = redis.call('HGET', job, 'rev')
@@ -60,7 +62,12 @@ end
 local e = cjson.decode(ARGV[2])
 local id = e.id
 rev = redis.call('HINCRBY', job, 'rev', 1)
-redis.call('HSET', job, unpack(ARGV, 3))
+local pairs_ = {}
+for name, value in pairs(cjson.decode(ARGV[3])) do
+  pairs_[#pairs_ + 1] = name
+  pairs_[#pairs_ + 1] = value
+end
+redis.call('HSET', job, unpack(pairs_))
 if e.input then redis.call('SET', KEYS[2], e.input) end
 if e.expire_ms then
   for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], e.expire_ms) end
@@ -84,8 +91,8 @@ return {1, rev}
 
 # A worker's take: mark it seen and, unless it is draining or leaving, start up to `count` jobs
 # from the queue head (no more than `capacity` held), as `jobs.start` does: a job whose ttl
-# passed while queued times out instead. Answers held, draining, leaving, then per job popped
-# in a startable state {id, input, fields as they were}. KEYS: workers, the worker's jobs,
+# passed while queued times out instead. Answers held, draining, leaving, how many stay queued
+# (1 when not looked), then per job popped in a startable state {id, input, fields as they were}. KEYS: workers, the worker's jobs,
 # draining, leaving, queue, active, counters, activity. ARGV: worker, now, count, capacity
 # (-1: none), worker as JSON, job key prefix, input key prefix, chunks key prefix, endpoint,
 # notify channel, job channel prefix, ttl error text before and after the seconds, result
@@ -96,7 +103,7 @@ redis.call('HSET', KEYS[1], worker, ARGV[2])
 local held = redis.call('SCARD', KEYS[2])
 local draining = redis.call('SISMEMBER', KEYS[3], worker)
 local leaving = redis.call('EXISTS', KEYS[4])
-local out = {held, draining, leaving}
+local out = {held, draining, leaving, 1}
 if draining == 1 or leaving == 1 then return out end
 local allowed = tonumber(ARGV[3])
 local capacity = tonumber(ARGV[4])
@@ -137,6 +144,7 @@ while started < allowed do
     end
   end
 end
+out[4] = redis.call('LLEN', KEYS[5])
 return out
 """
 
@@ -215,7 +223,11 @@ class RedisBackend(Backend):
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":
-                        self.notifier.notify(message["data"])
+                        origin, mark, channel = message["data"].partition(ORIGIN_MARK)
+                        if not mark:  # from a replica of an older version
+                            origin, channel = "", origin
+                        if origin != self.replica:  # its own were notified as they were stored
+                            self.notifier.notify(channel)
             except (RedisError, OSError) as exc:
                 log.debug("notification listener reconnecting: %s", exc)
                 await self._close_pubsub()
@@ -260,7 +272,7 @@ class RedisBackend(Backend):
             "endpoint": job.endpoint,
             "notify": self._channel,
             "counters": effects.counters,
-            "channels": change_channels(change),
+            "channels": self._published(change_channels(change)),
         }
         if created:  # a new job: nothing to expire, persist or deactivate yet
             out["input"] = json.dumps(job.input)
@@ -291,7 +303,6 @@ class RedisBackend(Backend):
         job, effects = change.job, change.effects
         endpoint, job_id = job.endpoint, job.id
         fields = job.model_dump(mode="json", exclude={"input"})
-        pairs = [item for name, value in fields.items() for item in (name, json.dumps(value))]
         keys = [
             self._k(endpoint, "job", job_id),
             self._k(endpoint, "input", job_id),
@@ -305,10 +316,24 @@ class RedisBackend(Backend):
             self._k(endpoint, "wjobs", effects.assign_worker or ""),
             self._k(endpoint, "stops", effects.stop_worker or ""),
         ]
-        args = [expected, json.dumps(self._effects(change, expected)), *pairs]
+        args = [
+            expected,
+            json.dumps(self._effects(change, expected)),
+            json.dumps({name: json.dumps(value) for name, value in fields.items()}),
+        ]
         await self._ensure_schema()
         done, value = await self._scripts["apply"](keys=keys, args=args)
+        if done:
+            self._notify_here(change_channels(change))
         return bool(done), value
+
+    def _published(self, channels: list[str]) -> list[str]:
+        """Notifications as published: other replicas wake their long-polls, this one skips."""
+        return [f"{self.replica}{ORIGIN_MARK}{channel}" for channel in channels]
+
+    def _notify_here(self, channels: list[str]) -> None:
+        for channel in channels:
+            self.notifier.notify(channel)
 
     def _remember(self, job: JobRecord, rev: int) -> None:
         key = (job.endpoint, job.id)
@@ -331,10 +356,9 @@ class RedisBackend(Backend):
         return rev, JobRecord.model_validate(values)
 
     async def create_job(self, change: Change) -> None:
-        done, rev = await self._apply(change, "")
+        done, _ = await self._apply(change, "")
         if not done:
             raise RuntimeError(f"job id {change.job.id} already exists")
-        self._remember(change.job, int(rev))
 
     async def _read(self, endpoint: str, job_id: str) -> tuple[str, JobRecord] | None:
         await self._ensure_schema()
@@ -368,7 +392,7 @@ class RedisBackend(Backend):
 
     async def take_jobs(
         self, endpoint: str, worker: str, count: int, capacity: int | None, now: float
-    ) -> tuple[WorkerPoll, list[Change]]:
+    ) -> Take:
         await self._ensure_schema()
         before, after = jobs.TTL_EXPIRED_ERROR.split("{seconds:g}")
         reply = await self._scripts["take"](
@@ -393,13 +417,13 @@ class RedisBackend(Backend):
                 self._k(endpoint, "chunks", ""),
                 endpoint,
                 self._channel,
-                job_channel(endpoint, ""),
+                self._published([job_channel(endpoint, "")])[0],
                 before,
                 after,
                 repr(jobs.MIN_RESULT_RETENTION_S),
             ],
         )
-        held, draining, leaving, *taken = reply
+        held, draining, leaving, queued, *taken = reply
         changes = []
         for _job_id, raw_input, fields in taken:
             current = self._record(fields)
@@ -411,8 +435,9 @@ class RedisBackend(Backend):
                 continue
             change.job.input = json.loads(raw_input)
             self._remember(change.job, int(rev) + 1)
+            self._notify_here(change_channels(change))
             changes.append(change)
-        return WorkerPoll(int(held), bool(draining), bool(leaving)), changes
+        return Take(WorkerPoll(int(held), bool(draining), bool(leaving)), changes, not queued)
 
     async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
         await self._ensure_schema()
@@ -538,9 +563,11 @@ class RedisBackend(Backend):
             pipe.set(
                 self._k(endpoint, "leaving", worker), "1", px=max(1, int((until - now) * 1000))
             )
-            pipe.publish(self._channel, queue_channel(endpoint))
-            pipe.publish(self._channel, stop_channel(endpoint, worker))
+            channels = leaving_channels(endpoint, worker)
+            for channel in self._published(channels):
+                pipe.publish(self._channel, channel)
             await pipe.execute()
+        self._notify_here(channels)
 
     async def poll_worker(self, endpoint: str, worker: str, now: float) -> WorkerPoll:
         async with self.redis.pipeline(transaction=False) as pipe:
