@@ -90,7 +90,7 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
     (
         "post",
         "/v2/{endpoint}/job-done/{worker}/{job}",
-        "Post a result or progress",
+        "Post a result or progress (take=N: then long-poll for up to N jobs, answered in jobs)",
         None,
         None,
         WORKER,

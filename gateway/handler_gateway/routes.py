@@ -303,31 +303,42 @@ def _connected(request: web.Request) -> bool:
     return request.transport is not None and not request.transport.is_closing()
 
 
-async def _take(request: web.Request, size: int, batch: bool) -> web.StreamResponse:
-    """A worker's take long-poll: jobs are claimed only while the caller is connected, and a
-    job whose answer cannot be written goes straight back to the queue."""
-    endpoint = await authorize_worker(request)
-    gateway, worker = request.app[GATEWAY], request.match_info["worker"]
-    taken = await gateway.take(
+async def _long_poll_take(request: web.Request, endpoint: str, size: int) -> list[JobRecord]:
+    """A worker's take long-poll: jobs are claimed only while the caller is connected."""
+    gateway = request.app[GATEWAY]
+    return await gateway.take(
         endpoint,
-        worker,
+        request.match_info["worker"],
         size,
         gateway.timings.take_hold,
         capacity_query(request),
         connected=lambda: _connected(request),
     )
-    if not taken:
-        return web.Response(status=204)
-    payloads = [take_payload(job) for job in taken]
-    response = web.json_response(payloads if batch else payloads[0])
+
+
+async def _hand_over(
+    request: web.Request, endpoint: str, taken: list[JobRecord], body: Any
+) -> web.StreamResponse:
+    """Answer with `body`, which carries `taken`: a job whose answer cannot be written goes
+    straight back to the queue."""
+    response = web.json_response(body)
     try:
         if not _connected(request):
             raise ConnectionResetError("the worker left before its jobs were handed over")
         await response.prepare(request)
         await response.write_eof()
     except ConnectionResetError:
-        await gateway.give_back(endpoint, worker, taken)
+        await request.app[GATEWAY].give_back(endpoint, request.match_info["worker"], taken)
     return response
+
+
+async def _take(request: web.Request, size: int, batch: bool) -> web.StreamResponse:
+    endpoint = await authorize_worker(request)
+    taken = await _long_poll_take(request, endpoint, size)
+    if not taken:
+        return web.Response(status=204)
+    payloads = [take_payload(job) for job in taken]
+    return await _hand_over(request, endpoint, taken, payloads if batch else payloads[0])
 
 
 async def job_take(request: web.Request) -> web.StreamResponse:
@@ -361,6 +372,7 @@ async def job_done(request: web.Request) -> web.Response:
     body = await json_body(request)
     if not isinstance(body, dict):
         raise BadRequest("result body must be a JSON object")
+    take = int_query(request, "take", 0, 0, MAX_BATCH)  # ours: the next take, same request
     outcome = await request.app[GATEWAY].done(
         endpoint,
         request.match_info["worker"],
@@ -368,7 +380,11 @@ async def job_done(request: web.Request) -> web.Response:
         body,
         request.query.get("isStream", "false").lower() == "true",
     )
-    return web.json_response({"result": outcome})
+    if not take:
+        return web.json_response({"result": outcome})
+    taken = await _long_poll_take(request, endpoint, take)
+    payloads = [take_payload(job) for job in taken]
+    return await _hand_over(request, endpoint, taken, {"result": outcome, "jobs": payloads})
 
 
 async def job_stream(request: web.Request) -> web.Response:

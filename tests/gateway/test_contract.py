@@ -76,6 +76,39 @@ async def test_capacity_caps_what_a_worker_holds(api):
     assert [j["id"] for j in await response.json()] == [third]
 
 
+async def done_and_take(api, worker: str, job_id: str, query: str = "take=1") -> dict:
+    response = await api.client.post(
+        f"/v2/{api.endpoint}/job-done/{worker}/{job_id}?isStream=false&{query}",
+        json={"output": job_id},
+        headers=api.worker_headers(),
+    )
+    assert response.status == 200, await response.text()
+    return await response.json()
+
+
+async def test_a_result_post_may_carry_the_next_take(api):
+    first, second = [await api.run({"n": n}) for n in range(2)]
+    await api.take("w1")
+    answer = await done_and_take(api, "w1", first)
+    assert answer == {"result": "accepted", "jobs": [{"id": second, "input": {"n": 1}}]}
+    assert (await api.status(first))["output"] == first
+    view = await api.status(second)
+    assert (view["status"], view["workerId"]) == ("IN_PROGRESS", "w1")
+    # Nothing queued: the take part long-polls as a take does, then answers no jobs.
+    assert await done_and_take(api, "w1", second) == {"result": "accepted", "jobs": []}
+
+
+async def test_the_take_of_a_result_post_wakes_for_a_new_job_and_keeps_to_capacity(api):
+    first = await api.run({"n": 0})
+    await api.take("w1")
+    waiter = asyncio.create_task(done_and_take(api, "w1", first, "take=2&capacity=1"))
+    await asyncio.sleep(0.1)
+    second, third = [await api.run({"n": n}) for n in (1, 2)]
+    answer = await waiter
+    assert [j["id"] for j in answer["jobs"]] == [second]  # capacity 1: one, not two
+    assert (await api.status(third))["status"] == "IN_QUEUE"
+
+
 async def test_runsync_returns_the_result(api):
     async def worker():
         job = None

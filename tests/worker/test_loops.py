@@ -49,11 +49,17 @@ class Script:
             self.fetch_cancelled += 1
             raise
 
-    async def run(self, session, config, job):
+    async def run(self, session, config, job, take):
         self.events.append(("start", job["id"]))
         if self.hold:
             await self.release.wait()
         self.events.append(("end", job["id"]))
+        wanted = take()
+        if wanted and self.queue:  # the result post's take: hands over what is queued
+            self.events.append(("take with result", wanted))
+            taken, self.queue = self.queue[:wanted], self.queue[wanted:]
+            return taken
+        return None
 
     async def stops(self, session):
         return await self.stop_ids.get()
@@ -76,17 +82,19 @@ async def until(predicate, limit: int = 5000) -> None:
     raise AssertionError("never happened")
 
 
-async def test_each_taken_job_starts_before_the_next_take():
+async def test_each_result_post_takes_the_next_job_and_the_loop_takes_when_none_came():
     script = Script(jobs("a", "b", "c"))
     loop = loops.WorkerLoop({}, 1, script.fetch, script.run)
     running = asyncio.create_task(loop.run(None))
-    await until(lambda: loop.takes == 4)
+    await until(lambda: loop.takes == 2)
     await settle()
     loop.stop()
     await running
-    assert script.events[:6] == [
+    assert script.events == [
         ("take", 1), ("start", "a"), ("end", "a"),
-        ("take", 1), ("start", "b"), ("end", "b"),
+        ("take with result", 1), ("start", "b"), ("end", "b"),
+        ("take with result", 1), ("start", "c"), ("end", "c"),
+        ("take", 1),
     ]  # fmt: skip
     assert script.fetch_cancelled == 1, "the open take is abandoned on stop"
 
@@ -100,9 +108,39 @@ async def test_a_take_asks_for_the_free_slots_and_waits_for_one_when_full():
     assert loop.takes == 1, "full: no take until a slot is free"
     script.release.set()
     await settle()
-    assert ("take", 2) in script.events[3:] and ("start", "c") in script.events
+    assert ("take with result", 1) in script.events and ("start", "c") in script.events
     loop.stop()
     await running
+
+
+async def test_a_stopping_loop_takes_nothing_with_its_results_but_runs_what_came():
+    script = Script(jobs("a", "b", "c"), hold=True)
+    loop = loops.WorkerLoop({}, 2, script.fetch, script.run)
+    running = asyncio.create_task(loop.run(None))
+    await until(lambda: len(loop.tasks) == 2)
+    loop.stop()
+    script.release.set()
+    await asyncio.wait_for(running, 5)
+    assert not any(e[0] == "take with result" for e in script.events)
+    assert [e for e in script.events if e[0] == "end"] == [("end", "a"), ("end", "b")]
+
+
+async def test_a_job_handed_over_with_a_result_runs_though_the_loop_stopped_meanwhile():
+    script = Script(jobs("a", "b"), hold=True)
+    loop = loops.WorkerLoop({}, 1, script.fetch, script.run)
+    original = script.run
+
+    async def run(session, config, job, take):
+        handed = await original(session, config, job, lambda: 1)  # asked before the stop
+        loop.stop()
+        return handed
+
+    loop.run_job = run
+    running = asyncio.create_task(loop.run(None))
+    await until(lambda: "a" in loop.tasks)
+    script.release.set()
+    await asyncio.wait_for(running, 5)
+    assert ("end", "b") in script.events
 
 
 async def test_stop_tells_the_gateway_once_and_lets_running_jobs_finish():
@@ -219,7 +257,12 @@ async def test_the_concurrency_modifier_sets_the_slots_before_each_take():
 # What the loop relies on in the pinned SDK: an upgrade that moves any of it fails here first.
 SDK_SIGNATURES = {
     ("runpod.serverless.modules.rp_job", "get_job"): ["session", "num_jobs"],
-    ("runpod.serverless.modules.rp_job", "handle_job"): ["session", "config", "job"],
+    ("runpod.serverless.modules.rp_job", "run_job"): ["handler", "job"],
+    ("runpod.serverless.modules.rp_job", "run_job_generator"): ["handler", "job"],
+    ("runpod.serverless.modules.rp_http", "stream_result"): ["session", "job_data", "job"],
+    ("runpod.serverless.modules.rp_handler", "is_generator"): ["handler"],
+    ("runpod.serverless.utils.rp_debugger", "get_debugger_output"): [],
+    ("runpod.serverless.utils.rp_debugger", "clear_debugger_output"): [],
     ("runpod.serverless.modules.rp_job", "get_stop_signals"): ["session"],
     ("runpod.serverless.modules.rp_fitness", "run_fitness_checks"): [],
     ("runpod.http_client", "AsyncClientSession"): ["args", "kwargs"],
@@ -233,10 +276,11 @@ def test_the_pinned_sdk_has_what_the_loop_uses():
     for (module, name), parameters in SDK_SIGNATURES.items():
         found = getattr(importlib.import_module(module), name)
         assert list(inspect.signature(found).parameters) == parameters, (module, name)
-    from runpod.serverless.modules import rp_job, rp_ping
+    from runpod.serverless.modules import rp_http, rp_job, rp_ping, worker_state
     from runpod.serverless.modules.worker_state import JobsProgress, PingJobMirror
 
-    assert isinstance(rp_job.JOB_GET_URL, str)
+    assert isinstance(rp_job.JOB_GET_URL, str) and isinstance(rp_http.JOB_DONE_URL, str)
+    assert isinstance(worker_state.REF_COUNT_ZERO, float)
     assert all(hasattr(JobsProgress(), m) for m in ("add", "remove", "set_mirror"))
     assert (
         callable(PingJobMirror)

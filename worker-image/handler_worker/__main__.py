@@ -92,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         from handler_worker.loops import serve
         from handler_worker.slots import capacity_url
 
+        capacity = None
         if getattr(module, "concurrency_modifier", None) is None:  # else it decides, as in the SDK
-            rp_job.JOB_GET_URL = capacity_url(rp_job.JOB_GET_URL, concurrency(os.environ))
-        serve(config, concurrency(os.environ), announce)
+            capacity = concurrency(os.environ)
+            rp_job.JOB_GET_URL = capacity_url(rp_job.JOB_GET_URL, capacity)
+        serve(config, concurrency(os.environ), announce, capacity)
         return 0
 
     import runpod

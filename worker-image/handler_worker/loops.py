@@ -1,9 +1,10 @@
-"""The worker's job loop in production: a taken job starts the moment it arrives, a free slot
-asks for the next one at once (the runpod SDK's loop polls its local queue every 0.1 s, so each
-warm job waited for that sleep). The SDK's own functions do the rest: `get_job` takes,
-`handle_job` runs the handler and posts results, progress and stream chunks in the SDK's format,
-`get_stop_signals` long-polls cancellations; `JobsProgress` and the SDK's heartbeat process
-report the running jobs. runpod is pinned; tests/worker/test_loops.py checks what we rely on.
+"""The worker's job loop in production: a taken job starts the moment it arrives, a finished
+job's result post asks for the next job for its slot, a free slot takes at once (the runpod SDK's
+loop polls its local queue every 0.1 s, so each warm job waited for that sleep). The SDK's own
+functions do the rest: `get_job` takes, `handler_worker.results` runs jobs and posts results,
+progress and stream chunks as the SDK's `handle_job` does, `get_stop_signals` long-polls
+cancellations; `JobsProgress` and the SDK's heartbeat process report the running jobs. runpod is
+pinned; tests/worker/test_loops.py checks what we rely on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from typing import Any
 log = logging.getLogger("handler_worker")
 
 Fetch = Callable[[Any, int], Awaitable[list[dict[str, Any]] | None]]
-Run = Callable[[Any, dict[str, Any], dict[str, Any]], Awaitable[Any]]
+# session, config, job, how many jobs to take with the result -> the jobs handed over with it
+Run = Callable[
+    [Any, dict[str, Any], dict[str, Any], Callable[[], int]],
+    Awaitable[list[dict[str, Any]] | None],
+]
 Stops = Callable[[Any], Awaitable[list[str]]]
 
 TAKE_TIMEOUT_S = 90.0  # the SDK's: above the gateway's take hold
@@ -93,8 +98,8 @@ class WorkerLoop:
                     self._start(session, job)  # at once: nothing waits in a local queue
             await self._announce()
         finally:
-            if self.tasks:
-                await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            while self.tasks:  # a finishing job may start the next one it was handed
+                await asyncio.gather(*list(self.tasks.values()), return_exceptions=True)
             if watcher is not None:
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
@@ -154,9 +159,18 @@ class WorkerLoop:
             self.progress.add(job)
         self.tasks[job["id"]] = asyncio.create_task(self._handle(session, job))
 
+    def _next_take(self) -> int:
+        """Jobs a finished job's result post asks for: one for its own slot, none once the loop
+        stops or when the slots shrank below those in use."""
+        assert self._stopping is not None
+        if self._stopping.is_set() or self.config.get("refresh_worker", False):
+            return 0
+        return 1 if self._free_slots() >= 0 else 0
+
     async def _handle(self, session: Any, job: dict[str, Any]) -> None:
+        handed: list[dict[str, Any]] = []
         try:
-            await self.run_job(session, self.config, job)
+            handed = await self.run_job(session, self.config, job, self._next_take) or []
             if self.config.get("refresh_worker", False):
                 # The SDK's per-worker refresh: exit after this job and start afresh (not a
                 # departure: the next process takes jobs under the same name at once).
@@ -169,6 +183,8 @@ class WorkerLoop:
             if self.progress is not None:
                 self.progress.remove(job)
             self.tasks.pop(job["id"], None)
+            for next_job in handed:  # handed over with the result: it runs, stopping or not
+                self._start(session, next_job)
             assert self._slot_freed is not None
             self._slot_freed.set()
 
@@ -213,13 +229,21 @@ def install_signals(loop: WorkerLoop) -> None:
         event_loop.add_signal_handler(sig, on_signal)
 
 
-def serve(config: dict[str, Any], capacity: int, announce_leaving: Callable[[], bool]) -> None:
+def serve(
+    config: dict[str, Any],
+    capacity: int,
+    announce_leaving: Callable[[], bool],
+    take_capacity: int | None = None,
+) -> None:
     """The production worker: the SDK's fitness checks and heartbeat, then our loop on the
-    SDK's HTTP session until SIGTERM (which also tells the gateway the worker leaves)."""
+    SDK's HTTP session until SIGTERM (which also tells the gateway the worker leaves).
+    `take_capacity`: the cap the gateway keeps for this worker, sent with each take."""
     from runpod.http_client import AsyncClientSession
-    from runpod.serverless.modules import rp_job, rp_ping
+    from runpod.serverless.modules import rp_http, rp_job, rp_ping
     from runpod.serverless.modules.rp_fitness import run_fitness_checks
     from runpod.serverless.modules.worker_state import JobsProgress, PingJobMirror
+
+    from handler_worker.results import runner
 
     progress, mirror = JobsProgress(), PingJobMirror()
     progress.set_mirror(mirror)
@@ -228,7 +252,7 @@ def serve(config: dict[str, Any], capacity: int, announce_leaving: Callable[[], 
         config,
         capacity,
         fetch=rp_job.get_job,
-        run=rp_job.handle_job,
+        run=runner(rp_http.JOB_DONE_URL, take_capacity),
         stops=rp_job.get_stop_signals,
         progress=progress,
         leave=announce_leaving,

@@ -1,0 +1,115 @@
+"""A job run and its result posted back as the runpod SDK's `handle_job` does (its run_job,
+run_job_generator, stream_result and result shape, byte for byte), except that the result's POST
+may carry the worker's next take: one request instead of two per job (the gateway's `take=N`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger("handler_worker")
+
+RESULT_ATTEMPTS = 3  # as the SDK's FibonacciRetry(attempts=3)
+RESULT_BACKOFF_S = (0.5, 1.0)
+RESULT_TIMEOUT_S = 90.0  # a result post that also takes long-polls as a take does
+FORM_HEADERS = {"charset": "utf-8", "Content-Type": "application/x-www-form-urlencoded"}
+
+
+async def job_result(session: Any, config: dict[str, Any], job: dict[str, Any]) -> tuple[Any, bool]:
+    """Run the job as the SDK's handle_job does, streaming chunks as they come; returns the
+    result to post and whether the handler streamed."""
+    from runpod.serverless.modules import rp_job
+    from runpod.serverless.modules.rp_handler import is_generator
+    from runpod.serverless.modules.rp_http import stream_result
+
+    handler = config["handler"]
+    if not is_generator(handler):
+        result = await rp_job.run_job(handler, job)
+    else:
+        result = {"output": []}
+        async for chunk in rp_job.run_job_generator(handler, job):
+            if isinstance(chunk.get("output"), dict) and chunk["output"].get("error"):
+                chunk = {"error": str(chunk["output"]["error"])}
+            if chunk.get("error"):
+                result = chunk
+                break
+            if config.get("return_aggregate_stream", False):
+                result["output"].append(chunk["output"])
+            await stream_result(session, chunk, job)
+    if config.get("refresh_worker", False):
+        result["stopPod"] = True
+    _debugger_output(config, result)
+    return result, is_generator(handler)
+
+
+def _debugger_output(config: dict[str, Any], result: Any) -> None:
+    from runpod.serverless.modules.worker_state import REF_COUNT_ZERO
+    from runpod.serverless.utils import rp_debugger
+
+    if config.get("rp_args", {}).get("rp_debugger", False) and isinstance(result, dict):
+        result["output"]["rp_debugger"] = rp_debugger.get_debugger_output()
+        ready_delay = (config["reference_counter_start"] - REF_COUNT_ZERO) * 1000
+        result["output"]["rp_debugger"]["ready_delay_ms"] = ready_delay
+    else:
+        rp_debugger.clear_debugger_output()
+
+
+def result_url(done_url: str, job_id: str, is_stream: bool, take: int, capacity: int | None) -> str:
+    url = done_url.replace("$ID", job_id) + f"&isStream={'true' if is_stream else 'false'}"
+    if take:
+        url += f"&take={take}" + (f"&capacity={capacity}" if capacity else "")
+    return url
+
+
+async def post_result(
+    session: Any, url: str, result: Any, job_id: str, takes: bool
+) -> list[dict[str, Any]]:
+    """POST the result (retried on connection errors and 5xx, as the SDK does); the jobs the
+    gateway handed over in its answer when the post also `takes`."""
+    try:
+        body = json.dumps(result, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        log.error("job %s: its result is not JSON: %s", job_id, exc)
+        return []
+    for attempt in range(RESULT_ATTEMPTS):
+        try:
+            async with session.post(
+                url,
+                data=body,
+                headers=FORM_HEADERS,
+                timeout=aiohttp.ClientTimeout(total=RESULT_TIMEOUT_S),
+            ) as response:
+                if response.status < 500:
+                    response.raise_for_status()
+                    answer = await response.json(content_type=None) if takes else {}
+                    return list(answer.get("jobs") or [])
+                error: Exception = RuntimeError(f"HTTP {response.status}")
+        except aiohttp.ClientResponseError as exc:
+            log.error("job %s: the gateway refused its result: %s", job_id, exc)
+            return []
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            error = exc
+        if attempt < RESULT_ATTEMPTS - 1:
+            await asyncio.sleep(RESULT_BACKOFF_S[attempt])
+    log.error("job %s: failed to return its result: %s", job_id, error)
+    return []
+
+
+def runner(done_url: str, capacity: int | None) -> Callable[..., Any]:
+    """The loop's `run`: the job, then its result posted with `take()` next jobs asked for."""
+
+    async def run(
+        session: Any, config: dict[str, Any], job: dict[str, Any], take: Callable[[], int]
+    ) -> list[dict[str, Any]]:
+        result, is_stream = await job_result(session, config, job)
+        wanted = take()
+        url = result_url(done_url, job["id"], is_stream, wanted, capacity)
+        return await post_result(session, url, result, job["id"], takes=wanted > 0)
+
+    return run
