@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -35,8 +36,24 @@ def main(argv: list[str] | None = None) -> int:
         runsync_wait=settings.runsync_wait_seconds,
     )
     app = create_app(backend, keys, timings, max_body=settings.max_body_bytes)
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None)
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        access_log=None,
+        loop=event_loop(),
+    )
     return 0
+
+
+def event_loop() -> asyncio.AbstractEventLoop:
+    """libuv's event loop (uvloop) where installed, as uvicorn does; else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 if __name__ == "__main__":

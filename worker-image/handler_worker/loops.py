@@ -10,6 +10,7 @@ pinned; tests/worker/test_loops.py checks what we rely on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,8 @@ from typing import Any
 log = logging.getLogger("handler_worker")
 
 Fetch = Callable[[Any, int], Awaitable[list[dict[str, Any]] | None]]
-# session, config, job, how many jobs to take with the result -> the jobs handed over with it
+# session, config, job, `finished()` (called once the handler is done: how many jobs to take with
+# the result) -> the jobs handed over with the result
 Run = Callable[
     [Any, dict[str, Any], dict[str, Any], Callable[[], int]],
     Awaitable[list[dict[str, Any]] | None],
@@ -159,10 +161,13 @@ class WorkerLoop:
             self.progress.add(job)
         self.tasks[job["id"]] = asyncio.create_task(self._handle(session, job))
 
-    def _next_take(self) -> int:
-        """Jobs a finished job's result post asks for: one for its own slot, none once the loop
-        stops or when the slots shrank below those in use."""
+    def _finished(self, job: dict[str, Any]) -> int:
+        """The handler is done with `job` (its result is about to be posted): the heartbeat stops
+        naming it, and the post asks for one job for its slot, none once the loop stops or
+        when the slots shrank below those in use."""
         assert self._stopping is not None
+        if self.progress is not None:
+            self.progress.remove(job)
         if self._stopping.is_set() or self.config.get("refresh_worker", False):
             return 0
         return 1 if self._free_slots() >= 0 else 0
@@ -170,7 +175,8 @@ class WorkerLoop:
     async def _handle(self, session: Any, job: dict[str, Any]) -> None:
         handed: list[dict[str, Any]] = []
         try:
-            handed = await self.run_job(session, self.config, job, self._next_take) or []
+            finished = functools.partial(self._finished, job)
+            handed = await self.run_job(session, self.config, job, finished) or []
             if self.config.get("refresh_worker", False):
                 # The SDK's per-worker refresh: exit after this job and start afresh (not a
                 # departure: the next process takes jobs under the same name at once).
@@ -265,4 +271,9 @@ def serve(
         async with AsyncClientSession() as session:
             await loop.run(session)
 
-    asyncio.run(main())
+    try:
+        import uvloop  # libuv's event loop where installed (the worker extra brings it)
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

@@ -102,13 +102,14 @@ async def post_result(
 
 
 def runner(done_url: str, capacity: int | None) -> Callable[..., Any]:
-    """The loop's `run`: the job, then its result posted with `take()` next jobs asked for."""
+    """The loop's `run`: the job, then its result posted with the next jobs `finished()` asks
+    for."""
 
     async def run(
-        session: Any, config: dict[str, Any], job: dict[str, Any], take: Callable[[], int]
+        session: Any, config: dict[str, Any], job: dict[str, Any], finished: Callable[[], int]
     ) -> list[dict[str, Any]]:
         result, is_stream = await job_result(session, config, job)
-        wanted = take()
+        wanted = finished()
         url = result_url(done_url, job["id"], is_stream, wanted, capacity)
         return await post_result(session, url, result, job["id"], takes=wanted > 0)
 
