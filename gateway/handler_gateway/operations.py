@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,38 @@ class Timings:
     endpoint_cache: float = 1.0  # endpoint configs are re-read from the backend this often
 
 
+@dataclass
+class Taker:
+    """A take waiting on this replica: a submit may start jobs for it and hand them over."""
+
+    worker: str
+    count: int
+    capacity: int | None
+    jobs: asyncio.Future[list[JobRecord]]
+
+    def hand(self, started: list[JobRecord]) -> bool:
+        """Give `started` to the waiting take; False when it no longer waits."""
+        if self.jobs.done():
+            return False
+        self.jobs.set_result(started)
+        return True
+
+    async def wait(self, woken: Awaitable[bool]) -> None:
+        """Until jobs are handed over or `woken` (the queue's notification or its timeout)."""
+        other = asyncio.ensure_future(woken)
+        try:
+            await asyncio.wait({self.jobs, other}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            other.cancel()
+
+    def close(self) -> list[JobRecord]:
+        """Stop waiting: what was handed over (nothing can be handed over after)."""
+        if self.jobs.done():
+            return [] if self.jobs.cancelled() else self.jobs.result()
+        self.jobs.cancel()
+        return []
+
+
 class Gateway:
     def __init__(
         self,
@@ -82,6 +114,7 @@ class Gateway:
         self._endpoints: dict[str, tuple[EndpointConfig, float]] = {}
         self._results: dict[tuple[str, str], JobRecord] = {}  # ended here, not yet read back
         self._emptied: dict[str, tuple[int, float]] = {}  # endpoint -> (queue version, when)
+        self._takers: dict[str, list[Taker]] = {}  # endpoint -> takes waiting here, oldest first
 
     # -- endpoints -------------------------------------------------------------------------
     async def endpoint(self, endpoint_id: str) -> EndpointConfig:
@@ -149,9 +182,33 @@ class Gateway:
             webhook=request.webhook,
             extra=extra,
         )
-        await self.backend.create_job(change)
-        self._observe(change)
+        taker = self._waiting_taker(endpoint_id)
+        if taker is None:
+            await self.backend.create_job(change)
+            self._observe(change)
+            return change.job
+        # A worker long-polls here: store the job and take for it in one step.
+        queue = queue_channel(endpoint_id)
+        before = self.backend.notifier.version(queue)
+        poll, changes, emptied = await self.backend.create_and_take(
+            change, taker.worker, taker.count, taker.capacity, now
+        )
+        if emptied and self.backend.notifier.version(queue) == before + 1:  # ours alone
+            self._emptied[endpoint_id] = (before + 1, self.clock())
+        self._observe([change, *changes])
+        started = [c.job for c in changes if c.job.status == JobStatus.IN_PROGRESS]
+        if started and not taker.hand(started):
+            await self.give_back(endpoint_id, taker.worker, started)  # its take ended meanwhile
         return change.job
+
+    def _waiting_taker(self, endpoint_id: str) -> Taker | None:
+        """The take that has waited longest for this endpoint's queue (no longer waiting)."""
+        waiting = self._takers.get(endpoint_id)
+        while waiting:
+            taker = waiting.pop(0)
+            if not taker.jobs.done():
+                return taker
+        return None
 
     async def job(self, endpoint_id: str, job_id: str) -> JobRecord:
         job = await self.backend.get_job(endpoint_id, job_id)
@@ -270,7 +327,8 @@ class Gateway:
         With `capacity`, the worker never holds more than that many jobs: a take from a full
         worker waits until one of its jobs ends (the loader gives the SDK a spare slot so it
         keeps such a long-poll open instead of sleeping a second between jobs). A leaving
-        worker gets [] at once; nothing is claimed for a caller no longer `connected()`.
+        worker gets [] at once; nothing is claimed for a caller no longer `connected()`. While
+        it waits, a submit on this replica may store a job and take for it in one step.
         """
         await self.endpoint(endpoint_id)
         deadline = self.clock() + hold
@@ -284,6 +342,7 @@ class Gateway:
             and looked[0] == seen
             and self.clock() - looked[1] < self.timings.recheck
         )
+        draining = False
         while True:
             channel, since = queue, notifier.version(queue)
             if not skip:
@@ -299,13 +358,27 @@ class Gateway:
                 started = [c.job for c in changes if c.job.status == JobStatus.IN_PROGRESS]
                 if started or poll.leaving:
                     return started
+                draining = poll.draining
                 if capacity is not None and poll.held >= capacity and not poll.draining:
                     channel, since = slot, freed  # full: wait for one of its jobs to end
             skip = False
             remaining = deadline - self.clock()
             if remaining <= 0:
                 return []
-            await notifier.wait(channel, min(remaining, self.timings.recheck), since=since)
+            timeout = min(remaining, self.timings.recheck)
+            if channel is not queue or draining:
+                await notifier.wait(channel, timeout, since=since)
+                continue
+            taker = Taker(worker, count, capacity, asyncio.get_running_loop().create_future())
+            self._takers.setdefault(endpoint_id, []).append(taker)
+            try:
+                await taker.wait(notifier.wait(channel, timeout, since=since))
+            finally:
+                handed = taker.close()
+                if taker in self._takers.get(endpoint_id, ()):
+                    self._takers[endpoint_id].remove(taker)
+            if handed:
+                return handed
 
     async def stop_signals(self, endpoint_id: str, worker: str, hold: float) -> list[str]:
         await self.endpoint(endpoint_id)

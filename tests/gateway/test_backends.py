@@ -122,6 +122,19 @@ async def test_a_draining_or_leaving_worker_is_handed_nothing(backend, state):
     assert await backend.queued_job_ids(ENDPOINT, 10) != []
 
 
+async def test_create_and_take_stores_the_job_and_takes_the_queue_head(backend):
+    older, newer = new_job({"n": 0}), new_job({"n": 1})
+    await backend.create_job(older)
+    poll, taken, emptied = await backend.create_and_take(newer, "w1", 1, None, T0 + 1)
+    assert [c.job.id for c in taken] == [older.job.id] and not emptied
+    assert (await backend.get_job(ENDPOINT, newer.job.id)).status == JobStatus.IN_QUEUE
+    assert stored(await backend.get_job(ENDPOINT, older.job.id)) == stored(taken[0].job)
+    _, taken, emptied = await backend.create_and_take(new_job(), "w1", 5, 1, T0 + 2)
+    assert (poll.held, taken, emptied) == (0, [], False), "capacity 1, one held: none"
+    counters = await backend.counters(ENDPOINT)
+    assert (counters["inQueue"], counters["inProgress"]) == (2, 1)
+
+
 async def test_a_take_drops_entries_of_jobs_no_longer_queued(backend):
     cancelled, queued = new_job(), new_job()
     await backend.create_job(cancelled)
@@ -245,6 +258,54 @@ async def test_redis_data_of_the_older_layout_is_converted_and_served(redis_pref
         for backend in backends:
             await backend.close()
         raw.close()
+
+
+async def test_a_submit_to_a_take_waiting_here_is_one_round_trip(redis_prefix, monkeypatch):
+    """The job is stored and taken for the waiting worker in one script: submit to take."""
+    backend = open_backend(redis_url(), prefix=redis_prefix)
+    gateway = Gateway(backend, Timings(endpoint_cache=3600, recheck=60))
+    await gateway.put_endpoint(EndpointConfig(id=ENDPOINT, workerToken="t" * 20))
+    await gateway.endpoint(ENDPOINT)
+    assert await gateway.take(ENDPOINT, "w1", 1, 0) == []  # scripts loaded, queue seen empty
+    counted = RoundTrips(monkeypatch)
+    try:
+        for round_ in range(3):
+            take = asyncio.create_task(gateway.take(ENDPOINT, "w1", 1, 30))
+            await asyncio.sleep(0.05)
+            counted.take()
+            job = await gateway.submit(ENDPOINT, RunRequest(input={"n": round_}))
+            assert [j.id for j in await take] == [job.id]
+            assert counted.take() == 1
+            assert (await backend.get_job(ENDPOINT, job.id)).worker_id == "w1"
+            await gateway.done(ENDPOINT, "w1", job.id, {"output": 1}, False)
+    finally:
+        await backend.close()
+
+
+async def test_jobs_started_for_a_take_that_ended_meanwhile_go_back_to_the_queue(backend):
+    from handler_gateway.operations import Taker
+
+    gateway = Gateway(backend, Timings(endpoint_cache=3600))
+    gone = Taker("w1", 1, None, asyncio.get_running_loop().create_future())
+    gone.close()
+    live = Taker("w2", 1, None, asyncio.get_running_loop().create_future())
+    gateway._takers[ENDPOINT] = [gone, live]
+    job = await gateway.submit(ENDPOINT, RunRequest(input={}))
+    assert [j.id for j in live.close()] == [job.id], "a closed take is passed over"
+    # A take that ends while its job is being stored and started: the job is queued again.
+    ending = Taker("w3", 1, None, asyncio.get_running_loop().create_future())
+    gateway._takers[ENDPOINT] = [ending]
+    store = backend.create_and_take
+
+    async def ends_meanwhile(*args):
+        ending.close()
+        return await store(*args)
+
+    backend.create_and_take = ends_meanwhile
+    job = await gateway.submit(ENDPOINT, RunRequest(input={}))
+    assert (await backend.get_job(ENDPOINT, job.id)).status == JobStatus.IN_QUEUE
+    assert await backend.queued_job_ids(ENDPOINT, 10) == [job.id]
+    assert await backend.worker_job_count(ENDPOINT, "w3") == 0
 
 
 @pytest.mark.parametrize("submitted_on", ["this replica", "another replica"])

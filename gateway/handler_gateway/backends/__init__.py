@@ -182,6 +182,14 @@ class Backend(ABC):
         Entries whose job is no longer queued are dropped.
         """
 
+    async def create_and_take(
+        self, change: Change, worker: str, count: int, capacity: int | None, now: float
+    ) -> Take:
+        """`create_job(change)`, then `take_jobs(...)`, as one atomic step where the backend
+        can (a submit handed straight to a waiting worker; the queue's order still holds)."""
+        await self.create_job(change)
+        return await self.take_jobs(change.job.endpoint, worker, count, capacity, now)
+
     @abstractmethod
     async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
         """Ids at the head of the queue (oldest first), for ttl sweeps."""

@@ -53,7 +53,8 @@ CACHED_RECORDS = 10_000
 # compute again without another read. KEYS: job, input, chunks, queue, active, counters,
 # activity, dead letters, released worker's jobs, assigned worker's jobs, stopped worker's stops.
 # ARGV: expected revision, effects (JSON), the fields (a JSON object of each field's JSON).
-APPLY = """
+APPLY_FUNCTION = """
+local function apply(KEYS, ARGV)
 local job = KEYS[1]
 local rev = redis.call('HGET', job, 'rev')
 if (ARGV[1] == '' and rev) or (ARGV[1] ~= '' and rev ~= ARGV[1]) then
@@ -87,17 +88,19 @@ if e.dead then redis.call('RPUSH', KEYS[8], id) end
 if e.undead then redis.call('LREM', KEYS[8], 0, id) end
 for _, channel in ipairs(e.channels) do redis.call('PUBLISH', e.notify, channel) end
 return {1, rev}
+end
 """
 
 # A worker's take: mark it seen and, unless it is draining or leaving, start up to `count` jobs
 # from the queue head (no more than `capacity` held), as `jobs.start` does: a job whose ttl
 # passed while queued times out instead. Answers held, draining, leaving, how many stay queued
-# (1 when not looked), then per job popped in a startable state {id, input, fields as they were}. KEYS: workers, the worker's jobs,
-# draining, leaving, queue, active, counters, activity. ARGV: worker, now, count, capacity
+# (1 when not looked), then per job popped in a startable state {id, input, fields as they
+# were}. KEYS: workers, the worker's jobs, draining, leaving, queue, active, counters, activity. ARGV: worker, now, count, capacity
 # (-1: none), worker as JSON, job key prefix, input key prefix, chunks key prefix, endpoint,
 # notify channel, job channel prefix, ttl error text before and after the seconds, result
 # retention seconds.
-TAKE = """
+TAKE_FUNCTION = """
+local function take(KEYS, ARGV)
 local worker, now = ARGV[1], tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], worker, ARGV[2])
 local held = redis.call('SCARD', KEYS[2])
@@ -146,7 +149,21 @@ while started < allowed do
 end
 out[4] = redis.call('LLEN', KEYS[5])
 return out
+end
 """
+APPLY = APPLY_FUNCTION + "return apply(KEYS, ARGV)"
+TAKE = TAKE_FUNCTION + "return take(KEYS, ARGV)"
+# A new job, then a take (APPLY's keys and arguments, then TAKE's): a submit handed to a worker
+# waiting on this replica costs one round trip, and the queue's order still holds.
+CREATE_TAKE = (
+    APPLY_FUNCTION
+    + TAKE_FUNCTION
+    + """
+local applied = apply({unpack(KEYS, 1, 11)}, {unpack(ARGV, 1, 3)})
+if applied[1] == 0 then return {applied} end
+return {applied, take({unpack(KEYS, 12, 19)}, {unpack(ARGV, 4, 17)})}
+"""
+)
 
 
 def _unavailable(method):
@@ -195,6 +212,7 @@ class RedisBackend(Backend):
         self._scripts = {
             "apply": self.redis.register_script(APPLY),
             "take": self.redis.register_script(TAKE),
+            "create_take": self.redis.register_script(CREATE_TAKE),
         }
 
     # -- keys --------------------------------------------------------------------------------
@@ -298,8 +316,8 @@ class RedisBackend(Backend):
                 out[key] = True
         return out
 
-    async def _apply(self, change: Change, expected: str) -> tuple[bool, Any]:
-        """Run APPLY for `change`: (True, new revision) or (False, the record's fields now)."""
+    def _apply_call(self, change: Change, expected: str) -> tuple[list[str], list[str]]:
+        """APPLY's keys and arguments for `change`."""
         job, effects = change.job, change.effects
         endpoint, job_id = job.endpoint, job.id
         fields = job.model_dump(mode="json", exclude={"input"})
@@ -321,6 +339,11 @@ class RedisBackend(Backend):
             json.dumps(self._effects(change, expected)),
             json.dumps({name: json.dumps(value) for name, value in fields.items()}),
         ]
+        return keys, args
+
+    async def _apply(self, change: Change, expected: str) -> tuple[bool, Any]:
+        """Run APPLY for `change`: (True, new revision) or (False, the record's fields now)."""
+        keys, args = self._apply_call(change, expected)
         await self._ensure_schema()
         done, value = await self._scripts["apply"](keys=keys, args=args)
         if done:
@@ -390,39 +413,41 @@ class RedisBackend(Backend):
         self._records.pop((endpoint, job_id), None)
         return None
 
-    async def take_jobs(
+    def _take_call(
         self, endpoint: str, worker: str, count: int, capacity: int | None, now: float
-    ) -> Take:
-        await self._ensure_schema()
+    ) -> tuple[list[str], list[Any]]:
+        """TAKE's keys and arguments."""
         before, after = jobs.TTL_EXPIRED_ERROR.split("{seconds:g}")
-        reply = await self._scripts["take"](
-            keys=[
-                self._k(endpoint, "workers"),
-                self._k(endpoint, "wjobs", worker),
-                self._k(endpoint, "draining"),
-                self._k(endpoint, "leaving", worker),
-                self._k(endpoint, "queue"),
-                self._k(endpoint, "active"),
-                self._k(endpoint, "counters"),
-                self._activity_key,
-            ],
-            args=[
-                worker,
-                repr(now),
-                count,
-                -1 if capacity is None else capacity,
-                json.dumps(worker),
-                self._k(endpoint, "job", ""),
-                self._k(endpoint, "input", ""),
-                self._k(endpoint, "chunks", ""),
-                endpoint,
-                self._channel,
-                self._published([job_channel(endpoint, "")])[0],
-                before,
-                after,
-                repr(jobs.MIN_RESULT_RETENTION_S),
-            ],
-        )
+        keys = [
+            self._k(endpoint, "workers"),
+            self._k(endpoint, "wjobs", worker),
+            self._k(endpoint, "draining"),
+            self._k(endpoint, "leaving", worker),
+            self._k(endpoint, "queue"),
+            self._k(endpoint, "active"),
+            self._k(endpoint, "counters"),
+            self._activity_key,
+        ]
+        args = [
+            worker,
+            repr(now),
+            count,
+            -1 if capacity is None else capacity,
+            json.dumps(worker),
+            self._k(endpoint, "job", ""),
+            self._k(endpoint, "input", ""),
+            self._k(endpoint, "chunks", ""),
+            endpoint,
+            self._channel,
+            self._published([job_channel(endpoint, "")])[0],
+            before,
+            after,
+            repr(jobs.MIN_RESULT_RETENTION_S),
+        ]
+        return keys, args
+
+    def _taken(self, reply: list[Any], worker: str, now: float) -> Take:
+        """TAKE's answer as the changes it stored (computed again here by `jobs.start`)."""
         held, draining, leaving, queued, *taken = reply
         changes = []
         for _job_id, raw_input, fields in taken:
@@ -438,6 +463,27 @@ class RedisBackend(Backend):
             self._notify_here(change_channels(change))
             changes.append(change)
         return Take(WorkerPoll(int(held), bool(draining), bool(leaving)), changes, not queued)
+
+    async def take_jobs(
+        self, endpoint: str, worker: str, count: int, capacity: int | None, now: float
+    ) -> Take:
+        keys, args = self._take_call(endpoint, worker, count, capacity, now)
+        await self._ensure_schema()
+        return self._taken(await self._scripts["take"](keys=keys, args=args), worker, now)
+
+    async def create_and_take(
+        self, change: Change, worker: str, count: int, capacity: int | None, now: float
+    ) -> Take:
+        apply_keys, apply_args = self._apply_call(change, "")
+        take_keys, take_args = self._take_call(change.job.endpoint, worker, count, capacity, now)
+        await self._ensure_schema()
+        reply = await self._scripts["create_take"](
+            keys=apply_keys + take_keys, args=apply_args + take_args
+        )
+        if not reply[0][0]:
+            raise RuntimeError(f"job id {change.job.id} already exists")
+        self._notify_here(change_channels(change))
+        return self._taken(reply[1], worker, now)
 
     async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
         await self._ensure_schema()
