@@ -331,3 +331,14 @@ async def test_a_waiting_take_wakes_for_a_job_submitted_on_any_replica(
     finally:
         await taker.backend.close()
         await other.backend.close()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, True, False, 0, -3, 10**30, 1.5, 1e-7, 1_800_000_000.123456, float("inf"), "",
+     "ä\n\"\\/", "\U0001f600", [], {}, {"a": [1, None, "x"]}],
+)  # fmt: skip
+def test_a_field_is_stored_as_json_dumps_writes_it(value):
+    from handler_gateway.backends.redis_scripts import field_json
+
+    assert field_json(value) == json.dumps(value)
