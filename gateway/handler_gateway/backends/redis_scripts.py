@@ -18,6 +18,7 @@ import logging
 import math
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
@@ -531,43 +532,42 @@ class RedisBackend(Backend):
     async def _convert_endpoint(self, endpoint: str) -> None:
         """Layout 1 (records as JSON strings, queues as streams) to this one; idempotent, safe
         with replicas converting at the same time."""
-        async for key in self.redis.scan_iter(match=self._k(endpoint, "job", "*"), count=500):
-            await self._convert_record(key)
-        queue = self._k(endpoint, "queue")
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(queue)
-                    if await pipe.type(queue) != "stream":
-                        await pipe.reset()
-                        return
-                    ids = [fields.get("id", "") for _, fields in await pipe.xrange(queue)]
-                    pipe.multi()
-                    pipe.delete(queue)
-                    if ids:
-                        pipe.rpush(queue, *ids)
-                    await pipe.execute()
-                    return
-                except WatchError:
-                    continue
 
-    async def _convert_record(self, key: str) -> None:
+        async def record(pipe: Any, key: str) -> None:
+            job = JobRecord.model_validate_json(await pipe.get(key))
+            ttl_ms = await pipe.pttl(key)
+            fields = job.model_dump(mode="json", exclude={"input"})
+            pipe.multi()
+            pipe.delete(key)
+            pipe.hset(key, mapping={name: field_json(v) for name, v in fields.items()})
+            pipe.hset(key, "rev", "1")
+            if ttl_ms > 0:
+                pipe.pexpire(key, ttl_ms)
+
+        async def queue(pipe: Any, key: str) -> None:
+            ids = [fields.get("id", "") for _, fields in await pipe.xrange(key)]
+            pipe.multi()
+            pipe.delete(key)
+            if ids:
+                pipe.rpush(key, *ids)
+
+        async for key in self.redis.scan_iter(match=self._k(endpoint, "job", "*"), count=500):
+            await self._convert_key(key, "string", record)
+        await self._convert_key(self._k(endpoint, "queue"), "stream", queue)
+
+    async def _convert_key(
+        self, key: str, older_type: str, rewrite: Callable[[Any, str], Awaitable[None]]
+    ) -> None:
+        """`rewrite(pipe, key)` (reads, then MULTI and writes) while `key` still has the older
+        layout's type; watched, so of two replicas converting it one finds it done."""
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     await pipe.watch(key)
-                    if await pipe.type(key) != "string":
+                    if await pipe.type(key) != older_type:
                         await pipe.reset()
                         return
-                    job = JobRecord.model_validate_json(await pipe.get(key))
-                    ttl_ms = await pipe.pttl(key)
-                    fields = job.model_dump(mode="json", exclude={"input"})
-                    pipe.multi()
-                    pipe.delete(key)
-                    pipe.hset(key, mapping={n: json.dumps(v) for n, v in fields.items()})
-                    pipe.hset(key, "rev", "1")
-                    if ttl_ms > 0:
-                        pipe.pexpire(key, ttl_ms)
+                    await rewrite(pipe, key)
                     await pipe.execute()
                     return
                 except WatchError:
