@@ -254,6 +254,22 @@ async def test_the_concurrency_modifier_sets_the_slots_before_each_take():
     await running
 
 
+async def test_a_concurrency_modifier_answering_0_pauses_taking(monkeypatch):
+    monkeypatch.setattr(loops, "MODIFIER_RETRY_S", 0.001)
+    answers = [0, 0, 2]
+
+    def modifier(current):
+        return answers.pop(0) if answers else 2
+
+    script = Script(jobs("a"))
+    loop = loops.WorkerLoop({"concurrency_modifier": modifier}, 1, script.fetch, script.run)
+    running = asyncio.create_task(loop.run(None))
+    await until(lambda: ("start", "a") in script.events)
+    loop.stop()
+    await running
+    assert script.events[0] == ("take", 2), "nothing taken while the modifier said 0"
+
+
 # What the loop relies on in the pinned SDK: an upgrade that moves any of it fails here first.
 SDK_SIGNATURES = {
     ("runpod.serverless.modules.rp_job", "get_job"): ["session", "num_jobs"],

@@ -33,6 +33,7 @@ ERROR_BACKOFF_S = 1.0  # after a failed take or stop poll: no tight loop on a ga
 THROTTLED_BACKOFF_S = 5.0  # after a 429, as the SDK does
 STOP_POLL_FLOOR_S = 1.0  # the least time between two stop polls, as the SDK's floor
 TAKE_POLL_FLOOR_S = 0.2  # the least time between two takes answered empty at once
+MODIFIER_RETRY_S = 1.0  # a concurrency_modifier that answered 0 is asked again after this
 LEAVE_ANSWER_S = 10.0  # how long the open take may take to answer once the leave was heard
 
 
@@ -81,7 +82,7 @@ class WorkerLoop:
     def _free_slots(self) -> int:
         modifier = self.config.get("concurrency_modifier")
         if modifier is not None:
-            self.capacity = max(1, int(modifier(self.capacity)))
+            self.capacity = max(0, int(modifier(self.capacity)))  # 0: take nothing for now
         return self.capacity - len(self.tasks)
 
     # -- the loop --------------------------------------------------------------------------
@@ -92,7 +93,12 @@ class WorkerLoop:
             while not self._stopping.is_set():
                 free = self._free_slots()
                 if free <= 0:
-                    await self._until(self._slot_freed.wait())
+                    # A job's end frees a slot; with none running (a modifier answered 0), ask
+                    # it again after a while, as the SDK does.
+                    freed = (
+                        self._slot_freed.wait() if self.tasks else asyncio.sleep(MODIFIER_RETRY_S)
+                    )
+                    await self._until(freed)
                     self._slot_freed.clear()
                     continue
                 jobs = await self._take(session, free)
