@@ -342,3 +342,18 @@ def test_a_field_is_stored_as_json_dumps_writes_it(value):
     from handler_gateway.backends.redis_scripts import field_json
 
     assert field_json(value) == json.dumps(value)
+
+
+@pytest.mark.parametrize(
+    ("message", "origin", "channels"),
+    [
+        ('gw-1|["queue:ep", "enqueued"]', "gw-1", ["queue:ep", "enqueued"]),
+        ("gw-1|job:ep:j1", "gw-1", ["job:ep:j1"]),
+        ("queue:ep", "", ["queue:ep"]),
+    ],
+    ids=["a change's channels", "one channel", "an older replica's"],
+)
+def test_notifications_name_their_origin_and_channels(message, origin, channels):
+    from handler_gateway.backends.redis_scripts import notified
+
+    assert notified(message) == (origin, channels)

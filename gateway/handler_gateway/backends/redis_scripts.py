@@ -89,7 +89,7 @@ if e.assign then redis.call('SADD', KEYS[10], id) end
 if e.stop then redis.call('HSET', KEYS[11], id, '0') end
 if e.dead then redis.call('RPUSH', KEYS[8], id) end
 if e.undead then redis.call('LREM', KEYS[8], 0, id) end
-for _, channel in ipairs(e.channels) do redis.call('PUBLISH', e.notify, channel) end
+if e.message then redis.call('PUBLISH', e.notify, e.message) end
 return {1, rev}
 end
 """
@@ -167,6 +167,15 @@ if applied[1] == 0 then return {applied} end
 return {applied, take({unpack(KEYS, 12, 19)}, {unpack(ARGV, 4, 17)})}
 """
 )
+
+
+def notified(message: str) -> tuple[str, list[str]]:
+    """(origin replica, channels) of a notification: `origin|["ch", ...]` or `origin|ch` (one
+    channel); a bare channel came from a replica of an older version."""
+    origin, mark, channels = message.partition(ORIGIN_MARK)
+    if not mark:
+        return "", [origin]
+    return origin, json.loads(channels) if channels.startswith("[") else [channels]
 
 
 def field_json(value: Any) -> str:
@@ -258,11 +267,9 @@ class RedisBackend(Backend):
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":
-                        origin, mark, channel = message["data"].partition(ORIGIN_MARK)
-                        if not mark:  # from a replica of an older version
-                            origin, channel = "", origin
+                        origin, channels = notified(message["data"])
                         if origin != self.replica:  # its own were notified as they were stored
-                            self.notifier.notify(channel)
+                            self._notify_here(channels)
             except (RedisError, OSError) as exc:
                 log.debug("notification listener reconnecting: %s", exc)
                 await self._close_pubsub()
@@ -307,8 +314,10 @@ class RedisBackend(Backend):
             "endpoint": job.endpoint,
             "notify": self._channel,
             "counters": effects.counters,
-            "channels": self._published(change_channels(change)),
         }
+        message = self._published(change_channels(change))
+        if message is not None:  # a JSON null would be true in Lua
+            out["message"] = message
         if created:  # a new job: nothing to expire, persist or deactivate yet
             out["input"] = json.dumps(job.input)
         elif job.terminal and not effects.dead_letter:
@@ -367,9 +376,12 @@ class RedisBackend(Backend):
             self._notify_here(change_channels(change))
         return bool(done), value
 
-    def _published(self, channels: list[str]) -> list[str]:
-        """Notifications as published: other replicas wake their long-polls, this one skips."""
-        return [f"{self.replica}{ORIGIN_MARK}{channel}" for channel in channels]
+    def _published(self, channels: list[str]) -> str | None:
+        """One message for a change's notifications: other replicas wake their long-polls,
+        this one skips it (`notified` reads it)."""
+        if not channels:
+            return None
+        return f"{self.replica}{ORIGIN_MARK}{json.dumps(channels)}"
 
     def _notify_here(self, channels: list[str]) -> None:
         for channel in channels:
@@ -456,7 +468,7 @@ class RedisBackend(Backend):
             self._k(endpoint, "chunks", ""),
             endpoint,
             self._channel,
-            self._published([job_channel(endpoint, "")])[0],
+            f"{self.replica}{ORIGIN_MARK}{job_channel(endpoint, '')}",
             before,
             after,
             repr(jobs.MIN_RESULT_RETENTION_S),
@@ -626,8 +638,7 @@ class RedisBackend(Backend):
                 self._k(endpoint, "leaving", worker), "1", px=max(1, int((until - now) * 1000))
             )
             channels = leaving_channels(endpoint, worker)
-            for channel in self._published(channels):
-                pipe.publish(self._channel, channel)
+            pipe.publish(self._channel, self._published(channels))
             await pipe.execute()
         self._notify_here(channels)
 
