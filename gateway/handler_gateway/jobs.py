@@ -104,6 +104,7 @@ class Effects:
     """What must happen atomically together with storing the new record."""
 
     enqueue: bool = False  # (re)append the job to its endpoint's queue
+    to_head: bool = False  # with enqueue: at the queue's head (it was handed out before)
     stop_worker: str | None = None  # tell this worker (job-stop) to stop the job
     release_worker: str | None = None  # the job no longer belongs to this worker
     assign_worker: str | None = None  # the job now runs on this worker
@@ -317,7 +318,10 @@ def give_back(job: JobRecord, worker: str) -> Change | None:
         return None
     new = _queued_again(job)
     return _change(
-        job, new, Effects(release_worker=worker, enqueue=True), f"given back by {worker}"
+        job,
+        new,
+        Effects(release_worker=worker, enqueue=True, to_head=True),
+        f"given back by {worker}",
     )
 
 

@@ -36,10 +36,10 @@ from handler_gateway.models import (
 )
 
 log = logging.getLogger("handler_gateway")
+# Hand-overs in answers to result posts kept until a job of theirs reports (oldest dropped).
+KEPT_HAND_OVERS = 4096
 # A leaving worker's mark outlives its longest long-poll by this much.
 LEAVING_MARGIN_S = 10.0
-# Results that ended on this replica, kept for a runsync waiting on them (oldest dropped first).
-KEPT_RESULTS = 1024
 
 
 class NotFound(Exception):
@@ -73,6 +73,7 @@ class Taker:
     count: int
     capacity: int | None
     jobs: asyncio.Future[list[JobRecord]]
+    claimed: bool = False  # a submit is storing a job for it: it waits for that answer
 
     def hand(self, started: list[JobRecord]) -> bool:
         """Give `started` to the waiting take; False when it no longer waits."""
@@ -86,6 +87,8 @@ class Taker:
         other = asyncio.ensure_future(woken)
         try:
             await asyncio.wait({self.jobs, other}, return_when=asyncio.FIRST_COMPLETED)
+            if self.claimed:  # woken meanwhile: the submit answers in one round trip
+                await asyncio.wait({self.jobs})
         finally:
             other.cancel()
 
@@ -112,7 +115,12 @@ class Gateway:
         self.replica = uuid.uuid4().hex[:12]
         self.stopping = False
         self._endpoints: dict[str, tuple[EndpointConfig, float]] = {}
-        self._results: dict[tuple[str, str], JobRecord] = {}  # ended here, not yet read back
+        self._awaited: set[tuple[str, str]] = set()  # jobs a runsync waits for here
+        self._results: dict[tuple[str, str], JobRecord] = {}  # those ended here, not yet read
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # (endpoint, worker, job whose result post took them) -> jobs handed over in its answer
+        self._handed: dict[tuple[str, str, str], list[JobRecord]] = {}
+        self._handed_in: dict[tuple[str, str], tuple[str, str, str]] = {}  # job -> that key
         self._emptied: dict[str, tuple[int, float]] = {}  # endpoint -> (queue version, when)
         self._takers: dict[str, list[Taker]] = {}  # endpoint -> takes waiting here, oldest first
 
@@ -149,14 +157,13 @@ class Gateway:
             for observer in self.observers:
                 observer.on_change(change)
             job = change.job
-            if job.terminal:
-                # A runsync waiting here gets the result without reading it back.
-                self._results[(job.endpoint, job.id)] = job
-                while len(self._results) > KEPT_RESULTS:
-                    del self._results[next(iter(self._results))]
+            key = (job.endpoint, job.id)
+            if job.terminal and key in self._awaited:
+                # The runsync waiting here gets the result without reading it back.
+                self._results[key] = job
                 self.backend.notifier.notify(job_channel(job.endpoint, job.id))
             else:
-                self._results.pop((job.endpoint, job.id), None)
+                self._results.pop(key, None)
 
     async def submit(self, endpoint_id: str, request: RunRequest) -> JobRecord:
         config = await self.endpoint(endpoint_id)
@@ -190,15 +197,23 @@ class Gateway:
         # A worker long-polls here: store the job and take for it in one step.
         queue = queue_channel(endpoint_id)
         before = self.backend.notifier.version(queue)
-        poll, changes, emptied = await self.backend.create_and_take(
-            change, taker.worker, taker.count, taker.capacity, now
-        )
-        if emptied and self.backend.notifier.version(queue) == before + 1:  # ours alone
-            self._emptied[endpoint_id] = (before + 1, self.clock())
-        self._observe([change, *changes])
-        started = [c.job for c in changes if c.job.status == JobStatus.IN_PROGRESS]
-        if started and not taker.hand(started):
-            await self.give_back(endpoint_id, taker.worker, started)  # its take ended meanwhile
+        started: list[JobRecord] = []
+        try:
+            poll, changes, emptied = await self.backend.create_and_take(
+                change, taker.worker, taker.count, taker.capacity, now
+            )
+            if emptied and self.backend.notifier.version(queue) == before + 1:  # ours alone
+                self._emptied[endpoint_id] = (before + 1, self.clock())
+            self._observe([change, *changes])
+            started = [c.job for c in changes if c.job.status == JobStatus.IN_PROGRESS]
+        finally:
+            handed = taker.hand(started)  # [] (a failure too): the take goes on by itself
+        if started and not handed:  # its take was cancelled meanwhile
+            try:
+                await self.give_back(endpoint_id, taker.worker, started)
+            except Exception as exc:  # noqa: BLE001 - the job is stored: answer it; the sweeper
+                # re-queues it when the worker's heartbeat deadline passes
+                log.warning("job %s/%s: giving it back failed: %s", endpoint_id, change.job.id, exc)
         return change.job
 
     def _waiting_taker(self, endpoint_id: str) -> Taker | None:
@@ -207,6 +222,7 @@ class Gateway:
         while waiting:
             taker = waiting.pop(0)
             if not taker.jobs.done():
+                taker.claimed = True  # it now waits for this submit's answer
                 return taker
         return None
 
@@ -229,18 +245,22 @@ class Gateway:
         channel = job_channel(endpoint_id, job_id)
         notifier = self.backend.notifier
         seen = 0  # a job's channel is first notified after the job is created
-        while True:
-            if submitted is not None:
-                job, submitted = submitted, None
-            else:
-                seen = notifier.version(channel)
-                job = self._results.pop((endpoint_id, job_id), None) or await self.job(
-                    endpoint_id, job_id
-                )
-            remaining = deadline - self.clock()
-            if job.terminal or remaining <= 0:
-                return job
-            await notifier.wait(channel, min(remaining, self.timings.recheck), since=seen)
+        key = (endpoint_id, job_id)
+        self._awaited.add(key)
+        try:
+            while True:
+                if submitted is not None:
+                    job, submitted = submitted, None
+                else:
+                    seen = notifier.version(channel)
+                    job = self._results.pop(key, None) or await self.job(endpoint_id, job_id)
+                remaining = deadline - self.clock()
+                if job.terminal or remaining <= 0:
+                    return job
+                await notifier.wait(channel, min(remaining, self.timings.recheck), since=seen)
+        finally:
+            self._awaited.discard(key)
+            self._results.pop(key, None)
 
     async def stream(
         self, endpoint_id: str, job_id: str, cursor: int | None
@@ -373,6 +393,10 @@ class Gateway:
             self._takers.setdefault(endpoint_id, []).append(taker)
             try:
                 await taker.wait(notifier.wait(channel, timeout, since=since))
+            except BaseException:  # cancelled: what was handed over goes back
+                if lost := taker.close():
+                    self._background(self.give_back(endpoint_id, worker, lost))
+                raise
             finally:
                 handed = taker.close()
                 if taker in self._takers.get(endpoint_id, ()):
@@ -402,6 +426,8 @@ class Gateway:
         """Store a worker's result. Returns accepted | progress | duplicate | ignored."""
         await self.endpoint(endpoint_id)
         now = self.clock()
+        if (handed := self._handed_in.get((endpoint_id, job_id))) is not None:
+            self._forget_handed(handed)  # the answer that handed this job over arrived
         if body.get("status") == JobStatus.IN_PROGRESS:
             change = await self.backend.update_job(
                 endpoint_id, job_id, lambda j: jobs.progress(j, worker, body.get("output"), now)
@@ -520,6 +546,39 @@ class Gateway:
         await self.backend.set_leaving(endpoint_id, worker, now, until)
         record = (await self.backend.get_workers(endpoint_id)).get(worker)
         return sorted(record.jobs) if record else []
+
+    def remember_handed(
+        self, endpoint_id: str, worker: str, job_id: str, taken: list[JobRecord]
+    ) -> None:
+        """Jobs handed over in the answer to `job_id`'s result post: if the worker posts that
+        result again (it never read the answer), they are handed over again."""
+        if not taken:
+            return
+        key = (endpoint_id, worker, job_id)
+        self._handed[key] = taken
+        for job in taken:
+            self._handed_in[(endpoint_id, job.id)] = key
+        while len(self._handed) > KEPT_HAND_OVERS:
+            self._forget_handed(next(iter(self._handed)))
+
+    def _forget_handed(self, key: tuple[str, str, str]) -> None:
+        for job in self._handed.pop(key, []):
+            self._handed_in.pop((key[0], job.id), None)
+
+    async def handed_again(self, endpoint_id: str, worker: str, job_id: str) -> list[JobRecord]:
+        """What the answer to `job_id`'s earlier result post handed over and the worker still
+        holds (none of them has reported since)."""
+        again = []
+        for job in self._handed.get((endpoint_id, worker, job_id), []):
+            current = await self.backend.get_job(endpoint_id, job.id)
+            if current and current.status == JobStatus.IN_PROGRESS and current.worker_id == worker:
+                again.append(job)
+        return again
+
+    def _background(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def give_back(self, endpoint_id: str, worker: str, taken: list[JobRecord]) -> None:
         """Jobs claimed for a take whose caller was gone before the answer reached it: back to

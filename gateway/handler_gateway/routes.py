@@ -382,7 +382,16 @@ async def job_done(request: web.Request) -> web.Response:
     )
     if not take:
         return web.json_response({"result": outcome})
-    taken = await _long_poll_take(request, endpoint, take)
+    gateway, worker, job_id = (
+        request.app[GATEWAY],
+        request.match_info["worker"],
+        request.match_info["job"],
+    )
+    # The same result again: the answer to the first post may never have been read.
+    taken = await gateway.handed_again(endpoint, worker, job_id) if outcome == "duplicate" else []
+    if not taken:
+        taken = await _long_poll_take(request, endpoint, take)
+        gateway.remember_handed(endpoint, worker, job_id, taken)
     payloads = [take_payload(job) for job in taken]
     return await _hand_over(request, endpoint, taken, {"result": outcome, "jobs": payloads})
 

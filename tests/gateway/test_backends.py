@@ -208,11 +208,13 @@ async def test_a_job_costs_three_round_trips_on_redis(redis_prefix, monkeypatch)
         for round_ in range(3):
             job = await gateway.submit(ENDPOINT, RunRequest(input={"n": round_}))
             submitted = counted.take()
+            runsync = asyncio.create_task(gateway.wait_terminal(ENDPOINT, job.id, 5, job))
+            await asyncio.sleep(0)  # the runsync waits, as it does right after its submit
             assert [j.id for j in await gateway.take(ENDPOINT, "w1", 1, 0)] == [job.id]
             took = counted.take()
             assert await gateway.done(ENDPOINT, "w1", job.id, {"output": 1}, False) == "accepted"
             finished = counted.take()
-            result = await gateway.wait_terminal(ENDPOINT, job.id, 5, submitted=job)
+            result = await runsync
             read_back = counted.take()
             assert result.status == JobStatus.COMPLETED
             assert await gateway.take(ENDPOINT, "w1", 1, 0) == []
@@ -357,3 +359,41 @@ def test_notifications_name_their_origin_and_channels(message, origin, channels)
     from handler_gateway.backends.redis_scripts import notified
 
     assert notified(message) == (origin, channels)
+
+
+async def test_a_job_given_back_goes_to_the_queue_head(backend):
+    first, second = new_job(), new_job()
+    await backend.create_job(first)
+    await backend.create_job(second)
+    gateway = Gateway(backend, Timings(endpoint_cache=3600))
+    taken = await gateway.take(ENDPOINT, "w1", 1, 0)
+    await gateway.give_back(ENDPOINT, "w1", taken)
+    assert await backend.queued_job_ids(ENDPOINT, 10) == [first.job.id, second.job.id]
+
+
+async def test_a_result_is_kept_on_the_replica_only_for_a_runsync_waiting_there(backend):
+    gateway = Gateway(backend, Timings(endpoint_cache=3600))
+    unwatched = await gateway.submit(ENDPOINT, RunRequest(input={}))
+    await gateway.take(ENDPOINT, "w1", 1, 0)
+    await gateway.done(ENDPOINT, "w1", unwatched.id, {"output": 1}, False)
+    assert gateway._results == {}
+    watched = await gateway.submit(ENDPOINT, RunRequest(input={}))
+    runsync = asyncio.create_task(gateway.wait_terminal(ENDPOINT, watched.id, 5, watched))
+    await asyncio.sleep(0)
+    await gateway.take(ENDPOINT, "w1", 1, 0)
+    await gateway.done(ENDPOINT, "w1", watched.id, {"output": 2}, False)
+    assert (await runsync).output == 2
+    assert gateway._results == {} and gateway._awaited == set()
+
+
+async def test_a_take_claimed_by_a_submit_waits_for_its_answer_though_woken():
+    from handler_gateway.operations import Taker
+
+    taker = Taker("w1", 1, None, asyncio.get_running_loop().create_future(), claimed=True)
+    waiting = asyncio.create_task(taker.wait(asyncio.sleep(0)))  # woken at once
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    job = new_job().job
+    assert taker.hand([job])
+    await waiting
+    assert taker.close() == [job]

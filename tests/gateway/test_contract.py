@@ -98,6 +98,19 @@ async def test_a_result_post_may_carry_the_next_take(api):
     assert await done_and_take(api, "w1", second) == {"result": "accepted", "jobs": []}
 
 
+async def test_a_result_posted_again_gets_the_jobs_its_unread_answer_carried(api):
+    first, second = [await api.run({"n": n}) for n in range(2)]
+    await api.take("w1")
+    handed = (await done_and_take(api, "w1", first))["jobs"]
+    assert [j["id"] for j in handed] == [second]
+    # The worker never read that answer and posts the same result again.
+    again = await done_and_take(api, "w1", first)
+    assert again == {"result": "duplicate", "jobs": handed}
+    # Once the handed job reports, a repeat no longer hands it over.
+    await api.done("w1", second, {"output": 2})
+    assert await done_and_take(api, "w1", first) == {"result": "duplicate", "jobs": []}
+
+
 async def test_the_take_of_a_result_post_wakes_for_a_new_job_and_keeps_to_capacity(api):
     first = await api.run({"n": 0})
     await api.take("w1")

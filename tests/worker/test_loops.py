@@ -254,6 +254,29 @@ async def test_the_concurrency_modifier_sets_the_slots_before_each_take():
     await running
 
 
+async def test_a_stop_signal_does_not_cancel_a_result_post():
+    """Past its handler, a job's task posts the result, which may carry the next jobs."""
+    script = Script(jobs("a"))
+    posting = asyncio.Event()
+    loop = loops.WorkerLoop({}, 1, script.fetch, None, stops=script.stops)
+
+    async def run(session, config, job, finished):
+        finished()
+        posting.set()
+        await script.release.wait()  # the post's long-poll
+        script.events.append(("posted", job["id"]))
+
+    loop.run_job = run
+    running = asyncio.create_task(loop.run(None))
+    await posting.wait()
+    script.stop_ids.put_nowait(["a"])
+    await settle()
+    loop.stop()
+    script.release.set()
+    await asyncio.wait_for(running, 5)
+    assert ("posted", "a") in script.events
+
+
 async def test_a_concurrency_modifier_answering_0_pauses_taking(monkeypatch):
     monkeypatch.setattr(loops, "MODIFIER_RETRY_S", 0.001)
     answers = [0, 0, 2]

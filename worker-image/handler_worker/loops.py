@@ -57,6 +57,7 @@ class WorkerLoop:
         self.progress = progress
         self.leave = leave  # tells the gateway (blocking, bounded): True when it heard
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        self._posting: set[str] = set()  # jobs whose handler is done: results being posted
         self.takes = 0  # take requests made (tests count them)
         self._stopping: asyncio.Event | None = None
         self._slot_freed: asyncio.Event | None = None
@@ -168,12 +169,12 @@ class WorkerLoop:
         self.tasks[job["id"]] = asyncio.create_task(self._handle(session, job))
 
     def _finished(self, job: dict[str, Any]) -> int:
-        """The handler is done with `job` (its result is about to be posted): the heartbeat stops
-        naming it, and the post asks for one job for its slot, none once the loop stops or
-        when the slots shrank below those in use."""
+        """The handler is done with `job` (its result is about to be posted; the heartbeat names
+        it until the post returns, as the SDK's): stop signals no longer reach it (they would
+        cancel a post that may carry jobs), and the post asks for one job for its slot, none
+        once the loop stops or when the slots shrank below those in use."""
         assert self._stopping is not None
-        if self.progress is not None:
-            self.progress.remove(job)
+        self._posting.add(job["id"])
         if self._stopping.is_set() or self.config.get("refresh_worker", False):
             return 0
         return 1 if self._free_slots() >= 0 else 0
@@ -195,6 +196,7 @@ class WorkerLoop:
             if self.progress is not None:
                 self.progress.remove(job)
             self.tasks.pop(job["id"], None)
+            self._posting.discard(job["id"])
             for next_job in handed:  # handed over with the result: it runs, stopping or not
                 self._start(session, next_job)
             assert self._slot_freed is not None
@@ -218,7 +220,7 @@ class WorkerLoop:
                 continue
             for job_id in ids or []:
                 task = self.tasks.get(job_id)
-                if task is not None:
+                if task is not None and job_id not in self._posting:
                     task.cancel()
             if not ids and clock() - asked < STOP_POLL_FLOOR_S:
                 # An empty answer that did not wait (no stop channel, leaving): no tight loop.

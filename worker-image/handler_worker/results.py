@@ -93,7 +93,9 @@ async def post_result(
         except aiohttp.ClientResponseError as exc:
             log.error("job %s: the gateway refused its result: %s", job_id, exc)
             return []
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            # A retry is safe: the gateway answers a result it has as a duplicate and hands
+            # over again what the unread answer carried.
             error = exc
         if attempt < RESULT_ATTEMPTS - 1:
             await asyncio.sleep(RESULT_BACKOFF_S[attempt])

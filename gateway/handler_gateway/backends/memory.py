@@ -73,7 +73,9 @@ class MemoryBackend(Backend):
             state.active.add(job.id)
         else:
             state.active.discard(job.id)
-        if effects.enqueue:
+        if effects.enqueue and effects.to_head:
+            state.queue.appendleft(job.id)
+        elif effects.enqueue:
             state.queue.append(job.id)
         for name, delta in effects.counters.items():
             state.counters[name] = state.counters.get(name, 0) + delta

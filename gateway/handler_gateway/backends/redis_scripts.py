@@ -3,8 +3,10 @@ transition one server-side script (one round trip) applied only at the revision 
 from, so gateway replicas share one Redis safely.
 
 A record is a hash of its fields (each a JSON value) plus `rev`; a queue is a list. Keys carry
-the endpoint as a hash tag (`{ep}`) so Redis Cluster keeps them together. Long-polls wake
-through one pub/sub channel; every wait also re-checks on its own.
+the endpoint as a hash tag (`{ep}`); scripts also touch keys they build, so Redis Cluster is not
+supported (one Redis, with replicas or Sentinel, is). Long-polls wake through one pub/sub channel;
+every wait also re-checks on its own. Gateway replicas must all run this layout: stop replicas of
+an older version before the first of this one starts.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ end
 if e.active == 1 then redis.call('SADD', KEYS[5], id)
 elseif e.active == 0 then redis.call('SREM', KEYS[5], id) end
 if e.activity then redis.call('HSET', KEYS[7], e.endpoint, e.activity) end
-if e.enqueue then redis.call('RPUSH', KEYS[4], id) end
+if e.enqueue then redis.call(e.to_head and 'LPUSH' or 'RPUSH', KEYS[4], id) end
 for name, delta in pairs(e.counters) do redis.call('HINCRBY', KEYS[6], name, delta) end
 if e.release then redis.call('SREM', KEYS[9], id) end
 if e.assign then redis.call('SADD', KEYS[10], id) end
@@ -332,6 +334,7 @@ class RedisBackend(Backend):
             out["activity"] = repr(job.finished_at or job.started_at or job.created_at)
         for key, value in (
             ("enqueue", effects.enqueue),
+            ("to_head", effects.to_head),
             ("release", effects.release_worker),
             ("assign", effects.assign_worker),
             ("stop", effects.stop_worker),
@@ -523,11 +526,14 @@ class RedisBackend(Backend):
 
     async def purge_queue(self, endpoint: str, transition: Transition) -> list[Change]:
         await self._ensure_schema()
+        queue = self._k(endpoint, "queue")
         changes: list[Change] = []
-        while job_id := await self.redis.lpop(self._k(endpoint, "queue")):
-            change = await self.update_job(endpoint, job_id, transition)
-            if change is not None:
-                changes.append(change)
+        while job_ids := await self.redis.lrange(queue, 0, 499):
+            for job_id in job_ids:  # cancelled first: a crash in between leaves it queued
+                change = await self.update_job(endpoint, job_id, transition)
+                if change is not None:
+                    changes.append(change)
+                await self.redis.lrem(queue, 1, job_id)
         return changes
 
     # -- older layouts -------------------------------------------------------------------------
