@@ -177,6 +177,24 @@ async def test_a_transition_from_a_stale_copy_is_computed_again(redis_prefix):
         await b.close()
 
 
+async def test_a_stale_copy_is_replaced_when_the_fresh_record_needs_no_change(redis_prefix):
+    a, b = await redis_backend(redis_prefix), await redis_backend(redis_prefix)
+    try:
+        change = new_job()
+        await a.create_job(change)
+        job_id = change.job.id
+        await a.take_jobs(ENDPOINT, "w1", 1, None, T0)
+        await b.update_job(ENDPOINT, job_id, lambda j: jobs.heartbeat(j, "w1", T0 + 5))
+        # On A's copy a heartbeat is due; on the record it is not (B wrote one just now).
+        beat = await a.update_job(ENDPOINT, job_id, lambda j: jobs.heartbeat(j, "w1", T0 + 5.5, 1))
+        assert beat is None
+        rev, copy = a._records[(ENDPOINT, job_id)]
+        assert (rev, copy.heartbeat_at) == ("3", T0 + 5)
+    finally:
+        await a.close()
+        await b.close()
+
+
 class RoundTrips:
     """Counts what the gateway sends to Redis: one send is one round trip (a pipeline is one)."""
 

@@ -434,6 +434,8 @@ class RedisBackend(Backend):
             change = transition(job)
             if change is None:
                 if fresh:
+                    if (endpoint, job_id) in self._records:  # a stale copy: keep this one
+                        self._remember(job, int(rev))
                     return None
                 current, fresh = await self._read(endpoint, job_id), True
                 continue
