@@ -159,9 +159,9 @@ class Gateway:
             job = change.job
             key = (job.endpoint, job.id)
             if job.terminal and key in self._awaited:
-                # The runsync waiting here gets the result without reading it back.
+                # The runsync waiting here (woken by the backend as it stored the change) gets
+                # the result without reading it back.
                 self._results[key] = job
-                self.backend.notifier.notify(job_channel(job.endpoint, job.id))
             else:
                 self._results.pop(key, None)
 
@@ -199,7 +199,7 @@ class Gateway:
         before = self.backend.notifier.version(queue)
         started: list[JobRecord] = []
         try:
-            poll, changes, emptied = await self.backend.create_and_take(
+            _, changes, emptied = await self.backend.create_and_take(
                 change, taker.worker, taker.count, taker.capacity, now
             )
             if emptied and self.backend.notifier.version(queue) == before + 1:  # ours alone

@@ -145,54 +145,52 @@ async def test_a_take_drops_entries_of_jobs_no_longer_queued(backend):
     assert await backend.queued_job_ids(ENDPOINT, 10) == []
 
 
-async def test_a_transition_from_a_stale_copy_is_computed_again(redis_prefix):
+@pytest.fixture
+async def replicas(redis_prefix):
+    """Two Redis replicas, A and B, and a job A handed to w1 at T0 (A keeps a copy)."""
+    a, b = await redis_backend(redis_prefix), await redis_backend(redis_prefix)
+    try:
+        change = new_job()
+        await a.create_job(change)
+        await a.take_jobs(ENDPOINT, "w1", 1, None, T0)
+        yield a, b, change.job.id
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_transition_from_a_stale_copy_is_computed_again(replicas):
     """Replica A holds a copy of a job it handed out; replica B changed the job since."""
-    a, b = await redis_backend(redis_prefix), await redis_backend(redis_prefix)
-    try:
-        change = new_job()
-        await a.create_job(change)
-        job_id = change.job.id
-        await a.take_jobs(ENDPOINT, "w1", 1, None, T0)
-        # B: a progress update, then the worker gives the job back and w2 takes it.
-        await b.update_job(ENDPOINT, job_id, lambda j: jobs.progress(j, "w1", 50, T0 + 1))
-        await b.update_job(ENDPOINT, job_id, lambda j: jobs.give_back(j, "w1"))
-        await b.take_jobs(ENDPOINT, "w2", 1, None, T0 + 2)
-        # A's copy says w1 runs it: w2's result is still taken, w1's ignored.
-        assert await a.update_job(ENDPOINT, job_id, lambda j: jobs.finish(j, "w1", {}, T0)) is None
-        done = await a.update_job(
-            ENDPOINT, job_id, lambda j: jobs.finish(j, "w2", {"output": 7}, T0 + 3)
-        )
-        assert done is not None and done.job.status == JobStatus.COMPLETED
-        job = await b.get_job(ENDPOINT, job_id)
-        assert (job.status, job.worker_id, job.output, job.progress) == (
-            JobStatus.COMPLETED,
-            "w2",
-            7,
-            None,
-        )
-        counters = await b.counters(ENDPOINT)
-        assert (counters["inProgress"], counters["completed"]) == (0, 1)
-    finally:
-        await a.close()
-        await b.close()
+    a, b, job_id = replicas
+    # B: a progress update, then the worker gives the job back and w2 takes it.
+    await b.update_job(ENDPOINT, job_id, lambda j: jobs.progress(j, "w1", 50, T0 + 1))
+    await b.update_job(ENDPOINT, job_id, lambda j: jobs.give_back(j, "w1"))
+    await b.take_jobs(ENDPOINT, "w2", 1, None, T0 + 2)
+    # A's copy says w1 runs it: w2's result is still taken, w1's ignored.
+    assert await a.update_job(ENDPOINT, job_id, lambda j: jobs.finish(j, "w1", {}, T0)) is None
+    done = await a.update_job(
+        ENDPOINT, job_id, lambda j: jobs.finish(j, "w2", {"output": 7}, T0 + 3)
+    )
+    assert done is not None and done.job.status == JobStatus.COMPLETED
+    job = await b.get_job(ENDPOINT, job_id)
+    assert (job.status, job.worker_id, job.output, job.progress) == (
+        JobStatus.COMPLETED,
+        "w2",
+        7,
+        None,
+    )
+    counters = await b.counters(ENDPOINT)
+    assert (counters["inProgress"], counters["completed"]) == (0, 1)
 
 
-async def test_a_stale_copy_is_replaced_when_the_fresh_record_needs_no_change(redis_prefix):
-    a, b = await redis_backend(redis_prefix), await redis_backend(redis_prefix)
-    try:
-        change = new_job()
-        await a.create_job(change)
-        job_id = change.job.id
-        await a.take_jobs(ENDPOINT, "w1", 1, None, T0)
-        await b.update_job(ENDPOINT, job_id, lambda j: jobs.heartbeat(j, "w1", T0 + 5))
-        # On A's copy a heartbeat is due; on the record it is not (B wrote one just now).
-        beat = await a.update_job(ENDPOINT, job_id, lambda j: jobs.heartbeat(j, "w1", T0 + 5.5, 1))
-        assert beat is None
-        rev, copy = a._records[(ENDPOINT, job_id)]
-        assert (rev, copy.heartbeat_at) == ("3", T0 + 5)
-    finally:
-        await a.close()
-        await b.close()
+async def test_a_stale_copy_is_replaced_when_the_fresh_record_needs_no_change(replicas):
+    a, b, job_id = replicas
+    await b.update_job(ENDPOINT, job_id, lambda j: jobs.heartbeat(j, "w1", T0 + 5))
+    # On A's copy a heartbeat is due; on the record it is not (B wrote one just now).
+    beat = await a.update_job(ENDPOINT, job_id, lambda j: jobs.heartbeat(j, "w1", T0 + 5.5, 1))
+    assert beat is None
+    rev, copy = a._records[(ENDPOINT, job_id)]
+    assert (rev, copy.heartbeat_at) == ("3", T0 + 5)
 
 
 class RoundTrips:

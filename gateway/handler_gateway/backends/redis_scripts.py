@@ -194,6 +194,12 @@ def field_json(value: Any) -> str:
     return json.dumps(value)
 
 
+def record_fields(job: JobRecord) -> dict[str, str]:
+    """A record as its hash stores it (but `rev`): each field's JSON; the input is kept apart."""
+    fields = job.model_dump(mode="json", exclude={"input"})
+    return {name: field_json(value) for name, value in fields.items()}
+
+
 def _unavailable(method):
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
@@ -349,7 +355,6 @@ class RedisBackend(Backend):
         """APPLY's keys and arguments for `change`."""
         job, effects = change.job, change.effects
         endpoint, job_id = job.endpoint, job.id
-        fields = job.model_dump(mode="json", exclude={"input"})
         keys = [
             self._k(endpoint, "job", job_id),
             self._k(endpoint, "input", job_id),
@@ -366,7 +371,7 @@ class RedisBackend(Backend):
         args = [
             expected,
             json.dumps(self._effects(change, expected)),
-            json.dumps({name: field_json(value) for name, value in fields.items()}),
+            json.dumps(record_fields(job)),
         ]
         return keys, args
 
@@ -556,10 +561,9 @@ class RedisBackend(Backend):
         async def record(pipe: Any, key: str) -> None:
             job = JobRecord.model_validate_json(await pipe.get(key))
             ttl_ms = await pipe.pttl(key)
-            fields = job.model_dump(mode="json", exclude={"input"})
             pipe.multi()
             pipe.delete(key)
-            pipe.hset(key, mapping={name: field_json(v) for name, v in fields.items()})
+            pipe.hset(key, mapping=record_fields(job))
             pipe.hset(key, "rev", "1")
             if ttl_ms > 0:
                 pipe.pexpire(key, ttl_ms)
