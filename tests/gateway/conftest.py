@@ -128,12 +128,16 @@ class Api:
         assert response.status == 200, await response.text()
         return await response.json()
 
-    async def done(self, worker: str, job_id: str, body: dict, stream: bool = False) -> dict:
+    async def done(
+        self, worker: str, job_id: str, body: dict, stream: bool = False, query: str = ""
+    ) -> dict:
+        """A result post; `query` adds parameters (ours: `take=N`)."""
         # The runpod SDK posts JSON labelled as form data: do the same.
         import json
 
+        extra = f"&{query}" if query else ""
         response = await self.client.post(
-            f"/v2/{self.endpoint}/job-done/{worker}/{job_id}?isStream={str(stream).lower()}",
+            f"/v2/{self.endpoint}/job-done/{worker}/{job_id}?isStream={str(stream).lower()}{extra}",
             data=json.dumps(body),
             headers={**self.worker_headers(), "Content-Type": "application/x-www-form-urlencoded"},
         )

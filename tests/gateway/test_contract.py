@@ -77,13 +77,7 @@ async def test_capacity_caps_what_a_worker_holds(api):
 
 
 async def done_and_take(api, worker: str, job_id: str, query: str = "take=1") -> dict:
-    response = await api.client.post(
-        f"/v2/{api.endpoint}/job-done/{worker}/{job_id}?isStream=false&{query}",
-        json={"output": job_id},
-        headers=api.worker_headers(),
-    )
-    assert response.status == 200, await response.text()
-    return await response.json()
+    return await api.done(worker, job_id, {"output": job_id}, query=query)
 
 
 async def test_a_result_post_may_carry_the_next_take(api):
