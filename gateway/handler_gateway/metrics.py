@@ -6,6 +6,8 @@ scrape time (every replica reports the same shared figures: aggregate them with 
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from handler_gateway.jobs import TERMINAL, Change, JobStatus
@@ -16,6 +18,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[Any, ...], Any] = {}
         labels = ["endpoint"]
         self.submitted = Counter(
             "handler_gateway_jobs_submitted", "Jobs accepted", labels, registry=self.registry
@@ -71,21 +74,29 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once (every job change feeds a few)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def on_change(self, change: Change) -> None:
         job = change.job
         if change.note == "submitted":
-            self.submitted.labels(job.endpoint).inc()
+            self._child(self.submitted, job.endpoint).inc()
         elif job.status == JobStatus.IN_PROGRESS and change.note == "started":
             delay = job.delay_ms()
             if delay is not None:
-                self.delay.labels(job.endpoint).observe(delay / 1000)
+                self._child(self.delay, job.endpoint).observe(delay / 1000)
         if job.status in TERMINAL and change.effects.counters:
-            self.finished.labels(job.endpoint, job.status.value).inc()
+            self._child(self.finished, job.endpoint, job.status.value).inc()
             execution = job.execution_ms()
             if execution is not None:
-                self.execution.labels(job.endpoint).observe(execution / 1000)
+                self._child(self.execution, job.endpoint).observe(execution / 1000)
         if change.effects.counters.get("retried"):
-            self.retried.labels(job.endpoint).inc()
+            self._child(self.retried, job.endpoint).inc()
 
     def on_ignored(self, endpoint: str) -> None:
         self.ignored.labels(endpoint).inc()

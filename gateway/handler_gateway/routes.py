@@ -66,25 +66,30 @@ def respond(model: BaseModel, status: int = 200) -> web.Response:
     return web.json_response(model.model_dump(mode="json", exclude_none=True), status=status)
 
 
-def job_view(job: JobRecord) -> JobView:
-    view = JobView(
-        id=job.id,
-        status=job.status.value,
-        delayTime=job.delay_ms(),
-        executionTime=job.execution_ms(),
-        workerId=job.worker_id,
-        retries=job.redeliveries or None,
-    )
-    if job.status == JobStatus.IN_PROGRESS:
-        view.output = job.progress
-    elif job.status != JobStatus.IN_QUEUE:
-        view.output = job.output
-        view.error = job.error
-    return view
-
-
 def job_view_dict(job: JobRecord) -> dict[str, Any]:
-    return job_view(job).model_dump(mode="json", exclude_none=True)
+    """A job as `run`, `runsync`, `status`, `cancel`, `retry` and webhooks show it (`JobView`'s
+    fields, none left null), built without a model: every runsync answers one."""
+    status = job.status
+    output = error = None
+    if status == JobStatus.IN_PROGRESS:
+        output = job.progress
+    elif status != JobStatus.IN_QUEUE:
+        output, error = job.output, job.error
+    view = {
+        "id": job.id,
+        "status": status.value,
+        "delayTime": job.delay_ms(),
+        "executionTime": job.execution_ms(),
+        "output": output,
+        "error": error,
+        "retries": job.redeliveries or None,
+        "workerId": job.worker_id,
+    }
+    return {name: value for name, value in view.items() if value is not None}
+
+
+def job_view(job: JobRecord) -> JobView:
+    return JobView.model_validate(job_view_dict(job))
 
 
 @web.middleware
@@ -230,14 +235,14 @@ async def runsync(request: web.Request) -> web.Response:
     job = await gateway.submit(endpoint, body)
     job = await gateway.wait_terminal(endpoint, job.id, wait_ms / 1000, submitted=job)
     if job.terminal:
-        return respond(job_view(job))
+        return web.json_response(job_view_dict(job))
     return web.json_response({"id": job.id, "status": job.status.value})
 
 
 async def status(request: web.Request) -> web.Response:
     endpoint = await authorize_client(request)
     job = await request.app[GATEWAY].job(endpoint, request.match_info["job"])
-    return respond(job_view(job))
+    return web.json_response(job_view_dict(job))
 
 
 async def stream(request: web.Request) -> web.Response:
@@ -263,7 +268,7 @@ async def stream(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     endpoint = await authorize_client(request)
     job = await request.app[GATEWAY].cancel(endpoint, request.match_info["job"])
-    return respond(job_view(job))
+    return web.json_response(job_view_dict(job))
 
 
 async def retry(request: web.Request) -> web.Response:

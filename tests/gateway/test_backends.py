@@ -351,6 +351,40 @@ async def test_a_waiting_take_wakes_for_a_job_submitted_on_any_replica(
         await other.backend.close()
 
 
+async def test_a_replica_alone_publishes_no_notifications(redis_prefix):
+    """A change is published only while another replica listens: a replica alone wakes its own
+    long-polls as it stores, and its scripts publish nothing."""
+    admin = redis.Redis.from_url(redis_url())
+
+    def published() -> int:
+        return admin.info("commandstats").get("cmdstat_publish", {}).get("calls", 0)
+
+    async def replica() -> Gateway:
+        gateway = Gateway(open_backend(redis_url(), prefix=redis_prefix), Timings())
+        await gateway.put_endpoint(EndpointConfig(id=ENDPOINT, workerToken="t" * 20))
+        await gateway.endpoint(ENDPOINT)  # starts the pub/sub listener
+        for _ in range(100):
+            if gateway.backend._subscribed:
+                return gateway
+            await asyncio.sleep(0.05)
+        raise AssertionError("the replica never subscribed")
+
+    async def publishes(gateway: Gateway) -> int:
+        before = published()
+        await gateway.submit(ENDPOINT, RunRequest(input={}))
+        return published() - before
+
+    a = await replica()
+    try:
+        alone = await publishes(a)
+        b = await replica()
+        assert (alone, await publishes(a)) == (0, 1)
+        await b.backend.close()
+    finally:
+        await a.backend.close()
+        admin.close()
+
+
 @pytest.mark.parametrize(
     "value",
     [None, True, False, 0, -3, 10**30, 1.5, 1e-7, 1_800_000_000.123456, float("inf"), "",

@@ -53,12 +53,20 @@ ORIGIN_MARK = "|"
 # Records this replica last wrote or took, kept to apply the next transition in one round trip.
 CACHED_RECORDS = 10_000
 
+# Whether another replica listens to `channel`: more than `mine` subscribers (1 while this
+# replica's own subscription stands, else 0). One replica alone publishes nothing.
+LISTENING_FUNCTION = """
+local function listening(channel, mine)
+  return redis.call('PUBSUB', 'NUMSUB', channel)[2] > tonumber(mine)
+end
+"""
+
 # Store one job change if the record is still at the revision it was computed from ('' : the
 # record must not exist). On a conflict, answers the record as it is now, so the caller can
 # compute again without another read. KEYS: job, input, chunks, queue, active, counters,
 # activity, dead letters, released worker's jobs, assigned worker's jobs, stopped worker's stops.
 # ARGV: expected revision, effects (JSON), the fields (a JSON object of each field's JSON).
-APPLY_FUNCTION = """
+APPLY_FUNCTION = LISTENING_FUNCTION + """
 local function apply(KEYS, ARGV)
 local job = KEYS[1]
 local rev = redis.call('HGET', job, 'rev')
@@ -91,7 +99,9 @@ if e.assign then redis.call('SADD', KEYS[10], id) end
 if e.stop then redis.call('HSET', KEYS[11], id, '0') end
 if e.dead then redis.call('RPUSH', KEYS[8], id) end
 if e.undead then redis.call('LREM', KEYS[8], 0, id) end
-if e.message then redis.call('PUBLISH', e.notify, e.message) end
+if e.message and listening(e.notify, e.listeners) then
+  redis.call('PUBLISH', e.notify, e.message)
+end
 return {1, rev}
 end
 """
@@ -103,7 +113,7 @@ end
 # were}. KEYS: workers, the worker's jobs, draining, leaving, queue, active, counters, activity. ARGV: worker, now, count, capacity
 # (-1: none), worker as JSON, job key prefix, input key prefix, chunks key prefix, endpoint,
 # notify channel, job channel prefix, ttl error text before and after the seconds, result
-# retention seconds.
+# retention seconds, this replica's subscriptions (see `listening`).
 TAKE_FUNCTION = """
 local function take(KEYS, ARGV)
 local worker, now = ARGV[1], tonumber(ARGV[2])
@@ -139,7 +149,7 @@ while started < allowed do
       for _, k in ipairs({key, ARGV[7] .. id, ARGV[8] .. id}) do
         redis.call('PEXPIREAT', k, expire_ms)
       end
-      redis.call('PUBLISH', ARGV[10], ARGV[11] .. id)
+      if listening(ARGV[10], ARGV[15]) then redis.call('PUBLISH', ARGV[10], ARGV[11] .. id) end
     else
       redis.call('HSET', key, 'status', '"IN_PROGRESS"', 'started_at', ARGV[2],
         'heartbeat_at', ARGV[2], 'worker_id', ARGV[5])
@@ -157,7 +167,7 @@ return out
 end
 """
 APPLY = APPLY_FUNCTION + "return apply(KEYS, ARGV)"
-TAKE = TAKE_FUNCTION + "return take(KEYS, ARGV)"
+TAKE = LISTENING_FUNCTION + TAKE_FUNCTION + "return take(KEYS, ARGV)"
 # A new job, then a take (APPLY's keys and arguments, then TAKE's): a submit handed to a worker
 # waiting on this replica costs one round trip, and the queue's order still holds.
 CREATE_TAKE = (
@@ -166,7 +176,7 @@ CREATE_TAKE = (
     + """
 local applied = apply({unpack(KEYS, 1, 11)}, {unpack(ARGV, 1, 3)})
 if applied[1] == 0 then return {applied} end
-return {applied, take({unpack(KEYS, 12, 19)}, {unpack(ARGV, 4, 17)})}
+return {applied, take({unpack(KEYS, 12, 19)}, {unpack(ARGV, 4, 18)})}
 """
 )
 
@@ -241,6 +251,7 @@ class RedisBackend(Backend):
         self._channel = f"{prefix}:notify"
         self._listener: asyncio.Task[None] | None = None
         self._pubsub: Any = None
+        self._subscribed = False  # counted by the scripts' `listening`
         self._records: OrderedDict[tuple[str, str], tuple[str, JobRecord]] = OrderedDict()
         self._schema_ok = False
         self._scripts = {
@@ -272,6 +283,7 @@ class RedisBackend(Backend):
             self._pubsub = pubsub
             try:
                 await pubsub.subscribe(self._channel)
+                self._subscribed = True
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message and message.get("type") == "message":
@@ -284,6 +296,7 @@ class RedisBackend(Backend):
                 await asyncio.sleep(0.5)
 
     async def _close_pubsub(self) -> None:
+        self._subscribed = False
         pubsub, self._pubsub = self._pubsub, None
         if pubsub is not None:
             with contextlib.suppress(Exception):
@@ -326,6 +339,7 @@ class RedisBackend(Backend):
         message = self._published(change_channels(change))
         if message is not None:  # a JSON null would be true in Lua
             out["message"] = message
+            out["listeners"] = self._mine()
         if created:  # a new job: nothing to expire, persist or deactivate yet
             out["input"] = json.dumps(job.input)
         elif job.terminal and not effects.dead_letter:
@@ -390,6 +404,11 @@ class RedisBackend(Backend):
         if not channels:
             return None
         return f"{self.replica}{ORIGIN_MARK}{json.dumps(channels)}"
+
+    def _mine(self) -> int:
+        """This replica's subscriptions to the notification channel (scripts publish only when
+        other replicas listen too)."""
+        return 1 if self._subscribed else 0
 
     def _notify_here(self, channels: list[str]) -> None:
         for channel in channels:
@@ -482,6 +501,7 @@ class RedisBackend(Backend):
             before,
             after,
             repr(jobs.MIN_RESULT_RETENTION_S),
+            self._mine(),
         ]
         return keys, args
 
