@@ -66,7 +66,9 @@ end
 # compute again without another read. KEYS: job, input, chunks, queue, active, counters,
 # activity, dead letters, released worker's jobs, assigned worker's jobs, stopped worker's stops.
 # ARGV: expected revision, effects (JSON), the fields (a JSON object of each field's JSON).
-APPLY_FUNCTION = LISTENING_FUNCTION + """
+APPLY_FUNCTION = (
+    LISTENING_FUNCTION
+    + """
 local function apply(KEYS, ARGV)
 local job = KEYS[1]
 local rev = redis.call('HGET', job, 'rev')
@@ -105,6 +107,7 @@ end
 return {1, rev}
 end
 """
+)
 
 # A worker's take: mark it seen and, unless it is draining or leaving, start up to `count` jobs
 # from the queue head (no more than `capacity` held), as `jobs.start` does: a job whose ttl
