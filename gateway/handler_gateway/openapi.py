@@ -119,6 +119,14 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
         None,
         WORKER,
     ),
+    (
+        "get",
+        "/v2/{endpoint}/job-channel/{worker}",
+        "WebSocket (ours): takes and results as JSON frames with a seq, each answered once",
+        None,
+        None,
+        WORKER,
+    ),
     ("get", "/admin/v1/endpoints", "List endpoints", None, models.EndpointList, ADMIN),
     (
         "put",

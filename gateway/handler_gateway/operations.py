@@ -445,6 +445,31 @@ class Gateway:
         self._observe(change)
         return "accepted"
 
+    async def done_and_take(
+        self,
+        endpoint_id: str,
+        worker: str,
+        job_id: str,
+        body: dict[str, Any],
+        is_stream: bool,
+        take: int,
+        capacity: int | None = None,
+        connected: Callable[[], bool] = lambda: True,
+    ) -> tuple[str, list[JobRecord]]:
+        """Store a result, then (`take` > 0) long-poll as a take does: the worker's next jobs
+        ride on its result's request. A result posted again (the answer to the first post may
+        never have been read) gets again the jobs that answer handed over."""
+        outcome = await self.done(endpoint_id, worker, job_id, body, is_stream)
+        if not take:
+            return outcome, []
+        again = outcome == "duplicate"
+        taken = await self.handed_again(endpoint_id, worker, job_id) if again else []
+        if not taken:
+            hold = self.timings.take_hold
+            taken = await self.take(endpoint_id, worker, take, hold, capacity, connected)
+            self.remember_handed(endpoint_id, worker, job_id, taken)
+        return outcome, taken
+
     async def _ignored(self, endpoint_id: str, job_id: str, worker: str) -> str:
         await self.backend.clear_stop_signals(endpoint_id, worker, [job_id])
         job = await self.backend.get_job(endpoint_id, job_id)

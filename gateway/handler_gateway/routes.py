@@ -48,6 +48,7 @@ METRICS = web.AppKey("metrics", GatewayMetrics)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 SWEEPER = web.AppKey("sweeper", asyncio.Task)
 RUN_SWEEPER = web.AppKey("run_sweeper", bool)
+MAX_BODY = web.AppKey("max_body", int)
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 MAX_BATCH = 256
 
@@ -92,31 +93,36 @@ def job_view(job: JobRecord) -> JobView:
     return JobView.model_validate(job_view_dict(job))
 
 
+def error_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
+    """Status, message and headers answering a request that raised `exc` (500: unexpected)."""
+    if isinstance(exc, NotFound):
+        return 404, str(exc), {}
+    if isinstance(exc, Conflict):
+        return 409, str(exc), {}
+    if isinstance(exc, BadRequest):
+        return 400, str(exc), {}
+    if isinstance(exc, BackendUnavailable):
+        return 503, f"queue backend unavailable, retry shortly: {exc}", {"Retry-After": "1"}
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return 413, f"request body too large: {exc.text}", {}
+    if isinstance(exc, web.HTTPException) and exc.status >= 400:
+        return exc.status, exc.reason, {}
+    return 500, "internal error in the gateway", {}
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except NotFound as exc:
-        return error(404, str(exc))
-    except Conflict as exc:
-        return error(409, str(exc))
-    except BadRequest as exc:
-        return error(400, str(exc))
-    except BackendUnavailable as exc:
-        return error(
-            503, f"queue backend unavailable, retry shortly: {exc}", **{"Retry-After": "1"}
-        )
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error(413, f"request body too large: {exc.text}")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error(exc.status, exc.reason)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error(500, "internal error in the gateway")
+    except Exception as exc:
+        if isinstance(exc, web.HTTPException) and exc.status < 400:
+            raise
+        status, message, headers = error_for(exc)
+        if status == 500:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+        return error(status, message, **headers)
 
 
 # -- request helpers ---------------------------------------------------------------------------
@@ -372,31 +378,24 @@ async def job_stop(request: web.Request) -> web.Response:
     return web.json_response({"jobsToStop": ids})
 
 
-async def job_done(request: web.Request) -> web.Response:
+async def job_done(request: web.Request) -> web.StreamResponse:
     endpoint = await authorize_worker(request)
     body = await json_body(request)
     if not isinstance(body, dict):
         raise BadRequest("result body must be a JSON object")
     take = int_query(request, "take", 0, 0, MAX_BATCH)  # ours: the next take, same request
-    outcome = await request.app[GATEWAY].done(
+    outcome, taken = await request.app[GATEWAY].done_and_take(
         endpoint,
         request.match_info["worker"],
         request.match_info["job"],
         body,
         request.query.get("isStream", "false").lower() == "true",
+        take,
+        capacity_query(request),
+        connected=lambda: _connected(request),
     )
     if not take:
         return web.json_response({"result": outcome})
-    gateway, worker, job_id = (
-        request.app[GATEWAY],
-        request.match_info["worker"],
-        request.match_info["job"],
-    )
-    # The same result again: the answer to the first post may never have been read.
-    taken = await gateway.handed_again(endpoint, worker, job_id) if outcome == "duplicate" else []
-    if not taken:
-        taken = await _long_poll_take(request, endpoint, take)
-        gateway.remember_handed(endpoint, worker, job_id, taken)
     payloads = [take_payload(job) for job in taken]
     return await _hand_over(request, endpoint, taken, {"result": outcome, "jobs": payloads})
 
@@ -417,6 +416,117 @@ async def ping(request: web.Request) -> web.Response:
     job_ids = [j for j in request.query.get("job_id", "").split(",") if j]
     await request.app[GATEWAY].ping(endpoint, request.match_info["worker"], job_ids)
     return web.json_response({"status": "ok"})
+
+
+# -- the job channel (ours: the runpod SDK speaks HTTP) -----------------------------------------
+CHANNEL_HEARTBEAT_S = 20.0  # pings on an idle channel: a vanished worker is noticed
+
+
+class JobChannel:
+    """A worker's takes and results over one WebSocket, as handler_worker's loop sends them:
+    each text frame is a request answered by one frame with its `seq`, requests run
+    concurrently. `{"seq", "take": N}` -> `{"seq", "jobs"}` (a take long-poll);
+    `{"seq", "done": job, "isStream", "result", "take": N}` -> `{"seq", "result", "jobs"}` (as
+    `job-done?take=N`); a failure -> `{"seq", "error", "status"}` (the HTTP status it would
+    have). Jobs are claimed only while the socket is open; those of an answer that cannot be
+    sent go back to the queue, and a socket that closes ends its takes."""
+
+    def __init__(self, request: web.Request, socket: web.WebSocketResponse, endpoint: str):
+        self.gateway = request.app[GATEWAY]
+        self.request, self.socket = request, socket
+        self.endpoint, self.worker = endpoint, request.match_info["worker"]
+        self.capacity = capacity_query(request)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def receive(self, data: str) -> None:
+        task = asyncio.create_task(self._answer(data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _open(self) -> bool:
+        return not self.socket.closed and _connected(self.request)
+
+    async def _answer(self, data: str) -> None:
+        seq, taken, answer = None, [], {}
+        try:
+            try:
+                message = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise BadRequest(f"channel message is not valid JSON: {exc}") from None
+            if not isinstance(message, dict):
+                raise BadRequest("a channel message must be a JSON object")
+            seq = message.get("seq")
+            taken, answer = await self._serve(message)
+        except Exception as exc:  # noqa: BLE001 - answered as the HTTP route would answer it
+            status, text, _ = error_for(exc)
+            if status == 500:
+                log.exception("unhandled error on the job channel of %s", self.worker)
+            answer = {"error": text, "status": status}
+        answer["seq"] = seq
+        try:
+            if not self._open():
+                raise ConnectionResetError("the worker left before its jobs were handed over")
+            await self.socket.send_str(json.dumps(answer))
+        except ConnectionResetError:
+            if taken:
+                await asyncio.shield(self.gateway.give_back(self.endpoint, self.worker, taken))
+
+    async def _serve(self, message: dict[str, Any]) -> tuple[list[JobRecord], dict[str, Any]]:
+        take = message.get("take", 0)
+        if type(take) is not int or not 0 <= take <= MAX_BATCH:
+            raise BadRequest(f"take must be an integer between 0 and {MAX_BATCH}")
+        if "done" in message:
+            job_id, body = message["done"], message.get("result")
+            if not isinstance(job_id, str) or not job_id:
+                raise BadRequest("done must be a job id")
+            if not isinstance(body, dict):
+                raise BadRequest("result must be a JSON object")
+            outcome, taken = await self.gateway.done_and_take(
+                self.endpoint,
+                self.worker,
+                job_id,
+                body,
+                message.get("isStream") is True,
+                take,
+                self.capacity,
+                connected=self._open,
+            )
+            return taken, {"result": outcome, "jobs": [take_payload(job) for job in taken]}
+        if not take:
+            raise BadRequest('a channel message carries "done" (a result) or "take" (1 or more)')
+        hold = self.gateway.timings.take_hold
+        taken = await self.gateway.take(
+            self.endpoint, self.worker, take, hold, self.capacity, connected=self._open
+        )
+        return taken, {"jobs": [take_payload(job) for job in taken]}
+
+
+async def job_channel(request: web.Request) -> web.StreamResponse:
+    """The job channel's WebSocket (see `JobChannel`), authenticated as the worker routes."""
+    endpoint = await authorize_worker(request)
+    socket = web.WebSocketResponse(
+        heartbeat=CHANNEL_HEARTBEAT_S, max_msg_size=request.app[MAX_BODY], compress=False
+    )
+    if not socket.can_prepare(request).ok:
+        raise BadRequest("job-channel is a WebSocket: connect with Upgrade: websocket")
+    channel = JobChannel(request, socket, endpoint)
+    await socket.prepare(request)
+    try:
+        async for message in socket:
+            if message.type == web.WSMsgType.TEXT:
+                channel.receive(message.data)
+            elif message.type == web.WSMsgType.BINARY:
+                await socket.send_str(
+                    json.dumps({"seq": None, "error": "send text frames (JSON)", "status": 400})
+                )
+    finally:
+        await channel.close()
+    return socket
 
 
 # -- admin routes ------------------------------------------------------------------------------
@@ -576,6 +686,7 @@ WORKER_ROUTES = [
     ("POST", "job-stream/{worker}/{job}", job_stream),
     ("GET", "ping/{worker}", ping),
     ("POST", "leave/{worker}", leave),
+    ("GET", "job-channel/{worker}", job_channel),
 ]
 ADMIN_ROUTES = [
     ("GET", "endpoints", list_endpoints),
@@ -622,6 +733,7 @@ def create_app(
     app[GATEWAY] = Gateway(backend, timings, observers=[gateway_metrics, webhooks])
     app[KEYS] = keys
     app[RUN_SWEEPER] = run_sweeper
+    app[MAX_BODY] = max_body
     for method, path, handler in CLIENT_ROUTES + WORKER_ROUTES:
         app.router.add_route(method, "/v2/{endpoint}/" + path, handler)
     for method, path, handler in ADMIN_ROUTES:

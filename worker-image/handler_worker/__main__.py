@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         # Production against a gateway: our loop (no idle polling), the SDK's job functions.
         from runpod.serverless.modules import rp_job
 
+        from handler_worker.channels import channel_enabled
         from handler_worker.loops import serve
         from handler_worker.slots import capacity_url
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(module, "concurrency_modifier", None) is None:  # else it decides, as in the SDK
             capacity = concurrency(os.environ)
             rp_job.JOB_GET_URL = capacity_url(rp_job.JOB_GET_URL, capacity)
-        serve(config, concurrency(os.environ), announce, capacity)
+        serve(config, concurrency(os.environ), announce, capacity, channel_enabled(os.environ))
         return 0
 
     import runpod

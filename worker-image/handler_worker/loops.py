@@ -1,7 +1,8 @@
 """The worker's job loop in production: a taken job starts the moment it arrives, a finished
 job's result post asks for the next job for its slot, a free slot takes at once (the runpod SDK's
 loop polls its local queue every 0.1 s, so each warm job waited for that sleep). The SDK's own
-functions do the rest: `get_job` takes, `handler_worker.results` runs jobs and posts results,
+functions do the rest: `get_job` takes (over HTTP where the gateway has no job channel,
+`handler_worker.channels`), `handler_worker.results` runs jobs and posts results,
 progress and stream chunks as the SDK's `handle_job` does, `get_stop_signals` long-polls
 cancellations; `JobsProgress` and the SDK's heartbeat process report the running jobs. runpod is
 pinned; tests/worker/test_loops.py checks what we rely on.
@@ -248,25 +249,30 @@ def serve(
     capacity: int,
     announce_leaving: Callable[[], bool],
     take_capacity: int | None = None,
+    channel: bool = True,
 ) -> None:
     """The production worker: the SDK's fitness checks and heartbeat, then our loop on the
     SDK's HTTP session until SIGTERM (which also tells the gateway the worker leaves).
-    `take_capacity`: the cap the gateway keeps for this worker, sent with each take."""
+    `take_capacity`: the cap the gateway keeps for this worker, sent with each take; `channel`:
+    takes and results over the gateway's job channel (HTTP where it has none)."""
     from runpod.http_client import AsyncClientSession
     from runpod.serverless.modules import rp_http, rp_job, rp_ping
     from runpod.serverless.modules.rp_fitness import run_fitness_checks
     from runpod.serverless.modules.worker_state import JobsProgress, PingJobMirror
 
+    from handler_worker.channels import JobChannel, channel_fetch, channel_url
     from handler_worker.results import runner
 
     progress, mirror = JobsProgress(), PingJobMirror()
     progress.set_mirror(mirror)
+    url = channel_url(rp_job.JOB_GET_URL) if channel else None
+    job_channel = JobChannel(url) if url else None
 
     loop = WorkerLoop(
         config,
         capacity,
-        fetch=rp_job.get_job,
-        run=runner(rp_http.JOB_DONE_URL, take_capacity),
+        fetch=channel_fetch(job_channel, rp_job.get_job) if job_channel else rp_job.get_job,
+        run=runner(rp_http.JOB_DONE_URL, take_capacity, job_channel),
         stops=rp_job.get_stop_signals,
         progress=progress,
         leave=announce_leaving,
@@ -277,7 +283,11 @@ def serve(
         rp_ping.Heartbeat().start_ping(mirror)
         install_signals(loop)
         async with AsyncClientSession() as session:
-            await loop.run(session)
+            try:
+                await loop.run(session)
+            finally:
+                if job_channel is not None:
+                    await job_channel.close()
 
     try:
         import uvloop  # libuv's event loop where installed (the worker extra brings it)

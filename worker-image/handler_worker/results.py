@@ -1,6 +1,6 @@
 """A job run and its result posted back as the runpod SDK's `handle_job` does (its run_job,
-run_job_generator, stream_result and result shape, byte for byte), except that the result's POST
-may carry the worker's next take: one request instead of two per job (the gateway's `take=N`).
+run_job_generator, stream_result and result shape, byte for byte), except that the result's post
+may carry the worker's next take (the gateway's `take=N`), over the job channel where there is one.
 """
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+
+from handler_worker.channels import ChannelRefused, ChannelUnsupported, JobChannel
 
 log = logging.getLogger("handler_worker")
 
@@ -68,31 +70,35 @@ def result_url(done_url: str, job_id: str, is_stream: bool, take: int, capacity:
 
 
 async def post_result(
-    session: Any, url: str, result: Any, job_id: str, takes: bool
+    session: Any,
+    url: str,
+    result: Any,
+    job_id: str,
+    takes: bool,
+    send: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None,
 ) -> list[dict[str, Any]]:
     """POST the result (retried on connection errors and 5xx, as the SDK does); the jobs the
-    gateway handed over in its answer when the post also `takes`."""
+    gateway handed over in its answer when the post also `takes`. `send(body)`: the job
+    channel's post of it instead (HTTP once the gateway turns out to have no channel)."""
     try:
         body = json.dumps(result, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         log.error("job %s: its result is not JSON: %s", job_id, exc)
         return []
+    error: Exception | None = None
     for attempt in range(RESULT_ATTEMPTS):
         try:
-            async with session.post(
-                url,
-                data=body,
-                headers=FORM_HEADERS,
-                timeout=aiohttp.ClientTimeout(total=RESULT_TIMEOUT_S),
-            ) as response:
-                if response.status < 500:
-                    response.raise_for_status()
-                    answer = await response.json(content_type=None) if takes else {}
-                    return list(answer.get("jobs") or [])
-                error: Exception = RuntimeError(f"HTTP {response.status}")
-        except aiohttp.ClientResponseError as exc:
-            log.error("job %s: the gateway refused its result: %s", job_id, exc)
-            return []
+            if send is not None:
+                try:
+                    return await send(body)
+                except ChannelUnsupported:
+                    send = None
+            return await _post(session, url, body, takes)
+        except (ChannelRefused, aiohttp.ClientResponseError) as exc:
+            if exc.status < 500:
+                log.error("job %s: the gateway refused its result: %s", job_id, exc)
+                return []
+            error = exc
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # A retry is safe: the gateway answers a result it has as a duplicate and hands
             # over again what the unread answer carried.
@@ -103,9 +109,23 @@ async def post_result(
     return []
 
 
-def runner(done_url: str, capacity: int | None) -> Callable[..., Any]:
-    """The loop's `run`: the job, then its result posted with the next jobs `finished()` asks
-    for."""
+async def _post(session: Any, url: str, body: str, takes: bool) -> list[dict[str, Any]]:
+    async with session.post(
+        url,
+        data=body,
+        headers=FORM_HEADERS,
+        timeout=aiohttp.ClientTimeout(total=RESULT_TIMEOUT_S),
+    ) as response:
+        response.raise_for_status()
+        answer = await response.json(content_type=None) if takes else {}
+        return list(answer.get("jobs") or [])
+
+
+def runner(
+    done_url: str, capacity: int | None, channel: JobChannel | None = None
+) -> Callable[..., Any]:
+    """The loop's `run`: the job, then its result posted (over the job `channel` where there is
+    one) with the next jobs `finished()` asks for."""
 
     async def run(
         session: Any, config: dict[str, Any], job: dict[str, Any], finished: Callable[[], int]
@@ -113,6 +133,12 @@ def runner(done_url: str, capacity: int | None) -> Callable[..., Any]:
         result, is_stream = await job_result(session, config, job)
         wanted = finished()
         url = result_url(done_url, job["id"], is_stream, wanted, capacity)
-        return await post_result(session, url, result, job["id"], takes=wanted > 0)
+        send = None
+        if channel is not None and channel.supported:
+
+            def send(body: str) -> Awaitable[list[dict[str, Any]]]:
+                return channel.done(session, job["id"], is_stream, body, wanted)
+
+        return await post_result(session, url, result, job["id"], wanted > 0, send)
 
     return run

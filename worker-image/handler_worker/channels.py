@@ -1,0 +1,171 @@
+"""The job channel: one WebSocket to the gateway (its `job-channel` route) carrying this worker's
+takes and results, a frame each way per job instead of an HTTP request. A gateway without the
+route (404 at the handshake) is served over HTTP as before; HANDLER_JOB_CHANNEL=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+
+log = logging.getLogger("handler_worker")
+
+CHANNEL_ENV = "HANDLER_JOB_CHANNEL"
+TAKE_PATH, CHANNEL_PATH = "/job-take/", "/job-channel/"
+CONNECT_TIMEOUT_S = 10.0
+HEARTBEAT_S = 20.0  # pings on an idle channel: a vanished gateway is noticed
+
+
+class ChannelUnsupported(Exception):
+    """The gateway has no job channel: the HTTP routes serve this worker."""
+
+
+class ChannelRefused(Exception):
+    """The gateway answered a request with an error; `status` is the HTTP status it stands for
+    (the loop backs off longer on 429, the result post gives up on a 4xx)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+def channel_url(take_url: str) -> str | None:
+    """The job channel of the worker whose take URL (`{base}/v2/{endpoint}/job-take/{worker}?
+    ...`, its query kept: `capacity`) this is; None when that URL is not a gateway's."""
+    if TAKE_PATH not in take_url:
+        return None
+    return take_url.replace(TAKE_PATH, CHANNEL_PATH, 1)
+
+
+def channel_enabled(env: Mapping[str, str]) -> bool:
+    return env.get(CHANNEL_ENV, "true").strip().lower() not in ("0", "false", "no", "off")
+
+
+class JobChannel:
+    """Requests over one WebSocket, each answered by the frame that echoes its `seq`; several
+    are in flight at once (one per slot). Connected on first use and again after it closes;
+    the requests open on a socket that closes fail with a connection error (their callers
+    retry: a result posted again is answered as a duplicate, with the jobs handed over again)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.supported = True
+        self._socket: aiohttp.ClientWebSocketResponse | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._readers: set[asyncio.Task[None]] = set()
+        self._pending: dict[int, tuple[Any, asyncio.Future[dict[str, Any]]]] = {}
+        self._seq = 0
+
+    async def take(self, session: aiohttp.ClientSession, count: int) -> list[dict[str, Any]]:
+        """A take long-poll for up to `count` jobs ([] when the gateway's hold ends)."""
+        answer = await self._request(session, lambda seq: json.dumps({"seq": seq, "take": count}))
+        return list(answer.get("jobs") or [])
+
+    async def done(
+        self, session: aiohttp.ClientSession, job_id: str, is_stream: bool, result: str, take: int
+    ) -> list[dict[str, Any]]:
+        """Post a result (already JSON) and take up to `take` jobs with it; the jobs."""
+
+        def frame(seq: int) -> str:
+            stream = "true" if is_stream else "false"
+            head = f'{{"seq":{seq},"done":{json.dumps(job_id)},"isStream":{stream},"take":{take}'
+            return f'{head},"result":{result}}}'
+
+        answer = await self._request(session, frame)
+        return list(answer.get("jobs") or [])
+
+    async def close(self) -> None:
+        if self._socket is not None:
+            await self._socket.close()
+        for reader in list(self._readers):
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+
+    # -- the socket --------------------------------------------------------------------------
+    async def _request(
+        self, session: aiohttp.ClientSession, frame: Callable[[int], str]
+    ) -> dict[str, Any]:
+        socket = await self._connect(session)
+        self._seq += 1
+        seq = self._seq
+        answered = asyncio.get_running_loop().create_future()
+        self._pending[seq] = (socket, answered)
+        try:
+            await socket.send_str(frame(seq))
+            answer = await answered
+        except asyncio.CancelledError:
+            # What the gateway hands over in the answer would have nowhere to go: a closed
+            # socket makes it give those jobs back (the socket's other requests are retried).
+            await socket.close()
+            raise
+        finally:
+            self._pending.pop(seq, None)
+        if "error" in answer:
+            raise ChannelRefused(int(answer.get("status") or 500), str(answer["error"]))
+        return answer
+
+    async def _connect(self, session: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
+        if self._socket is not None and not self._socket.closed:
+            return self._socket
+        if not self.supported:
+            raise ChannelUnsupported(self.url)
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._socket is None or self._socket.closed:
+                try:
+                    async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                        socket = await session.ws_connect(
+                            self.url, heartbeat=HEARTBEAT_S, max_msg_size=0, compress=0
+                        )
+                except aiohttp.WSServerHandshakeError as exc:
+                    if exc.status in (404, 405):
+                        self.supported = False
+                        log.info("the gateway has no job channel: takes and results use HTTP")
+                        raise ChannelUnsupported(self.url) from None
+                    raise
+                self._socket = socket
+                reader = asyncio.create_task(self._read(socket))
+                self._readers.add(reader)
+                reader.add_done_callback(self._readers.discard)
+        assert self._socket is not None
+        return self._socket
+
+    async def _read(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            async for message in socket:
+                if message.type != aiohttp.WSMsgType.TEXT:
+                    continue
+                answer = json.loads(message.data)
+                entry = self._pending.get(answer.get("seq")) if isinstance(answer, dict) else None
+                if entry is not None and not entry[1].done():
+                    entry[1].set_result(answer)
+                elif isinstance(answer, dict) and answer.get("error"):
+                    log.warning("the job channel: %s", answer["error"])
+        except (ValueError, aiohttp.ClientError) as exc:
+            log.warning("the job channel failed: %s", exc)
+        finally:
+            await socket.close()
+            for owner, answered in list(self._pending.values()):
+                if owner is socket and not answered.done():
+                    answered.set_exception(aiohttp.ServerDisconnectedError("job channel closed"))
+
+
+def channel_fetch(channel: JobChannel, fallback: Any) -> Callable[..., Any]:
+    """The loop's `fetch`: a take over the channel, over HTTP (`fallback`, the SDK's get_job)
+    once the gateway turned out not to have one."""
+
+    async def fetch(session: aiohttp.ClientSession, count: int) -> list[dict[str, Any]] | None:
+        if channel.supported:
+            try:
+                return await channel.take(session, count)
+            except ChannelUnsupported:
+                pass
+        return await fallback(session, count)
+
+    return fetch
