@@ -670,7 +670,7 @@ class Gateway:
                 )
                 if change is not None:
                     changes.append(change)
-            for job_id in await self.backend.queued_job_ids(endpoint_id, 100):
+            for job_id in await self.backend.expired_queued_ids(endpoint_id, now, 100):
                 change = await self.backend.update_job(
                     endpoint_id, job_id, lambda j: jobs.expire_in_queue(j, now)
                 )

@@ -241,6 +241,36 @@ async def test_a_job_costs_three_round_trips_on_redis(redis_prefix, monkeypatch)
         await backend.close()
 
 
+async def test_submits_arriving_together_are_stored_in_one_round_trip(redis_prefix, monkeypatch):
+    """A group commit: submits that arrive while none is being stored go in one script run, in
+    their order (and those arriving while a batch is in flight, in the next)."""
+    backend = open_backend(redis_url(), prefix=redis_prefix)
+    gateway = Gateway(backend, Timings(endpoint_cache=3600))
+    await gateway.put_endpoint(EndpointConfig(id=ENDPOINT, workerToken="t" * 20))
+    for size in (1, 2):  # reads the endpoint, loads the scripts
+        await asyncio.gather(*(gateway.submit(ENDPOINT, RunRequest(input={})) for _ in range(size)))
+    counted = RoundTrips(monkeypatch)
+    try:
+        requests = [RunRequest(input={"n": n}) for n in range(10)]
+        submitted = await asyncio.gather(*(gateway.submit(ENDPOINT, r) for r in requests))
+        assert counted.take() == 1
+        taken = await backend.take_jobs(ENDPOINT, "w1", 100, None, gateway.clock())
+        assert [(c.job.id, c.job.input) for c in taken.changes][3:] == [
+            (job.id, {"n": n}) for n, job in enumerate(submitted)
+        ]
+    finally:
+        await backend.close()
+
+
+async def test_the_ttl_sweep_finds_the_queued_jobs_whose_ttl_passed(backend):
+    fresh, expired, later = new_job(ttl_s=60.0), new_job(ttl_s=2.5), new_job(ttl_s=2.0, now=T0 + 1)
+    for change in (fresh, expired, later):
+        await backend.create_job(change)
+    found = {at: await backend.expired_queued_ids(ENDPOINT, T0 + at, 10) for at in (2.0, 2.5, 3.0)}
+    assert found == {2.0: [], 2.5: [expired.job.id], 3.0: [expired.job.id, later.job.id]}
+    assert await backend.expired_queued_ids(ENDPOINT, T0 + 3.0, 1) == []  # the head only
+
+
 async def test_redis_data_of_the_older_layout_is_converted_and_served(redis_prefix):
     """Layout 1: records as JSON strings, queues as streams read through a consumer group."""
     raw = redis.Redis.from_url(redis_url(), decode_responses=True)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from handler_gateway import jobs
 from handler_gateway.jobs import Change, JobRecord
 from handler_gateway.models import EndpointConfig
 
@@ -193,6 +194,15 @@ class Backend(ABC):
     @abstractmethod
     async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
         """Ids at the head of the queue (oldest first), for ttl sweeps."""
+
+    async def expired_queued_ids(self, endpoint: str, now: float, limit: int) -> list[str]:
+        """Ids among the first `limit` queued whose ttl has passed at `now` (ttl sweeps)."""
+        expired = []
+        for job_id in await self.queued_job_ids(endpoint, limit):
+            job = await self.get_job(endpoint, job_id)
+            if job is not None and jobs.expire_in_queue(job, now) is not None:
+                expired.append(job_id)
+        return expired
 
     @abstractmethod
     async def active_job_ids(self, endpoint: str) -> list[str]:

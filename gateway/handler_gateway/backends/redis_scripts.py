@@ -170,7 +170,29 @@ return out
 end
 """
 APPLY = APPLY_FUNCTION + "return apply(KEYS, ARGV)"
+# APPLY for several changes (each its 11 keys and 3 arguments, in turn); the replies in order.
+APPLY_MANY = (
+    APPLY_FUNCTION
+    + """
+local replies = {}
+for i = 0, #ARGV / 3 - 1 do
+  replies[i + 1] = apply({unpack(KEYS, 11 * i + 1, 11 * i + 11)}, {unpack(ARGV, 3 * i + 1, 3 * i + 3)})
+end
+return replies
+"""
+)
 TAKE = LISTENING_FUNCTION + TAKE_FUNCTION + "return take(KEYS, ARGV)"
+# Ids among the first ARGV[3] of the queue (KEYS[1]) whose ttl has passed at ARGV[2] (as
+# `jobs.expire_in_queue` decides; it decides again). ARGV[1]: the job key prefix.
+EXPIRED_QUEUED = """
+local out = {}
+local now = tonumber(ARGV[2])
+for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)) do
+  local f = redis.call('HMGET', ARGV[1] .. id, 'status', 'created_at', 'ttl_s')
+  if f[1] == '"IN_QUEUE"' and now >= tonumber(f[2]) + tonumber(f[3]) then out[#out + 1] = id end
+end
+return out
+"""
 # A new job, then a take (APPLY's keys and arguments, then TAKE's): a submit handed to a worker
 # waiting on this replica costs one round trip, and the queue's order still holds.
 CREATE_TAKE = (
@@ -257,8 +279,13 @@ class RedisBackend(Backend):
         self._subscribed = False  # counted by the scripts' `listening`
         self._records: OrderedDict[tuple[str, str], tuple[str, JobRecord]] = OrderedDict()
         self._schema_ok = False
+        # Jobs to create in the next batch: (change, APPLY's keys and arguments, stored)
+        self._creating: list[tuple[Change, Any, asyncio.Future[None]]] = []
+        self._creator: asyncio.Future[None] | None = None
         self._scripts = {
             "apply": self.redis.register_script(APPLY),
+            "apply_many": self.redis.register_script(APPLY_MANY),
+            "expired_queued": self.redis.register_script(EXPIRED_QUEUED),
             "take": self.redis.register_script(TAKE),
             "create_take": self.redis.register_script(CREATE_TAKE),
         }
@@ -438,9 +465,47 @@ class RedisBackend(Backend):
         return rev, JobRecord.model_validate(values)
 
     async def create_job(self, change: Change) -> None:
-        done, _ = await self._apply(change, "")
-        if not done:
-            raise RuntimeError(f"job id {change.job.id} already exists")
+        """Stored in one round trip with the other jobs submitted on this replica meanwhile: one
+        batch is in flight at a time, the next gathers while it is (as a group commit)."""
+        call = self._apply_call(change, "")
+        stored = asyncio.get_running_loop().create_future()
+        self._creating.append((change, call, stored))
+        if self._creator is None or self._creator.done():
+            self._creator = asyncio.ensure_future(self._create_batches())
+        await stored
+
+    async def _create_batches(self) -> None:
+        while self._creating:
+            batch, self._creating = self._creating, []
+            try:
+                await self._ensure_schema()
+                replies = await self._apply_many([call for _, call, _ in batch])
+            except asyncio.CancelledError:
+                for *_, stored in batch:
+                    stored.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001 - every submit of the batch raises it
+                for *_, stored in batch:
+                    if not stored.done():
+                        stored.set_exception(exc)
+                continue
+            for (change, _, stored), (done, _rev) in zip(batch, replies, strict=True):
+                if stored.done():
+                    continue
+                if done:
+                    self._notify_here(change_channels(change))
+                    stored.set_result(None)
+                else:
+                    stored.set_exception(RuntimeError(f"job id {change.job.id} already exists"))
+
+    async def _apply_many(self, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
+        """APPLY for each of `calls` in one script run (one round trip); their replies."""
+        if len(calls) == 1:
+            keys, args = calls[0]
+            return [await self._scripts["apply"](keys=keys, args=args)]
+        keys = [key for call_keys, _ in calls for key in call_keys]
+        args = [arg for _, call_args in calls for arg in call_args]
+        return await self._scripts["apply_many"](keys=keys, args=args)
 
     async def _read(self, endpoint: str, job_id: str) -> tuple[str, JobRecord] | None:
         await self._ensure_schema()
@@ -550,6 +615,12 @@ class RedisBackend(Backend):
     async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
         await self._ensure_schema()
         return list(await self.redis.lrange(self._k(endpoint, "queue"), 0, limit - 1))
+
+    async def expired_queued_ids(self, endpoint: str, now: float, limit: int) -> list[str]:
+        """One round trip: the script looks at the records where they are."""
+        await self._ensure_schema()
+        keys, args = [self._k(endpoint, "queue")], [self._k(endpoint, "job", ""), repr(now), limit]
+        return list(await self._scripts["expired_queued"](keys=keys, args=args))
 
     async def active_job_ids(self, endpoint: str) -> list[str]:
         return list(await self.redis.smembers(self._k(endpoint, "active")))
