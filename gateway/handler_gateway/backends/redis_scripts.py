@@ -226,13 +226,20 @@ def field_json(value: Any) -> str:
         return encode_basestring_ascii(value)
     if kind is int:
         return int.__repr__(value)
+    if isinstance(value, str):  # a str enum: its value
+        return encode_basestring_ascii(value)
+    if kind is dict and not value:
+        return "{}"
     return json.dumps(value)
+
+
+RECORD_FIELDS = tuple(name for name in JobRecord.model_fields if name != "input")
 
 
 def record_fields(job: JobRecord) -> dict[str, str]:
     """A record as its hash stores it (but `rev`): each field's JSON; the input is kept apart."""
-    fields = job.model_dump(mode="json", exclude={"input"})
-    return {name: field_json(value) for name, value in fields.items()}
+    values = job.__dict__  # plain values (a status is a str): no dump needed
+    return {name: field_json(values[name]) for name in RECORD_FIELDS}
 
 
 def _unavailable(method):
@@ -399,18 +406,19 @@ class RedisBackend(Backend):
         """APPLY's keys and arguments for `change`."""
         job, effects = change.job, change.effects
         endpoint, job_id = job.endpoint, job.id
+        base = f"{self.prefix}:{{{endpoint}}}:"  # as _k() builds them
         keys = [
-            self._k(endpoint, "job", job_id),
-            self._k(endpoint, "input", job_id),
-            self._k(endpoint, "chunks", job_id),
-            self._k(endpoint, "queue"),
-            self._k(endpoint, "active"),
-            self._k(endpoint, "counters"),
+            base + "job:" + job_id,
+            base + "input:" + job_id,
+            base + "chunks:" + job_id,
+            base + "queue",
+            base + "active",
+            base + "counters",
             self._activity_key,
-            self._k(endpoint, "dlq"),
-            self._k(endpoint, "wjobs", effects.release_worker or ""),
-            self._k(endpoint, "wjobs", effects.assign_worker or ""),
-            self._k(endpoint, "stops", effects.stop_worker or ""),
+            base + "dlq",
+            base + "wjobs:" + (effects.release_worker or ""),
+            base + "wjobs:" + (effects.assign_worker or ""),
+            base + "stops:" + (effects.stop_worker or ""),
         ]
         args = [
             expected,
