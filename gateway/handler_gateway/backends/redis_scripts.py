@@ -52,6 +52,8 @@ SCHEMA = "2"
 ORIGIN_MARK = "|"
 # Records this replica last wrote or took, kept to apply the next transition in one round trip.
 CACHED_RECORDS = 10_000
+# A batch of new jobs waits for more submits while event-loop turns bring some, up to this many.
+GATHER_TURNS = 4
 
 # Whether another replica listens to `channel`: more than `mine` subscribers (1 while this
 # replica's own subscription stands, else 0). One replica alone publishes nothing.
@@ -420,11 +422,10 @@ class RedisBackend(Backend):
             base + "wjobs:" + (effects.assign_worker or ""),
             base + "stops:" + (effects.stop_worker or ""),
         ]
-        args = [
-            expected,
-            json.dumps(self._effects(change, expected)),
-            json.dumps(record_fields(job)),
-        ]
+        fields = record_fields(job)
+        if not expected:  # a new hash: a field left out reads as its default, null
+            fields = {name: value for name, value in fields.items() if value != "null"}
+        args = [expected, json.dumps(self._effects(change, expected)), json.dumps(fields)]
         return keys, args
 
     async def _apply(self, change: Change, expected: str) -> tuple[bool, Any]:
@@ -474,7 +475,9 @@ class RedisBackend(Backend):
 
     async def create_job(self, change: Change) -> None:
         """Stored in one round trip with the other jobs submitted on this replica meanwhile: one
-        batch is in flight at a time, the next gathers while it is (as a group commit)."""
+        batch is in flight at a time, the next gathers while it is (a group commit); a batch
+        also takes the submits that the event loop's next turns parse (as long as they bring
+        any, up to GATHER_TURNS), which costs a lone submit nothing measurable."""
         call = self._apply_call(change, "")
         stored = asyncio.get_running_loop().create_future()
         self._creating.append((change, call, stored))
@@ -484,6 +487,11 @@ class RedisBackend(Backend):
 
     async def _create_batches(self) -> None:
         while self._creating:
+            for _ in range(GATHER_TURNS):  # the submits parsed meanwhile join
+                gathered = len(self._creating)
+                await asyncio.sleep(0)
+                if len(self._creating) == gathered:
+                    break
             batch, self._creating = self._creating, []
             try:
                 await self._ensure_schema()
