@@ -67,6 +67,12 @@ class GatewayMetrics:
             labels,
             registry=self.registry,
         )
+        self.channels = Gauge(
+            "handler_gateway_job_channels",
+            "Job channels (WebSockets of handler_worker's loop) open on this replica",
+            labels,
+            registry=self.registry,
+        )
         self.workers = Gauge(
             "handler_gateway_workers",
             "Workers seen recently, by state",

@@ -516,6 +516,8 @@ async def job_channel(request: web.Request) -> web.StreamResponse:
         raise BadRequest("job-channel is a WebSocket: connect with Upgrade: websocket")
     channel = JobChannel(request, socket, endpoint)
     await socket.prepare(request)
+    open_channels = request.app[METRICS].channels.labels(endpoint)
+    open_channels.inc()
     try:
         async for message in socket:
             if message.type == web.WSMsgType.TEXT:
@@ -525,6 +527,7 @@ async def job_channel(request: web.Request) -> web.StreamResponse:
                     json.dumps({"seq": None, "error": "send text frames (JSON)", "status": 400})
                 )
     finally:
+        open_channels.dec()
         await channel.close()
     return socket
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
+
+import pytest
 
 from tests.conftest import EXAMPLES
 from tests.processes import http_json
@@ -19,6 +23,21 @@ def test_run_status_output(endpoint, workers):
 def test_run_sync(endpoint, workers):
     workers("handler", [str(EXAMPLES / "typed")])
     assert endpoint.run_sync({"numbers": [1, 2]}, timeout=60)["sum"] == 3.0
+
+
+@pytest.mark.parametrize("channel", ["1", "0"])
+def test_our_loop_takes_and_returns_over_the_job_channel_or_http(
+    endpoint, workers, gateway, channel
+):
+    """The default: one WebSocket per worker (the gateway counts it); HANDLER_JOB_CHANNEL=0:
+    the SDK's HTTP routes. Both serve every job."""
+    workers("handler", [str(EXAMPLES / "typed")], HANDLER_JOB_CHANNEL=channel)
+    for n in range(5):
+        assert endpoint.run_sync({"numbers": [n, 1]}, timeout=60)["sum"] == n + 1
+    with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as response:  # noqa: S310
+        text = response.read().decode()
+    open_channels = re.search(r'^handler_gateway_job_channels\{endpoint="ep"\} (\S+)$', text, re.M)
+    assert float(open_channels.group(1) if open_channels else 0) == (channel == "1")
 
 
 def test_stream_yields_every_chunk_once_in_order(endpoint, workers):

@@ -1,6 +1,7 @@
 """The job channel: one WebSocket to the gateway (its `job-channel` route) carrying this worker's
-takes and results, a frame each way per job instead of an HTTP request. A gateway without the
-route (404 at the handshake) is served over HTTP as before; HANDLER_JOB_CHANNEL=0 turns it off.
+takes and results, a frame each way per job instead of an HTTP request. A server without the
+route (a 404 or 400 at the handshake: an older gateway, RunPod's own API) is served over HTTP as
+the SDK does; HANDLER_JOB_CHANNEL=0 turns the channel off.
 """
 
 from __future__ import annotations
@@ -124,7 +125,9 @@ class JobChannel:
                             self.url, heartbeat=HEARTBEAT_S, max_msg_size=0, compress=0
                         )
                 except aiohttp.WSServerHandshakeError as exc:
-                    if exc.status in (404, 405):
+                    # Refused as a route it does not have (404, 405, 400, ...), not as a
+                    # credential or load problem, which HTTP would meet as well.
+                    if exc.status < 500 and exc.status not in (401, 403, 408, 429):
                         self.supported = False
                         log.info("the gateway has no job channel: takes and results use HTTP")
                         raise ChannelUnsupported(self.url) from None
