@@ -589,19 +589,27 @@ class RedisBackend(Backend):
         ]
         return keys, args
 
-    def _taken(self, reply: list[Any], worker: str, now: float) -> Take:
-        """TAKE's answer as the changes it stored (computed again here by `jobs.start`)."""
+    def _taken(
+        self,
+        reply: list[Any],
+        worker: str,
+        now: float,
+        known: dict[str, tuple[str, JobRecord]] | None = None,
+    ) -> Take:
+        """TAKE's answer as the changes it stored (computed again here by `jobs.start`); a job
+        in `known` (id -> revision, record as stored) needs no parsing."""
         held, draining, leaving, queued, *taken = reply
         changes = []
-        for _job_id, raw_input, fields in taken:
-            current = self._record(fields)
+        for job_id, raw_input, fields in taken:
+            current = (known or {}).get(job_id) or self._record(fields)
             if current is None:
                 continue
             rev, job = current
             change = jobs.start(job, worker, now)  # what the script just stored
             if change is None:
                 continue
-            change.job.input = json.loads(raw_input)
+            if change.job.input is None:
+                change.job.input = json.loads(raw_input)
             self._remember(change.job, int(rev) + 1)
             self._notify_here(change_channels(change))
             changes.append(change)
@@ -626,7 +634,8 @@ class RedisBackend(Backend):
         if not reply[0][0]:
             raise RuntimeError(f"job id {change.job.id} already exists")
         self._notify_here(change_channels(change))
-        return self._taken(reply[1], worker, now)
+        created = {change.job.id: (str(reply[0][1]), change.job)}  # as the script stored it
+        return self._taken(reply[1], worker, now, created)
 
     async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
         await self._ensure_schema()
