@@ -3,10 +3,10 @@
     python bench/gateway.py [--backends memory,redis] [--workers 4]
 
 Prints: enqueue throughput (POST /run, 64 connections); runsync overhead over handler time
-(p50/p99) with a minimal in-bench worker (gateway cost only) and with a real runpod worker
-(gateway + SDK); end-to-end trivial-job throughput with N real `python -m handler_worker`
-processes, without and with HANDLER_CONCURRENCY (batch take). The SDK sleeps ~1 s whenever all
-its slots are busy, so one unbatched worker tops out near 1 job/s; batch take lifts that cap.
+(p50/p99) with a minimal in-bench worker (gateway cost only) and with a real worker
+(`python -m handler_worker`: our job loop on the runpod SDK's functions, over the job channel);
+end-to-end trivial-job throughput with N real workers, without and with HANDLER_CONCURRENCY.
+Redis is a redis-server of the bench's own (AOF, fsync every second), on a free port.
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ import aiohttp
 from handler_gateway.urls import worker_webhook_env
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.processes import RedisServer  # noqa: E402
+
 ADMIN, CLIENT, TOKEN = "bench-admin", "bench-client", "bench-worker-token-0123456789"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def free_port() -> int:
@@ -202,9 +205,9 @@ async def bench_backend(backend: str, url: str, workers: int, workdir: Path) -> 
         finally:
             stop(sdk)
         print(
-            f"[{backend}] runsync overhead, gateway + runpod SDK worker: "
+            f"[{backend}] runsync overhead, gateway + a real worker: "
             f"p50 {pct(samples, 0.5) * 1000:.1f} ms, p99 {pct(samples, 0.99) * 1000:.1f} ms "
-            "(real SDK worker loop, trivial handler)"
+            "(python -m handler_worker, trivial handler)"
         )
 
         for label, endpoint, concurrency, jobs in (
@@ -232,13 +235,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
     for backend in args.backends.split(","):
-        url_arg = "memory://" if backend == "memory" else REDIS_URL
         with tempfile.TemporaryDirectory() as tmp:
-            gateway, url = start_gateway(url_arg, Path(tmp))
+            redis_server = None
+            if backend == "redis":
+                redis_server = RedisServer(Path(tmp), appendfsync="everysec").start()
+            gateway, url = start_gateway(
+                redis_server.url if redis_server else "memory://", Path(tmp)
+            )
             try:
                 asyncio.run(bench_backend(backend, url, args.workers, Path(tmp)))
             finally:
                 stop(gateway)
+                if redis_server is not None:
+                    redis_server.kill()
 
 
 if __name__ == "__main__":

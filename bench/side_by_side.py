@@ -5,8 +5,9 @@ worker with concurrency 16, 4 workers), interleaved over rounds so load drifts h
     python bench/side_by_side.py [--rounds 3] [--requests 300]
 
 Prints req/s, p50 and p99 of POST /runsync (trivial echo handler) per setup and client
-concurrency, ours/peer ratios, /run enqueue rates (median over the rounds), and per job on Redis: the requests the gateway
-sent (round trips; a MULTI block counts once) and the commands run, in scripts or not (MONITOR).
+concurrency, ours/peer ratios, CPU per job of the server (the peer, or our gateway) and of our
+workers, /run enqueue rates (median over the rounds), and per job on Redis: the requests the
+gateway sent (round trips; a MULTI block counts once) and the commands run (MONITOR).
 No figure is asserted anywhere: this prints.
 """
 
@@ -50,9 +51,25 @@ class Setup:
     label: str
     url: str  # the runsync URL
     clients: int
+    servers: list[int] = field(default_factory=list)  # the gateway's or the peer's pid
+    workers: list[int] = field(default_factory=list)
     samples: list[float] = field(default_factory=list)
     elapsed: float = 0.0
     requests: int = 0
+    cpu: dict[str, float] = field(default_factory=lambda: {"server": 0.0, "workers": 0.0})
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its descendants (the SDK's heartbeat process)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            kids = [int(child) for child in children.read().split()]
+    except OSError:  # gone, or not Linux
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(kid) for kid in kids)
 
 
 HEADERS = {"Authorization": f"Bearer {CLIENT_KEY}"}
@@ -83,8 +100,15 @@ async def drive(session: aiohttp.ClientSession, setup: Setup, count: int) -> Non
         assert body.get("status") == "COMPLETED" or "output" in body, body
         setup.samples.append((time.perf_counter() - started) * 1000)
 
+    before = {part: sum(map(cpu_seconds, pids)) for part, pids in setup_pids(setup).items()}
     setup.elapsed += await clients(count, setup.clients, runsync)
     setup.requests += count
+    for part, pids in setup_pids(setup).items():
+        setup.cpu[part] += sum(map(cpu_seconds, pids)) - before[part]
+
+
+def setup_pids(setup: Setup) -> dict[str, list[int]]:
+    return {"server": setup.servers, "workers": setup.workers}
 
 
 def peer(workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -184,7 +208,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
     try:
         peer_process, peer_url = peer(workdir)
         processes.append(peer_process)
-        setups += [Setup("peer, c1", peer_url, 1), Setup("peer, c16", peer_url, 16)]
+        setups += [
+            Setup("peer, c1", peer_url, 1, [peer_process.pid]),
+            Setup("peer, c16", peer_url, 16, [peer_process.pid]),
+        ]
         layouts = (("1 worker", 1, 1, 1), ("1 worker x16", 1, 16, 16), ("4 workers", 4, 1, 16))
         for backend, gateway in gateways.items():
             for label, workers, concurrency, clients in layouts:
@@ -192,12 +219,16 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
                     continue
                 endpoint = f"{backend}-{workers}-{concurrency}"
                 gateway.register(endpoint, TOKEN, heartbeatIntervalSeconds=1, heartbeatMisses=3)
+                worker_pids = []
                 for n in range(workers):
                     env = gateway.worker_env(endpoint, TOKEN, f"{endpoint}-w{n}",
                                              HANDLER_CONCURRENCY=str(concurrency))  # fmt: skip
                     processes.append(start_worker(env, MODULE, [], workdir / f"{endpoint}-{n}.log"))
+                    worker_pids.append(processes[-1].pid)
                 url = f"{gateway.url}/v2/{endpoint}/runsync"
-                setups.append(Setup(f"ours {backend}, {label}, c{clients}", url, clients))
+                label = f"ours {backend}, {label}, c{clients}"
+                pids = [gateway.process.pid]
+                setups.append(Setup(label, url, clients, pids, worker_pids))
         connector = aiohttp.TCPConnector(limit=64)
         async with aiohttp.ClientSession(connector=connector) as session:
             for setup in setups:
@@ -233,6 +264,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
         ratio = rate / (reference.requests / reference.elapsed) if reference else float("nan")
         print(f"{setup.label:<36} {rate:8.0f} {statistics.median(setup.samples):8.1f} "
               f"{pct(setup.samples, 0.99):8.1f} {ratio:10.3f}")  # fmt: skip
+    print(f"\n{'CPU ms per job (redis-server not counted)':<44} {'server':>8} {'workers':>8}")
+    for setup in setups:
+        server, workers = (
+            1000 * setup.cpu[part] / setup.requests for part in ("server", "workers")
+        )
+        print(f"{setup.label:<44} {server:8.3f} {workers:8.3f}")
     print(f"Redis per job (runsync, 1 worker): {counted.requests / jobs:.1f} requests from the "
           f"gateway ({counted.scripts / jobs:.1f} scripts), {counted.commands / jobs:.1f} "
           "commands run")  # fmt: skip
