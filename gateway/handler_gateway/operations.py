@@ -404,6 +404,13 @@ class Gateway:
             if handed:
                 return handed
 
+    def wake_takes(self, endpoint_id: str, worker: str) -> None:
+        """`worker`'s takes waiting here look again at once: one whose caller is gone answers []
+        (nothing is cancelled half-way). A take a submit is handing jobs to finishes that."""
+        for taker in self._takers.get(endpoint_id, ()):
+            if taker.worker == worker and not taker.claimed:
+                taker.hand([])
+
     async def stop_signals(self, endpoint_id: str, worker: str, hold: float) -> list[str]:
         await self.endpoint(endpoint_id)
         deadline = self.clock() + hold

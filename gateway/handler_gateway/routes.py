@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from pydantic import BaseModel, ValidationError
 
 from handler_gateway.backends import Backend, BackendUnavailable
@@ -49,6 +49,7 @@ WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 SWEEPER = web.AppKey("sweeper", asyncio.Task)
 RUN_SWEEPER = web.AppKey("run_sweeper", bool)
 MAX_BODY = web.AppKey("max_body", int)
+CHANNELS = web.AppKey("channels", set)  # the job channels' sockets open here
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 MAX_BATCH = 256
 
@@ -134,9 +135,19 @@ async def json_body(request: web.Request, required: bool = True) -> Any:
             raise BadRequest("request body is empty; expected JSON")
         return None
     try:
-        return json.loads(raw)
+        return loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def _no_constant(name: str) -> None:
+    return None
+
+
+def loads(raw: str | bytes) -> Any:
+    """JSON as Python reads it, but NaN and ±Infinity (not JSON; Python writes them) as null:
+    what the gateway stores, it answers as valid JSON."""
+    return json.loads(raw, parse_constant=_no_constant)
 
 
 def parse_model(model: type[BaseModel], data: Any) -> Any:
@@ -420,6 +431,7 @@ async def ping(request: web.Request) -> web.Response:
 
 # -- the job channel (ours: the runpod SDK speaks HTTP) -----------------------------------------
 CHANNEL_HEARTBEAT_S = 20.0  # pings on an idle channel: a vanished worker is noticed
+CHANNEL_ENVELOPE = 4096  # a result frame may exceed the body limit by its envelope
 
 
 class JobChannel:
@@ -436,6 +448,8 @@ class JobChannel:
         self.request, self.socket = request, socket
         self.endpoint, self.worker = endpoint, request.match_info["worker"]
         self.capacity = capacity_query(request)
+        self.limit = request.app[MAX_BODY] + CHANNEL_ENVELOPE
+        self.closed = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     def receive(self, data: str) -> None:
@@ -444,23 +458,28 @@ class JobChannel:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        """The socket closed: the takes waiting end at once (their caller is gone), and work
+        under way is not cancelled but finishes: a result being stored is stored and observed,
+        jobs claimed meanwhile go back to the queue."""
+        self.closed = True
+        self.gateway.wake_takes(self.endpoint, self.worker)
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _open(self) -> bool:
-        return not self.socket.closed and _connected(self.request)
+        return not self.closed and not self.socket.closed and _connected(self.request)
 
     async def _answer(self, data: str) -> None:
         seq, taken, answer = None, [], {}
         try:
             try:
-                message = json.loads(data)
+                message = loads(data)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise BadRequest(f"channel message is not valid JSON: {exc}") from None
             if not isinstance(message, dict):
                 raise BadRequest("a channel message must be a JSON object")
             seq = message.get("seq")
+            if len(data) > self.limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=self.limit, actual_size=len(data))
             taken, answer = await self._serve(message)
         except Exception as exc:  # noqa: BLE001 - answered as the HTTP route would answer it
             status, text, _ = error_for(exc)
@@ -509,8 +528,10 @@ class JobChannel:
 async def job_channel(request: web.Request) -> web.StreamResponse:
     """The job channel's WebSocket (see `JobChannel`), authenticated as the worker routes."""
     endpoint = await authorize_worker(request)
+    # Frames up to twice the limit are read (and answered 413 above it); larger ones close it.
+    largest = 2 * (request.app[MAX_BODY] + CHANNEL_ENVELOPE)
     socket = web.WebSocketResponse(
-        heartbeat=CHANNEL_HEARTBEAT_S, max_msg_size=request.app[MAX_BODY], compress=False
+        heartbeat=CHANNEL_HEARTBEAT_S, max_msg_size=largest, compress=False
     )
     if not socket.can_prepare(request).ok:
         raise BadRequest("job-channel is a WebSocket: connect with Upgrade: websocket")
@@ -518,6 +539,7 @@ async def job_channel(request: web.Request) -> web.StreamResponse:
     await socket.prepare(request)
     open_channels = request.app[METRICS].channels.labels(endpoint)
     open_channels.inc()
+    request.app[CHANNELS].add(socket)
     try:
         async for message in socket:
             if message.type == web.WSMsgType.TEXT:
@@ -527,9 +549,16 @@ async def job_channel(request: web.Request) -> web.StreamResponse:
                     json.dumps({"seq": None, "error": "send text frames (JSON)", "status": 400})
                 )
     finally:
+        request.app[CHANNELS].discard(socket)
         open_channels.dec()
         await channel.close()
     return socket
+
+
+async def _close_channels(app: web.Application) -> None:
+    """Shutting down: workers reconnect to another replica (their takes end here now)."""
+    for socket in list(app[CHANNELS]):
+        await socket.close(code=WSCloseCode.GOING_AWAY, message=b"gateway shutting down")
 
 
 # -- admin routes ------------------------------------------------------------------------------
@@ -737,6 +766,7 @@ def create_app(
     app[KEYS] = keys
     app[RUN_SWEEPER] = run_sweeper
     app[MAX_BODY] = max_body
+    app[CHANNELS] = set()
     for method, path, handler in CLIENT_ROUTES + WORKER_ROUTES:
         app.router.add_route(method, "/v2/{endpoint}/" + path, handler)
     for method, path, handler in ADMIN_ROUTES:
@@ -746,5 +776,6 @@ def create_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     app.on_startup.append(_start_sweeper)
+    app.on_shutdown.append(_close_channels)
     app.on_cleanup.append(_stop)
     return app

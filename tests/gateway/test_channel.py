@@ -168,3 +168,65 @@ async def test_a_plain_request_is_told_to_upgrade(api):
     )
     assert response.status == 400
     assert "WebSocket" in (await response.json())["error"]
+
+
+async def test_a_result_sent_just_before_the_socket_closes_is_stored(api, channel):
+    """Closing does not cancel work under way: the result is stored and observed."""
+    job = await api.run({})
+    await channel.request(take=1)
+    await channel.send(done=job, result={"output": "kept"}, take=1)
+    await channel.socket.close()
+    view = await api.wait_status(job, "COMPLETED")
+    assert view["output"] == "kept"
+    assert (await api.health())["jobs"]["completed"] == 1
+
+
+async def test_closing_ends_the_channels_waiting_takes(api, channel):
+    await channel.send(take=1)
+    await asyncio.sleep(0.05)
+    assert [t.worker for t in api.gateway._takers.get(api.endpoint, [])] == ["w1"]
+    await channel.socket.close()
+    for _ in range(50):
+        if not api.gateway._takers.get(api.endpoint):
+            break
+        await asyncio.sleep(0.01)
+    assert not api.gateway._takers.get(api.endpoint)
+
+
+async def test_a_result_over_the_size_limit_is_refused_and_the_channel_stays(api, channel):
+    job = await api.run({})
+    await channel.request(take=1)
+    big = "x" * (1024 * 1024 + 8192)  # the app's body limit is 1 MiB
+    answer = await channel.request(done=job, result={"output": big})
+    assert answer["status"] == 413 and "too large" in answer["error"]
+    assert (await channel.request(done=job, result={"output": 1}))["result"] == "accepted"
+
+
+@pytest.mark.parametrize("over", ["http", "channel"])
+async def test_nan_and_infinity_in_a_result_read_back_as_null(api, channel, over):
+    """Python writes them into JSON; the gateway stores null, so clients get valid JSON."""
+    job = await api.run({})
+    await channel.request(take=1)
+    output = {"loss": float("nan"), "bound": float("inf"), "low": float("-inf"), "n": 1.5}
+    if over == "http":
+        await api.done("w1", job, {"output": output})
+    else:
+        await channel.socket.send_str(
+            json.dumps({"seq": 1, "done": job, "result": {"output": output}})
+        )
+        await channel.answer()
+    response = await api.client.get(
+        f"/v2/{api.endpoint}/status/{job}", headers=api.client_headers()
+    )
+    assert json.loads(await response.text(), parse_constant=pytest.fail)["output"] == {
+        "loss": None,
+        "bound": None,
+        "low": None,
+        "n": 1.5,
+    }
+
+
+async def test_shutting_down_closes_the_channels_as_going_away(api, channel):
+    await api.client.app.shutdown()
+    message = await channel.socket.receive(5)
+    assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.GOING_AWAY)

@@ -17,9 +17,10 @@ from handler_gateway.keys import Keys
 from handler_gateway.models import EndpointConfig, RunRequest
 from handler_gateway.operations import Timings
 from handler_gateway.routes import GATEWAY, create_app
-from handler_worker import results
+from handler_worker import channels, results
 from handler_worker.channels import (
     ChannelRefused,
+    ChannelUnavailable,
     ChannelUnsupported,
     JobChannel,
     channel_enabled,
@@ -144,11 +145,58 @@ async def test_a_gateway_without_the_channel_is_served_over_http(session, refusa
 
         fetch = channel_fetch(channel, fallback)
         assert await fetch(session, 2) == [{"id": "j", "input": {}}]
-        assert (channel.supported, over_http) == (False, [2])
-        with pytest.raises(ChannelUnsupported):
+        assert (channel.usable(), over_http) == (False, [2])
+        with pytest.raises(ChannelUnavailable):
             await channel.take(session, 1)
         await fetch(session, 1)
         assert over_http == [2, 1]
+
+
+async def test_a_channel_that_cannot_be_opened_is_tried_again_later(session, monkeypatch):
+    """A proxy's 503 at the handshake: HTTP serves this take, the channel the next one."""
+    monkeypatch.setattr(channels, "RETRY_AFTER_FAILURE_S", 0.0)
+    handshakes = []
+
+    async def handler(request):
+        handshakes.append(request)
+        if len(handshakes) == 1:
+            return web.Response(status=503)
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        async for message in socket:
+            await socket.send_json({"seq": json.loads(message.data)["seq"], "jobs": []})
+        return socket
+
+    app = web.Application()
+    app.router.add_get("/v2/ep/job-channel/w1", handler)
+    async with TestServer(app) as server:
+        channel = JobChannel(url_of(server))
+        over_http = []
+
+        async def fallback(session, count):
+            over_http.append(count)
+            return []
+
+        fetch = channel_fetch(channel, fallback)
+        assert (await fetch(session, 1), await fetch(session, 1)) == ([], [])
+        assert (len(handshakes), over_http) == (2, [1])
+        await channel.close()
+
+
+async def test_a_result_unanswered_on_the_channel_goes_over_http(monkeypatch):
+    monkeypatch.setattr(results, "RESULT_TIMEOUT_S", 0.05)
+    posted = []
+
+    async def never(body):
+        await asyncio.sleep(3600)
+
+    async def post(session, url, body, takes):
+        posted.append(body)
+        return []
+
+    monkeypatch.setattr(results, "_post", post)
+    assert await results.post_result(None, "http://gw/done", {"output": 1}, "j", True, never) == []
+    assert posted == ['{"output": 1}']
 
 
 async def test_refused_credentials_are_not_taken_for_a_missing_channel(gateway):
@@ -156,7 +204,7 @@ async def test_refused_credentials_are_not_taken_for_a_missing_channel(gateway):
         channel = JobChannel(url_of(gateway))
         with pytest.raises(aiohttp.WSServerHandshakeError):
             await channel.take(session, 1)
-        assert channel.supported
+        assert channel.usable()
 
 
 @pytest.mark.parametrize(
@@ -164,9 +212,10 @@ async def test_refused_credentials_are_not_taken_for_a_missing_channel(gateway):
     [
         (None, 1, 0, [{"id": "next"}]),
         (ChannelUnsupported("x"), 1, 1, [{"id": "over-http"}]),
+        (ChannelUnavailable("x"), 1, 1, [{"id": "over-http"}]),
         (ChannelRefused(400, "bad"), 1, 0, []),
         (ChannelRefused(503, "busy"), 3, 0, []),
-        (aiohttp.ServerDisconnectedError(), 3, 0, []),
+        (aiohttp.ServerDisconnectedError(), 1, 1, [{"id": "over-http"}]),  # then over HTTP
     ],
 )
 async def test_a_result_goes_over_the_channel_and_falls_back_or_retries_as_over_http(

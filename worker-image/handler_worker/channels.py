@@ -1,7 +1,7 @@
 """The job channel: one WebSocket to the gateway (its `job-channel` route) carrying this worker's
-takes and results, a frame each way per job instead of an HTTP request. A server without the
-route (a 404 or 400 at the handshake: an older gateway, RunPod's own API) is served over HTTP as
-the SDK does; HANDLER_JOB_CHANNEL=0 turns the channel off.
+takes and results, a frame each way per job instead of an HTTP request. While it cannot be
+opened (no such route: an older gateway, RunPod's own API; a proxy's refusal; no answer), HTTP
+serves as the SDK's, and the channel is tried again later; HANDLER_JOB_CHANNEL=0 turns it off.
 """
 
 from __future__ import annotations
@@ -19,11 +19,18 @@ log = logging.getLogger("handler_worker")
 CHANNEL_ENV = "HANDLER_JOB_CHANNEL"
 TAKE_PATH, CHANNEL_PATH = "/job-take/", "/job-channel/"
 CONNECT_TIMEOUT_S = 10.0
+RETRY_AFTER_FAILURE_S = 30.0  # HTTP serves this long after the channel could not be opened
+RETRY_AFTER_NO_ROUTE_S = 300.0  # ... or after the server said it has no such route
 HEARTBEAT_S = 20.0  # pings on an idle channel: a vanished gateway is noticed
 
 
-class ChannelUnsupported(Exception):
-    """The gateway has no job channel: the HTTP routes serve this worker."""
+class ChannelUnavailable(Exception):
+    """No job channel for now (it could not be opened): the HTTP routes serve this worker until
+    the channel is tried again."""
+
+
+class ChannelUnsupported(ChannelUnavailable):
+    """The server has no job channel route (an older gateway, RunPod's own API)."""
 
 
 class ChannelRefused(Exception):
@@ -55,12 +62,16 @@ class JobChannel:
 
     def __init__(self, url: str):
         self.url = url
-        self.supported = True
+        self._unavailable_until = 0.0  # monotonic: HTTP serves until then
         self._socket: aiohttp.ClientWebSocketResponse | None = None
         self._connecting: asyncio.Lock | None = None
         self._readers: set[asyncio.Task[None]] = set()
         self._pending: dict[int, tuple[Any, asyncio.Future[dict[str, Any]]]] = {}
         self._seq = 0
+
+    def usable(self) -> bool:
+        """Whether to use the channel now (not while HTTP serves after a failed opening)."""
+        return asyncio.get_running_loop().time() >= self._unavailable_until
 
     async def take(self, session: aiohttp.ClientSession, count: int) -> list[dict[str, Any]]:
         """A take long-poll for up to `count` jobs ([] when the gateway's hold ends)."""
@@ -113,31 +124,44 @@ class JobChannel:
     async def _connect(self, session: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
         if self._socket is not None and not self._socket.closed:
             return self._socket
-        if not self.supported:
-            raise ChannelUnsupported(self.url)
+        if not self.usable():
+            raise ChannelUnavailable(self.url)
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self._socket is None or self._socket.closed:
-                try:
-                    async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                        socket = await session.ws_connect(
-                            self.url, heartbeat=HEARTBEAT_S, max_msg_size=0, compress=0
-                        )
-                except aiohttp.WSServerHandshakeError as exc:
-                    # Refused as a route it does not have (404, 405, 400, ...), not as a
-                    # credential or load problem, which HTTP would meet as well.
-                    if exc.status < 500 and exc.status not in (401, 403, 408, 429):
-                        self.supported = False
-                        log.info("the gateway has no job channel: takes and results use HTTP")
-                        raise ChannelUnsupported(self.url) from None
-                    raise
+                if not self.usable():  # another request's opening just failed
+                    raise ChannelUnavailable(self.url)
+                socket = await self._open(session)
                 self._socket = socket
                 reader = asyncio.create_task(self._read(socket))
                 self._readers.add(reader)
                 reader.add_done_callback(self._readers.discard)
         assert self._socket is not None
         return self._socket
+
+    async def _open(self, session: aiohttp.ClientSession) -> aiohttp.ClientWebSocketResponse:
+        """A new socket; ChannelUnavailable (HTTP serves for a while) when it cannot be had but
+        HTTP may work: no such route, a proxy's or an overloaded server's refusal, no answer."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                return await session.ws_connect(
+                    self.url, heartbeat=HEARTBEAT_S, max_msg_size=0, compress=0
+                )
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (401, 403):  # the credentials: HTTP would be refused as well
+                raise
+            if exc.status < 500 and exc.status not in (408, 429):  # a route it does not have
+                self._unavailable_until = loop.time() + RETRY_AFTER_NO_ROUTE_S
+                log.info("the gateway has no job channel: takes and results use HTTP")
+                raise ChannelUnsupported(self.url) from None
+            failure: Exception = exc
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            failure = exc
+        self._unavailable_until = loop.time() + RETRY_AFTER_FAILURE_S
+        log.warning("the job channel could not be opened (%s): HTTP for now", failure)
+        raise ChannelUnavailable(self.url) from failure
 
     async def _read(self, socket: aiohttp.ClientWebSocketResponse) -> None:
         try:
@@ -161,13 +185,13 @@ class JobChannel:
 
 def channel_fetch(channel: JobChannel, fallback: Any) -> Callable[..., Any]:
     """The loop's `fetch`: a take over the channel, over HTTP (`fallback`, the SDK's get_job)
-    once the gateway turned out not to have one."""
+    while the channel cannot be had."""
 
     async def fetch(session: aiohttp.ClientSession, count: int) -> list[dict[str, Any]] | None:
-        if channel.supported:
+        if channel.usable():
             try:
                 return await channel.take(session, count)
-            except ChannelUnsupported:
+            except ChannelUnavailable:
                 pass
         return await fallback(session, count)
 

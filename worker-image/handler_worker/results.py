@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from handler_worker.channels import ChannelRefused, ChannelUnsupported, JobChannel
+from handler_worker.channels import ChannelRefused, ChannelUnavailable, JobChannel
 
 log = logging.getLogger("handler_worker")
 
@@ -79,7 +79,8 @@ async def post_result(
 ) -> list[dict[str, Any]]:
     """POST the result (retried on connection errors and 5xx, as the SDK does); the jobs the
     gateway handed over in its answer when the post also `takes`. `send(body)`: the job
-    channel's post of it instead (HTTP once the gateway turns out to have no channel)."""
+    channel's post of it instead (HTTP when the channel cannot be had, and for the attempts
+    after one the channel failed: a result posted again is answered as a duplicate)."""
     try:
         body = json.dumps(result, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
@@ -90,8 +91,8 @@ async def post_result(
         try:
             if send is not None:
                 try:
-                    return await send(body)
-                except ChannelUnsupported:
+                    return await asyncio.wait_for(send(body), RESULT_TIMEOUT_S)
+                except ChannelUnavailable:
                     send = None
             return await _post(session, url, body, takes)
         except (ChannelRefused, aiohttp.ClientResponseError) as exc:
@@ -101,8 +102,8 @@ async def post_result(
             error = exc
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # A retry is safe: the gateway answers a result it has as a duplicate and hands
-            # over again what the unread answer carried.
-            error = exc
+            # over again what the unread answer carried. It goes over HTTP.
+            error, send = exc, None
         if attempt < RESULT_ATTEMPTS - 1:
             await asyncio.sleep(RESULT_BACKOFF_S[attempt])
     log.error("job %s: failed to return its result: %s", job_id, error)
@@ -134,7 +135,7 @@ def runner(
         wanted = finished()
         url = result_url(done_url, job["id"], is_stream, wanted, capacity)
         send = None
-        if channel is not None and channel.supported:
+        if channel is not None and channel.usable():
 
             def send(body: str) -> Awaitable[list[dict[str, Any]]]:
                 return channel.done(session, job["id"], is_stream, body, wanted)

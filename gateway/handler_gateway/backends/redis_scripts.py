@@ -318,14 +318,15 @@ class RedisBackend(Backend):
 
     async def _listen(self) -> None:
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub()
             self._pubsub = pubsub
             try:
                 await pubsub.subscribe(self._channel)
-                self._subscribed = True
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message and message.get("type") == "message":
+                    if message and message.get("type") == "subscribe":
+                        self._subscribed = True  # confirmed: scripts count this replica now
+                    elif message and message.get("type") == "message":
                         origin, channels = notified(message["data"])
                         if origin != self.replica:  # its own were notified as they were stored
                             self._notify_here(channels)
@@ -496,9 +497,10 @@ class RedisBackend(Backend):
             try:
                 await self._ensure_schema()
                 replies = await self._apply_many([call for _, call, _ in batch])
-            except asyncio.CancelledError:
-                for *_, stored in batch:
+            except asyncio.CancelledError:  # closing: the submits waiting fail with it
+                for *_, stored in batch + self._creating:
                     stored.cancel()
+                self._creating = []
                 raise
             except Exception as exc:  # noqa: BLE001 - every submit of the batch raises it
                 for *_, stored in batch:
