@@ -252,6 +252,15 @@ def cancel(job: JobRecord, now: float) -> Change | None:
     return _change(job, new, effects, "cancelled")
 
 
+def purge(job: JobRecord, now: float) -> Change | None:
+    """`purge-queue` removes a job still waiting in the queue; one a worker took meanwhile (or
+    any other) is left alone."""
+    if job.status != JobStatus.IN_QUEUE:
+        return None
+    new = job.model_copy(update={"status": JobStatus.CANCELLED, "finished_at": now})
+    return _change(job, new, Effects(), "purged")
+
+
 def time_out(job: JobRecord, now: float) -> Change | None:
     """Enforce the execution timeout of a running job (older SDKs never call job-stop)."""
     if job.status != JobStatus.IN_PROGRESS or job.started_at is None:

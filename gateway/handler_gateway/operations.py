@@ -303,9 +303,7 @@ class Gateway:
 
     async def purge(self, endpoint_id: str) -> int:
         await self.endpoint(endpoint_id)
-        changes = await self.backend.purge_queue(
-            endpoint_id, lambda j: jobs.cancel(j, self.clock())
-        )
+        changes = await self.backend.purge_queue(endpoint_id, lambda j: jobs.purge(j, self.clock()))
         self._observe(changes)
         return len(changes)
 

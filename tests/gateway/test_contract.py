@@ -548,3 +548,26 @@ async def test_openapi_document_is_valid(api):
     validate(document)
     assert "/v2/{endpoint}/run" in document["paths"]
     assert "RunRequest" in document["components"]["schemas"]
+
+
+async def test_purge_racing_takes_cancels_no_running_job(api):
+    """Issue: purge cancelled jobs that takes started while it ran. Only queued jobs go, and
+    it says how many."""
+    queued = [await api.run({"n": n}) for n in range(40)]
+
+    async def take(worker: str) -> list[str]:
+        taken = []
+        while (job := await api.take(worker)) is not None:
+            taken.append(job["id"])
+        return taken
+
+    takers = [asyncio.create_task(take(f"w{n}")) for n in range(4)]
+    await asyncio.sleep(0)
+    response = await api.client.post(
+        f"/v2/{api.endpoint}/purge-queue", headers=api.client_headers()
+    )
+    removed = (await response.json())["removed"]
+    taken = [job for taker in takers for job in await taker]
+    states = {job: (await api.status(job))["status"] for job in queued}
+    assert all(states[job] == "IN_PROGRESS" for job in taken)
+    assert sorted(states.values()).count("CANCELLED") == removed == len(queued) - len(taken)

@@ -210,7 +210,9 @@ class Backend(ABC):
 
     @abstractmethod
     async def purge_queue(self, endpoint: str, transition: Transition) -> list[Change]:
-        """Apply `transition` (cancel) to every queued job and empty the queue."""
+        """Apply `transition` (`jobs.purge`) to every queued job and empty the queue; the
+        changes made (a job a take started meanwhile is left to its worker: the transition is
+        applied at the revision it was computed from)."""
 
     # -- streams -----------------------------------------------------------------------------
     @abstractmethod
