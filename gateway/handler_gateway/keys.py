@@ -81,34 +81,26 @@ class Keys:
             )
         return cls(frozenset(client), frozenset(admin), insecure)
 
-    def client_verdict(self, header: str | None, worker_token: str | None) -> Verdict:
-        if self.insecure:
-            return Verdict.OK
-        credential = bearer(header)
-        if credential and _matches(credential, self.client | self.admin):
-            return Verdict.OK
-        if credential and worker_token and _matches(credential, [worker_token]):
-            return Verdict.FORBIDDEN
-        return Verdict.UNAUTHORIZED
+    def client_verdict(self, header: str | None, worker_tokens: Iterable[str] = ()) -> Verdict:
+        """OK for a client or admin key; FORBIDDEN for another credential this gateway knows
+        (any of `worker_tokens`); UNAUTHORIZED else."""
+        return self._verdict(header, [*self.client, *self.admin], worker_tokens)
 
-    def admin_verdict(self, header: str | None) -> Verdict:
-        if self.insecure:
-            return Verdict.OK
-        credential = bearer(header)
-        if credential and _matches(credential, self.admin):
-            return Verdict.OK
-        if credential and _matches(credential, self.client):
-            return Verdict.FORBIDDEN
-        return Verdict.UNAUTHORIZED
+    def admin_verdict(self, header: str | None, worker_tokens: Iterable[str] = ()) -> Verdict:
+        return self._verdict(header, self.admin, [*self.client, *worker_tokens])
 
     def worker_verdict(
-        self, header: str | None, own_token: str, other_tokens: Iterable[str]
+        self, header: str | None, own_token: str | None, other_tokens: Iterable[str] = ()
     ) -> Verdict:
+        own = [own_token] if own_token else []
+        return self._verdict(header, own, [*self.client, *self.admin, *other_tokens])
+
+    def _verdict(self, header: str | None, granted: Iterable[str], known: Iterable[str]) -> Verdict:
         if self.insecure:
             return Verdict.OK
         credential = bearer(header)
-        if credential and _matches(credential, [own_token]):
+        if credential and _matches(credential, granted):
             return Verdict.OK
-        if credential and _matches(credential, [*self.client, *self.admin, *other_tokens]):
+        if credential and _matches(credential, known):
             return Verdict.FORBIDDEN
         return Verdict.UNAUTHORIZED

@@ -193,41 +193,67 @@ def endpoint_id(request: web.Request) -> str:
     return value
 
 
+async def _worker_tokens(request: web.Request, but: str | None = None) -> list[str]:
+    """Every endpoint's worker token (read only to tell a refused credential, 403, from an
+    unknown one, 401)."""
+    configs = await request.app[GATEWAY].backend.list_endpoints()
+    return [config.workerToken for config in configs if config.id != but]
+
+
+async def _config(request: web.Request) -> EndpointConfig | None:
+    try:
+        return await request.app[GATEWAY].endpoint(endpoint_id(request))
+    except NotFound:
+        return None
+
+
+# Credentials first, then existence: an unknown credential gets 401 whether or not the endpoint
+# exists (ids cannot be probed), a known one 404 for an unknown endpoint, then 403 if it may
+# not call the route.
 async def authorize_client(request: web.Request) -> str:
-    endpoint = endpoint_id(request)
-    config = await request.app[GATEWAY].endpoint(endpoint)
-    verdict = request.app[KEYS].client_verdict(
-        request.headers.get("Authorization"), config.workerToken
-    )
+    keys, header = request.app[KEYS], request.headers.get("Authorization")
+    verdict = keys.client_verdict(header)
+    if verdict == Verdict.UNAUTHORIZED and header:
+        verdict = keys.client_verdict(header, await _worker_tokens(request))
+    _check(verdict, "a client API key (Authorization: Bearer <key>)", existing=False)
+    if await _config(request) is None:
+        raise NotFound(f"endpoint '{request.match_info['endpoint']}' not found")
     _check(verdict, "a client API key (Authorization: Bearer <key>)")
-    return endpoint
+    return request.match_info["endpoint"]
 
 
 async def authorize_worker(request: web.Request) -> str:
-    endpoint = endpoint_id(request)
-    gateway = request.app[GATEWAY]
-    config = await gateway.endpoint(endpoint)
-    keys = request.app[KEYS]
-    header = request.headers.get("Authorization")
-    verdict = keys.worker_verdict(header, config.workerToken, ())
+    endpoint = request.match_info["endpoint"]
+    keys, header = request.app[KEYS], request.headers.get("Authorization")
+    config = await _config(request)
+    verdict = keys.worker_verdict(header, config.workerToken if config else None)
     if verdict == Verdict.UNAUTHORIZED and header:
-        others = [c.workerToken for c in await gateway.backend.list_endpoints() if c.id != endpoint]
-        verdict = keys.worker_verdict(header, config.workerToken, others)
-    _check(verdict, f"the worker token of endpoint '{endpoint}'")
+        others = await _worker_tokens(request, but=endpoint)
+        verdict = keys.worker_verdict(header, config.workerToken if config else None, others)
+    needed = f"the worker token of endpoint '{endpoint}'"
+    _check(verdict, needed, existing=False)
+    if config is None:
+        raise NotFound(f"endpoint '{endpoint}' not found")
+    _check(verdict, needed)
     return endpoint
 
 
-def authorize_admin(request: web.Request) -> None:
-    verdict = request.app[KEYS].admin_verdict(request.headers.get("Authorization"))
+async def authorize_admin(request: web.Request) -> None:
+    keys, header = request.app[KEYS], request.headers.get("Authorization")
+    verdict = keys.admin_verdict(header)
+    if verdict == Verdict.UNAUTHORIZED and header:
+        verdict = keys.admin_verdict(header, await _worker_tokens(request))
     _check(verdict, "an admin key (Authorization: Bearer <key>)")
 
 
-def _check(verdict: Verdict, needed: str) -> None:
+def _check(verdict: Verdict, needed: str, existing: bool = True) -> None:
+    """401 for an unknown credential; 403 for a known one (only once the endpoint is known
+    to exist: `existing`)."""
     if verdict == Verdict.UNAUTHORIZED:
         raise web.HTTPUnauthorized(
             reason=f"missing or unknown credentials: this route needs {needed}"
         )
-    if verdict == Verdict.FORBIDDEN:
+    if verdict == Verdict.FORBIDDEN and existing:
         raise web.HTTPForbidden(
             reason=f"these credentials may not call this route: it needs {needed}"
         )
@@ -577,7 +603,7 @@ def admin_endpoint_id(request: web.Request) -> str:
 
 
 async def put_endpoint(request: web.Request) -> web.Response:
-    authorize_admin(request)
+    await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
     data = await json_body(request)
     if isinstance(data, dict) and data.get("id") not in (None, endpoint):
@@ -590,19 +616,19 @@ async def put_endpoint(request: web.Request) -> web.Response:
 
 
 async def get_endpoint(request: web.Request) -> web.Response:
-    authorize_admin(request)
+    await authorize_admin(request)
     return respond(summary(await request.app[GATEWAY].endpoint(admin_endpoint_id(request))))
 
 
 async def delete_endpoint(request: web.Request) -> web.Response:
-    authorize_admin(request)
+    await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
     await request.app[GATEWAY].delete_endpoint(endpoint)
     return web.json_response({"deleted": endpoint})
 
 
 async def list_endpoints(request: web.Request) -> web.Response:
-    authorize_admin(request)
+    await authorize_admin(request)
     configs = await request.app[GATEWAY].backend.list_endpoints()
     return respond(
         EndpointList(endpoints=[summary(c) for c in sorted(configs, key=lambda c: c.id)])
@@ -614,7 +640,7 @@ MAX_QUEUES_WAIT_S = 30
 
 async def queues(request: web.Request) -> web.Response:
     """All endpoints' figures; `?wait=S&since=T` holds until a job is queued after T."""
-    authorize_admin(request)
+    await authorize_admin(request)
     gateway = request.app[GATEWAY]
     wait = number_query(request, "wait", 0.0, 0, MAX_QUEUES_WAIT_S)
     since = number_query(request, "since", None, 0, float("inf"))
@@ -629,16 +655,19 @@ async def endpoint_queue(request: web.Request) -> web.Response:
     keys = request.app[KEYS]
     header = request.headers.get("Authorization")
     if keys.admin_verdict(header) != Verdict.OK:
-        config = await gateway.endpoint(endpoint)
-        _check(
-            keys.worker_verdict(header, config.workerToken, ()),
-            f"an admin key or the worker token of endpoint '{endpoint}'",
-        )
+        config = await _config(request)
+        own = config.workerToken if config else None
+        verdict = keys.worker_verdict(header, own, await _worker_tokens(request, but=endpoint))
+        needed = f"an admin key or the worker token of endpoint '{endpoint}'"
+        _check(verdict, needed, existing=False)
+        if config is None:
+            raise NotFound(f"endpoint '{endpoint}' not found")
+        _check(verdict, needed)
     return respond(await gateway.queue(endpoint))
 
 
 async def workers(request: web.Request) -> web.Response:
-    authorize_admin(request)
+    await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
     gateway = request.app[GATEWAY]
     await gateway.endpoint(endpoint)
@@ -651,7 +680,7 @@ async def workers(request: web.Request) -> web.Response:
 
 
 async def drain(request: web.Request) -> web.Response:
-    authorize_admin(request)
+    await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
     worker = request.match_info["worker"]
     draining = request.method == "POST"
@@ -660,14 +689,14 @@ async def drain(request: web.Request) -> web.Response:
 
 
 async def dead_letters(request: web.Request) -> web.Response:
-    authorize_admin(request)
+    await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
     found = await request.app[GATEWAY].dead_letters(endpoint)
     return respond(DeadLetterList(endpoint=endpoint, jobs=[job_view(job) for job in found]))
 
 
 async def replay(request: web.Request) -> web.Response:
-    authorize_admin(request)
+    await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
     data = await json_body(request, required=False)
     body = parse_model(ReplayRequest, data if data is not None else {})

@@ -30,7 +30,7 @@ MATRIX = {
         "admin": 200,
         "worker": 403,
         "worker-bearer": 403,
-        "other-worker": 401,
+        "other-worker": 403,
     },
     "worker": {
         "none": 401,
@@ -55,9 +55,9 @@ MATRIX = {
         "unknown": 401,
         "client": 403,
         "admin": 200,
-        "worker": 401,
-        "worker-bearer": 401,
-        "other-worker": 401,
+        "worker": 403,
+        "worker-bearer": 403,
+        "other-worker": 403,
     },
 }
 CASES = [(route, cred, status) for route, row in MATRIX.items() for cred, status in row.items()]
@@ -113,7 +113,7 @@ def test_keys_from_files_and_env(tmp_path):
         environ={"HANDLER_GATEWAY_API_KEYS": "k3"},
     )
     assert keys.client == {"k1", "k2", "k3"} and keys.admin == {"a1"}
-    assert keys.client_verdict("Bearer k2", None) == Verdict.OK
+    assert keys.client_verdict("Bearer k2") == Verdict.OK
 
 
 BAD_INPUT = {
@@ -235,3 +235,22 @@ async def test_bad_admin_input(api, case):
     response = await api.client.request(method, path, json=body, headers=api.admin_headers())
     assert response.status == status, await response.text()
     assert message in (await response.json())["error"]
+
+
+UNKNOWN_ENDPOINT_ROUTES = {
+    "client": ("POST", "/v2/nope/run", {"input": {}}),
+    "worker": ("GET", "/v2/nope/ping/w1", None),
+    "keda": ("GET", "/admin/v1/endpoints/nope/queue", None),
+}
+# credential -> status on an endpoint that does not exist: credentials first, then existence
+UNKNOWN_ENDPOINT = {"none": 401, "unknown": 401, "client": 404, "admin": 404, "worker": 404}
+UNKNOWN_CASES = [(route, cred) for route in UNKNOWN_ENDPOINT_ROUTES for cred in UNKNOWN_ENDPOINT]
+
+
+@pytest.mark.parametrize(("route", "credential"), UNKNOWN_CASES)
+async def test_an_unknown_endpoint_cannot_be_probed_without_credentials(api, route, credential):
+    method, path, body = UNKNOWN_ENDPOINT_ROUTES[route]
+    headers = {"Authorization": CREDENTIALS[credential]} if CREDENTIALS[credential] else {}
+    response = await api.client.request(method, path, json=body, headers=headers)
+    assert response.status == UNKNOWN_ENDPOINT[credential], await response.text()
+    assert "error" in await response.json()
