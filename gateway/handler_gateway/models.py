@@ -13,15 +13,22 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 ENDPOINT_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 
 
+# The bounds of a job's times, as an endpoint's (`EndpointConfig`): 7 days running, 30 days alive.
+MAX_EXECUTION_MS = 7 * 86400 * 1000
+MAX_TTL_MS = 30 * 86400 * 1000
+
+
 class Policy(BaseModel):
     """Per-job policy, as RunPod's `policy` (times in milliseconds)."""
 
     model_config = ConfigDict(extra="ignore")
 
     executionTimeout: int | None = Field(
-        None, ge=1000, description="max execution time of the job, ms"
+        None, ge=1000, le=MAX_EXECUTION_MS, description="max execution time of the job, ms"
     )
-    ttl: int | None = Field(None, ge=1000, description="lifetime of the job from submission, ms")
+    ttl: int | None = Field(
+        None, ge=1000, le=MAX_TTL_MS, description="lifetime of the job from submission, ms"
+    )
     lowPriority: bool = False
 
 

@@ -52,6 +52,7 @@ MAX_BODY = web.AppKey("max_body", int)
 CHANNELS = web.AppKey("channels", set)  # the job channels' sockets open here
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 MAX_BATCH = 256
+MAX_JSON_DEPTH = 200  # nesting levels a request or a result may have
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -146,8 +147,31 @@ def _no_constant(name: str) -> None:
 
 def loads(raw: str | bytes) -> Any:
     """JSON as Python reads it, but NaN and ±Infinity (not JSON; Python writes them) as null:
-    what the gateway stores, it answers as valid JSON."""
-    return json.loads(raw, parse_constant=_no_constant)
+    what the gateway stores, it answers as valid JSON. Nesting deeper than MAX_JSON_DEPTH is
+    refused (it would fail later, in a validation or a response)."""
+    try:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    opened = raw.count(b"[" if isinstance(raw, bytes) else "[")
+    opened += raw.count(b"{" if isinstance(raw, bytes) else "{")
+    if opened > MAX_JSON_DEPTH and nesting(value) > MAX_JSON_DEPTH:  # counted only if it may be
+        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def nesting(value: Any) -> int:
+    """How deep arrays and objects nest in `value` (a scalar: 0)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in item if isinstance(child, (dict, list)))
+    return deepest
 
 
 def parse_model(model: type[BaseModel], data: Any) -> Any:

@@ -154,9 +154,46 @@ BAD_INPUT = {
         "must be an integer",
     ),
     "bad stream cursor": ("GET", "/v2/ep/stream/x?cursor=-1", None, 400, "cursor"),
+    "nested past the parser": (
+        "POST",
+        "/v2/ep/run",
+        b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        400,
+        "nested deeper than 200",
+    ),
+    "nested past the limit": (
+        "POST",
+        "/v2/ep/run",
+        b'{"input": ' + b"[" * 201 + b"]" * 201 + b"}",
+        400,
+        "nested deeper than 200",
+    ),
+    "ttl beyond 30 days": (
+        "POST",
+        "/v2/ep/run",
+        b'{"input": 1, "policy": {"ttl": 100000000000000000000}}',
+        400,
+        "policy.ttl",
+    ),
+    "execution timeout beyond 7 days": (
+        "POST",
+        "/v2/ep/run",
+        b'{"input": 1, "policy": {"executionTimeout": 604800001}}',
+        400,
+        "policy.executionTimeout",
+    ),
     "unknown route": ("GET", "/v2/ep/nothing-here", None, 404, "Not Found"),
     "wrong method": ("GET", "/v2/ep/run", None, 405, "Method Not Allowed"),
 }
+
+
+async def test_a_wide_input_is_not_taken_for_a_deep_one(api):
+    response = await api.client.post(
+        f"/v2/{api.endpoint}/run",
+        json={"input": [{"a": [n]} for n in range(1000)]},
+        headers=api.client_headers(),
+    )
+    assert response.status == 200, await response.text()
 
 
 @pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
@@ -172,6 +209,13 @@ WORKER_BAD_INPUT = {
     "result not json": ("POST", "/v2/ep/job-done/w1/j1", b"oops", 400, "not valid JSON"),
     "result not object": ("POST", "/v2/ep/job-done/w1/j1", b'"x"', 400, "JSON object"),
     "chunk without output": ("POST", "/v2/ep/job-stream/w1/j1", b"{}", 400, '"output"'),
+    "result nested too deep": (
+        "POST",
+        "/v2/ep/job-done/w1/j1",
+        b'{"output": ' + b'{"a": ' * 300 + b"1" + b"}" * 300 + b"}",
+        400,
+        "nested deeper",
+    ),
 }
 
 
