@@ -309,7 +309,7 @@ def lose_worker(job: JobRecord, now: float, lost_after_s: float) -> Change | Non
         error=None,
         extra={**job.extra, "lastError": LOST_WORKER_ERROR.format(worker=worker)},
     )
-    effects.enqueue = True
+    effects.enqueue = effects.to_head = True  # started before: ahead of the jobs queued since
     effects.count("retried")
     return _change(job, new, effects, f"re-queued (lost {worker})")
 

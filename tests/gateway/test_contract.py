@@ -571,3 +571,13 @@ async def test_purge_racing_takes_cancels_no_running_job(api):
     states = {job: (await api.status(job))["status"] for job in queued}
     assert all(states[job] == "IN_PROGRESS" for job in taken)
     assert sorted(states.values()).count("CANCELLED") == removed == len(queued) - len(taken)
+
+
+async def test_a_job_requeued_after_its_worker_was_lost_goes_to_the_head(api):
+    """Issue: redelivery waited behind every job queued since (17-45 s observed)."""
+    await api.register(heartbeatIntervalSeconds=0.2, heartbeatMisses=2)
+    lost = await api.run({"n": "lost"})
+    await api.take("w1")  # w1 never reports again
+    later = [await api.run({"n": n}) for n in range(3)]
+    await api.wait_status(lost, "IN_QUEUE")
+    assert [(await api.take("w2"))["id"] for _ in range(4)] == [lost, *later]
