@@ -353,7 +353,9 @@ def requeue(job: JobRecord, now: float, reset_attempts: bool) -> Change | None:
     return _change(job, new, effects, "retried")
 
 
-def advance_cursor(job: JobRecord, cursor: int) -> Change | None:
-    if cursor <= job.stream_cursor:
+def advance_cursor(job: JobRecord, start: int, cursor: int) -> Change | None:
+    """A reader took the chunks from `start` to `cursor`: only if no other reader moved the
+    shared cursor since it looked (each chunk goes to one reader)."""
+    if job.stream_cursor != start or cursor <= start:
         return None
     return Change(job.model_copy(update={"stream_cursor": cursor}), note="stream read")

@@ -272,7 +272,7 @@ class Gateway:
         end = start + len(chunks)
         if cursor is None and chunks:
             change = await self.backend.update_job(
-                endpoint_id, job_id, lambda j: jobs.advance_cursor(j, end)
+                endpoint_id, job_id, lambda j: jobs.advance_cursor(j, start, end)
             )
             if change is None:  # another reader took these chunks first
                 fresh = await self.job(endpoint_id, job_id)

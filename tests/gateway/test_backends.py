@@ -477,3 +477,20 @@ async def test_a_take_claimed_by_a_submit_waits_for_its_answer_though_woken():
     assert taker.hand([job])
     await waiting
     assert taker.close() == [job]
+
+
+async def test_a_lease_is_renewed_only_by_its_owner(redis_prefix):
+    backend = await redis_backend(redis_prefix)
+    admin = redis.Redis.from_url(redis_url())
+    key = f"{redis_prefix}:lease:sweeper"
+    try:
+        assert await backend.acquire_lease("sweeper", "A", 0.2)
+        assert not await backend.acquire_lease("sweeper", "B", 0.2)
+        assert await backend.acquire_lease("sweeper", "A", 0.2)  # renewed
+        await asyncio.sleep(0.3)
+        assert await backend.acquire_lease("sweeper", "B", 5)  # A's ran out
+        assert not await backend.acquire_lease("sweeper", "A", 60)
+        assert admin.get(key) == b"B" and admin.pttl(key) <= 5000  # not extended by A
+    finally:
+        await backend.close()
+        admin.close()

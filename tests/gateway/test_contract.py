@@ -581,3 +581,67 @@ async def test_a_job_requeued_after_its_worker_was_lost_goes_to_the_head(api):
     later = [await api.run({"n": n}) for n in range(3)]
     await api.wait_status(lost, "IN_QUEUE")
     assert [(await api.take("w2"))["id"] for _ in range(4)] == [lost, *later]
+
+
+async def test_concurrent_stream_readers_get_each_chunk_once(api):
+    """Issue: the shared cursor could hand a chunk to two readers at once."""
+    job_id = await api.run({})
+    await api.take("w1")
+    url = f"/v2/{api.endpoint}/stream/{job_id}"
+
+    async def read() -> list[int]:
+        got = []
+        for _ in range(30):
+            response = await api.client.get(url, headers=api.client_headers())
+            got += [chunk["output"] for chunk in (await response.json())["stream"]]
+        return got
+
+    async def write() -> None:
+        for n in range(60):
+            await api.chunk("w1", job_id, n)
+
+    *reads, _ = await asyncio.gather(*(read() for _ in range(6)), write())
+    leftover = await read()
+    delivered = sorted(n for got in [*reads, leftover] for n in got)
+    assert delivered == list(range(60))
+
+
+async def test_a_stream_reader_that_lost_the_race_hands_out_no_chunk_twice(api, monkeypatch):
+    """Reader 1 reads chunks 0-1 and stalls; chunk 2 arrives; reader 2 reads 0-2 and stalls;
+    reader 1 moves the cursor to 2. Reader 2 must not hand out 0-1 again."""
+    job_id = await api.run({})
+    await api.take("w1")
+    for n in range(2):
+        await api.chunk("w1", job_id, n)
+    backend = api.gateway.backend
+    original, gates, reads = backend.read_chunks, [asyncio.Event(), asyncio.Event()], []
+
+    async def stalled(endpoint, job, start):
+        chunks = await original(endpoint, job, start)
+        gate = gates[len(reads)]
+        reads.append(chunks)
+        await gate.wait()
+        return chunks
+
+    monkeypatch.setattr(backend, "read_chunks", stalled)
+    url = f"/v2/{api.endpoint}/stream/{job_id}"
+
+    async def read() -> list:
+        response = await api.client.get(url, headers=api.client_headers())
+        return [chunk["output"] for chunk in (await response.json())["stream"]]
+
+    async def until(count: int) -> None:
+        while len(reads) < count:
+            await asyncio.sleep(0.01)
+
+    first = asyncio.create_task(read())
+    await until(1)
+    await api.chunk("w1", job_id, 2)
+    second = asyncio.create_task(read())
+    await until(2)
+    gates[0].set()
+    assert await first == [0, 1]
+    gates[1].set()
+    assert await second == []
+    monkeypatch.setattr(backend, "read_chunks", original)
+    assert await read() == [2]

@@ -195,6 +195,13 @@ for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[3]) - 1)) do
 end
 return out
 """
+# Take the lease KEYS[1] for owner ARGV[1] for ARGV[2] ms, or renew it if the owner holds it.
+LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
+"""
 # A new job, then a take (APPLY's keys and arguments, then TAKE's): a submit handed to a worker
 # waiting on this replica costs one round trip, and the queue's order still holds.
 CREATE_TAKE = (
@@ -295,6 +302,7 @@ class RedisBackend(Backend):
             "apply": self.redis.register_script(APPLY),
             "apply_many": self.redis.register_script(APPLY_MANY),
             "expired_queued": self.redis.register_script(EXPIRED_QUEUED),
+            "lease": self.redis.register_script(LEASE),
             "take": self.redis.register_script(TAKE),
             "create_take": self.redis.register_script(CREATE_TAKE),
         }
@@ -852,14 +860,9 @@ class RedisBackend(Backend):
 
     # -- housekeeping ------------------------------------------------------------------------
     async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
-        key = f"{self.prefix}:lease:{name}"
-        ttl_ms = int(ttl * 1000)
-        if await self.redis.set(key, owner, nx=True, px=ttl_ms):
-            return True
-        if await self.redis.get(key) == owner:
-            await self.redis.pexpire(key, ttl_ms)
-            return True
-        return False
+        """Take or renew the lease in one script: a renewal never extends another's lease."""
+        keys, args = [f"{self.prefix}:lease:{name}"], [owner, int(ttl * 1000)]
+        return bool(await self._scripts["lease"](keys=keys, args=args))
 
     async def forget_expired(self, endpoint: str, now: float) -> int:
         return 0  # Redis expires terminal records by itself (PEXPIREAT)
