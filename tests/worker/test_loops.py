@@ -321,10 +321,8 @@ def test_the_pinned_sdk_has_what_the_loop_uses():
     assert isinstance(rp_job.JOB_GET_URL, str) and isinstance(rp_http.JOB_DONE_URL, str)
     assert isinstance(worker_state.REF_COUNT_ZERO, float)
     assert all(hasattr(JobsProgress(), m) for m in ("add", "remove", "set_mirror"))
-    assert (
-        callable(PingJobMirror)
-        and "mirror" in inspect.signature(rp_ping.Heartbeat.start_ping).parameters
-    )
+    assert callable(PingJobMirror)
+    assert list(inspect.signature(rp_ping.Heartbeat.process_loop).parameters) == ["mirror", "test"]
 
 
 @pytest.mark.parametrize("value", ["1", "true", "on"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -156,3 +158,33 @@ def test_take_url_carries_capacity_and_batch(stub_gateway, start_worker, module,
     first = stub_gateway.recorded.takes[0]
     for fragment in expected:
         assert fragment in first, first
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_heartbeat_dies_with_the_worker(stub_gateway, start_worker):
+    """Issue: the SDK's ping process outlived a worker the OOM killer (or os._exit) ended, so
+    its job looked alive until its execution timeout."""
+    worker = start_worker("handlers.echo_async")
+    deadline = time.monotonic() + 30
+    while not stub_gateway.recorded.pings and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stub_gateway.recorded.pings, "the heartbeat started"
+    with open(f"/proc/{worker.pid}/task/{worker.pid}/children") as children:
+        pingers = [int(pid) for pid in children.read().split()]
+    assert pingers
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(10)
+    deadline = time.monotonic() + 15
+    while any(map(_alive, pingers)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, pingers))
+    pings = len(stub_gateway.recorded.pings)
+    time.sleep(1.5)  # RUNPOD_PING_INTERVAL is 1 s here: a live ping process would ping again
+    assert len(stub_gateway.recorded.pings) == pings

@@ -4,7 +4,8 @@ loop polls its local queue every 0.1 s, so each warm job waited for that sleep).
 functions do the rest: `get_job` takes (over HTTP where the gateway has no job channel,
 `handler_worker.channels`), `handler_worker.results` runs jobs and posts results,
 progress and stream chunks as the SDK's `handle_job` does, `get_stop_signals` long-polls
-cancellations; `JobsProgress` and the SDK's heartbeat process report the running jobs. runpod is
+cancellations; `JobsProgress` and the SDK's ping loop (`handler_worker.heartbeats`: in a process
+that dies with the worker) report the running jobs. runpod is
 pinned; tests/worker/test_loops.py checks what we rely on.
 """
 
@@ -256,10 +257,11 @@ def serve(
     `take_capacity`: the cap the gateway keeps for this worker, sent with each take; `channel`:
     takes and results over the gateway's job channel (HTTP where it has none)."""
     from runpod.http_client import AsyncClientSession
-    from runpod.serverless.modules import rp_http, rp_job, rp_ping
+    from runpod.serverless.modules import rp_http, rp_job
     from runpod.serverless.modules.rp_fitness import run_fitness_checks
     from runpod.serverless.modules.worker_state import JobsProgress, PingJobMirror
 
+    from handler_worker import heartbeats
     from handler_worker.channels import JobChannel, channel_fetch, channel_url
     from handler_worker.results import runner
 
@@ -280,7 +282,7 @@ def serve(
 
     async def main() -> None:
         await run_fitness_checks()
-        rp_ping.Heartbeat().start_ping(mirror)
+        heartbeats.start(mirror)  # the SDK's ping loop, in a process that dies with this one
         install_signals(loop)
         async with AsyncClientSession() as session:
             try:
