@@ -285,6 +285,18 @@ def lose_worker(job: JobRecord, now: float, lost_after_s: float) -> Change | Non
     last = job.heartbeat_at or job.started_at or job.created_at
     if now - last < lost_after_s:
         return None
+    return _redeliver(job, now)
+
+
+def lose_restarted(job: JobRecord, worker: str, now: float) -> Change | None:
+    """A job `worker` held when a new process started under its name: its process is gone, so
+    the job is redelivered at once (as for a silent worker, without waiting for heartbeats)."""
+    if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
+        return None
+    return _redeliver(job, now)
+
+
+def _redeliver(job: JobRecord, now: float) -> Change:
     worker = job.worker_id
     attempts = job.redeliveries + 1
     effects = Effects(release_worker=worker)

@@ -38,6 +38,9 @@ from handler_gateway.models import (
 log = logging.getLogger("handler_gateway")
 # Hand-overs in answers to result posts kept until a job of theirs reports (oldest dropped).
 KEPT_HAND_OVERS = 4096
+# Worker processes (instances) remembered per replica, so a take checks the backend only for a
+# new one (oldest dropped).
+KEPT_INSTANCES = 10_000
 # A leaving worker's mark outlives its longest long-poll by this much.
 LEAVING_MARGIN_S = 10.0
 
@@ -123,6 +126,7 @@ class Gateway:
         self._handed_in: dict[tuple[str, str], tuple[str, str, str]] = {}  # job -> that key
         self._emptied: dict[str, tuple[int, float]] = {}  # endpoint -> (queue version, when)
         self._takers: dict[str, list[Taker]] = {}  # endpoint -> takes waiting here, oldest first
+        self._instances: dict[tuple[str, str], str] = {}  # (endpoint, worker) -> process seen
 
     # -- endpoints -------------------------------------------------------------------------
     async def endpoint(self, endpoint_id: str) -> EndpointConfig:
@@ -339,6 +343,7 @@ class Gateway:
         hold: float,
         capacity: int | None = None,
         connected: Callable[[], bool] = lambda: True,
+        instance: str | None = None,
     ) -> list[JobRecord]:
         """Long-poll for up to `count` jobs; [] after `hold` seconds (or while draining).
 
@@ -347,8 +352,11 @@ class Gateway:
         keeps such a long-poll open instead of sleeping a second between jobs). A leaving
         worker gets [] at once; nothing is claimed for a caller no longer `connected()`. While
         it waits, a submit on this replica may store a job and take for it in one step.
+        `instance`: the worker process's id (handler_worker sends one; see `restarted`).
         """
         await self.endpoint(endpoint_id)
+        if instance is not None:
+            await self.restarted(endpoint_id, worker, instance)
         deadline = self.clock() + hold
         notifier = self.backend.notifier
         queue, slot = queue_channel(endpoint_id), worker_channel(endpoint_id, worker)
@@ -401,6 +409,33 @@ class Gateway:
                     self._takers[endpoint_id].remove(taker)
             if handed:
                 return handed
+
+    async def restarted(self, endpoint_id: str, worker: str, instance: str) -> None:
+        """A new process under `worker`'s name (a pod's container restarted): the jobs its
+        predecessor held are redelivered at once, to the queue head, and its leaving mark is
+        gone, instead of blocking the name until heartbeats run out. Looked up in the backend
+        only when this replica has not seen that instance already."""
+        key = (endpoint_id, worker)
+        if self._instances.get(key) == instance:
+            return
+        previous = await self.backend.swap_instance(endpoint_id, worker, instance)
+        self._instances.pop(key, None)
+        self._instances[key] = instance
+        while len(self._instances) > KEPT_INSTANCES:
+            self._instances.pop(next(iter(self._instances)))
+        if previous is None or previous == instance:
+            return
+        now = self.clock()
+        record = (await self.backend.get_workers(endpoint_id)).get(worker)
+        changes = []
+        for job_id in sorted(record.jobs) if record else []:
+            change = await self.backend.update_job(
+                endpoint_id, job_id, lambda j: jobs.lose_restarted(j, worker, now)
+            )
+            if change is not None:
+                changes.append(change)
+                log.info("job %s/%s %s (%s restarted)", endpoint_id, job_id, change.note, worker)
+        self._observe(changes)
 
     def wake_takes(self, endpoint_id: str, worker: str) -> None:
         """`worker`'s takes waiting here look again at once: one whose caller is gone answers []
@@ -460,6 +495,7 @@ class Gateway:
         take: int,
         capacity: int | None = None,
         connected: Callable[[], bool] = lambda: True,
+        instance: str | None = None,
     ) -> tuple[str, list[JobRecord]]:
         """Store a result, then (`take` > 0) long-poll as a take does: the worker's next jobs
         ride on its result's request. A result posted again (the answer to the first post may
@@ -471,7 +507,7 @@ class Gateway:
         taken = await self.handed_again(endpoint_id, worker, job_id) if again else []
         if not taken:
             hold = self.timings.take_hold
-            taken = await self.take(endpoint_id, worker, take, hold, capacity, connected)
+            taken = await self.take(endpoint_id, worker, take, hold, capacity, connected, instance)
             self.remember_handed(endpoint_id, worker, job_id, taken)
         return outcome, taken
 

@@ -370,6 +370,14 @@ def capacity_query(request: web.Request) -> int | None:
     return int_query(request, "capacity", 1, 1, MAX_BATCH)
 
 
+def instance_query(request: web.Request) -> str | None:
+    """`instance`: the worker process's id (handler_worker's loop sends it with its takes)."""
+    value = request.query.get("instance")
+    if value is not None and not 0 < len(value) <= 64:
+        raise BadRequest("query parameter instance must have 1 to 64 characters")
+    return value
+
+
 def _connected(request: web.Request) -> bool:
     """Whether the caller is still there (aiohttp does not cancel a handler when it leaves)."""
     return request.transport is not None and not request.transport.is_closing()
@@ -385,6 +393,7 @@ async def _long_poll_take(request: web.Request, endpoint: str, size: int) -> lis
         gateway.timings.take_hold,
         capacity_query(request),
         connected=lambda: _connected(request),
+        instance=instance_query(request),
     )
 
 
@@ -454,6 +463,7 @@ async def job_done(request: web.Request) -> web.StreamResponse:
         take,
         capacity_query(request),
         connected=lambda: _connected(request),
+        instance=instance_query(request),
     )
     if not take:
         return web.json_response({"result": outcome})
@@ -497,7 +507,7 @@ class JobChannel:
         self.gateway = request.app[GATEWAY]
         self.request, self.socket = request, socket
         self.endpoint, self.worker = endpoint, request.match_info["worker"]
-        self.capacity = capacity_query(request)
+        self.capacity, self.instance = capacity_query(request), instance_query(request)
         self.limit = request.app[MAX_BODY] + CHANNEL_ENVELOPE
         self.closed = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -564,13 +574,14 @@ class JobChannel:
                 take,
                 self.capacity,
                 connected=self._open,
+                instance=self.instance,
             )
             return taken, {"result": outcome, "jobs": [take_payload(job) for job in taken]}
         if not take:
             raise BadRequest('a channel message carries "done" (a result) or "take" (1 or more)')
         hold = self.gateway.timings.take_hold
         taken = await self.gateway.take(
-            self.endpoint, self.worker, take, hold, self.capacity, connected=self._open
+            self.endpoint, self.worker, take, hold, self.capacity, self._open, self.instance
         )
         return taken, {"jobs": [take_payload(job) for job in taken]}
 

@@ -645,3 +645,36 @@ async def test_a_stream_reader_that_lost_the_race_hands_out_no_chunk_twice(api, 
     assert await second == []
     monkeypatch.setattr(backend, "read_chunks", original)
     assert await read() == [2]
+
+
+async def take_as(api, worker: str, instance: str):
+    response = await api.client.get(
+        f"/v2/{api.endpoint}/job-take/{worker}?instance={instance}", headers=api.worker_headers()
+    )
+    return None if response.status == 204 else await response.json()
+
+
+async def test_a_restarted_worker_gets_what_its_predecessor_held_back_at_once(api):
+    """Issue: a container restarting under the same name waited for its predecessor's held
+    jobs to time out. A new instance redelivers them (to the head: it takes them first)."""
+    held = await api.run({"n": "held"})
+    assert (await take_as(api, "w1", "first"))["id"] == held
+    queued = await api.run({"n": "queued"})
+    assert (await take_as(api, "w1", "first"))["id"] == queued  # same process: nothing moves
+    assert (await api.status(held))["status"] == "IN_PROGRESS"
+    later = await api.run({"n": "later"})
+    # A new process under the same name: both go back, ahead of the job queued meanwhile.
+    again = [(await take_as(api, "w1", "second"))["id"] for _ in range(3)]
+    assert sorted(again[:2]) == sorted([held, queued]) and again[2] == later
+    assert [(await api.status(job)).get("retries") for job in (held, queued)] == [1, 1]
+
+
+async def test_a_restarted_worker_is_served_though_its_predecessor_said_it_left(api):
+    await take_as(api, "w1", "first")
+    response = await api.client.post(
+        f"/v2/{api.endpoint}/leave/w1", json={}, headers=api.worker_headers()
+    )
+    assert response.status == 200
+    job = await api.run({})
+    assert await take_as(api, "w1", "first") is None  # the leaving process gets nothing
+    assert (await take_as(api, "w1", "second"))["id"] == job

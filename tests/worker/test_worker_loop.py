@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -39,6 +40,11 @@ def test_sync_handler_result_body(stub_gateway, start_worker):
     start_worker("handler", extra_path=(example_path("hello"),))
     assert stub_gateway.wait_done("job-sync") == {"output": {"greeting": "Hello, H100!"}}
     assert stub_gateway.recorded.done_query["job-sync"][0]["isStream"] == "false"
+    # Every take names this process, and the same one each time (a restart would change it).
+    instances = {
+        parse_qs(urlsplit(take).query)["instance"][0] for take in stub_gateway.recorded.takes
+    }
+    assert len(instances) == 1
 
 
 def test_async_handler_and_heartbeat(stub_gateway, start_worker):

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import logging
 import signal
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -264,9 +265,13 @@ def serve(
     from handler_worker import heartbeats
     from handler_worker.channels import JobChannel, channel_fetch, channel_url
     from handler_worker.results import runner
+    from handler_worker.slots import with_query
 
     progress, mirror = JobsProgress(), PingJobMirror()
     progress.set_mirror(mirror)
+    # This process's id with every take: the gateway redelivers at once what a predecessor
+    # under the same name (a restarted container) still held.
+    rp_job.JOB_GET_URL = with_query(rp_job.JOB_GET_URL, "instance", uuid.uuid4().hex[:16])
     url = channel_url(rp_job.JOB_GET_URL) if channel else None
     job_channel = JobChannel(url) if url else None
 

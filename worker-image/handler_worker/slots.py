@@ -23,10 +23,15 @@ def _constant(value: int, current: int) -> int:
 
 def capacity_url(take_url: str, capacity: int) -> str:
     """The take URL with `capacity` appended (the SDK adds its own `&...` parameters after)."""
-    if "capacity=" in take_url:
+    return with_query(take_url, "capacity", str(capacity))
+
+
+def with_query(take_url: str, name: str, value: str) -> str:
+    """The take URL with `name=value` appended, unless it has `name` already."""
+    if f"{name}=" in take_url:
         return take_url
     separator = "" if take_url.endswith(("?", "&")) else ("&" if "?" in take_url else "?")
-    return f"{take_url}{separator}capacity={capacity}"
+    return f"{take_url}{separator}{name}={value}"
 
 
 def sdk_slots(capacity: int) -> int:

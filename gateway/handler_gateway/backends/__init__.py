@@ -239,6 +239,12 @@ class Backend(ABC):
     async def remove_worker(self, endpoint: str, worker: str) -> None: ...
 
     @abstractmethod
+    async def swap_instance(self, endpoint: str, worker: str, instance: str) -> str | None:
+        """Record the process (`instance`) now serving under the worker's name; the one before
+        (None: none known). A different one is a restart: the leaving mark of its predecessor
+        is cleared at once."""
+
+    @abstractmethod
     async def worker_draining(self, endpoint: str, worker: str) -> bool: ...
 
     @abstractmethod

@@ -33,6 +33,7 @@ class _EndpointState:
         self.chunks: dict[str, list[Any]] = {}
         self.workers: dict[str, WorkerRecord] = {}
         self.leaving: dict[str, float] = {}  # worker -> until
+        self.instances: dict[str, str] = {}  # worker -> the process serving under its name
         self.stops: dict[str, dict[str, float]] = {}
         self.dead: list[str] = []
         self.activity: float | None = None
@@ -214,6 +215,17 @@ class MemoryBackend(Backend):
             state.workers.pop(worker, None)
             state.leaving.pop(worker, None)
             state.stops.pop(worker, None)
+            state.instances.pop(worker, None)
+
+    async def swap_instance(self, endpoint: str, worker: str, instance: str) -> str | None:
+        state = self._state(endpoint)
+        if state is None:
+            return None
+        previous = state.instances.get(worker)
+        state.instances[worker] = instance
+        if previous is not None and previous != instance:
+            state.leaving.pop(worker, None)
+        return previous
 
     async def worker_draining(self, endpoint: str, worker: str) -> bool:
         state = self._state(endpoint)

@@ -202,6 +202,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 """
+# The process serving under worker ARGV[1] is now ARGV[2] (KEYS[1]: the endpoint's instances):
+# the one before, whose leaving mark (KEYS[2]) goes if it was another.
+SWAP_INSTANCE = """
+local previous = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if previous and previous ~= ARGV[2] then redis.call('DEL', KEYS[2]) end
+return previous
+"""
 # A new job, then a take (APPLY's keys and arguments, then TAKE's): a submit handed to a worker
 # waiting on this replica costs one round trip, and the queue's order still holds.
 CREATE_TAKE = (
@@ -303,6 +311,7 @@ class RedisBackend(Backend):
             "apply_many": self.redis.register_script(APPLY_MANY),
             "expired_queued": self.redis.register_script(EXPIRED_QUEUED),
             "lease": self.redis.register_script(LEASE),
+            "swap_instance": self.redis.register_script(SWAP_INSTANCE),
             "take": self.redis.register_script(TAKE),
             "create_take": self.redis.register_script(CREATE_TAKE),
         }
@@ -799,12 +808,17 @@ class RedisBackend(Backend):
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self._k(endpoint, "workers"), worker)
             pipe.srem(self._k(endpoint, "draining"), worker)
+            pipe.hdel(self._k(endpoint, "instances"), worker)
             pipe.delete(
                 self._k(endpoint, "wjobs", worker),
                 self._k(endpoint, "stops", worker),
                 self._k(endpoint, "leaving", worker),
             )
             await pipe.execute()
+
+    async def swap_instance(self, endpoint: str, worker: str, instance: str) -> str | None:
+        keys = [self._k(endpoint, "instances"), self._k(endpoint, "leaving", worker)]
+        return await self._scripts["swap_instance"](keys=keys, args=[worker, instance])
 
     async def due_stop_signals(
         self, endpoint: str, worker: str, now: float, resend_after: float
