@@ -278,11 +278,15 @@ def time_out(job: JobRecord, now: float) -> Change | None:
     return _change(job, new, effects, "timed out")
 
 
-def lose_worker(job: JobRecord, now: float, lost_after_s: float) -> Change | None:
-    """Re-queue a running job whose worker went silent; dead-letter it after maxRetries."""
+def lose_worker(
+    job: JobRecord, now: float, lost_after_s: float, seen_from: float = 0.0
+) -> Change | None:
+    """Re-queue a running job whose worker went silent; dead-letter it after maxRetries.
+    `seen_from`: since when the gateway could see heartbeats (its start, the end of a backend
+    outage): a silence before that is not the worker's."""
     if job.status != JobStatus.IN_PROGRESS:
         return None
-    last = job.heartbeat_at or job.started_at or job.created_at
+    last = max(job.heartbeat_at or job.started_at or job.created_at, seen_from)
     if now - last < lost_after_s:
         return None
     return _redeliver(job, now)

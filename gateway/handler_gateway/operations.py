@@ -19,6 +19,7 @@ from handler_gateway import jobs
 from handler_gateway.backends import (
     ENQUEUED_CHANNEL,
     Backend,
+    BackendUnavailable,
     WorkerRecord,
     job_channel,
     queue_channel,
@@ -127,6 +128,9 @@ class Gateway:
         self._emptied: dict[str, tuple[int, float]] = {}  # endpoint -> (queue version, when)
         self._takers: dict[str, list[Taker]] = {}  # endpoint -> takes waiting here, oldest first
         self._instances: dict[tuple[str, str], str] = {}  # (endpoint, worker) -> process seen
+        # Heartbeats are judged from this time on: the start, then the end of each outage.
+        self._seen_from = clock()
+        self._blind = False  # the backend failed since the last sweep
 
     # -- endpoints -------------------------------------------------------------------------
     async def endpoint(self, endpoint_id: str) -> EndpointConfig:
@@ -694,11 +698,23 @@ class Gateway:
 
     # -- sweeper -----------------------------------------------------------------------------
     async def sweep(self) -> list[Change]:
-        """One pass: timeouts, lost workers, queued-job expiry, old records, stale workers."""
+        """One pass: timeouts, lost workers, queued-job expiry, old records, stale workers.
+        After a backend outage, a worker's silence counts only from the end of it (its pings
+        failed meanwhile): live workers' jobs are not redelivered for time nobody could see."""
+        try:
+            return await self._sweep()
+        except BackendUnavailable:
+            self._blind = True
+            raise
+
+    async def _sweep(self) -> list[Change]:
         if not await self.backend.acquire_lease("sweeper", self.replica, 5.0):
             return []
         changes: list[Change] = []
         now = self.clock()
+        if self._blind:
+            self._blind, self._seen_from = False, now
+        seen_from = self._seen_from
         for config in await self.backend.list_endpoints():
             endpoint_id, lost_after = config.id, config.lost_after_s
             for job_id in await self.backend.active_job_ids(endpoint_id):
@@ -706,7 +722,7 @@ class Gateway:
                     endpoint_id,
                     job_id,
                     lambda j, after=lost_after: (
-                        jobs.time_out(j, now) or jobs.lose_worker(j, now, after)
+                        jobs.time_out(j, now) or jobs.lose_worker(j, now, after, seen_from)
                     ),
                 )
                 if change is not None:

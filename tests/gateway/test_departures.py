@@ -10,7 +10,9 @@ import dataclasses
 import pytest
 
 from handler_gateway import jobs, operations, routes
+from handler_gateway.backends import BackendUnavailable
 from handler_gateway.jobs import JobStatus
+from handler_gateway.models import EndpointConfig, RunRequest
 from tests.gateway.conftest import FAST
 
 # Long-polls far longer than any wait below: a poll that ends did so because of a departure.
@@ -122,3 +124,53 @@ def test_give_back_leaves_finished_jobs_alone(status):
     assert (
         jobs.give_back(job.model_copy(update={"status": status, "worker_id": "w1"}), "w1") is None
     )
+
+
+class Outage:
+    """A backend that fails (BackendUnavailable) while `down`, as Redis does when unreachable."""
+
+    def __init__(self, backend):
+        self.backend, self.down = backend, False
+
+    def __getattr__(self, name):
+        attribute = getattr(self.backend, name)
+        if not callable(attribute) or name.startswith("_") or name == "notifier":
+            return attribute
+
+        async def call(*args, **kwargs):
+            if self.down:
+                raise BackendUnavailable("unreachable")
+            return await attribute(*args, **kwargs)
+
+        return call
+
+
+async def test_an_outage_longer_than_the_heartbeat_window_redelivers_no_live_workers_job(
+    make_backend,
+):
+    """Issue: after a Redis outage longer than the window, the jobs of live workers (whose
+    pings failed meanwhile) were redelivered and ran twice. Their silence counts from its end."""
+    now = [1_800_000_000.0]
+    outage = Outage(make_backend())
+    gateway = operations.Gateway(outage, FAST, clock=lambda: now[0])
+    config = EndpointConfig(
+        id="ep", workerToken="t" * 20, heartbeatIntervalSeconds=1, heartbeatMisses=3
+    )
+    await gateway.put_endpoint(config)
+    job = await gateway.submit("ep", RunRequest(input={}))
+    assert [j.id for j in await gateway.take("ep", "w1", 1, 0)] == [job.id]
+    outage.down = True
+    now[0] += 2
+    with pytest.raises(BackendUnavailable):
+        await gateway.sweep()
+    now[0] += 20  # far past the 3 s window, all of it unseen
+    outage.down = False
+    assert await gateway.sweep() == []
+    assert (await gateway.job("ep", job.id)).status == JobStatus.IN_PROGRESS
+    now[0] += 2
+    await gateway.ping("ep", "w1", [job.id])  # the live worker is heard again
+    now[0] += 2.5
+    assert await gateway.sweep() == []
+    now[0] += 3.5  # and now it really is silent
+    assert [c.note for c in await gateway.sweep()] == ["re-queued (lost w1)"]
+    await outage.backend.close()
