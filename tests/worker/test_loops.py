@@ -237,6 +237,39 @@ async def test_a_failing_take_backs_off_and_goes_on(monkeypatch):
     assert ("start", "a") in script.events and len(calls) == 3
 
 
+@pytest.mark.parametrize(("failures", "base"), [(1, 1), (2, 2), (3, 4), (4, 8), (5, 15), (9, 15)])
+def test_failed_takes_in_a_row_back_off_longer_and_jittered(failures, base):
+    """Issue: workers retried takes in step during an outage (16,500 requests in 12 s)."""
+    loop = loops.WorkerLoop({}, 1, None, None)
+    loop._failures = failures
+    waits = {loop._backoff(throttled=False) for _ in range(20)}
+    assert all(base * 0.5 <= wait <= base * 1.5 for wait in waits) and len(waits) > 1
+    assert loop._backoff(throttled=True) >= loops.THROTTLED_BACKOFF_S
+
+
+async def test_a_successful_take_starts_the_backoff_again(monkeypatch):
+    backoffs = []
+    monkeypatch.setattr(
+        loops.WorkerLoop, "_backoff", lambda self, throttled: backoffs.append(self._failures) or 0
+    )
+    calls = []
+
+    async def flaky(session, count):
+        calls.append(count)
+        if len(calls) == 3:
+            return jobs("a")
+        if len(calls) == 5:
+            await asyncio.Event().wait()
+        raise ConnectionError("gateway unreachable")
+
+    loop = loops.WorkerLoop({}, 1, flaky, Script([]).run)
+    running = asyncio.create_task(loop.run(None))
+    await until(lambda: len(calls) == 5)
+    loop.stop()
+    await running
+    assert backoffs == [1, 2, 1]
+
+
 async def test_the_concurrency_modifier_sets_the_slots_before_each_take():
     seen = []
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import signal
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,8 @@ Stops = Callable[[Any], Awaitable[list[str]]]
 TAKE_TIMEOUT_S = 90.0  # the SDK's: above the gateway's take hold
 STOP_TIMEOUT_S = 90.0
 ERROR_BACKOFF_S = 1.0  # after a failed take or stop poll: no tight loop on a gateway outage
+MAX_BACKOFF_S = 15.0  # failed takes in a row back off up to this
+BACKOFF_JITTER = 0.5  # each wait is its base ± this share
 THROTTLED_BACKOFF_S = 5.0  # after a 429, as the SDK does
 STOP_POLL_FLOOR_S = 1.0  # the least time between two stop polls, as the SDK's floor
 TAKE_POLL_FLOOR_S = 0.2  # the least time between two takes answered empty at once
@@ -62,6 +65,7 @@ class WorkerLoop:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self._posting: set[str] = set()  # jobs whose handler is done: results being posted
         self.takes = 0  # take requests made (tests count them)
+        self._failures = 0  # takes failed in a row
         self._stopping: asyncio.Event | None = None
         self._slot_freed: asyncio.Event | None = None
         self._leaving = False
@@ -152,16 +156,26 @@ class WorkerLoop:
             return None
         except Exception as exc:  # noqa: BLE001 - the gateway's problem: log, back off, go on
             throttled = getattr(exc, "status", None) == 429
-            log.warning("taking a job failed: %s", exc)
-            await self._until(asyncio.sleep(THROTTLED_BACKOFF_S if throttled else ERROR_BACKOFF_S))
+            self._failures += 1
+            log.warning("taking a job failed (%d in a row): %s", self._failures, exc)
+            await self._until(asyncio.sleep(self._backoff(throttled)))
             return None
         finally:
             stopping.cancel()
+        self._failures = 0
         quick = asyncio.get_running_loop().time() - asked < TAKE_POLL_FLOOR_S
         if not jobs and quick and not self._stopping.is_set():
             # An empty answer that did not wait (a mark from a previous life): no tight loop.
             await self._until(asyncio.sleep(TAKE_POLL_FLOOR_S))
         return jobs
+
+    def _backoff(self, throttled: bool) -> float:
+        """The wait after a failed take: doubling with each failure in a row up to
+        MAX_BACKOFF_S, jittered (workers of one endpoint do not retry in step during an
+        outage); 5 s at least after a 429, as the SDK does."""
+        base = min(MAX_BACKOFF_S, ERROR_BACKOFF_S * 2 ** (self._failures - 1))
+        delay = base * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
+        return max(delay, THROTTLED_BACKOFF_S) if throttled else delay
 
     def _start(self, session: Any, job: dict[str, Any]) -> None:
         if job["id"] in self.tasks:  # handed over again while it runs here: once is enough
