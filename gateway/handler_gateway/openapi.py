@@ -39,6 +39,14 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
     ),
     (
         "get",
+        "/v2/{endpoint}/status-sync/{job}",
+        "A job's status, waiting up to wait ms for its end",
+        None,
+        models.JobView,
+        CLIENT,
+    ),
+    (
+        "get",
         "/v2/{endpoint}/stream/{job}",
         "New stream chunks of a job",
         None,

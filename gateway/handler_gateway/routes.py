@@ -108,7 +108,8 @@ def error_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return 413, f"request body too large: {exc.text}", {}
     if isinstance(exc, web.HTTPException) and exc.status >= 400:
-        return exc.status, exc.reason, {}
+        allow = exc.headers.get("Allow")  # a 405 says which methods the route has
+        return exc.status, exc.reason, {"Allow": allow} if allow else {}
     return 500, "internal error in the gateway", {}
 
 
@@ -304,6 +305,19 @@ async def runsync(request: web.Request) -> web.Response:
     if job.terminal:
         return web.json_response(job_view_dict(job))
     return web.json_response({"id": job.id, "status": job.status.value})
+
+
+async def status_sync(request: web.Request) -> web.Response:
+    """`status` that waits up to `wait` ms for the job to end (runpod's JavaScript client polls
+    it for jobs that outlast `runsync`)."""
+    endpoint = await authorize_client(request)
+    gateway = request.app[GATEWAY]
+    timings = gateway.timings
+    wait_ms = int_query(
+        request, "wait", int(timings.runsync_wait * 1000), 0, int(timings.runsync_wait_max * 1000)
+    )
+    job = await gateway.wait_terminal(endpoint, request.match_info["job"], wait_ms / 1000)
+    return web.json_response(job_view_dict(job))
 
 
 async def status(request: web.Request) -> web.Response:
@@ -767,6 +781,8 @@ CLIENT_ROUTES = [
     ("POST", "runsync", runsync),
     ("GET", "status/{job}", status),
     ("POST", "status/{job}", status),
+    ("GET", "status-sync/{job}", status_sync),
+    ("POST", "status-sync/{job}", status_sync),
     ("GET", "stream/{job}", stream),
     ("POST", "stream/{job}", stream),
     ("POST", "cancel/{job}", cancel),

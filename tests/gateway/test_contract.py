@@ -678,3 +678,20 @@ async def test_a_restarted_worker_is_served_though_its_predecessor_said_it_left(
     job = await api.run({})
     assert await take_as(api, "w1", "first") is None  # the leaving process gets nothing
     assert (await take_as(api, "w1", "second"))["id"] == job
+
+
+async def test_status_sync_waits_for_the_end_of_the_job(api):
+    """runpod's JavaScript client polls `status-sync/{job}?wait=ms` past runsync's wait."""
+    job_id = await api.run({"v": 1})
+    url = f"/v2/{api.endpoint}/status-sync/{job_id}"
+    waited = await api.client.get(url + "?wait=100", headers=api.client_headers())
+    assert (waited.status, (await waited.json())["status"]) == (200, "IN_QUEUE")
+    waiting = asyncio.create_task(api.client.post(url + "?wait=5000", headers=api.client_headers()))
+    await api.take("w1")
+    await api.done("w1", job_id, {"output": 2})
+    response = await waiting
+    assert (await response.json())["output"] == 2
+    missing = await api.client.get(
+        f"/v2/{api.endpoint}/status-sync/nope", headers=api.client_headers()
+    )
+    assert missing.status == 404

@@ -202,6 +202,8 @@ async def test_bad_client_input(api, case):
     response = await api.client.request(method, path, data=body, headers=api.client_headers())
     assert response.status == status, await response.text()
     assert message in (await response.json())["error"]
+    if status == 405:
+        assert response.headers["Allow"] == "POST"
 
 
 WORKER_BAD_INPUT = {
