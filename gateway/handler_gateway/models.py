@@ -160,7 +160,7 @@ class QueueFigures(BaseModel):
     workerJobs: dict[str, int] = Field(
         default_factory=dict, description="worker id -> jobs it holds (draining ones too)"
     )
-    lastActivity: float | None
+    lastActivity: float | None = None
 
 
 class QueuesView(BaseModel):

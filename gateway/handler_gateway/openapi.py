@@ -82,7 +82,7 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
     (
         "get",
         "/v2/{endpoint}/job-take-batch/{worker}",
-        "Long-poll for up to batch_size jobs",
+        "Long-poll for up to batch_size jobs (204: none)",
         None,
         None,
         WORKER,
@@ -242,6 +242,12 @@ def build_openapi() -> dict[str, Any]:
                 },
             },
         }
+        responses = operation["responses"]
+        if method == "put":  # create or replace
+            responses["201"] = {"description": "Created", **responses["200"]}
+            responses["200"] = {**responses["200"], "description": "Replaced"}
+        if "(204: none)" in summary:  # a long-poll that ended with nothing
+            responses["204"] = {"description": "Nothing within the hold"}
         if request is not None:
             operation["requestBody"] = {"required": True, "content": _json(request)}
         paths.setdefault(path, {})[method] = operation

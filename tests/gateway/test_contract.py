@@ -548,6 +548,13 @@ async def test_openapi_document_is_valid(api):
     validate(document)
     assert "/v2/{endpoint}/run" in document["paths"]
     assert "RunRequest" in document["components"]["schemas"]
+    # What the server answers, documented (the fuzz found these missing).
+    put = document["paths"]["/admin/v1/endpoints/{endpoint}"]["put"]["responses"]
+    assert {"200", "201"} <= set(put)
+    for route in ("job-take/{worker}", "job-take-batch/{worker}", "job-stop/{worker}"):
+        assert "204" in document["paths"][f"/v2/{{endpoint}}/{route}"]["get"]["responses"]
+    figures = document["components"]["schemas"]["QueueFigures"]
+    assert "lastActivity" not in figures.get("required", [])  # absent while nothing ran
 
 
 async def test_purge_racing_takes_cancels_no_running_job(api):
