@@ -73,6 +73,7 @@ class JobRecord(BaseModel):
     ttl_s: float
     max_retries: int
     stream_cursor: int = 0
+    deliveries: int = 0  # times a worker took it; the last is the delivery id a result echoes
     stop_pod: bool = False
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -187,6 +188,7 @@ def start(job: JobRecord, worker: str, now: float) -> Change | None:
             "started_at": now,
             "heartbeat_at": now,
             "worker_id": worker,
+            "deliveries": job.deliveries + 1,
         }
     )
     return _change(job, new, Effects(assign_worker=worker, activity=True), "started")
@@ -205,9 +207,15 @@ def expire_in_queue(job: JobRecord, now: float) -> Change | None:
     return _change(job, new, note="expired")
 
 
-def finish(job: JobRecord, worker: str, body: dict[str, Any], now: float) -> Change | None:
-    """A worker posted a final result. None when it must be ignored (stale or duplicate)."""
+def finish(
+    job: JobRecord, worker: str, body: dict[str, Any], now: float, delivery: int | None = None
+) -> Change | None:
+    """A worker posted a final result. None when it must be ignored (stale or duplicate):
+    `delivery`, echoed by handler_worker, fences off a result of an earlier delivery to the
+    same worker name (it was presumed lost, and took the job again)."""
     if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
+        return None
+    if delivery is not None and delivery != job.deliveries:
         return None
     error = body.get("error")
     output = body.get("output")

@@ -465,9 +465,16 @@ class Gateway:
             await notifier.wait(channel, min(remaining, self.timings.recheck), since=seen)
 
     async def done(
-        self, endpoint_id: str, worker: str, job_id: str, body: dict[str, Any], is_stream: bool
+        self,
+        endpoint_id: str,
+        worker: str,
+        job_id: str,
+        body: dict[str, Any],
+        is_stream: bool,
+        delivery: int | None = None,
     ) -> str:
-        """Store a worker's result. Returns accepted | progress | duplicate | ignored."""
+        """Store a worker's result (of `delivery`, when the worker says which). Returns
+        accepted | progress | duplicate | ignored."""
         await self.endpoint(endpoint_id)
         now = self.clock()
         if (handed := self._handed_in.get((endpoint_id, job_id))) is not None:
@@ -482,7 +489,7 @@ class Gateway:
             if chunks:
                 body = {**body, "output": chunks}
         change = await self.backend.update_job(
-            endpoint_id, job_id, lambda j: jobs.finish(j, worker, body, now)
+            endpoint_id, job_id, lambda j: jobs.finish(j, worker, body, now, delivery)
         )
         if change is None:
             return await self._ignored(endpoint_id, job_id, worker)
@@ -500,11 +507,12 @@ class Gateway:
         capacity: int | None = None,
         connected: Callable[[], bool] = lambda: True,
         instance: str | None = None,
+        delivery: int | None = None,
     ) -> tuple[str, list[JobRecord]]:
         """Store a result, then (`take` > 0) long-poll as a take does: the worker's next jobs
         ride on its result's request. A result posted again (the answer to the first post may
         never have been read) gets again the jobs that answer handed over."""
-        outcome = await self.done(endpoint_id, worker, job_id, body, is_stream)
+        outcome = await self.done(endpoint_id, worker, job_id, body, is_stream, delivery)
         if not take:
             return outcome, []
         again = outcome == "duplicate"

@@ -371,7 +371,8 @@ async def health(request: web.Request) -> web.Response:
 
 # -- worker routes -----------------------------------------------------------------------------
 def take_payload(job: JobRecord) -> dict[str, Any]:
-    payload: dict[str, Any] = {"id": job.id, "input": job.input}
+    """The job as a worker gets it; `delivery` (ours) is echoed by handler_worker's results."""
+    payload: dict[str, Any] = {"id": job.id, "input": job.input, "delivery": job.deliveries}
     if job.webhook:
         payload["webhook"] = job.webhook
     return payload
@@ -478,6 +479,7 @@ async def job_done(request: web.Request) -> web.StreamResponse:
         capacity_query(request),
         connected=lambda: _connected(request),
         instance=instance_query(request),
+        delivery=int_query(request, "delivery", None, 1, 2**31),
     )
     if not take:
         return web.json_response({"result": outcome})
@@ -579,6 +581,9 @@ class JobChannel:
                 raise BadRequest("done must be a job id")
             if not isinstance(body, dict):
                 raise BadRequest("result must be a JSON object")
+            delivery = message.get("delivery")
+            if delivery is not None and type(delivery) is not int:
+                raise BadRequest("delivery must be an integer")
             outcome, taken = await self.gateway.done_and_take(
                 self.endpoint,
                 self.worker,
@@ -589,6 +594,7 @@ class JobChannel:
                 self.capacity,
                 connected=self._open,
                 instance=self.instance,
+                delivery=delivery,
             )
             return taken, {"result": outcome, "jobs": [take_payload(job) for job in taken]}
         if not take:

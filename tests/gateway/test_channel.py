@@ -49,9 +49,14 @@ async def channel(api):
 
 async def test_a_take_and_a_result_with_the_next_take(api, channel):
     first, second = [await api.run({"n": n}) for n in range(2)]
-    assert await channel.request(take=1) == {"jobs": [{"id": first, "input": {"n": 0}}]}
+    assert await channel.request(take=1) == {
+        "jobs": [{"id": first, "input": {"n": 0}, "delivery": 1}]
+    }
     answer = await channel.request(done=first, result={"output": "one"}, take=1)
-    assert answer == {"result": "accepted", "jobs": [{"id": second, "input": {"n": 1}}]}
+    assert answer == {
+        "result": "accepted",
+        "jobs": [{"id": second, "input": {"n": 1}, "delivery": 1}],
+    }
     assert (await api.status(first))["output"] == "one"
     view = await api.status(second)
     assert (view["status"], view["workerId"]) == ("IN_PROGRESS", "w1")
@@ -70,7 +75,10 @@ async def test_requests_run_at_once_and_are_answered_by_seq(api, channel):
     posted = await channel.send(done=job, result={"output": 1})
     assert await channel.answer() == {"seq": posted, "result": "accepted", "jobs": []}
     later = await api.run({"n": 2})
-    assert await channel.answer() == {"seq": waiting, "jobs": [{"id": later, "input": {"n": 2}}]}
+    assert await channel.answer() == {
+        "seq": waiting,
+        "jobs": [{"id": later, "input": {"n": 2}, "delivery": 1}],
+    }
 
 
 async def test_a_result_sent_again_gets_the_jobs_its_unread_answer_carried(api, channel):
@@ -92,7 +100,7 @@ async def test_the_channel_keeps_to_the_capacity_it_was_opened_with(api):
         await api.done("w1", first, {"output": 1})
         assert await channel.answer() == {
             "seq": waiting,
-            "jobs": [{"id": second, "input": {"n": 1}}],
+            "jobs": [{"id": second, "input": {"n": 1}, "delivery": 1}],
         }
     finally:
         await channel.socket.close()
@@ -120,6 +128,7 @@ async def test_a_closed_channel_claims_nothing_more(api, channel):
         ('{"seq": 7, "take": "1"}', "take must be an integer"),
         ('{"seq": 7, "done": "", "result": {}}', "done must be a job id"),
         ('{"seq": 7, "done": "j", "result": [1]}', "result must be a JSON object"),
+        ('{"seq": 7, "done": "j", "result": {}, "delivery": "1"}', "delivery must be an integer"),
     ],
 )
 async def test_a_bad_request_is_answered_with_an_error_and_the_channel_stays(
@@ -230,3 +239,12 @@ async def test_shutting_down_closes_the_channels_as_going_away(api, channel):
     await api.client.app.shutdown()
     message = await channel.socket.receive(5)
     assert (message.type, message.data) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.GOING_AWAY)
+
+
+async def test_a_result_of_another_delivery_is_ignored(api, channel):
+    job = await api.run({})
+    assert (await channel.request(take=1))["jobs"][0]["delivery"] == 1
+    stale = await channel.request(done=job, result={"output": 0}, delivery=7)
+    assert stale["result"] == "ignored"
+    current = await channel.request(done=job, result={"output": 1}, delivery=1)
+    assert current["result"] == "accepted"

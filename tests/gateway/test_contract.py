@@ -15,7 +15,7 @@ async def test_run_take_done_completes(api):
     job_id = await api.run({"prompt": "cat"})
     assert (await api.status(job_id))["status"] == "IN_QUEUE"
     taken = await api.take("w1")
-    assert taken == {"id": job_id, "input": {"prompt": "cat"}}
+    assert taken == {"id": job_id, "input": {"prompt": "cat"}, "delivery": 1}
     view = await api.status(job_id)
     assert view["status"] == "IN_PROGRESS" and view["workerId"] == "w1"
     assert await api.done("w1", job_id, {"output": {"image": "x"}}) == {"result": "accepted"}
@@ -84,7 +84,10 @@ async def test_a_result_post_may_carry_the_next_take(api):
     first, second = [await api.run({"n": n}) for n in range(2)]
     await api.take("w1")
     answer = await done_and_take(api, "w1", first)
-    assert answer == {"result": "accepted", "jobs": [{"id": second, "input": {"n": 1}}]}
+    assert answer == {
+        "result": "accepted",
+        "jobs": [{"id": second, "input": {"n": 1}, "delivery": 1}],
+    }
     assert (await api.status(first))["output"] == first
     view = await api.status(second)
     assert (view["status"], view["workerId"]) == ("IN_PROGRESS", "w1")
@@ -702,3 +705,20 @@ async def test_status_sync_waits_for_the_end_of_the_job(api):
         f"/v2/{api.endpoint}/status-sync/nope", headers=api.client_headers()
     )
     assert missing.status == 404
+
+
+async def test_a_result_of_an_earlier_delivery_to_the_same_worker_is_ignored(api):
+    """Issue: a late result from a delivery presumed lost was taken for the current one's. Our
+    worker echoes the delivery id it was handed; a result without one (the SDK's) still counts."""
+    await api.register(heartbeatIntervalSeconds=0.2, heartbeatMisses=2)
+    job_id = await api.run({})
+    assert (await api.take("w1"))["delivery"] == 1
+    await api.wait_status(job_id, "IN_QUEUE")  # w1 went silent: presumed lost
+    assert (await api.take("w1"))["delivery"] == 2  # the same name takes it again
+    late = await api.done("w1", job_id, {"output": "stale"}, query="delivery=1")
+    assert late == {"result": "ignored"}
+    assert (await api.status(job_id))["status"] == "IN_PROGRESS"
+    assert await api.done("w1", job_id, {"output": "fresh"}, query="delivery=2") == {
+        "result": "accepted"
+    }
+    assert (await api.status(job_id))["output"] == "fresh"

@@ -151,3 +151,13 @@ async def test_server_errors_are_retried_and_refusals_are_not(status, posts, mon
     finally:
         await server.close()
     assert len(seen) == posts
+
+
+@pytest.mark.parametrize(("job", "suffix"), [({"id": "j", "delivery": 3}, "&delivery=3"),
+                                             ({"id": "j"}, "&isStream=false"),
+                                             ({"id": "j", "delivery": "3"}, "&isStream=false")])  # fmt: skip
+def test_a_result_names_the_delivery_it_is_of(job, suffix):
+    url = results.result_url(
+        "http://gw/done/$ID?gpu=x", "j", False, 0, None, results.delivery_of(job)
+    )
+    assert url.endswith(suffix)

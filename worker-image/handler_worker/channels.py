@@ -79,13 +79,21 @@ class JobChannel:
         return list(answer.get("jobs") or [])
 
     async def done(
-        self, session: aiohttp.ClientSession, job_id: str, is_stream: bool, result: str, take: int
+        self,
+        session: aiohttp.ClientSession,
+        job_id: str,
+        is_stream: bool,
+        result: str,
+        take: int,
+        delivery: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Post a result (already JSON) and take up to `take` jobs with it; the jobs."""
+        """Post a result (already JSON) of `delivery` and take up to `take` jobs with it."""
 
         def frame(seq: int) -> str:
             stream = "true" if is_stream else "false"
             head = f'{{"seq":{seq},"done":{json.dumps(job_id)},"isStream":{stream},"take":{take}'
+            if delivery is not None:
+                head += f',"delivery":{delivery}'
             return f'{head},"result":{result}}}'
 
         answer = await self._request(session, frame)

@@ -62,11 +62,28 @@ def _debugger_output(config: dict[str, Any], result: Any) -> None:
         rp_debugger.clear_debugger_output()
 
 
-def result_url(done_url: str, job_id: str, is_stream: bool, take: int, capacity: int | None) -> str:
+def result_url(
+    done_url: str,
+    job_id: str,
+    is_stream: bool,
+    take: int,
+    capacity: int | None,
+    delivery: int | None = None,
+) -> str:
+    """The SDK's result URL, plus ours: the next take, and the delivery the result is of."""
     url = done_url.replace("$ID", job_id) + f"&isStream={'true' if is_stream else 'false'}"
     if take:
         url += f"&take={take}" + (f"&capacity={capacity}" if capacity else "")
+    if delivery is not None:
+        url += f"&delivery={delivery}"
     return url
+
+
+def delivery_of(job: dict[str, Any]) -> int | None:
+    """The gateway's delivery id of a taken job (echoed with its result: a result of an
+    earlier delivery is told apart); None from a gateway that sends none."""
+    delivery = job.get("delivery")
+    return delivery if type(delivery) is int else None
 
 
 async def post_result(
@@ -132,13 +149,13 @@ def runner(
         session: Any, config: dict[str, Any], job: dict[str, Any], finished: Callable[[], int]
     ) -> list[dict[str, Any]]:
         result, is_stream = await job_result(session, config, job)
-        wanted = finished()
-        url = result_url(done_url, job["id"], is_stream, wanted, capacity)
+        wanted, delivery = finished(), delivery_of(job)
+        url = result_url(done_url, job["id"], is_stream, wanted, capacity, delivery)
         send = None
         if channel is not None and channel.usable():
 
             def send(body: str) -> Awaitable[list[dict[str, Any]]]:
-                return channel.done(session, job["id"], is_stream, body, wanted)
+                return channel.done(session, job["id"], is_stream, body, wanted, delivery)
 
         return await post_result(session, url, result, job["id"], wanted > 0, send)
 

@@ -158,6 +158,7 @@ while started < allowed do
     else
       redis.call('HSET', key, 'status', '"IN_PROGRESS"', 'started_at', ARGV[2],
         'heartbeat_at', ARGV[2], 'worker_id', ARGV[5])
+      redis.call('HINCRBY', key, 'deliveries', 1)
       redis.call('SADD', KEYS[6], id)
       redis.call('SADD', KEYS[2], id)
       redis.call('HINCRBY', KEYS[7], 'inQueue', -1)
