@@ -69,6 +69,17 @@ class Timings:
     endpoint_cache: float = 1.0  # endpoint configs are re-read from the backend this often
 
 
+@dataclass(frozen=True)
+class ResultPost:
+    """A worker's result as posted: the job, the body, whether it streamed, and the delivery
+    it is of (handler_worker says; the SDK does not)."""
+
+    job_id: str
+    body: dict[str, Any]
+    is_stream: bool = False
+    delivery: int | None = None
+
+
 @dataclass
 class Taker:
     """A take waiting on this replica: a submit may start jobs for it and hand them over."""
@@ -500,19 +511,19 @@ class Gateway:
         self,
         endpoint_id: str,
         worker: str,
-        job_id: str,
-        body: dict[str, Any],
-        is_stream: bool,
+        posted: ResultPost,
         take: int,
         capacity: int | None = None,
         connected: Callable[[], bool] = lambda: True,
         instance: str | None = None,
-        delivery: int | None = None,
     ) -> tuple[str, list[JobRecord]]:
         """Store a result, then (`take` > 0) long-poll as a take does: the worker's next jobs
         ride on its result's request. A result posted again (the answer to the first post may
         never have been read) gets again the jobs that answer handed over."""
-        outcome = await self.done(endpoint_id, worker, job_id, body, is_stream, delivery)
+        job_id = posted.job_id
+        outcome = await self.done(
+            endpoint_id, worker, job_id, posted.body, posted.is_stream, posted.delivery
+        )
         if not take:
             return outcome, []
         again = outcome == "duplicate"

@@ -37,7 +37,7 @@ from handler_gateway.models import (
     WorkerView,
 )
 from handler_gateway.openapi import build_openapi
-from handler_gateway.operations import Conflict, Gateway, NotFound, Timings
+from handler_gateway.operations import Conflict, Gateway, NotFound, ResultPost, Timings
 from handler_gateway.webhooks import WebhookSender
 
 log = logging.getLogger("handler_gateway")
@@ -469,17 +469,20 @@ async def job_done(request: web.Request) -> web.StreamResponse:
     if not isinstance(body, dict):
         raise BadRequest("result body must be a JSON object")
     take = int_query(request, "take", 0, 0, MAX_BATCH)  # ours: the next take, same request
-    outcome, taken = await request.app[GATEWAY].done_and_take(
-        endpoint,
-        request.match_info["worker"],
+    posted = ResultPost(
         request.match_info["job"],
         body,
         request.query.get("isStream", "false").lower() == "true",
+        int_query(request, "delivery", None, 1, 2**31),
+    )
+    outcome, taken = await request.app[GATEWAY].done_and_take(
+        endpoint,
+        request.match_info["worker"],
+        posted,
         take,
         capacity_query(request),
         connected=lambda: _connected(request),
         instance=instance_query(request),
-        delivery=int_query(request, "delivery", None, 1, 2**31),
     )
     if not take:
         return web.json_response({"result": outcome})
@@ -584,17 +587,15 @@ class JobChannel:
             delivery = message.get("delivery")
             if delivery is not None and type(delivery) is not int:
                 raise BadRequest("delivery must be an integer")
+            posted = ResultPost(job_id, body, message.get("isStream") is True, delivery)
             outcome, taken = await self.gateway.done_and_take(
                 self.endpoint,
                 self.worker,
-                job_id,
-                body,
-                message.get("isStream") is True,
+                posted,
                 take,
                 self.capacity,
                 connected=self._open,
                 instance=self.instance,
-                delivery=delivery,
             )
             return taken, {"result": outcome, "jobs": [take_payload(job) for job in taken]}
         if not take:
