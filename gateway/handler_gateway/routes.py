@@ -211,6 +211,13 @@ def number_query(
     return value
 
 
+def wait_query(request: web.Request) -> float:
+    """`wait` (ms) of runsync and status-sync, bounded by the gateway's runsync timings; s."""
+    timings = request.app[GATEWAY].timings
+    default, most = int(timings.runsync_wait * 1000), int(timings.runsync_wait_max * 1000)
+    return int_query(request, "wait", default, 0, most) / 1000
+
+
 def endpoint_id(request: web.Request) -> str:
     value = request.match_info["endpoint"]
     if not ENDPOINT_ID.match(value):
@@ -218,7 +225,7 @@ def endpoint_id(request: web.Request) -> str:
     return value
 
 
-async def _worker_tokens(request: web.Request, but: str | None = None) -> list[str]:
+async def _worker_tokens(request: web.Request, but: str = "") -> list[str]:
     """Every endpoint's worker token (read only to tell a refused credential, 403, from an
     unknown one, 401)."""
     configs = await request.app[GATEWAY].backend.list_endpoints()
@@ -232,30 +239,49 @@ async def _config(request: web.Request) -> EndpointConfig | None:
         return None
 
 
+async def _verdict(request: web.Request, judge: Callable[..., Verdict], but: str = "") -> Verdict:
+    """`judge(worker_tokens)` of the request's credential: the endpoints' worker tokens (but
+    `but`'s) are read only when the credential is unknown without them, to tell a refused
+    credential (403) from an unknown one (401)."""
+    verdict = judge(())
+    if verdict == Verdict.UNAUTHORIZED and request.headers.get("Authorization"):
+        verdict = judge(await _worker_tokens(request, but=but))
+    return verdict
+
+
 # Credentials first, then existence: an unknown credential gets 401 whether or not the endpoint
 # exists (ids cannot be probed), a known one 404 for an unknown endpoint, then 403 if it may
 # not call the route.
 async def authorize_client(request: web.Request) -> str:
     keys, header = request.app[KEYS], request.headers.get("Authorization")
-    verdict = keys.client_verdict(header)
-    if verdict == Verdict.UNAUTHORIZED and header:
-        verdict = keys.client_verdict(header, await _worker_tokens(request))
-    _check(verdict, "a client API key (Authorization: Bearer <key>)", existing=False)
-    if await _config(request) is None:
-        raise NotFound(f"endpoint '{request.match_info['endpoint']}' not found")
-    _check(verdict, "a client API key (Authorization: Bearer <key>)")
-    return request.match_info["endpoint"]
+    verdict = await _verdict(request, lambda tokens: keys.client_verdict(header, tokens))
+    needed = "a client API key (Authorization: Bearer <key>)"
+    return _existing(request, verdict, needed, await _config(request))
 
 
 async def authorize_worker(request: web.Request) -> str:
     endpoint = request.match_info["endpoint"]
+    return await _worker_token(request, endpoint, f"the worker token of endpoint '{endpoint}'")
+
+
+async def _worker_token(request: web.Request, endpoint: str, needed: str) -> str:
+    """The endpoint, once the request carries its worker token (credentials first)."""
     keys, header = request.app[KEYS], request.headers.get("Authorization")
     config = await _config(request)
-    verdict = keys.worker_verdict(header, config.workerToken if config else None)
-    if verdict == Verdict.UNAUTHORIZED and header:
-        others = await _worker_tokens(request, but=endpoint)
-        verdict = keys.worker_verdict(header, config.workerToken if config else None, others)
-    needed = f"the worker token of endpoint '{endpoint}'"
+    own = config.workerToken if config else None
+    verdict = await _verdict(
+        request, lambda tokens: keys.worker_verdict(header, own, tokens), but=endpoint
+    )
+    return _existing(request, verdict, needed, config)
+
+
+def _existing(
+    request: web.Request, verdict: Verdict, needed: str, config: EndpointConfig | None
+) -> str:
+    """The endpoint of the request (its `config`, None: unknown): 401 for an unknown
+    credential, then 404 for an unknown endpoint, then 403 for a credential that may not call
+    the route."""
+    endpoint = request.match_info["endpoint"]
     _check(verdict, needed, existing=False)
     if config is None:
         raise NotFound(f"endpoint '{endpoint}' not found")
@@ -265,9 +291,7 @@ async def authorize_worker(request: web.Request) -> str:
 
 async def authorize_admin(request: web.Request) -> None:
     keys, header = request.app[KEYS], request.headers.get("Authorization")
-    verdict = keys.admin_verdict(header)
-    if verdict == Verdict.UNAUTHORIZED and header:
-        verdict = keys.admin_verdict(header, await _worker_tokens(request))
+    verdict = await _verdict(request, lambda tokens: keys.admin_verdict(header, tokens))
     _check(verdict, "an admin key (Authorization: Bearer <key>)")
 
 
@@ -296,12 +320,9 @@ async def runsync(request: web.Request) -> web.Response:
     endpoint = await authorize_client(request)
     body = parse_model(RunRequest, await json_body(request))
     gateway = request.app[GATEWAY]
-    timings = gateway.timings
-    wait_ms = int_query(
-        request, "wait", int(timings.runsync_wait * 1000), 0, int(timings.runsync_wait_max * 1000)
-    )
+    wait = wait_query(request)
     job = await gateway.submit(endpoint, body)
-    job = await gateway.wait_terminal(endpoint, job.id, wait_ms / 1000, submitted=job)
+    job = await gateway.wait_terminal(endpoint, job.id, wait, submitted=job)
     if job.terminal:
         return web.json_response(job_view_dict(job))
     return web.json_response({"id": job.id, "status": job.status.value})
@@ -312,11 +333,7 @@ async def status_sync(request: web.Request) -> web.Response:
     it for jobs that outlast `runsync`)."""
     endpoint = await authorize_client(request)
     gateway = request.app[GATEWAY]
-    timings = gateway.timings
-    wait_ms = int_query(
-        request, "wait", int(timings.runsync_wait * 1000), 0, int(timings.runsync_wait_max * 1000)
-    )
-    job = await gateway.wait_terminal(endpoint, request.match_info["job"], wait_ms / 1000)
+    job = await gateway.wait_terminal(endpoint, request.match_info["job"], wait_query(request))
     return web.json_response(job_view_dict(job))
 
 
@@ -707,19 +724,10 @@ async def queues(request: web.Request) -> web.Response:
 async def endpoint_queue(request: web.Request) -> web.Response:
     """One endpoint's figures, for KEDA's metrics-api scaler: admin key or its worker token."""
     endpoint = admin_endpoint_id(request)
-    gateway = request.app[GATEWAY]
-    keys = request.app[KEYS]
-    header = request.headers.get("Authorization")
-    if keys.admin_verdict(header) != Verdict.OK:
-        config = await _config(request)
-        own = config.workerToken if config else None
-        verdict = keys.worker_verdict(header, own, await _worker_tokens(request, but=endpoint))
+    if request.app[KEYS].admin_verdict(request.headers.get("Authorization")) != Verdict.OK:
         needed = f"an admin key or the worker token of endpoint '{endpoint}'"
-        _check(verdict, needed, existing=False)
-        if config is None:
-            raise NotFound(f"endpoint '{endpoint}' not found")
-        _check(verdict, needed)
-    return respond(await gateway.queue(endpoint))
+        await _worker_token(request, endpoint, needed)
+    return respond(await request.app[GATEWAY].queue(endpoint))
 
 
 async def workers(request: web.Request) -> web.Response:
