@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 
 from handler_worker import speedups
-from handler_worker.loader import HandlerLoadError, concurrency, load_module
+from handler_worker.loader import HandlerLoadError, concurrency, env_flag, load_module
 from handler_worker.termination import write_termination_message
 
 EXIT_JOB_FAILED = 1
@@ -116,7 +116,7 @@ SDK_LOOP_ENV = "HANDLER_SDK_LOOP"
 
 def sdk_loop(env: Mapping[str, str]) -> bool:
     """HANDLER_SDK_LOOP=1 runs the runpod SDK's own job loop instead of ours."""
-    return env.get(SDK_LOOP_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag(env, SDK_LOOP_ENV, default=False)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Any
 
 import aiohttp
 
+from handler_worker.loader import env_flag
+
 log = logging.getLogger("handler_worker")
 
 CHANNEL_ENV = "HANDLER_JOB_CHANNEL"
@@ -51,7 +53,7 @@ def channel_url(take_url: str) -> str | None:
 
 
 def channel_enabled(env: Mapping[str, str]) -> bool:
-    return env.get(CHANNEL_ENV, "true").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag(env, CHANNEL_ENV, default=True)
 
 
 class JobChannel:

@@ -93,6 +93,16 @@ def _constant_concurrency(value: int, current: int) -> int:
     return value
 
 
+def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """A HANDLER_* switch: 1/true/yes/on or 0/false/no/off (any case); else `default`."""
+    value = env.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
+
+
 def concurrency(env: Mapping[str, str]) -> int:
     """HANDLER_CONCURRENCY (default 1): how many jobs the handler runs at once."""
     raw = env.get(CONCURRENCY_ENV, "").strip()

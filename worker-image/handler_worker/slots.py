@@ -14,6 +14,8 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+from handler_worker.loader import env_flag
+
 SPARE_SLOT_ENV = "HANDLER_SPARE_SLOT"
 
 
@@ -39,7 +41,7 @@ def sdk_slots(capacity: int) -> int:
 
 
 def spare_slot_enabled(env: Mapping[str, str]) -> bool:
-    return env.get(SPARE_SLOT_ENV, "true").strip().lower() not in ("0", "false", "no", "off")
+    return env_flag(env, SPARE_SLOT_ENV, default=True)
 
 
 def apply_spare_slot(
