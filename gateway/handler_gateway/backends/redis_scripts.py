@@ -22,7 +22,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from json.encoder import encode_basestring_ascii
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -260,6 +260,14 @@ def record_fields(job: JobRecord) -> dict[str, str]:
     return {name: field_json(values[name]) for name in RECORD_FIELDS}
 
 
+class ApplyCall(NamedTuple):
+    """APPLY's keys and arguments for one change, and the channels the change notifies."""
+
+    keys: list[str]
+    args: list[str]
+    channels: list[str]
+
+
 def _unavailable(method):
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
@@ -305,7 +313,7 @@ class RedisBackend(Backend):
         self._records: OrderedDict[tuple[str, str], tuple[str, JobRecord]] = OrderedDict()
         self._schema_ok = False
         # Jobs to create in the next batch: (change, APPLY's keys and arguments, stored)
-        self._creating: list[tuple[Change, Any, asyncio.Future[None]]] = []
+        self._creating: list[tuple[Change, ApplyCall, asyncio.Future[None]]] = []
         self._creator: asyncio.Future[None] | None = None
         self._scripts = {
             "apply": self.redis.register_script(APPLY),
@@ -384,8 +392,9 @@ class RedisBackend(Backend):
         return [EndpointConfig.model_validate_json(value) for value in raw.values()]
 
     # -- jobs --------------------------------------------------------------------------------
-    def _effects(self, change: Change, expected: str) -> dict[str, Any]:
-        """The script's view of `change.effects` and of what the new status implies for keys."""
+    def _effects(self, change: Change, expected: str, channels: list[str]) -> dict[str, Any]:
+        """The script's view of `change.effects` and of what the new status implies for keys
+        (`channels`: the change's notifications)."""
         job, effects = change.job, change.effects
         created = expected == ""
         out: dict[str, Any] = {
@@ -394,7 +403,7 @@ class RedisBackend(Backend):
             "notify": self._channel,
             "counters": effects.counters,
         }
-        message = self._published(change_channels(change))
+        message = self._published(channels)
         if message is not None:  # a JSON null would be true in Lua
             out["message"] = message
             out["listeners"] = self._mine()
@@ -423,8 +432,8 @@ class RedisBackend(Backend):
                 out[key] = True
         return out
 
-    def _apply_call(self, change: Change, expected: str) -> tuple[list[str], list[str]]:
-        """APPLY's keys and arguments for `change`."""
+    def _apply_call(self, change: Change, expected: str) -> ApplyCall:
+        """APPLY's keys and arguments for `change`, and the channels it notifies."""
         job, effects = change.job, change.effects
         endpoint, job_id = job.endpoint, job.id
         base = f"{self.prefix}:{{{endpoint}}}:"  # as _k() builds them
@@ -444,16 +453,17 @@ class RedisBackend(Backend):
         fields = record_fields(job)
         if not expected:  # a new hash: a field left out reads as its default, null
             fields = {name: value for name, value in fields.items() if value != "null"}
-        args = [expected, json.dumps(self._effects(change, expected)), json.dumps(fields)]
-        return keys, args
+        channels = change_channels(change)
+        effects = self._effects(change, expected, channels)
+        return ApplyCall(keys, [expected, json.dumps(effects), json.dumps(fields)], channels)
 
     async def _apply(self, change: Change, expected: str) -> tuple[bool, Any]:
         """Run APPLY for `change`: (True, new revision) or (False, the record's fields now)."""
-        keys, args = self._apply_call(change, expected)
+        call = self._apply_call(change, expected)
         await self._ensure_schema()
-        done, value = await self._scripts["apply"](keys=keys, args=args)
+        done, value = await self._scripts["apply"](keys=call.keys, args=call.args)
         if done:
-            self._notify_here(change_channels(change))
+            self._notify_here(call.channels)
         return bool(done), value
 
     def _published(self, channels: list[str]) -> str | None:
@@ -525,22 +535,21 @@ class RedisBackend(Backend):
                     if not stored.done():
                         stored.set_exception(exc)
                 continue
-            for (change, _, stored), (done, _rev) in zip(batch, replies, strict=True):
+            for (change, call, stored), (done, _rev) in zip(batch, replies, strict=True):
                 if stored.done():
                     continue
                 if done:
-                    self._notify_here(change_channels(change))
+                    self._notify_here(call.channels)
                     stored.set_result(None)
                 else:
                     stored.set_exception(RuntimeError(f"job id {change.job.id} already exists"))
 
-    async def _apply_many(self, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
+    async def _apply_many(self, calls: list[ApplyCall]) -> list[Any]:
         """APPLY for each of `calls` in one script run (one round trip); their replies."""
         if len(calls) == 1:
-            keys, args = calls[0]
-            return [await self._scripts["apply"](keys=keys, args=args)]
-        keys = [key for call_keys, _ in calls for key in call_keys]
-        args = [arg for _, call_args in calls for arg in call_args]
+            return [await self._scripts["apply"](keys=calls[0].keys, args=calls[0].args)]
+        keys = [key for call in calls for key in call.keys]
+        args = [arg for call in calls for arg in call.args]
         return await self._scripts["apply_many"](keys=keys, args=args)
 
     async def _read(self, endpoint: str, job_id: str) -> tuple[str, JobRecord] | None:
@@ -645,15 +654,15 @@ class RedisBackend(Backend):
     async def create_and_take(
         self, change: Change, worker: str, count: int, capacity: int | None, now: float
     ) -> Take:
-        apply_keys, apply_args = self._apply_call(change, "")
+        call = self._apply_call(change, "")
         take_keys, take_args = self._take_call(change.job.endpoint, worker, count, capacity, now)
         await self._ensure_schema()
         reply = await self._scripts["create_take"](
-            keys=apply_keys + take_keys, args=apply_args + take_args
+            keys=call.keys + take_keys, args=call.args + take_args
         )
         if not reply[0][0]:
             raise RuntimeError(f"job id {change.job.id} already exists")
-        self._notify_here(change_channels(change))
+        self._notify_here(call.channels)
         created = {change.job.id: (str(reply[0][1]), change.job)}  # as the script stored it
         return self._taken(reply[1], worker, now, created)
 
