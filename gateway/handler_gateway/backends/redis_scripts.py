@@ -42,6 +42,7 @@ from handler_gateway.backends import (
     job_channel,
     leaving_channels,
 )
+from handler_gateway.backends.pipes import ScriptPipe
 from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
 from handler_gateway.models import EndpointConfig
 
@@ -324,6 +325,10 @@ class RedisBackend(Backend):
             "take": self.redis.register_script(TAKE),
             "create_take": self.redis.register_script(CREATE_TAKE),
         }
+        self._pipe = ScriptPipe(self.redis)
+
+    async def _script(self, name: str, keys: list[Any], args: list[Any]) -> Any:
+        return await self._pipe.run(self._scripts[name], keys, args)
 
     # -- keys --------------------------------------------------------------------------------
     def _k(self, endpoint: str, *parts: str) -> str:
@@ -461,7 +466,7 @@ class RedisBackend(Backend):
         """Run APPLY for `change`: (True, new revision) or (False, the record's fields now)."""
         call = self._apply_call(change, expected)
         await self._ensure_schema()
-        done, value = await self._scripts["apply"](keys=call.keys, args=call.args)
+        done, value = await self._script("apply", call.keys, call.args)
         if done:
             self._notify_here(call.channels)
         return bool(done), value
@@ -547,10 +552,10 @@ class RedisBackend(Backend):
     async def _apply_many(self, calls: list[ApplyCall]) -> list[Any]:
         """APPLY for each of `calls` in one script run (one round trip); their replies."""
         if len(calls) == 1:
-            return [await self._scripts["apply"](keys=calls[0].keys, args=calls[0].args)]
+            return [await self._script("apply", calls[0].keys, calls[0].args)]
         keys = [key for call in calls for key in call.keys]
         args = [arg for call in calls for arg in call.args]
-        return await self._scripts["apply_many"](keys=keys, args=args)
+        return await self._script("apply_many", keys, args)
 
     async def _read(self, endpoint: str, job_id: str) -> tuple[str, JobRecord] | None:
         await self._ensure_schema()
@@ -649,7 +654,7 @@ class RedisBackend(Backend):
     ) -> Take:
         keys, args = self._take_call(endpoint, worker, count, capacity, now)
         await self._ensure_schema()
-        return self._taken(await self._scripts["take"](keys=keys, args=args), worker, now)
+        return self._taken(await self._script("take", keys, args), worker, now)
 
     async def create_and_take(
         self, change: Change, worker: str, count: int, capacity: int | None, now: float
@@ -657,9 +662,7 @@ class RedisBackend(Backend):
         call = self._apply_call(change, "")
         take_keys, take_args = self._take_call(change.job.endpoint, worker, count, capacity, now)
         await self._ensure_schema()
-        reply = await self._scripts["create_take"](
-            keys=call.keys + take_keys, args=call.args + take_args
-        )
+        reply = await self._script("create_take", call.keys + take_keys, call.args + take_args)
         if not reply[0][0]:
             raise RuntimeError(f"job id {change.job.id} already exists")
         self._notify_here(call.channels)
@@ -674,7 +677,7 @@ class RedisBackend(Backend):
         """One round trip: the script looks at the records where they are."""
         await self._ensure_schema()
         keys, args = [self._k(endpoint, "queue")], [self._k(endpoint, "job", ""), repr(now), limit]
-        return list(await self._scripts["expired_queued"](keys=keys, args=args))
+        return list(await self._script("expired_queued", keys, args))
 
     async def active_job_ids(self, endpoint: str) -> list[str]:
         return list(await self.redis.smembers(self._k(endpoint, "active")))
@@ -828,7 +831,7 @@ class RedisBackend(Backend):
 
     async def swap_instance(self, endpoint: str, worker: str, instance: str) -> str | None:
         keys = [self._k(endpoint, "instances"), self._k(endpoint, "leaving", worker)]
-        return await self._scripts["swap_instance"](keys=keys, args=[worker, instance])
+        return await self._script("swap_instance", keys, [worker, instance])
 
     async def due_stop_signals(
         self, endpoint: str, worker: str, now: float, resend_after: float
@@ -886,7 +889,7 @@ class RedisBackend(Backend):
     async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         """Take or renew the lease in one script: a renewal never extends another's lease."""
         keys, args = [f"{self.prefix}:lease:{name}"], [owner, int(ttl * 1000)]
-        return bool(await self._scripts["lease"](keys=keys, args=args))
+        return bool(await self._script("lease", keys, args))
 
     async def forget_expired(self, endpoint: str, now: float) -> int:
         return 0  # Redis expires terminal records by itself (PEXPIREAT)
@@ -900,6 +903,8 @@ class RedisBackend(Backend):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._listener, 2)
         await self._close_pubsub()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._pipe.close(), 2)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.redis.aclose(), 2)
 
