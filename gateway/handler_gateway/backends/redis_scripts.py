@@ -269,6 +269,10 @@ class ApplyCall(NamedTuple):
     channels: list[str]
 
 
+# A job to create in the next batch: its change, APPLY's keys and arguments, and whether stored.
+Creating = tuple[Change, ApplyCall, "asyncio.Future[None]"]
+
+
 def _unavailable(method):
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
@@ -314,8 +318,9 @@ class RedisBackend(Backend):
         self._records: OrderedDict[tuple[str, str], tuple[str, JobRecord]] = OrderedDict()
         self._schema_ok = False
         # Jobs to create in the next batch: (change, APPLY's keys and arguments, stored)
-        self._creating: list[tuple[Change, ApplyCall, asyncio.Future[None]]] = []
+        self._creating: list[Creating] = []
         self._creator: asyncio.Future[None] | None = None
+        self._batches: set[asyncio.Future[None]] = set()  # stored now
         self._scripts = {
             "apply": self.redis.register_script(APPLY),
             "apply_many": self.redis.register_script(APPLY_MANY),
@@ -508,10 +513,11 @@ class RedisBackend(Backend):
         return rev, JobRecord.model_validate(values)
 
     async def create_job(self, change: Change) -> None:
-        """Stored in one round trip with the other jobs submitted on this replica meanwhile: one
-        batch is in flight at a time, the next gathers while it is (a group commit); a batch
-        also takes the submits that the event loop's next turns parse (as long as they bring
-        any, up to GATHER_TURNS), which costs a lone submit nothing measurable."""
+        """Stored in one round trip with the other jobs submitted on this replica meanwhile (a
+        group commit): a batch takes the submits that the event loop's next turns parse (as
+        long as they bring any, up to GATHER_TURNS), which costs a lone submit nothing
+        measurable, and is sent without waiting for the batches before it (the pipe keeps
+        their order)."""
         call = self._apply_call(change, "")
         stored = asyncio.get_running_loop().create_future()
         self._creating.append((change, call, stored))
@@ -527,27 +533,32 @@ class RedisBackend(Backend):
                 if len(self._creating) == gathered:
                     break
             batch, self._creating = self._creating, []
-            try:
-                await self._ensure_schema()
-                replies = await self._apply_many([call for _, call, _ in batch])
-            except asyncio.CancelledError:  # closing: the submits waiting fail with it
-                for *_, stored in batch + self._creating:
-                    stored.cancel()
-                self._creating = []
-                raise
-            except Exception as exc:  # noqa: BLE001 - every submit of the batch raises it
-                for *_, stored in batch:
-                    if not stored.done():
-                        stored.set_exception(exc)
+            # Sent at once, in order on the pipe, while the next batch gathers.
+            task = asyncio.ensure_future(self._create_batch(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _create_batch(self, batch: list[Creating]) -> None:
+        try:
+            await self._ensure_schema()
+            replies = await self._apply_many([call for _, call, _ in batch])
+        except asyncio.CancelledError:  # closing: the submits waiting fail with it
+            for *_, stored in batch:
+                stored.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - every submit of the batch raises it
+            for *_, stored in batch:
+                if not stored.done():
+                    stored.set_exception(exc)
+            return
+        for (change, call, stored), (done, _rev) in zip(batch, replies, strict=True):
+            if stored.done():
                 continue
-            for (change, call, stored), (done, _rev) in zip(batch, replies, strict=True):
-                if stored.done():
-                    continue
-                if done:
-                    self._notify_here(call.channels)
-                    stored.set_result(None)
-                else:
-                    stored.set_exception(RuntimeError(f"job id {change.job.id} already exists"))
+            if done:
+                self._notify_here(call.channels)
+                stored.set_result(None)
+            else:
+                stored.set_exception(RuntimeError(f"job id {change.job.id} already exists"))
 
     async def _apply_many(self, calls: list[ApplyCall]) -> list[Any]:
         """APPLY for each of `calls` in one script run (one round trip); their replies."""
