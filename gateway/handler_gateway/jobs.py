@@ -233,9 +233,14 @@ def finish(
     return _change(job, new, effects, new.status.value.lower())
 
 
-def progress(job: JobRecord, worker: str, value: Any, now: float) -> Change | None:
-    """A progress update (`{"status": "IN_PROGRESS", "output": ...}`); never overwrites a result."""
+def progress(
+    job: JobRecord, worker: str, value: Any, now: float, delivery: int | None = None
+) -> Change | None:
+    """A progress update (`{"status": "IN_PROGRESS", "output": ...}`); never overwrites a result.
+    The SDK's `progress_update` names no delivery; one that does is fenced as a result is."""
     if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
+        return None
+    if delivery is not None and delivery != job.deliveries:
         return None
     return Change(job.model_copy(update={"progress": value, "heartbeat_at": now}), note="progress")
 

@@ -492,7 +492,9 @@ class Gateway:
             self._forget_handed(handed)  # the answer that handed this job over arrived
         if body.get("status") == JobStatus.IN_PROGRESS:
             change = await self.backend.update_job(
-                endpoint_id, job_id, lambda j: jobs.progress(j, worker, body.get("output"), now)
+                endpoint_id,
+                job_id,
+                lambda j: jobs.progress(j, worker, body.get("output"), now, delivery),
             )
             return "progress" if change else await self._ignored(endpoint_id, job_id, worker)
         if is_stream and not body.get("output") and not body.get("error"):
@@ -535,8 +537,10 @@ class Gateway:
         return outcome, taken
 
     async def _ignored(self, endpoint_id: str, job_id: str, worker: str) -> str:
-        await self.backend.clear_stop_signals(endpoint_id, worker, [job_id])
         job = await self.backend.get_job(endpoint_id, job_id)
+        if job is None or job.worker_id != worker or job.status != JobStatus.IN_PROGRESS:
+            # no stop to send it for this job any more (its current delivery keeps its own)
+            await self.backend.clear_stop_signals(endpoint_id, worker, [job_id])
         if (
             job is not None
             and job.worker_id == worker
@@ -548,10 +552,19 @@ class Gateway:
             observer.on_ignored(endpoint_id)
         return "ignored"
 
-    async def stream_chunk(self, endpoint_id: str, worker: str, job_id: str, chunk: Any) -> str:
+    async def stream_chunk(
+        self, endpoint_id: str, worker: str, job_id: str, chunk: Any, delivery: int | None = None
+    ) -> str:
+        """Append a chunk the job's worker streamed; one of another delivery (`delivery`, when
+        the worker says which: handler_worker does) is ignored and counted, as its result is."""
         await self.endpoint(endpoint_id)
         job = await self.backend.get_job(endpoint_id, job_id)
-        if job is None or job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
+        if (
+            job is None
+            or job.status != JobStatus.IN_PROGRESS
+            or job.worker_id != worker
+            or (delivery is not None and delivery != job.deliveries)
+        ):
             return await self._ignored(endpoint_id, job_id, worker)
         await self.backend.append_chunk(endpoint_id, job_id, chunk, job.expires_at)
         await self._heartbeat(endpoint_id, worker, job_id)

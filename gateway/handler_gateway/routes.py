@@ -513,7 +513,11 @@ async def job_stream(request: web.Request) -> web.Response:
     if not isinstance(body, dict) or "output" not in body:
         raise BadRequest('stream body must be a JSON object with "output"')
     outcome = await request.app[GATEWAY].stream_chunk(
-        endpoint, request.match_info["worker"], request.match_info["job"], body["output"]
+        endpoint,
+        request.match_info["worker"],
+        request.match_info["job"],
+        body["output"],
+        int_query(request, "delivery", None, 1, 2**31),  # ours, as with results
     )
     return web.json_response({"result": outcome})
 

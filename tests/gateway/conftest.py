@@ -144,9 +144,10 @@ class Api:
         assert response.status == 200, await response.text()
         return await response.json()
 
-    async def chunk(self, worker: str, job_id: str, output) -> dict:
+    async def chunk(self, worker: str, job_id: str, output, query: str = "") -> dict:
+        extra = f"&{query}" if query else ""
         response = await self.client.post(
-            f"/v2/{self.endpoint}/job-stream/{worker}/{job_id}?isStream=false",
+            f"/v2/{self.endpoint}/job-stream/{worker}/{job_id}?isStream=false{extra}",
             json={"output": output},
             headers=self.worker_headers(),
         )

@@ -722,3 +722,26 @@ async def test_a_result_of_an_earlier_delivery_to_the_same_worker_is_ignored(api
         "result": "accepted"
     }
     assert (await api.status(job_id))["output"] == "fresh"
+
+
+async def test_chunks_and_progress_of_an_earlier_delivery_are_ignored_and_counted(api):
+    """Issue: a delivery presumed lost that still runs on the same worker name interleaved its
+    stream chunks and progress with the current delivery's. handler_worker names the delivery
+    on its chunks (the SDK's chunks and progress name none: they still count)."""
+    await api.register(heartbeatIntervalSeconds=0.2, heartbeatMisses=2)
+    job_id = await api.run({})
+    await api.take("w1")
+    await api.wait_status(job_id, "IN_QUEUE")  # w1 went silent: presumed lost
+    assert (await api.take("w1"))["delivery"] == 2
+    stale = {"status": "IN_PROGRESS", "output": "stale 50%"}
+    assert await api.chunk("w1", job_id, "stale", query="delivery=1") == {"result": "ignored"}
+    assert await api.done("w1", job_id, stale, query="delivery=1") == {"result": "ignored"}
+    assert await api.chunk("w1", job_id, "fresh", query="delivery=2") == {"result": "accepted"}
+    assert await api.chunk("w1", job_id, "sdk") == {"result": "accepted"}
+    fresh = {"status": "IN_PROGRESS", "output": "fresh 50%"}
+    assert await api.done("w1", job_id, fresh, query="delivery=2") == {"result": "progress"}
+    assert (await api.gateway.backend.get_job(api.endpoint, job_id)).progress == "fresh 50%"
+    await api.done("w1", job_id, {"output": None}, stream=True, query="delivery=2")
+    assert (await api.status(job_id))["output"] == ["fresh", "sdk"]
+    counters = await api.gateway.backend.counters(api.endpoint)
+    assert counters["ignoredResults"] == 2

@@ -105,6 +105,16 @@ async def test_our_posts_are_the_sdks(recorder, name):
     assert sdk[-1][0] == "/done/job-1"
 
 
+async def test_chunks_name_the_delivery_they_are_of(recorder):
+    """A chunk of a delivery the gateway no longer runs is told apart, as its result is."""
+    async with AsyncClientSession() as session:
+        run = results.runner(rp_http.JOB_DONE_URL, capacity=None)
+        await run(session, {"handler": streaming}, {**JOB, "delivery": 2}, lambda: 0)
+    posted = [(path, query.get("delivery"), body) for path, query, body in recorder.requests]
+    chunks = [("/stream/job-1", "2", {"output": {"chunk": n}}) for n in range(3)]
+    assert posted == [*chunks, ("/done/job-1", "2", {"output": []})]
+
+
 @pytest.mark.parametrize(
     ("take", "capacity", "query", "handed"),
     [

@@ -28,7 +28,6 @@ async def job_result(session: Any, config: dict[str, Any], job: dict[str, Any]) 
     result to post and whether the handler streamed."""
     from runpod.serverless.modules import rp_job
     from runpod.serverless.modules.rp_handler import is_generator
-    from runpod.serverless.modules.rp_http import stream_result
 
     handler = config["handler"]
     if not is_generator(handler):
@@ -43,11 +42,24 @@ async def job_result(session: Any, config: dict[str, Any], job: dict[str, Any]) 
                 break
             if config.get("return_aggregate_stream", False):
                 result["output"].append(chunk["output"])
-            await stream_result(session, chunk, job)
+            await post_chunk(session, chunk, job)
     if config.get("refresh_worker", False):
         result["stopPod"] = True
     _debugger_output(config, result)
     return result, is_generator(handler)
+
+
+async def post_chunk(session: Any, chunk: Any, job: dict[str, Any]) -> None:
+    """A stream chunk, posted as the SDK's stream_result posts it, naming the delivery it is of
+    (the gateway ignores a chunk of a delivery it no longer runs, as it ignores its result)."""
+    from runpod.serverless.modules import rp_http
+
+    delivery = delivery_of(job)
+    if delivery is None:  # the SDK's own post, byte for byte
+        await rp_http.stream_result(session, chunk, job)
+        return
+    url = result_url(rp_http.JOB_STREAM_URL, job["id"], False, 0, None, delivery)
+    await post_result(session, url, chunk, job["id"], False)
 
 
 def _debugger_output(config: dict[str, Any], result: Any) -> None:
