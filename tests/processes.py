@@ -183,6 +183,7 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     appendfsync: str = "always"
+    extra_args: tuple[str, ...] = ()  # e.g. ("--replicaof", "127.0.0.1", "6379")
 
     @property
     def url(self) -> str:
@@ -210,20 +211,58 @@ class RedisServer:
                 "",
                 "--daemonize",
                 "no",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), 0.2),
-            ):
-                return self
-            time.sleep(0.05)
-        raise TimeoutError("redis-server did not start")
+        wait_for_port(self.port, timeout, "redis-server")
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None:
+            kill_group(self.process)
+
+
+def wait_for_port(port: int, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} did not start")
+
+
+@dataclass
+class SentinelServer:
+    """A test-owned Redis Sentinel (redis-server in sentinel mode) watching `service` at the
+    primary on `primary_port`, quick to act: down after `down_after_ms`, quorum 2."""
+
+    workdir: Path
+    primary_port: int
+    service: str = "primary"
+    down_after_ms: int = 500
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10) -> SentinelServer:
+        config = self.workdir / f"sentinel-{self.port}.conf"
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} 2\n"
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.service} 5000\n"
+            f"sentinel parallel-syncs {self.service} 1\n"
+        )
+        self.process = subprocess.Popen(
+            ["redis-server", str(config), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for_port(self.port, timeout, "redis sentinel")
+        return self
 
     def kill(self) -> None:
         if self.process is not None:

@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         keys = Keys.load(settings.api_key_files, settings.admin_key_files, settings.insecure_dev)
-        backend = open_backend(settings.backend, prefix=settings.redis_prefix)
+        backend = open_backend(
+            settings.backend,
+            prefix=settings.redis_prefix,
+            wait_replicas=settings.redis_wait_replicas,
+        )
     except (KeyConfigError, ValueError) as exc:
         print(f"handler-gateway: {exc}", file=sys.stderr)
         return 2

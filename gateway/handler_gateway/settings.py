@@ -25,6 +25,7 @@ class Settings:
     take_hold_seconds: float = 25.0
     runsync_wait_seconds: float = 30.0
     redis_prefix: str = "hop"
+    redis_wait_replicas: int | None = None
     log_level: str = "INFO"
 
 
@@ -37,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         default=_env("BACKEND", "memory://"),
-        help="memory:// (embedded) or redis://host:port/db",
+        help="memory:// (embedded), redis://host:port/db, or "
+        "redis+sentinel://host:port[,host:port...]/service[/db] (Redis Sentinel)",
     )
     p.add_argument("--host", default=_env("HOST", "0.0.0.0"))
     p.add_argument("--port", type=int, default=int(_env("PORT", "8080")))
@@ -73,6 +75,14 @@ def parser() -> argparse.ArgumentParser:
         "--runsync-wait-seconds", type=float, default=float(_env("RUNSYNC_WAIT_SECONDS", "30"))
     )
     p.add_argument("--redis-prefix", default=_env("REDIS_PREFIX", "hop"))
+    wait = _env("REDIS_WAIT_REPLICAS", "")
+    p.add_argument(
+        "--redis-wait-replicas",
+        type=int,
+        default=int(wait) if wait else None,
+        help="replicas that must acknowledge a new job before its submit is answered (Redis "
+        "WAIT); default 1 with redis+sentinel://, else 0",
+    )
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     return p
 

@@ -310,13 +310,17 @@ class Backend(ABC):
 
 
 def open_backend(url: str, **options: Any) -> Backend:
-    """`memory://` or `redis://host:port/db` (options: key `prefix`, `replica` name)."""
+    """`memory://`, `redis://host:port/db` or `redis+sentinel://host:port,.../service/db`
+    (options: key `prefix`, `replica` name, `wait_replicas`)."""
     if url.startswith("memory://"):
         from handler_gateway.backends.memory import MemoryBackend
 
         return MemoryBackend()
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
         from handler_gateway.backends.redis_scripts import RedisBackend
 
         return RedisBackend(url, **options)
-    raise ValueError(f"unknown backend URL '{url}': use memory:// or redis://host:port/db")
+    raise ValueError(
+        f"unknown backend URL '{url}': use memory://, redis://host:port/db "
+        "or redis+sentinel://host:port[,host:port...]/service[/db]"
+    )

@@ -47,6 +47,10 @@ class ScriptPipe:
         await self.redis.script_load(script.script)
         return await self._call(command)
 
+    async def command(self, *command: Any) -> Any:
+        """A plain command on the pipe's connection (WAIT: for the writes made on it)."""
+        return await self._call(command)
+
     async def _call(self, command: tuple[Any, ...]) -> Any:
         connection = await self._open()
         packed = _hiredis_pack(command) if _hiredis_pack else connection.pack_command(*command)

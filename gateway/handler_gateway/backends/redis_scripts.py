@@ -18,13 +18,13 @@ import inspect
 import json
 import logging
 import math
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from json.encoder import encode_basestring_ascii
 from typing import Any, NamedTuple
 
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -42,6 +42,7 @@ from handler_gateway.backends import (
     job_channel,
     leaving_channels,
 )
+from handler_gateway.backends.connections import SENTINEL_SCHEME, redis_client
 from handler_gateway.backends.pipes import ScriptPipe
 from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
 from handler_gateway.models import EndpointConfig
@@ -53,6 +54,10 @@ SCHEMA = "2"
 ORIGIN_MARK = "|"
 # Records this replica last wrote or took, kept to apply the next transition in one round trip.
 CACHED_RECORDS = 10_000
+# How long a submit waits for replicas to acknowledge its job (see RedisBackend._replicated).
+WAIT_TIMEOUT_MS = 1000
+# After replicas fell short, how long submits wait only for as many as answered.
+WAIT_DEGRADED_S = 10.0
 # A batch of new jobs waits for more submits while event-loop turns bring some, up to this many.
 GATHER_TURNS = 4
 
@@ -295,21 +300,19 @@ class RedisBackend(Backend):
         prefix: str = "hop",
         replica: str | None = None,
         max_connections: int = 256,
+        wait_replicas: int | None = None,
         **_: Any,
     ):
         self.url = url
         self.prefix = prefix
         self.replica = replica or f"gw-{uuid.uuid4().hex[:12]}"
-        # Blocking pool: many long-polls and bursts wait for a connection instead of failing.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            decode_responses=True,
-            socket_connect_timeout=2,
-            socket_timeout=10,
-            max_connections=max_connections,
-            timeout=5,
-        )
-        self.redis = aioredis.Redis(connection_pool=pool)
+        self.redis = redis_client(url, max_connections)
+        # Replicas that must hold a new job before its submit is answered (WAIT): with Sentinel,
+        # 1 by default, so a failover loses no accepted job; else 0 (replication is async).
+        if wait_replicas is None:
+            wait_replicas = 1 if url.startswith(SENTINEL_SCHEME) else 0
+        self.wait_replicas = wait_replicas
+        self._replicas_short: tuple[int, float] | None = None  # (acknowledged, when)
         self.notifier = Notifier()
         self._channel = f"{prefix}:notify"
         self._listener: asyncio.Task[None] | None = None
@@ -542,6 +545,7 @@ class RedisBackend(Backend):
         try:
             await self._ensure_schema()
             replies = await self._apply_many([call for _, call, _ in batch])
+            await self._replicated(len(batch))
         except asyncio.CancelledError:  # closing: the submits waiting fail with it
             for *_, stored in batch:
                 stored.cancel()
@@ -559,6 +563,36 @@ class RedisBackend(Backend):
                 stored.set_result(None)
             else:
                 stored.set_exception(RuntimeError(f"job id {change.job.id} already exists"))
+
+    async def _replicated(self, created: int) -> None:
+        """Wait (WAIT) until `wait_replicas` replicas hold the writes made so far on the pipe,
+        new jobs among them, for up to WAIT_TIMEOUT_MS: an accepted job survives a failover.
+        Fewer in time is logged and the submits still answered (the jobs are on the primary;
+        a 503 would make clients submit them again); for the next WAIT_DEGRADED_S, submits
+        wait only for as many replicas as answered (none: no wait), so a primary left without
+        its replica (after a failover) does not hold every submit for the full timeout."""
+        wanted = self.wait_replicas
+        if self._replicas_short is not None:
+            acknowledged_then, since = self._replicas_short
+            if time.monotonic() - since < WAIT_DEGRADED_S:
+                wanted = min(wanted, acknowledged_then)
+            else:
+                self._replicas_short = None
+        if not wanted:
+            return
+        acknowledged = int(await self._pipe.command("WAIT", wanted, WAIT_TIMEOUT_MS))
+        if acknowledged < wanted:
+            self._replicas_short = (acknowledged, time.monotonic())
+            log.warning(
+                "%d new job(s) acknowledged by %d of %d replicas in %d ms: a failover now could "
+                "lose them; waiting for %d replicas for %g s",
+                created,
+                acknowledged,
+                wanted,
+                WAIT_TIMEOUT_MS,
+                acknowledged,
+                WAIT_DEGRADED_S,
+            )
 
     async def _apply_many(self, calls: list[ApplyCall]) -> list[Any]:
         """APPLY for each of `calls` in one script run (one round trip); their replies."""
@@ -676,6 +710,7 @@ class RedisBackend(Backend):
         reply = await self._script("create_take", call.keys + take_keys, call.args + take_args)
         if not reply[0][0]:
             raise RuntimeError(f"job id {change.job.id} already exists")
+        await self._replicated(1)
         self._notify_here(call.channels)
         created = {change.job.id: (str(reply[0][1]), change.job)}  # as the script stored it
         return self._taken(reply[1], worker, now, created)
