@@ -24,6 +24,12 @@ VARIANTS: dict[str, list[str]] = {
         "redis.external.url=rediss://redis.example.com:6380/2",
         "redis.external.existingSecret=managed-redis",
     ],
+    "sentinel-redis": [
+        "redis.enabled=false",
+        # `--set` splits on commas: escaped (a values file needs no escape)
+        r"redis.external.url=redis+sentinel://s-0.s:26379\,s-1.s:26379\,s-2.s:26379/jobs/1",
+        "redis.external.existingSecret=managed-redis",
+    ],
     "memory-single-gateway": ["redis.enabled=false", "gateway.replicas=1"],
     "everything": [
         "watchNamespaces={ml}",

@@ -184,6 +184,10 @@ def test_gateway_flags_and_env_are_what_the_gateway_parses(name, monkeypatch):
         assert backend == "rediss://:$(REDIS_PASSWORD)@redis.example.com:6380/2"
         assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "managed-redis"
         assert not rendered.of("StatefulSet")
+    elif name == "sentinel-redis":
+        expected = "redis+sentinel://:$(REDIS_PASSWORD)@s-0.s:26379,s-1.s:26379,s-2.s:26379/jobs/1"
+        assert backend == expected
+        assert not rendered.of("StatefulSet")
     else:
         assert backend == f"redis://:$(REDIS_PASSWORD)@{REDIS}:6379/0"
         # $(VAR) expansion needs the variable defined earlier in the list.

@@ -118,7 +118,7 @@ and the bundled Redis's password, each unless an existingSecret names the user's
       name: {{ $secret }}
       key: {{ $key }}
 - name: HANDLER_GATEWAY_BACKEND
-  value: {{ regexReplaceAll "^(rediss?://)" $url "${1}:$(REDIS_PASSWORD)@" | quote }}
+  value: {{ regexReplaceAll "^(rediss?://|redis\\+sentinel://)" $url "${1}:$(REDIS_PASSWORD)@" | quote }}
 {{- else }}
 - name: HANDLER_GATEWAY_BACKEND
   value: {{ $url | quote }}
