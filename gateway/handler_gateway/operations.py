@@ -732,7 +732,8 @@ class Gateway:
     async def sweep(self) -> list[Change]:
         """One pass: timeouts, lost workers, queued-job expiry, old records, stale workers.
         After a backend outage, a worker's silence counts only from the end of it (its pings
-        failed meanwhile): live workers' jobs are not redelivered for time nobody could see."""
+        failed meanwhile), and so after a stall (its pings waited): live workers' jobs are not
+        redelivered for time nobody could see."""
         try:
             return await self._sweep()
         except BackendUnavailable:
@@ -746,7 +747,8 @@ class Gateway:
         now = self.clock()
         if self._blind:
             self._blind, self._seen_from = False, now
-        seen_from = self._seen_from
+        # A backend that stalled (answered late, not failed) held workers' pings as well.
+        seen_from = max(self._seen_from, self.backend.unseen_until())
         for config in await self.backend.list_endpoints():
             endpoint_id, lost_after = config.id, config.lost_after_s
             for job_id in await self.backend.active_job_ids(endpoint_id):

@@ -1,5 +1,7 @@
-"""Fault tests with real parts: a worker SIGKILLed mid-job, the gateway restarted under load,
-Redis killed and restarted. Nothing accepted may be lost."""
+"""Fault tests with real parts (the fast rows of bench/faults.py's table, from
+tests/scenarios.py): workers SIGKILLed or poisoned, an abandoned take, the gateway SIGKILLed,
+Redis killed, stalled past the heartbeat window or unreachable. Nothing accepted may be lost or
+run twice; counts are asserted, never times."""
 
 from __future__ import annotations
 
@@ -8,119 +10,56 @@ import uuid
 
 import pytest
 
+from tests import scenarios
 from tests.gateway.conftest import clean_redis_prefix, redis_url
-from tests.processes import (
-    CLIENT_KEY,
-    GatewayProcess,
-    RedisServer,
-    http_json,
-    kill_group,
-    start_worker,
+from tests.processes import CLIENT_KEY, GatewayProcess, RedisServer, http_json
+
+TOKEN = scenarios.TOKEN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "backend"),
+    [
+        ("worker-sigkill", "memory"),
+        ("worker-sigkill", "redis"),
+        ("poison", "memory"),
+        ("ghost-take", "redis"),
+    ],
 )
-
-TOKEN = "fault-worker-token-0123456789"
-JOBS = 200
-
-
-def submit(gateway: GatewayProcess, count: int, sleep: float = 0.05) -> list[str]:
-    url = f"{gateway.url}/v2/ep/run"
-    return [
-        http_json("POST", url, {"input": {"sleep": sleep, "n": n}}, key=CLIENT_KEY)[1]["id"]
-        for n in range(count)
-    ]
-
-
-def wait_holding_jobs(gateway: GatewayProcess, worker: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        workers = http_json("GET", f"{gateway.url}/admin/v1/endpoints/ep/workers")[1]["workers"]
-        if any(w["id"] == worker and w["jobs"] for w in workers):
-            return
-        time.sleep(0.02)
-    raise TimeoutError(f"{worker} never held a job")
-
-
-def health(gateway: GatewayProcess) -> dict:
-    return http_json("GET", f"{gateway.url}/v2/ep/health", key=CLIENT_KEY, timeout=5)[1]["jobs"]
-
-
-def wait_completed(
-    gateway: GatewayProcess, count: int, at_least: int | None = None, timeout: float = 120
-) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            jobs = health(gateway)
-        except OSError:
-            time.sleep(0.2)
-            continue
-        if jobs["completed"] >= (at_least if at_least is not None else count):
-            return jobs
-        time.sleep(0.2)
-    raise TimeoutError(f"jobs did not complete in time: {health(gateway)}")
-
-
-def statuses(gateway: GatewayProcess, ids: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for job_id in ids:
-        view = http_json("GET", f"{gateway.url}/v2/ep/status/{job_id}", key=CLIENT_KEY)[1]
-        counts[view["status"]] = counts.get(view["status"], 0) + 1
-    return counts
-
-
-@pytest.fixture
-def start_workers(tmp_path):
-    started = []
-
-    def start(gateway: GatewayProcess, *names: str):
-        for name in names:
-            env = gateway.worker_env("ep", TOKEN, name, HANDLER_CONCURRENCY="16")
-            process = start_worker(env, "handlers.echo_async", [], tmp_path / f"{name}.log")
-            started.append(process)
-        return started[-len(names) :]
-
-    yield start
-    for process in started:
-        kill_group(process)
-
-
-@pytest.mark.slow
-def test_sigkill_worker_mid_job_loses_nothing(tmp_path, start_workers):
-    gateway = GatewayProcess("memory://", tmp_path).start()
-    try:
-        gateway.register("ep", TOKEN, heartbeatIntervalSeconds=1, heartbeatMisses=2, maxRetries=5)
-        doomed, _ = start_workers(gateway, "doomed", "survivor")
-        ids = submit(gateway, JOBS, sleep=0.3)
-        wait_completed(gateway, JOBS, at_least=20)
-        wait_holding_jobs(gateway, "doomed")
-        kill_group(doomed)  # the pod dies with its jobs in flight
-        start_workers(gateway, "replacement")
-        jobs = wait_completed(gateway, JOBS)
-        assert jobs["completed"] == JOBS and jobs["failed"] == 0
-        assert jobs["retried"] >= 1, "the killed worker's jobs were redelivered"
-        assert statuses(gateway, ids) == {"COMPLETED": JOBS}
-    finally:
-        gateway.stop()
-
-
-@pytest.mark.slow
-def test_gateway_restart_under_load_loses_and_duplicates_nothing(tmp_path, start_workers):
+def test_faults_of_workers_lose_nothing_and_run_nothing_twice(tmp_path, name, backend):
+    """The fault table's worker rows (bench/faults.py prints them all): counts, never times."""
     prefix = f"fault-{uuid.uuid4().hex[:8]}"
-    gateway = GatewayProcess(redis_url(), tmp_path, extra_args=("--redis-prefix", prefix)).start()
+    url = "memory://" if backend == "memory" else redis_url()
+    gateway_args = () if backend == "memory" else ("--redis-prefix", prefix)
     try:
-        gateway.register("ep", TOKEN, heartbeatIntervalSeconds=1, heartbeatMisses=2, maxRetries=5)
-        start_workers(gateway, "w1", "w2")
-        ids = submit(gateway, JOBS)
-        wait_completed(gateway, JOBS, at_least=40)
-        gateway.kill()  # SIGKILL: no graceful shutdown
-        gateway.start()  # same port, same Redis: workers reconnect by themselves
-        jobs = wait_completed(gateway, JOBS)
-        assert statuses(gateway, ids) == {"COMPLETED": JOBS}
-        assert jobs["completed"] == JOBS, "each job has exactly one accepted result"
-        assert jobs["inQueue"] == 0 and jobs["inProgress"] == 0
+        tally = scenarios.SCENARIOS[name](tmp_path, url, gateway_args=gateway_args)
     finally:
-        gateway.stop()
+        if backend == "redis":
+            clean_redis_prefix(prefix)
+    assert (tally.lost, tally.executed_twice) == (0, 0), tally
+    assert tally.completed + tally.failed == tally.submitted, tally
+    if name == "worker-sigkill":
+        assert tally.redelivered >= 1 and tally.failed == 0, tally
+    if name == "poison":  # each poisoned job, and only failed jobs, dead-lettered
+        assert tally.dead_lettered == tally.failed >= 3, tally
+    if name == "ghost-take":
+        assert (tally.completed, tally.redelivered) == (tally.submitted, 0), tally
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gateway-sigkill", "redis-restart", "outage-beyond-heartbeats"])
+def test_faults_of_the_gateway_and_redis_lose_nothing_and_run_nothing_twice(tmp_path, name):
+    prefix = f"fault-{uuid.uuid4().hex[:8]}"
+    try:
+        if name == "gateway-sigkill":
+            tally = scenarios.gateway_sigkill(tmp_path, redis_url(), ("--redis-prefix", prefix))
+        else:
+            tally = scenarios.SCENARIOS[name](tmp_path)
+    finally:
         clean_redis_prefix(prefix)
+    assert (tally.lost, tally.executed_twice, tally.failed) == (0, 0, 0), tally
+    assert tally.completed == tally.submitted, tally
 
 
 @pytest.mark.slow

@@ -494,3 +494,28 @@ async def test_a_lease_is_renewed_only_by_its_owner(redis_prefix):
     finally:
         await backend.close()
         admin.close()
+
+
+async def test_a_redis_stall_longer_than_the_heartbeat_window_redelivers_no_job(redis_prefix):
+    """Fault table: Redis paused past the heartbeat window (no call failed, every call waited,
+    the workers' pings too) re-queued live workers' jobs. A worker's silence counts from the
+    end of the stall, as from the end of an outage."""
+    backend = open_backend(redis_url(), prefix=redis_prefix)
+    gateway = Gateway(backend, Timings(endpoint_cache=3600, heartbeat_write_interval=0))
+    config = EndpointConfig(
+        id=ENDPOINT, workerToken="t" * 20, heartbeatIntervalSeconds=0.2, heartbeatMisses=2
+    )
+    await gateway.put_endpoint(config)
+    admin = redis.asyncio.Redis.from_url(redis_url())
+    try:
+        job = await gateway.submit(ENDPOINT, RunRequest(input={}))
+        assert [j.id for j in await gateway.take(ENDPOINT, "w1", 1, 0)] == [job.id]
+        await gateway.ping(ENDPOINT, "w1", [job.id])
+        await admin.execute_command("CLIENT", "PAUSE", 1000, "ALL")
+        assert await gateway.sweep() == []  # it waited through the stall
+        assert (await backend.get_job(ENDPOINT, job.id)).status == JobStatus.IN_PROGRESS
+        await asyncio.sleep(0.6)  # silent after the stall: lost now
+        assert [c.note for c in await gateway.sweep()] == ["re-queued (lost w1)"]
+    finally:
+        await admin.aclose()
+        await backend.close()

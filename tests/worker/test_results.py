@@ -14,6 +14,7 @@ from runpod.http_client import AsyncClientSession
 from runpod.serverless.modules import rp_http, rp_job
 
 from handler_worker import results
+from tests.processes import free_port
 
 JOB = {"id": "job-1", "input": {"n": 3}}
 
@@ -141,7 +142,7 @@ async def test_a_result_that_is_not_json_is_logged_not_raised(recorder, caplog):
     assert "not JSON" in caplog.text
 
 
-@pytest.mark.parametrize(("status", "posts"), [(500, 3), (503, 3), (400, 1), (401, 1)])
+@pytest.mark.parametrize(("status", "posts"), [(500, 3), (502, 3), (400, 1), (401, 1)])
 async def test_server_errors_are_retried_and_refusals_are_not(status, posts, monkeypatch):
     monkeypatch.setattr(results, "RESULT_BACKOFF_S", (0.0, 0.0))
     seen = []
@@ -161,6 +162,40 @@ async def test_server_errors_are_retried_and_refusals_are_not(status, posts, mon
     finally:
         await server.close()
     assert len(seen) == posts
+
+
+async def test_a_result_is_posted_again_while_the_gateway_answers_503(monkeypatch):
+    """Fault table: a Redis restart outlasted the SDK's three tries in 1.5 s; the result was
+    dropped and the job, presumed lost, ran again. 503 (and no answer) is retried for long."""
+    monkeypatch.setattr(results, "RESULT_BACKOFF_S", (0.001, 0.001))
+    seen = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.append(await request.text())
+        if len(seen) <= 6:
+            return web.json_response({"error": "unavailable"}, status=503)
+        return web.json_response({"result": "accepted", "jobs": [{"id": "next", "input": {}}]})
+
+    app = web.Application()
+    app.router.add_post("/done/{job}", handle)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        async with AsyncClientSession() as session:
+            url = str(server.make_url("/done/j?x=1"))
+            handed = await results.post_result(session, url, {"output": 1}, "j", True)
+    finally:
+        await server.close()
+    assert (len(seen), [job["id"] for job in handed]) == (7, ["next"])
+
+
+async def test_a_result_gives_up_once_the_gateway_stayed_away_long(monkeypatch, caplog):
+    monkeypatch.setattr(results, "RESULT_BACKOFF_S", (0.001, 0.001))
+    monkeypatch.setattr(results, "RESULT_UNAVAILABLE_S", 0.3)
+    async with AsyncClientSession() as session:  # nothing listens there
+        url = f"http://127.0.0.1:{free_port()}/done/j?x=1"
+        assert await results.post_result(session, url, {"output": 1}, "j", True) == []
+    assert "failed to return its result" in caplog.text
 
 
 @pytest.mark.parametrize(("job", "suffix"), [({"id": "j", "delivery": 3}, "&delivery=3"),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,8 +19,13 @@ from handler_worker.channels import ChannelRefused, ChannelUnavailable, JobChann
 
 log = logging.getLogger("handler_worker")
 
-RESULT_ATTEMPTS = 3  # as the SDK's FibonacciRetry(attempts=3)
+RESULT_ATTEMPTS = 3  # after a server error, as the SDK's FibonacciRetry(attempts=3)
 RESULT_BACKOFF_S = (0.5, 1.0)
+# A gateway that is down, unreachable or answers 503 (its Redis away) gets the result again for
+# this long, backing off (doubling from 0.5 s up to MAX_RESULT_BACKOFF_S, jittered): the SDK's
+# three tries in 1.5 s lost results of jobs that had run, to be run again.
+RESULT_UNAVAILABLE_S = 600.0
+MAX_RESULT_BACKOFF_S = 15.0
 RESULT_TIMEOUT_S = 90.0  # a result post that also takes long-polls as a take does
 FORM_HEADERS = {"charset": "utf-8", "Content-Type": "application/x-www-form-urlencoded"}
 
@@ -106,7 +113,8 @@ async def post_result(
     takes: bool,
     send: Callable[[str], Awaitable[list[dict[str, Any]]]] | None = None,
 ) -> list[dict[str, Any]]:
-    """POST the result (retried on connection errors and 5xx, as the SDK does); the jobs the
+    """POST the result (retried on 5xx as the SDK does, and for RESULT_UNAVAILABLE_S while the
+    gateway is unreachable or answers 503); the jobs the
     gateway handed over in its answer when the post also `takes`. `send(body)`: the job
     channel's post of it instead (HTTP when the channel cannot be had, and for the attempts
     after one the channel failed: a result posted again is answered as a duplicate)."""
@@ -116,7 +124,9 @@ async def post_result(
         log.error("job %s: its result is not JSON: %s", job_id, exc)
         return []
     error: Exception | None = None
-    for attempt in range(RESULT_ATTEMPTS):
+    started, attempt = time.monotonic(), 0
+    while True:
+        unavailable = True  # the gateway down, unreachable or without its storage (503)
         try:
             if send is not None:
                 try:
@@ -128,13 +138,22 @@ async def post_result(
             if exc.status < 500:
                 log.error("job %s: the gateway refused its result: %s", job_id, exc)
                 return []
-            error = exc
+            error, unavailable = exc, exc.status == 503
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # A retry is safe: the gateway answers a result it has as a duplicate and hands
             # over again what the unread answer carried. It goes over HTTP.
             error, send = exc, None
-        if attempt < RESULT_ATTEMPTS - 1:
-            await asyncio.sleep(RESULT_BACKOFF_S[attempt])
+            unavailable = not isinstance(exc, ValueError)
+        attempt += 1
+        if unavailable:  # kept: the job's pings go on meanwhile, so it is not presumed lost
+            if time.monotonic() - started >= RESULT_UNAVAILABLE_S:
+                break
+            base = min(MAX_RESULT_BACKOFF_S, RESULT_BACKOFF_S[0] * 2 ** (attempt - 1))
+            await asyncio.sleep(base * random.uniform(0.5, 1.5))
+        elif attempt < RESULT_ATTEMPTS:
+            await asyncio.sleep(RESULT_BACKOFF_S[attempt - 1])
+        else:
+            break
     log.error("job %s: failed to return its result: %s", job_id, error)
     return []
 

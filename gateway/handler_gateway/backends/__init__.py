@@ -305,6 +305,12 @@ class Backend(ABC):
     @abstractmethod
     async def ping(self) -> None: ...
 
+    def unseen_until(self) -> float:
+        """The end (time.time()) of the latest stretch in which the backend answered nothing
+        though asked (a stalled Redis): whatever was sent meanwhile, a worker's ping among it,
+        waited. 0.0: none seen."""
+        return 0.0
+
     @abstractmethod
     async def close(self) -> None: ...
 

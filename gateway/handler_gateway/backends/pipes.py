@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from typing import Any
+import time
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -18,6 +19,19 @@ try:  # redis[hiredis]: packs a command in C, ~8x faster than redis-py's own pac
     from hiredis import pack_command as _hiredis_pack
 except ImportError:  # pragma: no cover - the gateway extra installs hiredis
     _hiredis_pack = None
+
+
+# An answer that took longer than this means Redis was not answering (paused, swapping, a slow
+# script): see `ScriptPipe.stalled_until`.
+STALL_S = 0.5
+
+
+class Waiting(NamedTuple):
+    """A call written on the pipe: its answer to come, and when it was sent (None: it blocks
+    by design, as WAIT does)."""
+
+    answer: asyncio.Future[Any]
+    sent: float | None
 
 
 class ScriptPipe:
@@ -33,7 +47,10 @@ class ScriptPipe:
         self.timeout = timeout
         self._connection: Any = None
         self._reader: asyncio.Task[None] | None = None
-        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._waiting: collections.deque[Waiting] = collections.deque()
+        # When (time.time()) Redis last answered after not answering for STALL_S: until then
+        # nothing that happened was seen (a worker's ping waited with the rest).
+        self.stalled_until = 0.0
         self._opening = asyncio.Lock()
 
     async def run(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
@@ -47,15 +64,16 @@ class ScriptPipe:
         await self.redis.script_load(script.script)
         return await self._call(command)
 
-    async def command(self, *command: Any) -> Any:
-        """A plain command on the pipe's connection (WAIT: for the writes made on it)."""
-        return await self._call(command)
+    async def command(self, *command: Any, blocks: bool = False) -> Any:
+        """A plain command on the pipe's connection (WAIT: for the writes made on it; one that
+        `blocks` by design is no sign of a stall)."""
+        return await self._call(command, blocks)
 
-    async def _call(self, command: tuple[Any, ...]) -> Any:
+    async def _call(self, command: tuple[Any, ...], blocks: bool = False) -> Any:
         connection = await self._open()
         packed = _hiredis_pack(command) if _hiredis_pack else connection.pack_command(*command)
         answer = asyncio.get_running_loop().create_future()
-        self._waiting.append(answer)
+        self._waiting.append(Waiting(answer, None if blocks else time.monotonic()))
         try:  # written before the first suspension: `_waiting` is in the order on the wire
             await connection.send_packed_command(packed, check_health=False)
         except BaseException as exc:
@@ -91,7 +109,9 @@ class ScriptPipe:
                     reply = exc
                 if not self._waiting:  # an answer nobody asked for: the order is lost
                     raise RedisConnectionError("unexpected reply from Redis")
-                answer = self._waiting.popleft()
+                answer, sent = self._waiting.popleft()
+                if sent is not None and time.monotonic() - sent > STALL_S:
+                    self.stalled_until = time.time()
                 if answer.done():  # its caller was cancelled or timed out
                     continue
                 if isinstance(reply, ResponseError):
@@ -108,7 +128,7 @@ class ScriptPipe:
             return
         self._connection = None
         waiting, self._waiting = self._waiting, collections.deque()
-        for answer in waiting:
+        for answer, _ in waiting:
             if not answer.done():
                 answer.set_exception(
                     error

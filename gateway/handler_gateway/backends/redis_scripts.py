@@ -580,7 +580,8 @@ class RedisBackend(Backend):
                 self._replicas_short = None
         if not wanted:
             return
-        acknowledged = int(await self._pipe.command("WAIT", wanted, WAIT_TIMEOUT_MS))
+        waited = await self._pipe.command("WAIT", wanted, WAIT_TIMEOUT_MS, blocks=True)
+        acknowledged = int(waited)
         if acknowledged < wanted:
             self._replicas_short = (acknowledged, time.monotonic())
             log.warning(
@@ -942,6 +943,9 @@ class RedisBackend(Backend):
 
     async def ping(self) -> None:
         await self.redis.ping()
+
+    def unseen_until(self) -> float:
+        return self._pipe.stalled_until
 
     async def close(self) -> None:
         if self._listener is not None:
