@@ -214,6 +214,18 @@ def _json(model: type[BaseModel]) -> dict[str, Any]:
     return {"application/json": {"schema": _ref(model)}}
 
 
+# Read routes RunPod's clients call with GET or POST alike (the same operation under both).
+GET_OR_POST = ("/v2/{endpoint}/status/{job}", "/v2/{endpoint}/status-sync/{job}",
+               "/v2/{endpoint}/stream/{job}")  # fmt: skip
+
+
+def _parameter(name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    if name == "endpoint":
+        schema["pattern"] = models.ENDPOINT_ID.pattern
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
 @cache
 def build_openapi() -> dict[str, Any]:
     all_models = {model for op in OPERATIONS for model in op[3:5] if model is not None}
@@ -225,9 +237,7 @@ def build_openapi() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for method, path, summary, request, response, security in OPERATIONS:
         params = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-            for name in ("endpoint", "job", "worker")
-            if "{" + name + "}" in path
+            _parameter(name) for name in ("endpoint", "job", "worker") if "{" + name + "}" in path
         ]
         operation: dict[str, Any] = {
             "summary": summary,
@@ -251,6 +261,8 @@ def build_openapi() -> dict[str, Any]:
         if request is not None:
             operation["requestBody"] = {"required": True, "content": _json(request)}
         paths.setdefault(path, {})[method] = operation
+        if path in GET_OR_POST:
+            paths[path]["post"] = {**operation, "summary": f"{summary} (as GET)"}
     return {
         "openapi": "3.1.0",
         "info": {"title": "handler-operator job gateway", "version": "v1"},

@@ -61,6 +61,14 @@ class BadRequest(Exception):
     """Client input the gateway cannot use (HTTP 400)."""
 
 
+class Unauthorized(Exception):
+    """Missing or unknown credentials (HTTP 401)."""
+
+
+class Forbidden(Exception):
+    """Known credentials that may not call this route (HTTP 403)."""
+
+
 def error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
@@ -103,6 +111,10 @@ def error_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
         return 409, str(exc), {}
     if isinstance(exc, BadRequest):
         return 400, str(exc), {}
+    if isinstance(exc, Unauthorized):
+        return 401, str(exc), {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, Forbidden):
+        return 403, str(exc), {}
     if isinstance(exc, BackendUnavailable):
         return 503, f"queue backend unavailable, retry shortly: {exc}", {"Retry-After": "1"}
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
@@ -299,13 +311,9 @@ def _check(verdict: Verdict, needed: str, existing: bool = True) -> None:
     """401 for an unknown credential; 403 for a known one (only once the endpoint is known
     to exist: `existing`)."""
     if verdict == Verdict.UNAUTHORIZED:
-        raise web.HTTPUnauthorized(
-            reason=f"missing or unknown credentials: this route needs {needed}"
-        )
+        raise Unauthorized(f"missing or unknown credentials: this route needs {needed}")
     if verdict == Verdict.FORBIDDEN and existing:
-        raise web.HTTPForbidden(
-            reason=f"these credentials may not call this route: it needs {needed}"
-        )
+        raise Forbidden(f"these credentials may not call this route: it needs {needed}")
 
 
 # -- client routes -----------------------------------------------------------------------------

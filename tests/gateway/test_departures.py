@@ -134,7 +134,7 @@ class Outage:
 
     def __getattr__(self, name):
         attribute = getattr(self.backend, name)
-        if not callable(attribute) or name.startswith("_") or name == "notifier":
+        if not callable(attribute) or name.startswith("_") or name in ("notifier", "unseen_until"):
             return attribute
 
         async def call(*args, **kwargs):

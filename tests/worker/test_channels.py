@@ -214,7 +214,8 @@ async def test_refused_credentials_are_not_taken_for_a_missing_channel(gateway):
         (ChannelUnsupported("x"), 1, 1, [{"id": "over-http"}]),
         (ChannelUnavailable("x"), 1, 1, [{"id": "over-http"}]),
         (ChannelRefused(400, "bad"), 1, 0, []),
-        (ChannelRefused(503, "busy"), 3, 0, []),
+        (ChannelRefused(500, "bug"), 3, 0, []),
+        (ChannelRefused(503, "no storage"), 5, 0, []),  # until RESULT_UNAVAILABLE_S is up
         (aiohttp.ServerDisconnectedError(), 1, 1, [{"id": "over-http"}]),  # then over HTTP
     ],
 )
@@ -226,6 +227,8 @@ async def test_a_result_goes_over_the_channel_and_falls_back_or_retries_as_over_
 
     async def send(body):
         sent.append(body)
+        if len(sent) == 5:  # the gateway stayed away long enough
+            monkeypatch.setattr(results, "RESULT_UNAVAILABLE_S", 0)
         if raised is not None:
             raise raised
         return [{"id": "next"}]
