@@ -519,3 +519,16 @@ async def test_a_redis_stall_longer_than_the_heartbeat_window_redelivers_no_job(
     finally:
         await admin.aclose()
         await backend.close()
+
+
+async def test_an_endpoints_activity_clock_only_moves_forward(backend):
+    """Drift between the backends: Redis wrote whichever change came last (a replica whose
+    clock lags could move the scale-to-zero clock back); memory kept the latest."""
+    await backend.create_job(new_job(now=T0 + 10))
+    await backend.create_job(new_job(now=T0))
+    assert (await backend.activity([ENDPOINT]))[ENDPOINT] == T0 + 10
+    await backend.take_jobs(ENDPOINT, "w1", 2, None, T0 + 5)  # started: activity, but earlier
+    assert (await backend.activity([ENDPOINT]))[ENDPOINT] == T0 + 10
+    await backend.take_jobs(ENDPOINT, "w1", 2, None, T0 + 20)
+    await backend.create_job(new_job(now=T0 + 30))
+    assert (await backend.activity([ENDPOINT]))[ENDPOINT] == T0 + 30

@@ -188,7 +188,6 @@ class MemoryBackend(Backend):
         state = self._state(endpoint)
         if state is not None:
             state.workers.setdefault(worker, WorkerRecord(worker, now)).draining = draining
-            self.notifier.notify(f"drain:{endpoint}:{worker}")
 
     async def set_leaving(self, endpoint: str, worker: str, now: float, until: float) -> None:
         state = self._state(endpoint)

@@ -62,10 +62,15 @@ WAIT_DEGRADED_S = 10.0
 GATHER_TURNS = 4
 
 # Whether another replica listens to `channel`: more than `mine` subscribers (1 while this
-# replica's own subscription stands, else 0). One replica alone publishes nothing.
+# replica's own subscription stands, else 0). One replica alone publishes nothing. And an
+# endpoint's last activity, which only moves forward (as the memory backend keeps it).
 LISTENING_FUNCTION = """
 local function listening(channel, mine)
   return redis.call('PUBSUB', 'NUMSUB', channel)[2] > tonumber(mine)
+end
+local function active_at(key, endpoint, at)
+  local was = redis.call('HGET', key, endpoint)
+  if not was or tonumber(at) > tonumber(was) then redis.call('HSET', key, endpoint, at) end
 end
 """
 
@@ -101,7 +106,7 @@ elseif e.persist then
 end
 if e.active == 1 then redis.call('SADD', KEYS[5], id)
 elseif e.active == 0 then redis.call('SREM', KEYS[5], id) end
-if e.activity then redis.call('HSET', KEYS[7], e.endpoint, e.activity) end
+if e.activity then active_at(KEYS[7], e.endpoint, e.activity) end
 if e.enqueue then redis.call(e.to_head and 'LPUSH' or 'RPUSH', KEYS[4], id) end
 for name, delta in pairs(e.counters) do redis.call('HINCRBY', KEYS[6], name, delta) end
 if e.release then redis.call('SREM', KEYS[9], id) end
@@ -169,7 +174,7 @@ while started < allowed do
       redis.call('SADD', KEYS[2], id)
       redis.call('HINCRBY', KEYS[7], 'inQueue', -1)
       redis.call('HINCRBY', KEYS[7], 'inProgress', 1)
-      redis.call('HSET', KEYS[8], ARGV[9], ARGV[2])
+      active_at(KEYS[8], ARGV[9], ARGV[2])
       started = started + 1
     end
   end
