@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from side_by_side import HEADERS, TOKEN, clients, pct  # noqa: E402
 
-from tests.processes import GatewayProcess, RedisServer  # noqa: E402
+from tests.processes import GatewayProcess, primary_and_replica  # noqa: E402
 
 
 async def latencies(session: aiohttp.ClientSession, url: str, count: int) -> list[float]:
@@ -40,14 +40,9 @@ async def latencies(session: aiohttp.ClientSession, url: str, count: int) -> lis
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> None:
-    for name in ("primary", "replica", "wait-0", "wait-1"):
+    for name in ("wait-0", "wait-1"):
         (workdir / name).mkdir()
-    primary = RedisServer(workdir / "primary", appendfsync="everysec").start()
-    replica = RedisServer(
-        workdir / "replica",
-        appendfsync="everysec",
-        extra_args=("--replicaof", "127.0.0.1", str(primary.port)),
-    ).start()
+    primary, replica = primary_and_replica(workdir)
     gateways = {
         f"WAIT {n}": GatewayProcess(
             primary.url, workdir / f"wait-{n}", extra_args=("--redis-wait-replicas", str(n))

@@ -23,6 +23,8 @@ import venv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 from handler_gateway.urls import worker_webhook_env
 from tests.conftest import REPO_ROOT, child_pythonpath, subprocess_env
 
@@ -267,6 +269,71 @@ class SentinelServer:
     def kill(self) -> None:
         if self.process is not None:
             kill_group(self.process)
+
+
+def primary_and_replica(workdir: Path) -> tuple[RedisServer, RedisServer]:
+    """A Redis primary and its replica (started, the replica still syncing)."""
+    for name in ("primary", "replica"):
+        (workdir / name).mkdir(exist_ok=True)
+    primary = RedisServer(workdir / "primary", appendfsync="everysec").start()
+    replica = RedisServer(
+        workdir / "replica",
+        appendfsync="everysec",
+        extra_args=("--replicaof", "127.0.0.1", str(primary.port)),
+    ).start()
+    return primary, replica
+
+
+@dataclass
+class SentinelGroup:
+    """A primary, its replica and three sentinels watching them as `service`; `start` returns
+    once the replica is in sync and every sentinel knows the replica and the other two."""
+
+    workdir: Path
+    service: str = "primary"
+    primary: RedisServer | None = None
+    replica: RedisServer | None = None
+    sentinels: list[SentinelServer] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    def current_primary_port(self) -> int:
+        with redis.Redis(port=self.sentinels[0].port, decode_responses=True) as sentinel:
+            return int(sentinel.sentinel_get_master_addr_by_name(self.service)[1])
+
+    def start(self, timeout: float = 30) -> SentinelGroup:
+        self.primary, self.replica = primary_and_replica(self.workdir)
+        (self.workdir / "sentinels").mkdir(exist_ok=True)
+        self.sentinels = [
+            SentinelServer(self.workdir / "sentinels", self.primary.port, self.service).start()
+            for _ in range(3)
+        ]
+        deadline = time.monotonic() + timeout
+        while not self._ready():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError("the sentinels never found each other and the replica")
+            time.sleep(0.1)
+        return self
+
+    def _ready(self) -> bool:
+        with redis.Redis(port=self.replica.port, decode_responses=True) as replica:
+            if replica.info("replication").get("master_link_status") != "up":
+                return False
+        for server in self.sentinels:
+            with redis.Redis(port=server.port, decode_responses=True) as sentinel:
+                watched = sentinel.sentinel_master(self.service)
+                if (watched["num-other-sentinels"], watched["num-slaves"]) != (2, 1):
+                    return False
+        return True
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, self.replica, self.primary]:
+            if server is not None:
+                server.kill()
 
 
 _shared_redis: RedisServer | None = None

@@ -16,13 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis
-
 from tests.processes import (
     CLIENT_KEY,
     GatewayProcess,
     RedisServer,
-    SentinelServer,
+    SentinelGroup,
     http_json,
     kill_group,
     start_worker,
@@ -260,11 +258,10 @@ def worker_sigkill(
                      submitter.accepted, fault_at)  # fmt: skip
 
 
-def gateway_sigkill(
-    workdir: Path, redis_url: str, gateway_args: tuple[str, ...] = (), jobs: int = 150
+def _under_load(
+    name: str, gateway: GatewayProcess, workdir: Path, jobs: int, fault: Callable[[], None]
 ) -> Tally:
-    """The gateway SIGKILLed under load and started again (same Redis, same address)."""
-    gateway = GatewayProcess(redis_url, workdir, extra_args=gateway_args).start()
+    """Two workers on short jobs; `fault()` once 40 have completed; then every job's end."""
     workers = Workers(gateway, workdir)
     with running(workers, gateway):
         _register(gateway)
@@ -272,29 +269,37 @@ def gateway_sigkill(
         submitter = Submitter(gateway, [{"sleep": 0.05, "n": n} for n in range(jobs)])
         _wait(lambda: _completed(gateway) >= 40, 60, "load")
         fault_at = time.time()
+        fault()
+        submitter.join()
+        return tally(name, gateway, workers, submitter.accepted, fault_at)
+
+
+def gateway_sigkill(
+    workdir: Path, redis_url: str, gateway_args: tuple[str, ...] = (), jobs: int = 150
+) -> Tally:
+    """The gateway SIGKILLed under load and started again (same Redis, same address)."""
+    gateway = GatewayProcess(redis_url, workdir, extra_args=gateway_args).start()
+
+    def restart() -> None:
         gateway.kill()
         gateway.start()
-        submitter.join()
-        return tally("gateway SIGKILL + restart", gateway, workers, submitter.accepted, fault_at)
+
+    return _under_load("gateway SIGKILL + restart", gateway, workdir, jobs, restart)
 
 
 def redis_restart(workdir: Path, jobs: int = 150) -> Tally:
     """Redis killed under load and started again 2 s later on its data (AOF, fsync always)."""
     (workdir / "redis").mkdir(exist_ok=True)
     server = RedisServer(workdir / "redis").start()
-    gateway = GatewayProcess(server.url, workdir).start()
-    workers = Workers(gateway, workdir)
-    with running(workers, gateway, server):
-        _register(gateway)
-        workers.start("w1", "w2")
-        submitter = Submitter(gateway, [{"sleep": 0.05, "n": n} for n in range(jobs)])
-        _wait(lambda: _completed(gateway) >= 30, 60, "load")
-        fault_at = time.time()
-        server.kill()
-        time.sleep(2)
-        server.start()
-        submitter.join()
-        return tally("Redis kill + restart", gateway, workers, submitter.accepted, fault_at)
+    with running(server):
+        gateway = GatewayProcess(server.url, workdir).start()
+
+        def restart() -> None:
+            server.kill()
+            time.sleep(2)
+            server.start()
+
+        return _under_load("Redis kill + restart", gateway, workdir, jobs, restart)
 
 
 def poison(
@@ -365,47 +370,15 @@ def outage_beyond_heartbeats(workdir: Path, jobs: int = 16) -> Tally:
 def sentinel_failover(workdir: Path, jobs: int = 200) -> Tally:
     """The Redis primary SIGKILLed under load; Sentinel promotes the replica; the gateway
     follows it."""
-    for name in ("primary", "replica", "sentinels"):
-        (workdir / name).mkdir(exist_ok=True)
-    primary = RedisServer(workdir / "primary", appendfsync="everysec").start()
-    replica = RedisServer(
-        workdir / "replica",
-        appendfsync="everysec",
-        extra_args=("--replicaof", "127.0.0.1", str(primary.port)),
-    ).start()
-    sentinels = [SentinelServer(workdir / "sentinels", primary.port).start() for _ in range(3)]
-    parts = [*sentinels, replica, primary]
-    with running(*parts):
-        watchers = [redis.Redis(port=s.port, decode_responses=True) for s in sentinels]
-        _wait(
-            lambda: all(
-                w.sentinel_master("primary")["num-other-sentinels"] == 2
-                and w.sentinel_master("primary")["num-slaves"] == 1
-                for w in watchers
-            ),
-            30,
-            "the sentinels never found each other",
-        )
-        hosts = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
-        gateway = GatewayProcess(f"redis+sentinel://{hosts}/primary/0", workdir).start()
-        workers = Workers(gateway, workdir)
-        with running(workers, gateway):
-            _register(gateway)
-            workers.start("w1", "w2")
-            submitter = Submitter(gateway, [{"sleep": 0.05, "n": n} for n in range(jobs)])
-            _wait(lambda: _completed(gateway) >= 40, 60, "load")
-            fault_at = time.time()
-            primary.kill()
-            _wait(
-                lambda: watchers[0].sentinel_get_master_addr_by_name("primary")[1] == replica.port,
-                30,
-                "no failover",
-            )
-            submitter.join()
-            result = tally("Sentinel failover", gateway, workers, submitter.accepted, fault_at)
-        for watcher in watchers:
-            watcher.close()
-        return result
+    group = SentinelGroup(workdir).start()
+    with running(group):
+        gateway = GatewayProcess(group.url, workdir).start()
+
+        def fail_over() -> None:
+            group.primary.kill()
+            _wait(lambda: group.current_primary_port() == group.replica.port, 30, "no failover")
+
+        return _under_load("Sentinel failover", gateway, workdir, jobs, fail_over)
 
 
 SCENARIOS: dict[str, Callable[..., Tally]] = {

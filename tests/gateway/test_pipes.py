@@ -26,53 +26,44 @@ async def client():
     await redis.aclose()
 
 
-async def test_concurrent_calls_each_get_their_own_answer(client):
+@pytest.fixture
+async def pipe(client):
     pipe = ScriptPipe(client)
+    yield pipe
+    await pipe.close()
+
+
+async def test_concurrent_calls_each_get_their_own_answer(client, pipe):
     echo = client.register_script(ECHO)
-    try:
-        answers = await asyncio.gather(*(pipe.run(echo, [], [n]) for n in range(300)))
-        assert answers == [str(n) for n in range(300)]
-    finally:
-        await pipe.close()
+    answers = await asyncio.gather(*(pipe.run(echo, [], [n]) for n in range(300)))
+    assert answers == [str(n) for n in range(300)]
 
 
-async def test_a_script_the_server_lost_is_loaded_again(client):
-    pipe = ScriptPipe(client)
+async def test_a_script_the_server_lost_is_loaded_again(client, pipe):
     echo = client.register_script(ECHO)
-    try:
-        assert await pipe.run(echo, [], ["a"]) == "a"
-        await client.script_flush()
-        assert await pipe.run(echo, [], ["b"]) == "b"
-    finally:
-        await pipe.close()
+    assert await pipe.run(echo, [], ["a"]) == "a"
+    await client.script_flush()
+    assert await pipe.run(echo, [], ["b"]) == "b"
 
 
-async def test_a_script_error_fails_its_call_alone(client):
-    pipe = ScriptPipe(client)
+async def test_a_script_error_fails_its_call_alone(client, pipe):
     echo, fail = client.register_script(ECHO), client.register_script(FAIL)
-    try:
-        calls = [pipe.run(fail if n == 5 else echo, [], [n]) for n in range(10)]
-        answers = await asyncio.gather(*calls, return_exceptions=True)
-        assert isinstance(answers[5], ResponseError) and "boom 5" in str(answers[5])
-        assert [a for n, a in enumerate(answers) if n != 5] == [str(n) for n in range(10) if n != 5]
-        assert await pipe.run(echo, [], ["after"]) == "after"
-    finally:
-        await pipe.close()
+    calls = [pipe.run(fail if n == 5 else echo, [], [n]) for n in range(10)]
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(answers[5], ResponseError) and "boom 5" in str(answers[5])
+    assert [a for n, a in enumerate(answers) if n != 5] == [str(n) for n in range(10) if n != 5]
+    assert await pipe.run(echo, [], ["after"]) == "after"
 
 
-async def test_a_cancelled_call_leaves_the_order_of_the_others(client):
-    pipe = ScriptPipe(client)
+async def test_a_cancelled_call_leaves_the_order_of_the_others(client, pipe):
     echo = client.register_script(ECHO)
-    try:
-        await pipe.run(echo, [], ["loaded"])
-        first = asyncio.ensure_future(pipe.run(echo, [], ["first"]))
-        second = asyncio.ensure_future(pipe.run(echo, [], ["second"]))
-        await asyncio.sleep(0)  # both written
-        first.cancel()
-        assert await second == "second"
-        assert await pipe.run(echo, [], ["third"]) == "third"
-    finally:
-        await pipe.close()
+    await pipe.run(echo, [], ["loaded"])
+    first = asyncio.ensure_future(pipe.run(echo, [], ["first"]))
+    second = asyncio.ensure_future(pipe.run(echo, [], ["second"]))
+    await asyncio.sleep(0)  # both written
+    first.cancel()
+    assert await second == "second"
+    assert await pipe.run(echo, [], ["third"]) == "third"
 
 
 async def test_no_answer_in_time_gives_the_connection_up_and_the_next_call_connects(client):

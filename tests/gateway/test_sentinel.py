@@ -17,7 +17,7 @@ from handler_gateway.backends import BackendUnavailable, open_backend
 from handler_gateway.backends.connections import SentinelAddress
 from handler_gateway.models import EndpointConfig, RunRequest
 from handler_gateway.operations import Gateway, Timings
-from tests.processes import RedisServer, SentinelServer
+from tests.processes import SentinelGroup
 
 ENDPOINT = "ep"
 SERVICE = "primary"
@@ -90,46 +90,14 @@ def _until(check, timeout: float, what: str) -> None:
 @pytest.fixture
 def sentinel_group(tmp_path):
     """A primary, its replica (in sync) and three sentinels that know both and each other."""
-    for name in ("primary", "replica", "sentinels"):
-        (tmp_path / name).mkdir()
-    primary = RedisServer(tmp_path / "primary", appendfsync="everysec").start()
-    replica = RedisServer(
-        tmp_path / "replica",
-        appendfsync="everysec",
-        extra_args=("--replicaof", "127.0.0.1", str(primary.port)),
-    ).start()
-    sentinels = [SentinelServer(tmp_path / "sentinels", primary.port, SERVICE).start()]
-    sentinels += [SentinelServer(tmp_path / "sentinels", primary.port, SERVICE).start()]
-    sentinels += [SentinelServer(tmp_path / "sentinels", primary.port, SERVICE).start()]
-    clients = [redis.Redis(port=s.port, decode_responses=True) for s in sentinels]
-    replica_client = redis.Redis(port=replica.port, decode_responses=True)
-    try:
-        _until(
-            lambda: replica_client.info("replication").get("master_link_status") == "up",
-            20,
-            "the replica never synced",
-        )
-        _until(
-            lambda: all(
-                c.sentinel_master(SERVICE)["num-other-sentinels"] == 2
-                and c.sentinel_master(SERVICE)["num-slaves"] == 1
-                for c in clients
-            ),
-            30,
-            "the sentinels never found each other and the replica",
-        )
-        yield primary, replica, sentinels
-    finally:
-        for client in [*clients, replica_client]:
-            client.close()
-        for process in [*sentinels, replica, primary]:
-            process.kill()
+    group = SentinelGroup(tmp_path, SERVICE).start()
+    yield group
+    group.stop()
 
 
 async def test_a_failover_under_load_loses_no_accepted_job(sentinel_group):
-    primary, replica, sentinels = sentinel_group
-    hosts = ",".join(f"127.0.0.1:{s.port}" for s in sentinels)
-    backend = open_backend(f"redis+sentinel://{hosts}/{SERVICE}/0", prefix=uuid.uuid4().hex[:8])
+    primary, replica = sentinel_group.primary, sentinel_group.replica
+    backend = open_backend(sentinel_group.url, prefix=uuid.uuid4().hex[:8])
     gateway = Gateway(backend, Timings(endpoint_cache=3600))
     await gateway.put_endpoint(EndpointConfig(id=ENDPOINT, workerToken="t" * 20))
     accepted: list[str] = []
@@ -151,7 +119,6 @@ async def test_a_failover_under_load_loses_no_accepted_job(sentinel_group):
         while len(accepted) < count:
             await asyncio.sleep(0.01)
 
-    watcher = redis.Redis(port=sentinels[0].port, decode_responses=True)
     clients = [asyncio.ensure_future(client()) for _ in range(8)]
     try:
         await asyncio.wait_for(accepted_reach(100), 30)
@@ -165,7 +132,7 @@ async def test_a_failover_under_load_loses_no_accepted_job(sentinel_group):
         os.kill(replica.process.pid, signal.SIGCONT)
         await asyncio.to_thread(
             _until,
-            lambda: watcher.sentinel_get_master_addr_by_name(SERVICE)[1] == replica.port,
+            lambda: sentinel_group.current_primary_port() == replica.port,
             30,
             "the sentinels never promoted the replica",
         )
@@ -181,5 +148,4 @@ async def test_a_failover_under_load_loses_no_accepted_job(sentinel_group):
         running = False
         for task in clients:
             task.cancel()
-        watcher.close()
         await backend.close()

@@ -142,6 +142,20 @@ async def test_a_result_that_is_not_json_is_logged_not_raised(recorder, caplog):
     assert "not JSON" in caplog.text
 
 
+async def post_to(handle) -> list[dict]:
+    """A result posted (taking one job) to a gateway answering with `handle`."""
+    app = web.Application()
+    app.router.add_post("/done/{job}", handle)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        async with AsyncClientSession() as session:
+            url = str(server.make_url("/done/j?x=1"))
+            return await results.post_result(session, url, {"output": 1}, "j", True)
+    finally:
+        await server.close()
+
+
 @pytest.mark.parametrize(("status", "posts"), [(500, 3), (502, 3), (400, 1), (401, 1)])
 async def test_server_errors_are_retried_and_refusals_are_not(status, posts, monkeypatch):
     monkeypatch.setattr(results, "RESULT_BACKOFF_S", (0.0, 0.0))
@@ -151,16 +165,7 @@ async def test_server_errors_are_retried_and_refusals_are_not(status, posts, mon
         seen.append(await request.text())
         return web.json_response({"error": "no"}, status=status)
 
-    app = web.Application()
-    app.router.add_post("/done/{job}", handle)
-    server = TestServer(app)
-    await server.start_server()
-    try:
-        async with AsyncClientSession() as session:
-            url = str(server.make_url("/done/j?x=1"))
-            assert await results.post_result(session, url, {"output": 1}, "j", True) == []
-    finally:
-        await server.close()
+    assert await post_to(handle) == []
     assert len(seen) == posts
 
 
@@ -176,16 +181,7 @@ async def test_a_result_is_posted_again_while_the_gateway_answers_503(monkeypatc
             return web.json_response({"error": "unavailable"}, status=503)
         return web.json_response({"result": "accepted", "jobs": [{"id": "next", "input": {}}]})
 
-    app = web.Application()
-    app.router.add_post("/done/{job}", handle)
-    server = TestServer(app)
-    await server.start_server()
-    try:
-        async with AsyncClientSession() as session:
-            url = str(server.make_url("/done/j?x=1"))
-            handed = await results.post_result(session, url, {"output": 1}, "j", True)
-    finally:
-        await server.close()
+    handed = await post_to(handle)
     assert (len(seen), [job["id"] for job in handed]) == (7, ["next"])
 
 
