@@ -230,6 +230,10 @@ def _holds_jobs(gateway: GatewayProcess, worker: str) -> bool:
     return any(w["id"] == worker and w["jobs"] for w in workers)
 
 
+def wait_holding_jobs(gateway: GatewayProcess, worker: str, timeout: float = 60) -> None:
+    _wait(lambda: _holds_jobs(gateway, worker), timeout, f"{worker} never held a job")
+
+
 def _register(gateway: GatewayProcess, **config) -> None:
     gateway.register(
         "ep",

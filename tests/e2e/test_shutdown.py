@@ -11,9 +11,9 @@ import time
 import pytest
 
 from tests.e2e.conftest import TOKEN, serve_gateway
-from tests.e2e.test_faults import wait_holding_jobs
 from tests.gateway.conftest import backend_params
 from tests.processes import CLIENT_KEY, http_json, kill_group, start_worker
+from tests.scenarios import wait_holding_jobs
 
 TAKE_HOLD = 120  # seconds: the old exit path waited for a long-poll this long
 EXITS_WITHIN = 45  # seconds from SIGTERM: the job's 3 s plus start-up noise, far below the hold
