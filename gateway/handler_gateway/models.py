@@ -125,6 +125,19 @@ class EndpointConfig(BaseModel):
     heartbeatMisses: int = Field(
         3, ge=1, le=100, description="missed heartbeats after which a running job is re-queued"
     )
+    maxQueued: int | None = Field(
+        None,
+        ge=1,
+        le=100_000_000,
+        description="queued jobs beyond which /run and /runsync answer 429 (none: unbounded)",
+    )
+    maxInputBytes: int | None = Field(
+        None,
+        ge=1,
+        le=1024**3,
+        description="largest /run or /runsync request body, in bytes (413 beyond; none: the "
+        "gateway's --max-body-bytes)",
+    )
 
     @property
     def lost_after_s(self) -> float:

@@ -50,6 +50,10 @@ class NotFound(Exception):
     """An unknown endpoint or job (HTTP 404)."""
 
 
+class TooLarge(Exception):
+    """A request over its endpoint's size limit (HTTP 413)."""
+
+
 class Conflict(Exception):
     """The request does not fit the job's state (HTTP 409)."""
 
@@ -184,8 +188,17 @@ class Gateway:
             else:
                 self._results.pop(key, None)
 
-    async def submit(self, endpoint_id: str, request: RunRequest) -> JobRecord:
+    async def submit(
+        self, endpoint_id: str, request: RunRequest, size: int | None = None
+    ) -> JobRecord:
+        """Store a new job (handed at once to a take waiting here). `size`: the request body's
+        bytes, held to the endpoint's maxInputBytes; its maxQueued refuses it (QueueFull)."""
         config = await self.endpoint(endpoint_id)
+        if size is not None and config.maxInputBytes is not None and size > config.maxInputBytes:
+            raise TooLarge(
+                f"request body of {size} bytes is over endpoint '{endpoint_id}''s limit of "
+                f"{config.maxInputBytes} bytes (jobs.maxInputBytes)"
+            )
         policy = request.policy
         now = self.clock()
         extra: dict[str, Any] = {}
@@ -210,7 +223,7 @@ class Gateway:
         )
         taker = self._waiting_taker(endpoint_id)
         if taker is None:
-            await self.backend.create_job(change)
+            await self.backend.create_job(change, config.maxQueued)
             self._observe(change)
             return change.job
         # A worker long-polls here: store the job and take for it in one step.
@@ -219,7 +232,7 @@ class Gateway:
         started: list[JobRecord] = []
         try:
             _, changes, emptied = await self.backend.create_and_take(
-                change, taker.worker, taker.count, taker.capacity, now
+                change, taker.worker, taker.count, taker.capacity, now, config.maxQueued
             )
             if emptied and self.backend.notifier.version(queue) == before + 1:  # ours alone
                 self._emptied[endpoint_id] = (before + 1, self.clock())

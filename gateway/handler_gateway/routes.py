@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 from pydantic import BaseModel, ValidationError
 
-from handler_gateway.backends import Backend, BackendUnavailable
+from handler_gateway.backends import Backend, BackendUnavailable, QueueFull
 from handler_gateway.jobs import JobRecord, JobStatus
 from handler_gateway.keys import Keys, Verdict
 from handler_gateway.metrics import GatewayMetrics
@@ -37,7 +37,7 @@ from handler_gateway.models import (
     WorkerView,
 )
 from handler_gateway.openapi import build_openapi
-from handler_gateway.operations import Conflict, Gateway, NotFound, ResultPost, Timings
+from handler_gateway.operations import Conflict, Gateway, NotFound, ResultPost, Timings, TooLarge
 from handler_gateway.webhooks import WebhookSender
 
 log = logging.getLogger("handler_gateway")
@@ -115,6 +115,10 @@ def error_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
         return 401, str(exc), {"WWW-Authenticate": "Bearer"}
     if isinstance(exc, Forbidden):
         return 403, str(exc), {}
+    if isinstance(exc, QueueFull):
+        return 429, str(exc), {"Retry-After": "1"}
+    if isinstance(exc, TooLarge):
+        return 413, str(exc), {}
     if isinstance(exc, BackendUnavailable):
         return 503, f"queue backend unavailable, retry shortly: {exc}", {"Retry-After": "1"}
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
@@ -320,7 +324,7 @@ def _check(verdict: Verdict, needed: str, existing: bool = True) -> None:
 async def run(request: web.Request) -> web.Response:
     endpoint = await authorize_client(request)
     body = parse_model(RunRequest, await json_body(request))
-    job = await request.app[GATEWAY].submit(endpoint, body)
+    job = await request.app[GATEWAY].submit(endpoint, body, len(await request.read()))
     return web.json_response({"id": job.id, "status": job.status.value})
 
 
@@ -329,7 +333,7 @@ async def runsync(request: web.Request) -> web.Response:
     body = parse_model(RunRequest, await json_body(request))
     gateway = request.app[GATEWAY]
     wait = wait_query(request)
-    job = await gateway.submit(endpoint, body)
+    job = await gateway.submit(endpoint, body, len(await request.read()))
     job = await gateway.wait_terminal(endpoint, job.id, wait, submitted=job)
     if job.terminal:
         return web.json_response(job_view_dict(job))

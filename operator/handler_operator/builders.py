@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from handler_gateway.urls import worker_webhook_env
-from handler_operator.models import GROUP, HandlerDeployment
+from handler_operator.models import GROUP, HandlerDeployment, JobsSpec
 from handler_operator.settings import OperatorSettings
 
 WORKER_CONTAINER = "worker"
@@ -83,6 +83,21 @@ def worker_token(hd: HandlerDeployment, settings: OperatorSettings) -> str:
     message = f"{GROUP}/worker-token/v1/{hd.metadata.get('uid', '')}".encode()
     digest = hmac.new(settings.gateway_admin_key.encode(), message, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def build_endpoint_registration(jobs: JobsSpec, worker_token: str) -> dict[str, Any]:
+    """What the gateway is told of an endpoint (`PUT /admin/v1/endpoints/{id}`): its worker
+    token and the job defaults and limits of `spec.jobs` (unset limits left out)."""
+    registration = {
+        "workerToken": worker_token,
+        "executionTimeoutSeconds": jobs.executionTimeoutSeconds,
+        "ttlSeconds": jobs.ttlSeconds,
+        "maxRetries": jobs.maxRetries,
+        "heartbeatIntervalSeconds": jobs.heartbeatIntervalSeconds,
+        "maxQueued": jobs.maxQueued,
+        "maxInputBytes": jobs.maxInputBytes,
+    }
+    return {name: value for name, value in registration.items() if value is not None}
 
 
 def secret_name(hd: HandlerDeployment, settings: OperatorSettings) -> str:

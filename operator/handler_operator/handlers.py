@@ -155,17 +155,9 @@ async def reconcile_hd(
 
     settings: OperatorSettings = memo.settings
     token = builders.worker_token(hd, settings)
-    jobs = hd.spec.jobs
     try:
         await memo.gateway.put_endpoint(
-            hd.endpoint_id,
-            {
-                "workerToken": token,
-                "executionTimeoutSeconds": jobs.executionTimeoutSeconds,
-                "ttlSeconds": jobs.ttlSeconds,
-                "maxRetries": jobs.maxRetries,
-                "heartbeatIntervalSeconds": jobs.heartbeatIntervalSeconds,
-            },
+            hd.endpoint_id, builders.build_endpoint_registration(hd.spec.jobs, token)
         )
     except Unavailable as exc:
         await _write_status(

@@ -197,17 +197,8 @@ class DevRunner:
         except OSError as exc:
             await self._runner.cleanup()
             raise DevError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
-        jobs = self.target.hd.spec.jobs
-        await self.gateway.put_endpoint(
-            EndpointConfig(
-                id=self.endpoint,
-                workerToken=self.token,
-                executionTimeoutSeconds=jobs.executionTimeoutSeconds,
-                ttlSeconds=jobs.ttlSeconds,
-                maxRetries=jobs.maxRetries,
-                heartbeatIntervalSeconds=jobs.heartbeatIntervalSeconds,
-            )
-        )
+        registration = builders.build_endpoint_registration(self.target.hd.spec.jobs, self.token)
+        await self.gateway.put_endpoint(EndpointConfig(id=self.endpoint, **registration))
         self._mtimes = self._scan_sources()
 
     def stop(self) -> None:

@@ -314,6 +314,20 @@ class JobsSpec(_Spec):
     heartbeatIntervalSeconds: int = Field(
         5, ge=1, le=600, description="Worker heartbeat period (RUNPOD_PING_INTERVAL)."
     )
+    maxQueued: int | None = Field(
+        None,
+        ge=1,
+        le=100_000_000,
+        description="Queued jobs beyond which /run and /runsync answer 429 with Retry-After "
+        "(unset: unbounded).",
+    )
+    maxInputBytes: int | None = Field(
+        None,
+        ge=1,
+        le=1024**3,
+        description="Largest /run or /runsync request body in bytes; larger ones get 413 "
+        "(unset: the gateway's own limit).",
+    )
 
 
 class ImagePullSecret(_Spec):

@@ -7,8 +7,10 @@ import time
 import urllib.request
 
 import pytest
+import requests
 
 from tests.conftest import EXAMPLES
+from tests.e2e.conftest import TOKEN
 from tests.processes import http_json
 
 
@@ -95,3 +97,17 @@ def test_purge_queue(endpoint):
     for n in range(3):
         endpoint.run({"n": n})
     assert endpoint.purge_queue() == {"removed": 3, "status": "completed"}
+
+
+def test_a_full_queue_reaches_the_runpod_client_as_429_with_our_error(endpoint, gateway):
+    """jobs.maxQueued through the unmodified client: `run` raises requests' HTTPError for 429,
+    whose response carries Retry-After and our JSON error."""
+    gateway.register("ep", TOKEN, maxQueued=2)
+    endpoint.run({"n": 1})
+    endpoint.run({"n": 2})
+    with pytest.raises(requests.HTTPError) as refused:
+        endpoint.run({"n": 3})
+    response = refused.value.response
+    assert (response.status_code, response.headers["Retry-After"]) == (429, "1")
+    assert "jobs.maxQueued" in response.json()["error"]
+    assert endpoint.health()["jobs"]["inQueue"] == 2

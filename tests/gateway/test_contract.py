@@ -745,3 +745,32 @@ async def test_chunks_and_progress_of_an_earlier_delivery_are_ignored_and_counte
     assert (await api.status(job_id))["output"] == ["fresh", "sdk"]
     counters = await api.gateway.backend.counters(api.endpoint)
     assert counters["ignoredResults"] == 2
+
+
+@pytest.mark.parametrize("route", ["run", "runsync"])
+async def test_a_full_queue_answers_429_and_keeps_nothing_of_the_refused_job(api, route):
+    """jobs.maxQueued: beyond it a submit gets 429 with Retry-After, and nothing of it is
+    stored (counted, queued or findable); once a worker takes one, submits are served again."""
+    await api.register(maxQueued=2)
+    queued = [await api.run({"n": n}) for n in range(2)]
+    refused = await api.client.post(
+        f"/v2/{api.endpoint}/{route}?wait=0", json={"input": {}}, headers=api.client_headers()
+    )
+    assert (refused.status, refused.headers["Retry-After"]) == (429, "1")
+    assert "jobs.maxQueued" in (await refused.json())["error"]
+    assert (await api.health())["jobs"]["inQueue"] == 2
+    assert await api.gateway.backend.queued_job_ids(api.endpoint, 10) == queued
+    await api.take("w1")
+    assert await api.run({"n": 3})
+    assert (await api.health())["jobs"]["inQueue"] == 2
+
+
+async def test_a_submit_over_the_endpoints_input_limit_answers_413(api):
+    await api.register(maxInputBytes=200)
+    assert await api.run({"text": "x" * 100})
+    refused = await api.client.post(
+        f"/v2/{api.endpoint}/run", json={"input": {"text": "x" * 300}}, headers=api.client_headers()
+    )
+    assert refused.status == 413
+    assert "jobs.maxInputBytes" in (await refused.json())["error"]
+    assert (await api.health())["jobs"]["inQueue"] == 1

@@ -10,8 +10,9 @@ import jsonschema
 import pytest
 import yaml
 
+from handler_gateway.models import EndpointConfig
 from handler_operator import builders
-from handler_operator.models import HandlerDeployment
+from handler_operator.models import HandlerDeployment, JobsSpec
 from handler_operator.settings import OperatorSettings
 from tests.conftest import EXAMPLES
 from tests.operator.conftest import EXAMPLE_CRS, GOLDEN, load_cr, parse_cr
@@ -554,3 +555,22 @@ def test_a_deployment_says_which_secret_its_workers_read():
         deployment, builders.secret_name(with_uid("u-2"), SETTINGS)
     )
     assert not builders.references_secret(None, builders.secret_name(hd, SETTINGS))
+
+
+@pytest.mark.parametrize(
+    ("jobs", "limits"),
+    [
+        ({}, {}),
+        (
+            {"maxQueued": 500, "maxInputBytes": 1048576},
+            {"maxQueued": 500, "maxInputBytes": 1048576},
+        ),
+    ],
+    ids=["unbounded", "limits"],
+)
+def test_the_gateway_is_told_the_jobs_defaults_and_the_limits_set(jobs, limits):
+    registration = builders.build_endpoint_registration(JobsSpec(**jobs), "t" * 20)
+    assert {
+        k: registration[k] for k in ("maxQueued", "maxInputBytes") if k in registration
+    } == limits
+    EndpointConfig(**registration)  # what the gateway accepts

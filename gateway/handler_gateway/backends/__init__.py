@@ -24,6 +24,17 @@ class BackendUnavailable(Exception):
     """The backend (Redis) cannot be reached; the request must be retried later (HTTP 503)."""
 
 
+class QueueFull(Exception):
+    """A new job was refused: its endpoint already has `limit` jobs queued (HTTP 429)."""
+
+    def __init__(self, endpoint: str, limit: int):
+        super().__init__(
+            f"endpoint '{endpoint}' has {limit} jobs queued, its limit (jobs.maxQueued): "
+            "retry later"
+        )
+        self.endpoint, self.limit = endpoint, limit
+
+
 @dataclass
 class WorkerRecord:
     id: str
@@ -162,8 +173,9 @@ class Backend(ABC):
 
     # -- jobs --------------------------------------------------------------------------------
     @abstractmethod
-    async def create_job(self, change: Change) -> None:
-        """Store a new job and enqueue it (a `jobs.new_job` change)."""
+    async def create_job(self, change: Change, max_queued: int | None = None) -> None:
+        """Store a new job and enqueue it (a `jobs.new_job` change); with `max_queued`, raise
+        QueueFull instead, atomically, when that many jobs are queued already."""
 
     @abstractmethod
     async def get_job(self, endpoint: str, job_id: str) -> JobRecord | None: ...
@@ -184,11 +196,17 @@ class Backend(ABC):
         """
 
     async def create_and_take(
-        self, change: Change, worker: str, count: int, capacity: int | None, now: float
+        self,
+        change: Change,
+        worker: str,
+        count: int,
+        capacity: int | None,
+        now: float,
+        max_queued: int | None = None,
     ) -> Take:
-        """`create_job(change)`, then `take_jobs(...)`, as one atomic step where the backend
-        can (a submit handed straight to a waiting worker; the queue's order still holds)."""
-        await self.create_job(change)
+        """`create_job(change, max_queued)`, then `take_jobs(...)`, as one atomic step where the
+        backend can (a submit handed straight to a waiting worker; the queue's order holds)."""
+        await self.create_job(change, max_queued)
         return await self.take_jobs(change.job.endpoint, worker, count, capacity, now)
 
     @abstractmethod

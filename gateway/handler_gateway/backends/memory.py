@@ -12,6 +12,7 @@ from handler_gateway import jobs
 from handler_gateway.backends import (
     Backend,
     Notifier,
+    QueueFull,
     Take,
     Transition,
     WorkerPoll,
@@ -100,10 +101,12 @@ class MemoryBackend(Backend):
         for channel in change_channels(change):
             self.notifier.notify(channel)
 
-    async def create_job(self, change: Change) -> None:
+    async def create_job(self, change: Change, max_queued: int | None = None) -> None:
         state = self._state(change.job.endpoint)
         if state is None:
             raise KeyError(change.job.endpoint)
+        if max_queued is not None and state.counters.get("inQueue", 0) >= max_queued:
+            raise QueueFull(change.job.endpoint, max_queued)
         self._apply(state, None, change)
 
     async def get_job(self, endpoint: str, job_id: str) -> JobRecord | None:

@@ -34,6 +34,7 @@ from handler_gateway.backends import (
     Backend,
     BackendUnavailable,
     Notifier,
+    QueueFull,
     Take,
     Transition,
     WorkerPoll,
@@ -54,6 +55,8 @@ SCHEMA = "2"
 ORIGIN_MARK = "|"
 # Records this replica last wrote or took, kept to apply the next transition in one round trip.
 CACHED_RECORDS = 10_000
+# APPLY's answer to a new job beyond its endpoint's jobs.maxQueued.
+QUEUE_FULL = 2
 # How long a submit waits for replicas to acknowledge its job (see RedisBackend._replicated).
 WAIT_TIMEOUT_MS = 1000
 # After replicas fell short, how long submits wait only for as many as answered.
@@ -76,7 +79,8 @@ end
 
 # Store one job change if the record is still at the revision it was computed from ('' : the
 # record must not exist). On a conflict, answers the record as it is now, so the caller can
-# compute again without another read. KEYS: job, input, chunks, queue, active, counters,
+# compute again without another read; a new job beyond `max_queued` queued ones answers {2, 0}.
+# KEYS: job, input, chunks, queue, active, counters,
 # activity, dead letters, released worker's jobs, assigned worker's jobs, stopped worker's stops.
 # ARGV: expected revision, effects (JSON), the fields (a JSON object of each field's JSON).
 APPLY_FUNCTION = (
@@ -89,6 +93,9 @@ if (ARGV[1] == '' and rev) or (ARGV[1] ~= '' and rev ~= ARGV[1]) then
   return {0, redis.call('HGETALL', job)}
 end
 local e = cjson.decode(ARGV[2])
+if e.max_queued and tonumber(redis.call('HGET', KEYS[6], 'inQueue') or '0') >= e.max_queued then
+  return {2, 0}
+end
 local id = e.id
 rev = redis.call('HINCRBY', job, 'rev', 1)
 local pairs_ = {}
@@ -229,7 +236,7 @@ CREATE_TAKE = (
     + TAKE_FUNCTION
     + """
 local applied = apply({unpack(KEYS, 1, 11)}, {unpack(ARGV, 1, 3)})
-if applied[1] == 0 then return {applied} end
+if applied[1] ~= 1 then return {applied} end
 return {applied, take({unpack(KEYS, 12, 19)}, {unpack(ARGV, 4, 18)})}
 """
 )
@@ -277,6 +284,7 @@ class ApplyCall(NamedTuple):
     keys: list[str]
     args: list[str]
     channels: list[str]
+    max_queued: int | None = None  # a new job's: refused beyond this many queued
 
 
 # A job to create in the next batch: its change, APPLY's keys and arguments, and whether stored.
@@ -410,7 +418,9 @@ class RedisBackend(Backend):
         return [EndpointConfig.model_validate_json(value) for value in raw.values()]
 
     # -- jobs --------------------------------------------------------------------------------
-    def _effects(self, change: Change, expected: str, channels: list[str]) -> dict[str, Any]:
+    def _effects(
+        self, change: Change, expected: str, channels: list[str], max_queued: int | None = None
+    ) -> dict[str, Any]:
         """The script's view of `change.effects` and of what the new status implies for keys
         (`channels`: the change's notifications)."""
         job, effects = change.job, change.effects
@@ -427,6 +437,8 @@ class RedisBackend(Backend):
             out["listeners"] = self._mine()
         if created:  # a new job: nothing to expire, persist or deactivate yet
             out["input"] = json.dumps(job.input)
+            if max_queued is not None:
+                out["max_queued"] = max_queued
         elif job.terminal and not effects.dead_letter:
             out["expire_ms"] = str(int(job.expires_at * 1000))
         elif effects.enqueue:  # back in line after a result's expiry was set
@@ -450,7 +462,9 @@ class RedisBackend(Backend):
                 out[key] = True
         return out
 
-    def _apply_call(self, change: Change, expected: str) -> ApplyCall:
+    def _apply_call(
+        self, change: Change, expected: str, max_queued: int | None = None
+    ) -> ApplyCall:
         """APPLY's keys and arguments for `change`, and the channels it notifies."""
         job, effects = change.job, change.effects
         endpoint, job_id = job.endpoint, job.id
@@ -472,8 +486,9 @@ class RedisBackend(Backend):
         if not expected:  # a new hash: a field left out reads as its default, null
             fields = {name: value for name, value in fields.items() if value != "null"}
         channels = change_channels(change)
-        effects = self._effects(change, expected, channels)
-        return ApplyCall(keys, [expected, json.dumps(effects), json.dumps(fields)], channels)
+        effects = self._effects(change, expected, channels, max_queued)
+        args = [expected, json.dumps(effects), json.dumps(fields)]
+        return ApplyCall(keys, args, channels, max_queued)
 
     async def _apply(self, change: Change, expected: str) -> tuple[bool, Any]:
         """Run APPLY for `change`: (True, new revision) or (False, the record's fields now)."""
@@ -520,13 +535,13 @@ class RedisBackend(Backend):
         values = {name: json.loads(value) for name, value in fields.items()}
         return rev, JobRecord.model_validate(values)
 
-    async def create_job(self, change: Change) -> None:
+    async def create_job(self, change: Change, max_queued: int | None = None) -> None:
         """Stored in one round trip with the other jobs submitted on this replica meanwhile (a
         group commit): a batch takes the submits that the event loop's next turns parse (as
         long as they bring any, up to GATHER_TURNS), which costs a lone submit nothing
         measurable, and is sent without waiting for the batches before it (the pipe keeps
         their order)."""
-        call = self._apply_call(change, "")
+        call = self._apply_call(change, "", max_queued)
         stored = asyncio.get_running_loop().create_future()
         self._creating.append((change, call, stored))
         if self._creator is None or self._creator.done():
@@ -563,9 +578,11 @@ class RedisBackend(Backend):
         for (change, call, stored), (done, _rev) in zip(batch, replies, strict=True):
             if stored.done():
                 continue
-            if done:
+            if done == 1:
                 self._notify_here(call.channels)
                 stored.set_result(None)
+            elif done == QUEUE_FULL:
+                stored.set_exception(QueueFull(change.job.endpoint, call.max_queued or 0))
             else:
                 stored.set_exception(RuntimeError(f"job id {change.job.id} already exists"))
 
@@ -708,13 +725,21 @@ class RedisBackend(Backend):
         return self._taken(await self._script("take", keys, args), worker, now)
 
     async def create_and_take(
-        self, change: Change, worker: str, count: int, capacity: int | None, now: float
+        self,
+        change: Change,
+        worker: str,
+        count: int,
+        capacity: int | None,
+        now: float,
+        max_queued: int | None = None,
     ) -> Take:
-        call = self._apply_call(change, "")
+        call = self._apply_call(change, "", max_queued)
         take_keys, take_args = self._take_call(change.job.endpoint, worker, count, capacity, now)
         await self._ensure_schema()
         reply = await self._script("create_take", call.keys + take_keys, call.args + take_args)
-        if not reply[0][0]:
+        if reply[0][0] == QUEUE_FULL and max_queued is not None:
+            raise QueueFull(change.job.endpoint, max_queued)
+        if reply[0][0] != 1:
             raise RuntimeError(f"job id {change.job.id} already exists")
         await self._replicated(1)
         self._notify_here(call.channels)
