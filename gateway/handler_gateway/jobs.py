@@ -36,7 +36,14 @@ STATUS_COUNTERS = {
     JobStatus.CANCELLED: "cancelled",
     JobStatus.TIMED_OUT: "timedOut",
 }
-COUNTERS = (*STATUS_COUNTERS.values(), "retried", "ignoredResults", "deadLettered")
+# inQueueLow: the queued jobs (counted in inQueue too) that are low priority.
+COUNTERS = (
+    *STATUS_COUNTERS.values(),
+    "inQueueLow",
+    "retried",
+    "ignoredResults",
+    "deadLettered",
+)
 
 # Errors the gateway itself puts on jobs.
 LOST_WORKER_ERROR = "worker {worker} stopped sending heartbeats while running the job"
@@ -80,6 +87,12 @@ class JobRecord(BaseModel):
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def low_priority(self) -> bool:
+        """`policy.lowPriority`: queued apart, taken only when no other job waits, and no
+        reason to scale up on its own."""
+        return bool(self.extra.get("lowPriority"))
 
     @property
     def expires_at(self) -> float:
@@ -145,6 +158,10 @@ def _change(
     effects = effects or Effects()
     for name, delta in status_counter_deltas(old.status, new.status).items():
         effects.count(name, delta)
+    if new.low_priority and old.status != new.status == JobStatus.IN_QUEUE:
+        effects.count("inQueueLow")
+    if old.low_priority and new.status != old.status == JobStatus.IN_QUEUE:
+        effects.count("inQueueLow", -1)
     return Change(new, effects, note)
 
 
@@ -173,6 +190,8 @@ def new_job(
     )
     effects = Effects(enqueue=True, activity=True)
     effects.count("inQueue")
+    if job.low_priority:
+        effects.count("inQueueLow")
     return Change(job, effects, "submitted")
 
 

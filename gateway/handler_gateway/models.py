@@ -167,7 +167,13 @@ class WorkerView(BaseModel):
 class QueueFigures(BaseModel):
     inQueue: int
     inProgress: int
-    load: int = Field(0, description="inQueue + inProgress: what the autoscalers scale on")
+    lowPriorityQueued: int = Field(
+        0, description="queued low-priority jobs (in inQueue too): no reason to scale up alone"
+    )
+    load: int = Field(
+        0,
+        description="inQueue - lowPriorityQueued + inProgress: what the autoscalers scale on",
+    )
     workers: HealthWorkers
     workerStates: dict[str, str] = Field(description="worker id -> idle | running | draining")
     workerJobs: dict[str, int] = Field(

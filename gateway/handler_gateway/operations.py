@@ -619,11 +619,13 @@ class Gateway:
         for endpoint_id, config in configs.items():
             live = self._live_workers(await self.backend.get_workers(endpoint_id), config, now)
             queued = counters[endpoint_id].get("inQueue", 0)
+            low = min(queued, max(0, counters[endpoint_id].get("inQueueLow", 0)))
             running = counters[endpoint_id].get("inProgress", 0)
             figures[endpoint_id] = QueueFigures(
                 inQueue=queued,
                 inProgress=running,
-                load=queued + running,
+                lowPriorityQueued=low,
+                load=queued - low + running,
                 workers=self._worker_counts(live),
                 workerStates={worker.id: worker.state for worker in live},
                 workerJobs={worker.id: len(worker.jobs) for worker in live},

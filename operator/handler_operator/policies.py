@@ -50,6 +50,7 @@ class Observation:
     queued: int
     in_progress: int
     replicas: int  # the worker Deployment's spec.replicas (pending pods included)
+    low_queued: int = 0  # of `queued`, low-priority: they wait for capacity, never bring it
     pods: tuple[PodView, ...] = ()
     worker_jobs: Mapping[str, int] = field(default_factory=dict)  # worker id -> jobs held
     draining: frozenset[str] = frozenset()  # workers the gateway has as draining
@@ -122,13 +123,17 @@ def _unschedulable(obs: Observation) -> bool:
 
 def _recommend(obs: Observation, spec: ScalingSpec, state: ScalerState, now: float):
     """(recommended replicas before stabilization, reason, message, idle long enough)."""
-    load = obs.queued + obs.in_progress
-    needed = load_replicas(obs.queued, obs.in_progress, spec.targetQueuePerWorker)
-    figures = (
-        f"{obs.queued} queued + {obs.in_progress} running, {spec.targetQueuePerWorker} per worker"
+    queued = max(0, obs.queued - obs.low_queued)  # low-priority jobs bring no worker
+    load = queued + obs.in_progress
+    needed = load_replicas(queued, obs.in_progress, spec.targetQueuePerWorker)
+    waiting = (
+        f"; {obs.low_queued} low-priority job(s) waiting for capacity (they scale nothing up)"
+        if obs.low_queued
+        else ""
     )
+    figures = f"{queued} queued + {obs.in_progress} running, {spec.targetQueuePerWorker} per worker"
     if load > 0:
-        return _clamp(needed, spec), figures, False
+        return _clamp(needed, spec), figures + waiting, False
     since = obs.last_activity if obs.last_activity is not None else state.first_seen
     idle_for = now - since if since is not None else math.inf
     # Messages name fixed times, not durations: a status write only when something changed.
@@ -136,12 +141,12 @@ def _recommend(obs: Observation, spec: ScalingSpec, state: ScalerState, now: flo
     if idle_for >= spec.scaleToZeroAfterSeconds:
         return (
             spec.minReplicas,
-            f"{idle} (scaleToZeroAfterSeconds={spec.scaleToZeroAfterSeconds})",
+            f"{idle} (scaleToZeroAfterSeconds={spec.scaleToZeroAfterSeconds}){waiting}",
             True,
         )
     # Idle, but not for long: keep one worker warm until scaleToZeroAfterSeconds.
     keep = 1 if obs.replicas > 0 else 0
-    return _clamp(keep, spec), f"{idle}, keeping a warm worker", False
+    return _clamp(keep, spec), f"{idle}, keeping a warm worker{waiting}", False
 
 
 def _clock(epoch: float | None) -> str:

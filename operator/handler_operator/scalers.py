@@ -222,6 +222,7 @@ class Scaler:
         obs = Observation(
             queued=figures.get("inQueue", 0),
             in_progress=figures.get("inProgress", 0),
+            low_queued=figures.get("lowPriorityQueued", 0),
             replicas=target.replicas,
             pods=tuple(v for v in views if v is not None),
             worker_jobs=figures.get("workerJobs") or {},

@@ -774,3 +774,39 @@ async def test_a_submit_over_the_endpoints_input_limit_answers_413(api):
     assert refused.status == 413
     assert "jobs.maxInputBytes" in (await refused.json())["error"]
     assert (await api.health())["jobs"]["inQueue"] == 1
+
+
+async def queue_figures(api) -> dict:
+    response = await api.client.get(
+        f"/admin/v1/endpoints/{api.endpoint}/queue", headers=api.admin_headers()
+    )
+    assert response.status == 200
+    return await response.json()
+
+
+async def test_a_low_priority_job_runs_only_when_no_other_job_waits(api):
+    """policy.lowPriority, as RunPod documents it: queued apart, taken once no normal job
+    waits, counted in inQueue but not in the load the autoscalers scale on."""
+    low = [await api.run({"n": n}, policy={"lowPriority": True}) for n in range(2)]
+    normal = [await api.run({"n": n}) for n in range(2)]
+    figures = await queue_figures(api)
+    assert (figures["inQueue"], figures["lowPriorityQueued"], figures["load"]) == (4, 2, 2)
+    taken = [(await api.take("w1"))["id"] for _ in range(3)]
+    assert taken == [*normal, low[0]]
+    figures = await queue_figures(api)
+    assert (figures["inQueue"], figures["lowPriorityQueued"], figures["load"]) == (1, 1, 3)
+    assert await api.gateway.backend.queued_job_ids(api.endpoint, 10) == [low[1]]
+    purged = await api.client.post(f"/v2/{api.endpoint}/purge-queue", headers=api.client_headers())
+    assert (await purged.json())["removed"] == 1
+    assert (await queue_figures(api))["lowPriorityQueued"] == 0
+
+
+async def test_a_lost_low_priority_job_goes_back_to_the_head_of_its_own_queue(api):
+    await api.register(heartbeatIntervalSeconds=0.2, heartbeatMisses=2)
+    low = await api.run({}, policy={"lowPriority": True})
+    assert (await api.take("w1"))["id"] == low
+    later = await api.run({}, policy={"lowPriority": True})
+    await api.wait_status(low, "IN_QUEUE")  # w1 went silent
+    normal = await api.run({})
+    assert (await queue_figures(api))["lowPriorityQueued"] == 2
+    assert [(await api.take("w2"))["id"] for _ in range(3)] == [normal, low, later]

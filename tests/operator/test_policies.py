@@ -30,6 +30,33 @@ def ready(*names: str, created: float = 0.0) -> tuple[PodView, ...]:
     return tuple(PodView(name, "ready", created) for name in names)
 
 
+# -- low-priority jobs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("queued", "low", "running", "replicas", "minimum", "expected"),
+    [
+        (3, 3, 0, 0, 0, 0),  # low-priority alone: no worker from zero
+        (3, 3, 0, 0, 1, 1),  # ... but minReplicas serves them
+        (5, 3, 0, 0, 0, 2),  # the normal jobs bring workers; the low ones wait for them
+        (3, 3, 2, 2, 0, 2),  # workers running low-priority jobs are kept
+    ],
+    ids=["alone", "min-replicas", "with-normal-jobs", "running-them"],
+)
+def test_low_priority_jobs_never_scale_up_on_their_own(
+    queued, low, running, replicas, minimum, expected
+):
+    pods = ready(*[f"w{n}" for n in range(replicas)])
+    decision = compute_desired_replicas(
+        Observation(queued, running, replicas, pods=pods, low_queued=low, last_activity=99.0),
+        spec(minReplicas=minimum),
+        ScalerState(),
+        now=100.0,
+    )
+    assert decision.desired == expected
+    assert f"{low} low-priority job(s) waiting for capacity" in decision.message
+
+
 # -- scale-up ------------------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ class _EndpointState:
         self.config = config
         self.jobs: dict[str, JobRecord] = {}
         self.queue: deque[str] = deque()
+        self.low_queue: deque[str] = deque()  # low-priority jobs: taken when `queue` is empty
         self.active: set[str] = set()
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.chunks: dict[str, list[Any]] = {}
@@ -38,6 +39,17 @@ class _EndpointState:
         self.stops: dict[str, dict[str, float]] = {}
         self.dead: list[str] = []
         self.activity: float | None = None
+
+    def queue_of(self, job: JobRecord) -> deque[str]:
+        return self.low_queue if job.low_priority else self.queue
+
+    def next_queued(self) -> str | None:
+        """The id at the head of the queues (the low-priority one only when the other is
+        empty), popped; None when both are empty."""
+        for queue in (self.queue, self.low_queue):
+            if queue:
+                return queue.popleft()
+        return None
 
 
 class MemoryBackend(Backend):
@@ -76,9 +88,9 @@ class MemoryBackend(Backend):
         else:
             state.active.discard(job.id)
         if effects.enqueue and effects.to_head:
-            state.queue.appendleft(job.id)
+            state.queue_of(job).appendleft(job.id)
         elif effects.enqueue:
-            state.queue.append(job.id)
+            state.queue_of(job).append(job.id)
         for name, delta in effects.counters.items():
             state.counters[name] = state.counters.get(name, 0) + delta
         if effects.release_worker and effects.release_worker in state.workers:
@@ -131,19 +143,21 @@ class MemoryBackend(Backend):
         state = self._state(endpoint)
         changes: list[Change] = []
         started = 0
-        while state and state.queue and started < allowed and not (poll.draining or poll.leaving):
-            job = state.jobs.get(state.queue.popleft())
+        while state and started < allowed and not (poll.draining or poll.leaving):
+            if (job_id := state.next_queued()) is None:
+                break
+            job = state.jobs.get(job_id)
             change = jobs.start(job, worker, now) if job is not None else None
             if change is None:
                 continue
             self._apply(state, job, change)
             changes.append(change)
             started += change.job.status == JobStatus.IN_PROGRESS
-        return Take(poll, changes, not (state and state.queue))
+        return Take(poll, changes, not (state and (state.queue or state.low_queue)))
 
     async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
         state = self._state(endpoint)
-        return list(state.queue)[:limit] if state else []
+        return [*state.queue, *state.low_queue][:limit] if state else []
 
     async def active_job_ids(self, endpoint: str) -> list[str]:
         state = self._state(endpoint)
@@ -152,8 +166,8 @@ class MemoryBackend(Backend):
     async def purge_queue(self, endpoint: str, transition: Transition) -> list[Change]:
         state = self._state(endpoint)
         changes: list[Change] = []
-        while state and state.queue:
-            job = state.jobs.get(state.queue.popleft())
+        while state and (job_id := state.next_queued()) is not None:
+            job = state.jobs.get(job_id)
             change = transition(job) if job is not None else None
             if change is not None:
                 self._apply(state, job, change)

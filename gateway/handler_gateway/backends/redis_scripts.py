@@ -133,7 +133,8 @@ end
 # from the queue head (no more than `capacity` held), as `jobs.start` does: a job whose ttl
 # passed while queued times out instead. Answers held, draining, leaving, how many stay queued
 # (1 when not looked), then per job popped in a startable state {id, input, fields as they
-# were}. KEYS: workers, the worker's jobs, draining, leaving, queue, active, counters, activity. ARGV: worker, now, count, capacity
+# were}; the low-priority queue only once the other is empty. KEYS: workers, the worker's jobs,
+# draining, leaving, queue, active, counters, activity, low-priority queue. ARGV: worker, now, count, capacity
 # (-1: none), worker as JSON, job key prefix, input key prefix, chunks key prefix, endpoint,
 # notify channel, job channel prefix, ttl error text before and after the seconds, result
 # retention seconds, this replica's subscriptions (see `listening`).
@@ -151,7 +152,8 @@ local capacity = tonumber(ARGV[4])
 if capacity >= 0 then allowed = math.min(allowed, capacity - held) end
 local started = 0
 while started < allowed do
-  local id = redis.call('LPOP', KEYS[5])
+  local id, low = redis.call('LPOP', KEYS[5]), false
+  if not id then id, low = redis.call('LPOP', KEYS[9]), true end
   if not id then break end
   local key = ARGV[6] .. id
   local fields = redis.call('HGETALL', key)
@@ -166,6 +168,7 @@ while started < allowed do
       redis.call('HSET', key, 'status', '"TIMED_OUT"', 'finished_at', ARGV[2],
         'error', cjson.encode(message))
       redis.call('HINCRBY', KEYS[7], 'inQueue', -1)
+      if low then redis.call('HINCRBY', KEYS[7], 'inQueueLow', -1) end
       redis.call('HINCRBY', KEYS[7], 'timedOut', 1)
       local expire_ms = string.format('%d',
         math.floor(math.max(created + ttl, now + tonumber(ARGV[14])) * 1000))
@@ -180,13 +183,14 @@ while started < allowed do
       redis.call('SADD', KEYS[6], id)
       redis.call('SADD', KEYS[2], id)
       redis.call('HINCRBY', KEYS[7], 'inQueue', -1)
+      if low then redis.call('HINCRBY', KEYS[7], 'inQueueLow', -1) end
       redis.call('HINCRBY', KEYS[7], 'inProgress', 1)
       active_at(KEYS[8], ARGV[9], ARGV[2])
       started = started + 1
     end
   end
 end
-out[4] = redis.call('LLEN', KEYS[5])
+out[4] = redis.call('LLEN', KEYS[5]) + redis.call('LLEN', KEYS[9])
 return out
 end
 """
@@ -237,7 +241,7 @@ CREATE_TAKE = (
     + """
 local applied = apply({unpack(KEYS, 1, 11)}, {unpack(ARGV, 1, 3)})
 if applied[1] ~= 1 then return {applied} end
-return {applied, take({unpack(KEYS, 12, 19)}, {unpack(ARGV, 4, 18)})}
+return {applied, take({unpack(KEYS, 12, 20)}, {unpack(ARGV, 4, 18)})}
 """
 )
 
@@ -473,7 +477,7 @@ class RedisBackend(Backend):
             base + "job:" + job_id,
             base + "input:" + job_id,
             base + "chunks:" + job_id,
-            base + "queue",
+            base + ("lowqueue" if job.low_priority else "queue"),
             base + "active",
             base + "counters",
             self._activity_key,
@@ -671,6 +675,7 @@ class RedisBackend(Backend):
             self._k(endpoint, "active"),
             self._k(endpoint, "counters"),
             self._activity_key,
+            self._k(endpoint, "lowqueue"),
         ]
         args = [
             worker,
@@ -746,29 +751,41 @@ class RedisBackend(Backend):
         created = {change.job.id: (str(reply[0][1]), change.job)}  # as the script stored it
         return self._taken(reply[1], worker, now, created)
 
+    def _queues(self, endpoint: str) -> list[str]:
+        """The endpoint's queue keys, in the order takes serve them."""
+        return [self._k(endpoint, "queue"), self._k(endpoint, "lowqueue")]
+
     async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
         await self._ensure_schema()
-        return list(await self.redis.lrange(self._k(endpoint, "queue"), 0, limit - 1))
+        found: list[str] = []
+        for queue in self._queues(endpoint):
+            found += await self.redis.lrange(queue, 0, limit - len(found) - 1)
+            if len(found) >= limit:
+                break
+        return found
 
     async def expired_queued_ids(self, endpoint: str, now: float, limit: int) -> list[str]:
-        """One round trip: the script looks at the records where they are."""
+        """A round trip per queue: the script looks at the records where they are."""
         await self._ensure_schema()
-        keys, args = [self._k(endpoint, "queue")], [self._k(endpoint, "job", ""), repr(now), limit]
-        return list(await self._script("expired_queued", keys, args))
+        args = [self._k(endpoint, "job", ""), repr(now), limit]
+        found: list[str] = []
+        for queue in self._queues(endpoint):
+            found += await self._script("expired_queued", [queue], args)
+        return found
 
     async def active_job_ids(self, endpoint: str) -> list[str]:
         return list(await self.redis.smembers(self._k(endpoint, "active")))
 
     async def purge_queue(self, endpoint: str, transition: Transition) -> list[Change]:
         await self._ensure_schema()
-        queue = self._k(endpoint, "queue")
         changes: list[Change] = []
-        while job_ids := await self.redis.lrange(queue, 0, 499):
-            for job_id in job_ids:  # cancelled first: a crash in between leaves it queued
-                change = await self.update_job(endpoint, job_id, transition)
-                if change is not None:
-                    changes.append(change)
-                await self.redis.lrem(queue, 1, job_id)
+        for queue in self._queues(endpoint):
+            while job_ids := await self.redis.lrange(queue, 0, 499):
+                for job_id in job_ids:  # cancelled first: a crash in between leaves it queued
+                    change = await self.update_job(endpoint, job_id, transition)
+                    if change is not None:
+                        changes.append(change)
+                    await self.redis.lrem(queue, 1, job_id)
         return changes
 
     # -- older layouts -------------------------------------------------------------------------
