@@ -70,6 +70,26 @@ class JobView(BaseModel):
     workerId: str | None = None
 
 
+class JobSummary(BaseModel):
+    """A job as the listing shows it (`GET /v2/{endpoint}/jobs`): no input, output or error."""
+
+    id: str
+    status: str
+    createdAt: float = Field(description="when it was submitted (Unix time, seconds)")
+    delayTime: int | None = None
+    executionTime: int | None = None
+    workerId: str | None = None
+    retries: int | None = None
+    lowPriority: bool | None = None
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+    nextCursor: str | None = Field(
+        None, description="pass as ?cursor= for the next (older) page; absent: no more"
+    )
+
+
 class StreamChunk(BaseModel):
     output: Any
 

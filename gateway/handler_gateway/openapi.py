@@ -73,6 +73,14 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
     ("get", "/v2/{endpoint}/health", "Job and worker counts", None, models.Health, CLIENT),
     (
         "get",
+        "/v2/{endpoint}/jobs",
+        "The endpoint's jobs kept (within their ttl), newest first; ?status=&limit=&cursor=",
+        None,
+        models.JobList,
+        CLIENT,
+    ),
+    (
+        "get",
         "/v2/{endpoint}/job-take/{worker}",
         "Long-poll for one job (204: none)",
         None,

@@ -50,6 +50,11 @@ class NotFound(Exception):
     """An unknown endpoint or job (HTTP 404)."""
 
 
+# A job listing page reads the backend LIST_PAGE jobs at a time, LIST_SCAN at most.
+LIST_PAGE = 200
+LIST_SCAN = 2000
+
+
 class TooLarge(Exception):
     """A request over its endpoint's size limit (HTTP 413)."""
 
@@ -264,6 +269,31 @@ class Gateway:
             await self.endpoint(endpoint_id)
             raise NotFound(f"job '{job_id}' not found in endpoint '{endpoint_id}'")
         return job
+
+    async def list_jobs(
+        self,
+        endpoint_id: str,
+        status: JobStatus | None,
+        limit: int,
+        after: tuple[float, str] | None = None,
+    ) -> tuple[list[JobRecord], tuple[float, str] | None]:
+        """The endpoint's kept jobs, newest first, with `status` (None: any), up to `limit`,
+        older than the job `after` names; and where the next page starts (None: no more). A
+        page looks at LIST_SCAN jobs at most, so a rare status may take several pages."""
+        await self.endpoint(endpoint_id)
+        found: list[JobRecord] = []
+        scanned = 0
+        while scanned < LIST_SCAN:
+            page = await self.backend.recent_jobs(endpoint_id, after, LIST_PAGE)
+            if not page:
+                return found, None
+            for job in page:
+                after, scanned = (job.created_at, job.id), scanned + 1
+                if status is None or job.status == status:
+                    found.append(job)
+                    if len(found) == limit:
+                        return found, after
+        return found, after
 
     async def wait_terminal(
         self, endpoint_id: str, job_id: str, wait: float, submitted: JobRecord | None = None

@@ -7,6 +7,7 @@ Thin glue: parse, authenticate, call `Gateway` operations, render JSON. Every er
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,8 @@ from handler_gateway.models import (
     EndpointConfig,
     EndpointList,
     EndpointSummary,
+    JobList,
+    JobSummary,
     JobView,
     PurgeResult,
     QueuesView,
@@ -338,6 +341,50 @@ async def runsync(request: web.Request) -> web.Response:
     if job.terminal:
         return web.json_response(job_view_dict(job))
     return web.json_response({"id": job.id, "status": job.status.value})
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """`?status=&limit=&cursor=`: the endpoint's jobs kept (within their ttl), newest first."""
+    endpoint = await authorize_client(request)
+    raw_status = request.query.get("status") or None
+    if raw_status is not None and raw_status not in JobStatus.__members__:
+        allowed = ", ".join(JobStatus.__members__)
+        raise BadRequest(f"query parameter status must be one of {allowed}, got '{raw_status}'")
+    status = JobStatus(raw_status) if raw_status else None
+    limit = int_query(request, "limit", 50, 1, 1000)
+    after = read_cursor(request.query.get("cursor") or None)
+    found, after = await request.app[GATEWAY].list_jobs(endpoint, status, limit, after)
+    summaries = [job_summary(job) for job in found]
+    next_cursor = write_cursor(after) if after is not None else None
+    return respond(JobList(jobs=summaries, nextCursor=next_cursor))
+
+
+def job_summary(job: JobRecord) -> JobSummary:
+    return JobSummary(
+        id=job.id,
+        status=job.status.value,
+        createdAt=job.created_at,
+        delayTime=job.delay_ms(),
+        executionTime=job.execution_ms(),
+        workerId=job.worker_id,
+        retries=job.redeliveries or None,
+        lowPriority=job.low_priority or None,
+    )
+
+
+def write_cursor(after: tuple[float, str]) -> str:
+    """Where a listing page ended, opaque to clients."""
+    return base64.urlsafe_b64encode(json.dumps(list(after)).encode()).decode().rstrip("=")
+
+
+def read_cursor(cursor: str | None) -> tuple[float, str] | None:
+    if cursor is None:
+        return None
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        return float(created), str(job_id)
+    except (ValueError, TypeError):
+        raise BadRequest("query parameter cursor is not one this gateway gave out") from None
 
 
 async def status_sync(request: web.Request) -> web.Response:
@@ -820,6 +867,7 @@ CLIENT_ROUTES = [
     ("POST", "retry/{job}", retry),
     ("POST", "purge-queue", purge_queue),
     ("GET", "health", health),
+    ("GET", "jobs", list_jobs),
 ]
 WORKER_ROUTES = [
     ("GET", "job-take/{worker}", job_take),

@@ -29,6 +29,7 @@ from rich.table import Table
 
 from handler_operator import builders, crds, images
 from handler_operator.clients import GatewayError, JobClient, Unavailable
+from handler_operator.conditions import timestamp
 from handler_operator.models import HandlerDeployment
 from handler_operator.settings import OperatorSettings
 
@@ -449,6 +450,34 @@ def health(ctx: typer.Context, endpoint: str = typer.Argument(..., help="endpoin
         emit(settings, view)
     else:
         emit(settings, {**view["jobs"], **{f"workers.{k}": v for k, v in view["workers"].items()}})
+
+
+@app.command()
+def jobs(
+    ctx: typer.Context,
+    endpoint: str = typer.Argument(..., help="endpoint id"),
+    status: str = typer.Option(None, help="only jobs in this status (e.g. FAILED)"),
+    limit: int = typer.Option(50, min=1, max=1000, help="how many (newest first)"),
+) -> None:
+    """An endpoint's recent jobs (kept within their ttl), newest first."""
+    settings = settings_of(ctx)
+
+    async def go() -> list[dict]:
+        found: list[dict] = []
+        cursor = None
+        async with settings.client() as client:
+            while len(found) < limit:
+                page = await client.jobs(endpoint, status, limit - len(found), cursor)
+                found += page["jobs"]
+                if not (cursor := page.get("nextCursor")):
+                    break
+        return found
+
+    found = call(go)
+    if settings.output != Output.json:  # a table shows when, not the Unix time
+        found = [{**job, "createdAt": timestamp(job["createdAt"])} for job in found]
+    columns = ["id", "status", "createdAt", "delayTime", "executionTime", "workerId", "retries"]
+    emit(settings, found, columns)
 
 
 @app.command()

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -515,6 +516,14 @@ class JobClient:
 
     async def health(self, endpoint: str) -> dict[str, Any]:
         return await self.request("GET", f"/v2/{endpoint}/health")
+
+    async def jobs(
+        self, endpoint: str, status: str | None, limit: int, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """One page of the endpoint's jobs, newest first: {"jobs": [...], "nextCursor": ...}."""
+        query = {"limit": str(limit), "status": status, "cursor": cursor}
+        encoded = urllib.parse.urlencode({k: v for k, v in query.items() if v})
+        return await self.request("GET", f"/v2/{endpoint}/jobs?{encoded}")
 
     async def endpoints(self) -> list[dict[str, Any]]:
         return (await self.request("GET", "/admin/v1/endpoints"))["endpoints"]

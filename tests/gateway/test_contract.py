@@ -810,3 +810,44 @@ async def test_a_lost_low_priority_job_goes_back_to_the_head_of_its_own_queue(ap
     normal = await api.run({})
     assert (await queue_figures(api))["lowPriorityQueued"] == 2
     assert [(await api.take("w2"))["id"] for _ in range(3)] == [normal, low, later]
+
+
+async def list_jobs(api, query: str = "", status: int = 200) -> dict:
+    response = await api.client.get(f"/v2/{api.endpoint}/jobs{query}", headers=api.client_headers())
+    assert response.status == status, await response.text()
+    return await response.json()
+
+
+async def test_the_jobs_listing_pages_newest_first_and_filters_by_status(api):
+    submitted = [await api.run({"n": n}) for n in range(5)]
+    for _ in range(2):
+        job = await api.take("w1")
+        await api.done("w1", job["id"], {"output": "ok"})
+    everything = await list_jobs(api)
+    assert [j["id"] for j in everything["jobs"]] == submitted[::-1]
+    assert "nextCursor" not in everything
+    done = (await list_jobs(api, "?status=COMPLETED"))["jobs"]
+    assert [(j["id"], j["workerId"]) for j in done] == [(i, "w1") for i in submitted[1::-1]]
+    assert all(j["executionTime"] >= 0 and j["createdAt"] > 0 for j in done)
+    pages, query = [], "?limit=2"
+    while True:
+        page = await list_jobs(api, query)
+        pages.append([j["id"] for j in page["jobs"]])
+        if "nextCursor" not in page:
+            break
+        query = f"?limit=2&cursor={page['nextCursor']}"
+    assert [i for page in pages for i in page] == submitted[::-1]
+    assert max(len(page) for page in pages) == 2
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("?status=DONE", "status must be one of"),
+        ("?limit=0", "limit must be between"),
+        ("?cursor=bm90LWEtY3Vyc29y", "cursor is not one this gateway gave out"),
+    ],
+    ids=["status", "limit", "cursor"],
+)
+async def test_a_bad_jobs_listing_query_is_a_400(api, query, message):
+    assert message in (await list_jobs(api, query, status=400))["error"]

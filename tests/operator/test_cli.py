@@ -177,6 +177,19 @@ def test_job_commands_against_a_gateway(gateway):
     assert health["jobs"]["inQueue"] == 1
 
 
+def test_jobs_lists_an_endpoints_jobs_newest_first_across_pages(gateway):
+    base = ["--url", gateway.url, "--api-key", CLIENT_KEY]
+    ids = [json.loads(invoke(*base, "run", "ep", "--input", "{}").stdout)["id"] for _ in range(3)]
+    listed = json.loads(invoke(*base, "jobs", "ep", "--limit", "3").stdout)
+    assert [job["id"] for job in listed] == ids[::-1]
+    queued = json.loads(invoke(*base, "jobs", "ep", "--status", "IN_QUEUE").stdout)
+    assert {job["id"] for job in queued} >= set(ids)
+    table = invoke(*base, "-o", "table", "jobs", "ep", "--limit", "1")
+    assert table.exit_code == 0 and "createdAt" in table.stdout
+    wrong = invoke(*base, "jobs", "ep", "--status", "DONE")
+    assert wrong.exit_code == 3 and "status must be one of" in wrong.output
+
+
 def test_wait_timeout_reports_unfinished_jobs_and_exits_1(gateway):
     base = ["--url", gateway.url, "--api-key", CLIENT_KEY]
     result = invoke(*base, "run", "ep", "--input", "{}", "--wait", "--timeout", "0.5")

@@ -210,6 +210,14 @@ class Backend(ABC):
         return await self.take_jobs(change.job.endpoint, worker, count, capacity, now)
 
     @abstractmethod
+    async def recent_jobs(
+        self, endpoint: str, before: tuple[float, str] | None, limit: int
+    ) -> list[JobRecord]:
+        """Up to `limit` of the endpoint's jobs still kept, newest first (by creation time,
+        then id), created before the job `before` names ((created_at, id); None: from the
+        newest). Without their input."""
+
+    @abstractmethod
     async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
         """Ids at the head of the queue (oldest first), for ttl sweeps."""
 

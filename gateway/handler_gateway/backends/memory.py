@@ -155,6 +155,17 @@ class MemoryBackend(Backend):
             started += change.job.status == JobStatus.IN_PROGRESS
         return Take(poll, changes, not (state and (state.queue or state.low_queue)))
 
+    async def recent_jobs(
+        self, endpoint: str, before: tuple[float, str] | None, limit: int
+    ) -> list[JobRecord]:
+        state = self._state(endpoint)
+        if state is None:
+            return []
+        newest = sorted(state.jobs.values(), key=lambda j: (j.created_at, j.id), reverse=True)
+        if before is not None:
+            newest = [j for j in newest if (j.created_at, j.id) < before]
+        return [j.model_copy(update={"input": None}) for j in newest[:limit]]
+
     async def queued_job_ids(self, endpoint: str, limit: int) -> list[str]:
         state = self._state(endpoint)
         return [*state.queue, *state.low_queue][:limit] if state else []

@@ -57,6 +57,8 @@ ORIGIN_MARK = "|"
 CACHED_RECORDS = 10_000
 # APPLY's answer to a new job beyond its endpoint's jobs.maxQueued.
 QUEUE_FULL = 2
+# The listing's index keeps jobs created this long ago at most (the longest ttl a job may have).
+RECENT_S = 30 * 86400 + 3600
 # How long a submit waits for replicas to acknowledge its job (see RedisBackend._replicated).
 WAIT_TIMEOUT_MS = 1000
 # After replicas fell short, how long submits wait only for as many as answered.
@@ -80,11 +82,14 @@ end
 # Store one job change if the record is still at the revision it was computed from ('' : the
 # record must not exist). On a conflict, answers the record as it is now, so the caller can
 # compute again without another read; a new job beyond `max_queued` queued ones answers {2, 0}.
-# KEYS: job, input, chunks, queue, active, counters,
-# activity, dead letters, released worker's jobs, assigned worker's jobs, stopped worker's stops.
+# A new job also goes into the endpoint's jobs by creation time (the listing's index, trimmed to
+# the longest ttl). KEYS: job, input, chunks, queue, active, counters,
+# activity, dead letters, released worker's jobs, assigned worker's jobs, stopped worker's stops,
+# the endpoint's jobs by creation time.
 # ARGV: expected revision, effects (JSON), the fields (a JSON object of each field's JSON).
 APPLY_FUNCTION = (
     LISTENING_FUNCTION
+    + f"local RECENT_S = {RECENT_S}\n"
     + """
 local function apply(KEYS, ARGV)
 local job = KEYS[1]
@@ -104,7 +109,11 @@ for name, value in pairs(cjson.decode(ARGV[3])) do
   pairs_[#pairs_ + 1] = value
 end
 redis.call('HSET', job, unpack(pairs_))
-if e.input then redis.call('SET', KEYS[2], e.input) end
+if e.input then
+  redis.call('SET', KEYS[2], e.input)
+  redis.call('ZADD', KEYS[12], e.created, id)  -- the endpoint's jobs by creation time
+  redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', '(' .. (tonumber(e.created) - RECENT_S))
+end
 if e.expire_ms then
   for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], e.expire_ms) end
 elseif e.persist then
@@ -195,13 +204,13 @@ return out
 end
 """
 APPLY = APPLY_FUNCTION + "return apply(KEYS, ARGV)"
-# APPLY for several changes (each its 11 keys and 3 arguments, in turn); the replies in order.
+# APPLY for several changes (each its 12 keys and 3 arguments, in turn); the replies in order.
 APPLY_MANY = (
     APPLY_FUNCTION
     + """
 local replies = {}
 for i = 0, #ARGV / 3 - 1 do
-  replies[i + 1] = apply({unpack(KEYS, 11 * i + 1, 11 * i + 11)}, {unpack(ARGV, 3 * i + 1, 3 * i + 3)})
+  replies[i + 1] = apply({unpack(KEYS, 12 * i + 1, 12 * i + 12)}, {unpack(ARGV, 3 * i + 1, 3 * i + 3)})
 end
 return replies
 """
@@ -239,9 +248,9 @@ CREATE_TAKE = (
     APPLY_FUNCTION
     + TAKE_FUNCTION
     + """
-local applied = apply({unpack(KEYS, 1, 11)}, {unpack(ARGV, 1, 3)})
+local applied = apply({unpack(KEYS, 1, 12)}, {unpack(ARGV, 1, 3)})
 if applied[1] ~= 1 then return {applied} end
-return {applied, take({unpack(KEYS, 12, 20)}, {unpack(ARGV, 4, 18)})}
+return {applied, take({unpack(KEYS, 13, 21)}, {unpack(ARGV, 4, 18)})}
 """
 )
 
@@ -441,6 +450,7 @@ class RedisBackend(Backend):
             out["listeners"] = self._mine()
         if created:  # a new job: nothing to expire, persist or deactivate yet
             out["input"] = json.dumps(job.input)
+            out["created"] = repr(job.created_at)
             if max_queued is not None:
                 out["max_queued"] = max_queued
         elif job.terminal and not effects.dead_letter:
@@ -485,6 +495,7 @@ class RedisBackend(Backend):
             base + "wjobs:" + (effects.release_worker or ""),
             base + "wjobs:" + (effects.assign_worker or ""),
             base + "stops:" + (effects.stop_worker or ""),
+            base + "recent",
         ]
         fields = record_fields(job)
         if not expected:  # a new hash: a field left out reads as its default, null
@@ -750,6 +761,40 @@ class RedisBackend(Backend):
         self._notify_here(call.channels)
         created = {change.job.id: (str(reply[0][1]), change.job)}  # as the script stored it
         return self._taken(reply[1], worker, now, created)
+
+    async def recent_jobs(
+        self, endpoint: str, before: tuple[float, str] | None, limit: int
+    ) -> list[JobRecord]:
+        """From the endpoint's index by creation time (ids with the same time: by id, as Redis
+        orders them); records gone (expired) leave the index as they are met."""
+        await self._ensure_schema()
+        index = self._k(endpoint, "recent")
+        found: list[JobRecord] = []
+        top = "+inf" if before is None else repr(before[0])
+        while len(found) < limit:
+            entries = await self.redis.zrevrangebyscore(
+                index, top, "-inf", start=0, num=limit + 50, withscores=True
+            )
+            if before is not None:
+                entries = [(i, t) for i, t in entries if (t, i) < before]
+            if not entries:
+                break
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in entries:
+                    pipe.hgetall(self._k(endpoint, "job", job_id))
+                records = await pipe.execute()
+            gone = []
+            for (job_id, created), fields in zip(entries, records, strict=True):
+                current = self._record(fields)
+                if current is None:
+                    gone.append(job_id)
+                elif len(found) < limit:
+                    found.append(current[1])
+                before = (created, job_id)
+            if gone:
+                await self.redis.zrem(index, *gone)
+            top = repr(before[0])
+        return found
 
     def _queues(self, endpoint: str) -> list[str]:
         """The endpoint's queue keys, in the order takes serve them."""
