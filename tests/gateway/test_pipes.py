@@ -102,3 +102,24 @@ async def test_a_connection_the_server_closed_fails_waiting_calls_and_the_next_c
         await redis.aclose()
         await admin.aclose()
         server.kill()
+
+
+async def test_a_wait_written_behind_a_script_answers_with_it_and_is_no_stall(client, pipe):
+    """A WAIT blocks the connection by design: calls written behind it waited for it, not
+    for a stalled Redis (the shared Redis has no replica: WAIT runs to its timeout)."""
+    echo = client.register_script(ECHO)
+    waited = asyncio.ensure_future(pipe.run(echo, [], ["job"], then=("WAIT", 1, 700)))
+    await asyncio.sleep(0)
+    behind = await pipe.run(echo, [], ["behind"])
+    assert (await waited, behind) == (("job", 0), "behind")
+    assert pipe.stalled_until == 0.0
+
+
+async def test_a_connection_given_up_goes_back_to_the_pool_with_its_read_timeout(client):
+    pipe = ScriptPipe(client, timeout=0.2)
+    echo = client.register_script(ECHO)
+    await pipe.run(echo, [], ["x"])
+    connection = pipe._connection
+    assert connection.socket_timeout is None  # while the pipe holds it: its reads wait
+    await pipe.close()
+    assert connection.socket_timeout is not None

@@ -156,7 +156,7 @@ async def post_to(handle) -> list[dict]:
         await server.close()
 
 
-@pytest.mark.parametrize(("status", "posts"), [(500, 3), (502, 3), (400, 1), (401, 1)])
+@pytest.mark.parametrize(("status", "posts"), [(500, 3), (501, 3), (400, 1), (401, 1)])
 async def test_server_errors_are_retried_and_refusals_are_not(status, posts, monkeypatch):
     monkeypatch.setattr(results, "RESULT_BACKOFF_S", (0.0, 0.0))
     seen = []

@@ -26,6 +26,8 @@ RESULT_BACKOFF_S = (0.5, 1.0)
 # three tries in 1.5 s lost results of jobs that had run, to be run again.
 RESULT_UNAVAILABLE_S = 600.0
 MAX_RESULT_BACKOFF_S = 15.0
+# Answers that say the gateway is away (a proxy before it too), not that it failed on the result.
+UNAVAILABLE_STATUSES = (502, 503, 504)
 RESULT_TIMEOUT_S = 90.0  # a result post that also takes long-polls as a take does
 FORM_HEADERS = {"charset": "utf-8", "Content-Type": "application/x-www-form-urlencoded"}
 
@@ -124,9 +126,9 @@ async def post_result(
         log.error("job %s: its result is not JSON: %s", job_id, exc)
         return []
     error: Exception | None = None
-    started, attempt = time.monotonic(), 0
+    started, unavailable_tries, server_errors = time.monotonic(), 0, 0
     while True:
-        unavailable = True  # the gateway down, unreachable or without its storage (503)
+        unavailable = True  # the gateway down, unreachable, restarting or without its storage
         try:
             if send is not None:
                 try:
@@ -138,22 +140,23 @@ async def post_result(
             if exc.status < 500:
                 log.error("job %s: the gateway refused its result: %s", job_id, exc)
                 return []
-            error, unavailable = exc, exc.status == 503
+            error, unavailable = exc, exc.status in UNAVAILABLE_STATUSES
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # A retry is safe: the gateway answers a result it has as a duplicate and hands
             # over again what the unread answer carried. It goes over HTTP.
             error, send = exc, None
             unavailable = not isinstance(exc, ValueError)
-        attempt += 1
         if unavailable:  # kept: the job's pings go on meanwhile, so it is not presumed lost
             if time.monotonic() - started >= RESULT_UNAVAILABLE_S:
                 break
-            base = min(MAX_RESULT_BACKOFF_S, RESULT_BACKOFF_S[0] * 2 ** (attempt - 1))
+            unavailable_tries += 1
+            base = min(MAX_RESULT_BACKOFF_S, RESULT_BACKOFF_S[0] * 2 ** (unavailable_tries - 1))
             await asyncio.sleep(base * random.uniform(0.5, 1.5))
-        elif attempt < RESULT_ATTEMPTS:
-            await asyncio.sleep(RESULT_BACKOFF_S[attempt - 1])
-        else:
+            continue
+        server_errors += 1  # the gateway failed on it: the SDK's three tries
+        if server_errors >= RESULT_ATTEMPTS:
             break
+        await asyncio.sleep(RESULT_BACKOFF_S[server_errors - 1])
     log.error("job %s: failed to return its result: %s", job_id, error)
     return []
 

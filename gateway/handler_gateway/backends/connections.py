@@ -84,6 +84,8 @@ def redis_client(url: str, max_connections: int) -> aioredis.Redis:
     if address.sentinel_password:
         sentinel_options["password"] = address.sentinel_password
     sentinel = Sentinel(address.sentinels, sentinel_kwargs=sentinel_options)
+    # redis-py's Sentinel pool does not block when full (it raises): unbounded instead, the
+    # gateway's concurrency bounds it.
     return sentinel.master_for(
         address.service,
         redis_class=aioredis.Redis,
@@ -91,6 +93,5 @@ def redis_client(url: str, max_connections: int) -> aioredis.Redis:
         db=address.db,
         username=address.username,
         password=address.password,
-        max_connections=max_connections,
         **CONNECTION_OPTIONS,
     )

@@ -113,6 +113,11 @@ if e.input then
   redis.call('SET', KEYS[2], e.input)
   redis.call('ZADD', KEYS[12], e.created, id)  -- the endpoint's jobs by creation time
   redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', '(' .. (tonumber(e.created) - RECENT_S))
+  -- and the oldest two whose record expired go: the index keeps pace with the records
+  local prefix = string.sub(job, 1, #job - #id)
+  for _, old in ipairs(redis.call('ZRANGE', KEYS[12], 0, 1)) do
+    if redis.call('EXISTS', prefix .. old) == 0 then redis.call('ZREM', KEYS[12], old) end
+  end
 end
 if e.expire_ms then
   for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], e.expire_ms) end
@@ -124,7 +129,12 @@ if e.active == 1 then redis.call('SADD', KEYS[5], id)
 elseif e.active == 0 then redis.call('SREM', KEYS[5], id) end
 if e.activity then active_at(KEYS[7], e.endpoint, e.activity) end
 if e.enqueue then redis.call(e.to_head and 'LPUSH' or 'RPUSH', KEYS[4], id) end
-for name, delta in pairs(e.counters) do redis.call('HINCRBY', KEYS[6], name, delta) end
+for name, delta in pairs(e.counters) do
+  -- low-priority jobs queued by an older version were never counted: never below zero
+  if redis.call('HINCRBY', KEYS[6], name, delta) < 0 and name == 'inQueueLow' then
+    redis.call('HSET', KEYS[6], name, 0)
+  end
+end
 if e.release then redis.call('SREM', KEYS[9], id) end
 if e.assign then redis.call('SADD', KEYS[10], id) end
 if e.stop then redis.call('HSET', KEYS[11], id, '0') end
@@ -360,9 +370,15 @@ class RedisBackend(Backend):
             "create_take": self.redis.register_script(CREATE_TAKE),
         }
         self._pipe = ScriptPipe(self.redis)
+        self._create_pipe = ScriptPipe(self.redis)  # new jobs with their WAIT
 
-    async def _script(self, name: str, keys: list[Any], args: list[Any]) -> Any:
-        return await self._pipe.run(self._scripts[name], keys, args)
+    async def _script(
+        self, name: str, keys: list[Any], args: list[Any], then: tuple[Any, ...] | None = None
+    ) -> Any:
+        """Run script `name`; with `then` (a WAIT behind new jobs) on the pipe of creates,
+        where a WAIT holds up only other creates."""
+        pipe = self._pipe if then is None else self._create_pipe
+        return await pipe.run(self._scripts[name], keys, args, then)
 
     # -- keys --------------------------------------------------------------------------------
     def _k(self, endpoint: str, *parts: str) -> str:
@@ -579,8 +595,7 @@ class RedisBackend(Backend):
     async def _create_batch(self, batch: list[Creating]) -> None:
         try:
             await self._ensure_schema()
-            replies = await self._apply_many([call for _, call, _ in batch])
-            await self._replicated(len(batch))
+            replies = await self._create_many([call for _, call, _ in batch])
         except asyncio.CancelledError:  # closing: the submits waiting fail with it
             for *_, stored in batch:
                 stored.cancel()
@@ -601,13 +616,12 @@ class RedisBackend(Backend):
             else:
                 stored.set_exception(RuntimeError(f"job id {change.job.id} already exists"))
 
-    async def _replicated(self, created: int) -> None:
-        """Wait (WAIT) until `wait_replicas` replicas hold the writes made so far on the pipe,
-        new jobs among them, for up to WAIT_TIMEOUT_MS: an accepted job survives a failover.
-        Fewer in time is logged and the submits still answered (the jobs are on the primary;
-        a 503 would make clients submit them again); for the next WAIT_DEGRADED_S, submits
-        wait only for as many replicas as answered (none: no wait), so a primary left without
-        its replica (after a failover) does not hold every submit for the full timeout."""
+    def _wait_command(self) -> tuple[Any, ...] | None:
+        """The WAIT written right behind new jobs (on their connection): until
+        `wait_replicas` replicas hold them, up to WAIT_TIMEOUT_MS, so an accepted job survives
+        a failover. After replicas fell short, for WAIT_DEGRADED_S only as many as answered
+        then are waited for (none: no WAIT), so a primary left without its replica (after a
+        failover) does not hold every submit for the full timeout."""
         wanted = self.wait_replicas
         if self._replicas_short is not None:
             acknowledged_then, since = self._replicas_short
@@ -615,30 +629,46 @@ class RedisBackend(Backend):
                 wanted = min(wanted, acknowledged_then)
             else:
                 self._replicas_short = None
-        if not wanted:
-            return
-        waited = await self._pipe.command("WAIT", wanted, WAIT_TIMEOUT_MS, blocks=True)
-        acknowledged = int(waited)
-        if acknowledged < wanted:
-            self._replicas_short = (acknowledged, time.monotonic())
-            log.warning(
-                "%d new job(s) acknowledged by %d of %d replicas in %d ms: a failover now could "
-                "lose them; waiting for %d replicas for %g s",
-                created,
-                acknowledged,
-                wanted,
-                WAIT_TIMEOUT_MS,
-                acknowledged,
-                WAIT_DEGRADED_S,
-            )
+        return ("WAIT", wanted, WAIT_TIMEOUT_MS) if wanted else None
 
-    async def _apply_many(self, calls: list[ApplyCall]) -> list[Any]:
-        """APPLY for each of `calls` in one script run (one round trip); their replies."""
+    def _replicated(self, created: int, wait: tuple[Any, ...] | None, answer: Any) -> None:
+        """Note WAIT's `answer` for `created` new jobs. Fewer replicas in time is logged and the
+        submits answered (degraded mode: the primary holds them). No answer at all (the
+        connection died, the primary with it perhaps) raises: the submits get 503 and are
+        sent again (a job may then exist twice: at least once, never lost)."""
+        if wait is None:
+            return
+        if isinstance(answer, Exception):
+            raise answer
+        wanted, acknowledged = wait[1], int(answer)
+        if acknowledged >= wanted:
+            return
+        self._replicas_short = (acknowledged, time.monotonic())
+        log.warning(
+            "%d new job(s) acknowledged by %d of %d replicas in %d ms: a failover now could "
+            "lose them; waiting for %d replicas for %g s",
+            created,
+            acknowledged,
+            wanted,
+            WAIT_TIMEOUT_MS,
+            acknowledged,
+            WAIT_DEGRADED_S,
+        )
+
+    async def _create_many(self, calls: list[ApplyCall]) -> list[Any]:
+        """APPLY for each of `calls` (new jobs) in one script run (one round trip), replicas
+        waited for as `_wait_command` says; their replies."""
+        wait = self._wait_command()
         if len(calls) == 1:
-            return [await self._script("apply", calls[0].keys, calls[0].args)]
-        keys = [key for call in calls for key in call.keys]
-        args = [arg for call in calls for arg in call.args]
-        return await self._script("apply_many", keys, args)
+            reply = await self._script("apply", calls[0].keys, calls[0].args, wait)
+        else:
+            keys = [key for call in calls for key in call.keys]
+            args = [arg for call in calls for arg in call.args]
+            reply = await self._script("apply_many", keys, args, wait)
+        if wait is not None:
+            reply, waited = reply
+            self._replicated(len(calls), wait, waited)
+        return [reply] if len(calls) == 1 else reply
 
     async def _read(self, endpoint: str, job_id: str) -> tuple[str, JobRecord] | None:
         await self._ensure_schema()
@@ -752,12 +782,17 @@ class RedisBackend(Backend):
         call = self._apply_call(change, "", max_queued)
         take_keys, take_args = self._take_call(change.job.endpoint, worker, count, capacity, now)
         await self._ensure_schema()
-        reply = await self._script("create_take", call.keys + take_keys, call.args + take_args)
+        wait = self._wait_command()
+        reply = await self._script(
+            "create_take", call.keys + take_keys, call.args + take_args, wait
+        )
+        if wait is not None:
+            reply, waited = reply
+            self._replicated(1, wait, waited)
         if reply[0][0] == QUEUE_FULL and max_queued is not None:
             raise QueueFull(change.job.endpoint, max_queued)
         if reply[0][0] != 1:
             raise RuntimeError(f"job id {change.job.id} already exists")
-        await self._replicated(1)
         self._notify_here(call.channels)
         created = {change.job.id: (str(reply[0][1]), change.job)}  # as the script stored it
         return self._taken(reply[1], worker, now, created)
@@ -1037,7 +1072,7 @@ class RedisBackend(Backend):
         await self.redis.ping()
 
     def unseen_until(self) -> float:
-        return self._pipe.stalled_until
+        return max(self._pipe.stalled_until, self._create_pipe.stalled_until)
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -1045,8 +1080,9 @@ class RedisBackend(Backend):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._listener, 2)
         await self._close_pubsub()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._pipe.close(), 2)
+        for pipe in (self._pipe, self._create_pipe):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pipe.close(), 2)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.redis.aclose(), 2)
 
