@@ -70,8 +70,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
 
                     rates[name].append(args.requests / await clients(args.requests, 16, enqueue))
                     samples = await latencies(session, url, args.requests // 5)
-                    p50s[name].append(pct(samples, 50))
-                    p99s[name].append(pct(samples, 99))
+                    p50s[name].append(pct(samples, 0.5))
+                    p99s[name].append(pct(samples, 0.99))
         print(f"{args.rounds} rounds; Redis primary + 1 replica on this machine; medians")
         print(f"{'gateway':<10}{'enqueue c16 jobs/s':>20}{'POST /run c1 p50 ms':>22}{'p99 ms':>9}")
         for name in gateways:
