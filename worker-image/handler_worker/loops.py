@@ -14,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import random
 import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from handler_worker.backoffs import backoff
 
 log = logging.getLogger("handler_worker")
 
@@ -35,7 +36,6 @@ TAKE_TIMEOUT_S = 90.0  # the SDK's: above the gateway's take hold
 STOP_TIMEOUT_S = 90.0
 ERROR_BACKOFF_S = 1.0  # after a failed take or stop poll: no tight loop on a gateway outage
 MAX_BACKOFF_S = 15.0  # failed takes in a row back off up to this
-BACKOFF_JITTER = 0.5  # each wait is its base ± this share
 THROTTLED_BACKOFF_S = 5.0  # after a 429, as the SDK does
 STOP_POLL_FLOOR_S = 1.0  # the least time between two stop polls, as the SDK's floor
 TAKE_POLL_FLOOR_S = 0.2  # the least time between two takes answered empty at once
@@ -173,8 +173,7 @@ class WorkerLoop:
         """The wait after a failed take: doubling with each failure in a row up to
         MAX_BACKOFF_S, jittered (workers of one endpoint do not retry in step during an
         outage); 5 s at least after a 429, as the SDK does."""
-        base = min(MAX_BACKOFF_S, ERROR_BACKOFF_S * 2 ** (self._failures - 1))
-        delay = base * random.uniform(1 - BACKOFF_JITTER, 1 + BACKOFF_JITTER)
+        delay = backoff(self._failures, ERROR_BACKOFF_S, MAX_BACKOFF_S)
         return max(delay, THROTTLED_BACKOFF_S) if throttled else delay
 
     def _start(self, session: Any, job: dict[str, Any]) -> None:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 
+from handler_worker.backoffs import backoff
 from handler_worker.channels import ChannelRefused, ChannelUnavailable, JobChannel
 
 log = logging.getLogger("handler_worker")
@@ -150,8 +150,9 @@ async def post_result(
             if time.monotonic() - started >= RESULT_UNAVAILABLE_S:
                 break
             unavailable_tries += 1
-            base = min(MAX_RESULT_BACKOFF_S, RESULT_BACKOFF_S[0] * 2 ** (unavailable_tries - 1))
-            await asyncio.sleep(base * random.uniform(0.5, 1.5))
+            await asyncio.sleep(
+                backoff(unavailable_tries, RESULT_BACKOFF_S[0], MAX_RESULT_BACKOFF_S)
+            )
             continue
         server_errors += 1  # the gateway failed on it: the SDK's three tries
         if server_errors >= RESULT_ATTEMPTS:
