@@ -226,15 +226,21 @@ def expire_in_queue(job: JobRecord, now: float) -> Change | None:
     return _change(job, new, note="expired")
 
 
+def runs_on(job: JobRecord, worker: str, delivery: int | None = None) -> bool:
+    """Whether `job` runs on `worker` now, in delivery `delivery` when that is named (handler_worker
+    echoes it; the SDK does not): what a result, progress, chunk or heartbeat must come from."""
+    if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
+        return False
+    return delivery is None or delivery == job.deliveries
+
+
 def finish(
     job: JobRecord, worker: str, body: dict[str, Any], now: float, delivery: int | None = None
 ) -> Change | None:
     """A worker posted a final result. None when it must be ignored (stale or duplicate):
     `delivery`, echoed by handler_worker, fences off a result of an earlier delivery to the
     same worker name (it was presumed lost, and took the job again)."""
-    if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
-        return None
-    if delivery is not None and delivery != job.deliveries:
+    if not runs_on(job, worker, delivery):
         return None
     error = body.get("error")
     output = body.get("output")
@@ -257,16 +263,14 @@ def progress(
 ) -> Change | None:
     """A progress update (`{"status": "IN_PROGRESS", "output": ...}`); never overwrites a result.
     The SDK's `progress_update` names no delivery; one that does is fenced as a result is."""
-    if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
-        return None
-    if delivery is not None and delivery != job.deliveries:
+    if not runs_on(job, worker, delivery):
         return None
     return Change(job.model_copy(update={"progress": value, "heartbeat_at": now}), note="progress")
 
 
 def heartbeat(job: JobRecord, worker: str, now: float, min_interval: float = 0.0) -> Change | None:
     """The worker is still on the job (ping, stream chunk); skipped when touched very recently."""
-    if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
+    if not runs_on(job, worker):
         return None
     if job.heartbeat_at is not None and now - job.heartbeat_at < min_interval:
         return None
@@ -327,7 +331,7 @@ def lose_worker(
 def lose_restarted(job: JobRecord, worker: str, now: float) -> Change | None:
     """A job `worker` held when a new process started under its name: its process is gone, so
     the job is redelivered at once (as for a silent worker, without waiting for heartbeats)."""
-    if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
+    if not runs_on(job, worker):
         return None
     return _redeliver(job, now)
 
@@ -371,7 +375,7 @@ def _queued_again(job: JobRecord, **update: Any) -> JobRecord:
 def give_back(job: JobRecord, worker: str) -> Change | None:
     """A job claimed for `worker` whose take answer never reached it: queued again as it was
     (not a delivery: no retry counted, nothing ran)."""
-    if job.status != JobStatus.IN_PROGRESS or job.worker_id != worker:
+    if not runs_on(job, worker):
         return None
     new = _queued_again(job)
     return _change(

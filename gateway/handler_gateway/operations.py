@@ -581,7 +581,7 @@ class Gateway:
 
     async def _ignored(self, endpoint_id: str, job_id: str, worker: str) -> str:
         job = await self.backend.get_job(endpoint_id, job_id)
-        if job is None or job.worker_id != worker or job.status != JobStatus.IN_PROGRESS:
+        if job is None or not jobs.runs_on(job, worker):
             # no stop to send it for this job any more (its current delivery keeps its own)
             await self.backend.clear_stop_signals(endpoint_id, worker, [job_id])
         if (
@@ -602,12 +602,7 @@ class Gateway:
         the worker says which: handler_worker does) is ignored and counted, as its result is."""
         await self.endpoint(endpoint_id)
         job = await self.backend.get_job(endpoint_id, job_id)
-        if (
-            job is None
-            or job.status != JobStatus.IN_PROGRESS
-            or job.worker_id != worker
-            or (delivery is not None and delivery != job.deliveries)
-        ):
+        if job is None or not jobs.runs_on(job, worker, delivery):
             return await self._ignored(endpoint_id, job_id, worker)
         await self.backend.append_chunk(endpoint_id, job_id, chunk, job.expires_at)
         await self._heartbeat(endpoint_id, worker, job_id)
