@@ -89,7 +89,7 @@ end
 # ARGV: expected revision, effects (JSON), the fields (a JSON object of each field's JSON).
 APPLY_FUNCTION = (
     LISTENING_FUNCTION
-    + f"local RECENT_S = {RECENT_S}\n"
+    + f"local RECENT_S, QUEUE_FULL = {RECENT_S}, {QUEUE_FULL}\n"
     + """
 local function apply(KEYS, ARGV)
 local job = KEYS[1]
@@ -99,7 +99,7 @@ if (ARGV[1] == '' and rev) or (ARGV[1] ~= '' and rev ~= ARGV[1]) then
 end
 local e = cjson.decode(ARGV[2])
 if e.max_queued and tonumber(redis.call('HGET', KEYS[6], 'inQueue') or '0') >= e.max_queued then
-  return {2, 0}
+  return {QUEUE_FULL, 0}
 end
 local id = e.id
 rev = redis.call('HINCRBY', job, 'rev', 1)
@@ -608,13 +608,20 @@ class RedisBackend(Backend):
         for (change, call, stored), (done, _rev) in zip(batch, replies, strict=True):
             if stored.done():
                 continue
-            if done == 1:
+            if (refused := self._refusal(change, call, done)) is not None:
+                stored.set_exception(refused)
+            else:
                 self._notify_here(call.channels)
                 stored.set_result(None)
-            elif done == QUEUE_FULL:
-                stored.set_exception(QueueFull(change.job.endpoint, call.max_queued or 0))
-            else:
-                stored.set_exception(RuntimeError(f"job id {change.job.id} already exists"))
+
+    @staticmethod
+    def _refusal(change: Change, call: ApplyCall, done: int) -> Exception | None:
+        """Why APPLY refused a new job (its first answer `done`); None: it is stored."""
+        if done == 1:
+            return None
+        if done == QUEUE_FULL:
+            return QueueFull(change.job.endpoint, call.max_queued or 0)
+        return RuntimeError(f"job id {change.job.id} already exists")
 
     def _wait_command(self) -> tuple[Any, ...] | None:
         """The WAIT written right behind new jobs (on their connection): until
@@ -655,20 +662,25 @@ class RedisBackend(Backend):
             WAIT_DEGRADED_S,
         )
 
-    async def _create_many(self, calls: list[ApplyCall]) -> list[Any]:
-        """APPLY for each of `calls` (new jobs) in one script run (one round trip), replicas
-        waited for as `_wait_command` says; their replies."""
+    async def _create(self, name: str, keys: list[Any], args: list[Any], created: int) -> Any:
+        """Script `name`, which creates `created` jobs, with replicas waited for as
+        `_wait_command` says; its reply."""
         wait = self._wait_command()
+        reply = await self._script(name, keys, args, wait)
+        if wait is None:
+            return reply
+        reply, waited = reply
+        self._replicated(created, wait, waited)
+        return reply
+
+    async def _create_many(self, calls: list[ApplyCall]) -> list[Any]:
+        """APPLY for each of `calls` (new jobs) in one script run (one round trip); their
+        replies."""
         if len(calls) == 1:
-            reply = await self._script("apply", calls[0].keys, calls[0].args, wait)
-        else:
-            keys = [key for call in calls for key in call.keys]
-            args = [arg for call in calls for arg in call.args]
-            reply = await self._script("apply_many", keys, args, wait)
-        if wait is not None:
-            reply, waited = reply
-            self._replicated(len(calls), wait, waited)
-        return [reply] if len(calls) == 1 else reply
+            return [await self._create("apply", calls[0].keys, calls[0].args, 1)]
+        keys = [key for call in calls for key in call.keys]
+        args = [arg for call in calls for arg in call.args]
+        return await self._create("apply_many", keys, args, len(calls))
 
     async def _read(self, endpoint: str, job_id: str) -> tuple[str, JobRecord] | None:
         await self._ensure_schema()
@@ -782,17 +794,9 @@ class RedisBackend(Backend):
         call = self._apply_call(change, "", max_queued)
         take_keys, take_args = self._take_call(change.job.endpoint, worker, count, capacity, now)
         await self._ensure_schema()
-        wait = self._wait_command()
-        reply = await self._script(
-            "create_take", call.keys + take_keys, call.args + take_args, wait
-        )
-        if wait is not None:
-            reply, waited = reply
-            self._replicated(1, wait, waited)
-        if reply[0][0] == QUEUE_FULL and max_queued is not None:
-            raise QueueFull(change.job.endpoint, max_queued)
-        if reply[0][0] != 1:
-            raise RuntimeError(f"job id {change.job.id} already exists")
+        reply = await self._create("create_take", call.keys + take_keys, call.args + take_args, 1)
+        if (refused := self._refusal(change, call, reply[0][0])) is not None:
+            raise refused
         self._notify_here(call.channels)
         created = {change.job.id: (str(reply[0][1]), change.job)}  # as the script stored it
         return self._taken(reply[1], worker, now, created)
