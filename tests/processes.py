@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import venv
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,13 +228,22 @@ class RedisServer:
             kill_group(self.process)
 
 
-def wait_for_port(port: int, timeout: float, what: str) -> None:
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `check()` until it holds; TimeoutError naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
         time.sleep(0.05)
-    raise TimeoutError(f"{what} did not start")
+
+
+def wait_for_port(port: int, timeout: float, what: str) -> None:
+    def listening() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return True
+        return False
+
+    wait_until(listening, timeout, f"{what} did not start")
 
 
 @dataclass
@@ -311,12 +321,11 @@ class SentinelGroup:
             SentinelServer(self.workdir / "sentinels", self.primary.port, self.service).start()
             for _ in range(3)
         ]
-        deadline = time.monotonic() + timeout
-        while not self._ready():
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError("the sentinels never found each other and the replica")
-            time.sleep(0.1)
+        try:
+            wait_until(self._ready, timeout, "the sentinels never found each other and the replica")
+        except TimeoutError:
+            self.stop()
+            raise
         return self
 
     def _ready(self) -> bool:

@@ -24,6 +24,7 @@ from tests.processes import (
     http_json,
     kill_group,
     start_worker,
+    wait_until,
 )
 
 TOKEN = "fault-worker-token-0123456789"
@@ -208,14 +209,6 @@ def running(*stoppables):
                 part.stop() if hasattr(part, "stop") else part.kill()
 
 
-def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 def _completed(gateway: GatewayProcess) -> int:
     try:
         return http_json("GET", f"{gateway.url}/v2/ep/health", key=CLIENT_KEY, timeout=5)[1][
@@ -231,7 +224,7 @@ def _holds_jobs(gateway: GatewayProcess, worker: str) -> bool:
 
 
 def wait_holding_jobs(gateway: GatewayProcess, worker: str, timeout: float = 60) -> None:
-    _wait(lambda: _holds_jobs(gateway, worker), timeout, f"{worker} never held a job")
+    wait_until(lambda: _holds_jobs(gateway, worker), timeout, f"{worker} never held a job")
 
 
 def _register(gateway: GatewayProcess, **config) -> None:
@@ -253,7 +246,7 @@ def worker_sigkill(
         _register(gateway)
         workers.start("doomed", "survivor")
         submitter = Submitter(gateway, [{"sleep": 0.2, "n": n} for n in range(jobs)])
-        _wait(lambda: _completed(gateway) >= 20 and _holds_jobs(gateway, "doomed"), 60, "load")
+        wait_until(lambda: _completed(gateway) >= 20 and _holds_jobs(gateway, "doomed"), 60, "load")
         fault_at = time.time()
         workers.kill("doomed")
         workers.start("replacement")
@@ -271,7 +264,7 @@ def _under_load(
         _register(gateway)
         workers.start("w1", "w2")
         submitter = Submitter(gateway, [{"sleep": 0.05, "n": n} for n in range(jobs)])
-        _wait(lambda: _completed(gateway) >= 40, 60, "load")
+        wait_until(lambda: _completed(gateway) >= 40, 60, "load")
         fault_at = time.time()
         fault()
         submitter.join()
@@ -362,7 +355,7 @@ def outage_beyond_heartbeats(workdir: Path, jobs: int = 16) -> Tally:
         workers.start("w1", "w2")
         submitter = Submitter(gateway, [{"sleep": 6, "n": n} for n in range(jobs)])
         submitter.join()
-        _wait(lambda: _holds_jobs(gateway, "w1") and _holds_jobs(gateway, "w2"), 30, "running")
+        wait_until(lambda: _holds_jobs(gateway, "w1") and _holds_jobs(gateway, "w2"), 30, "running")
         fault_at = time.time()
         os.kill(server.process.pid, signal.SIGSTOP)
         time.sleep(4)
@@ -380,7 +373,9 @@ def sentinel_failover(workdir: Path, jobs: int = 200) -> Tally:
 
         def fail_over() -> None:
             group.primary.kill()
-            _wait(lambda: group.current_primary_port() == group.replica.port, 30, "no failover")
+            wait_until(
+                lambda: group.current_primary_port() == group.replica.port, 30, "no failover"
+            )
 
         return _under_load("Sentinel failover", gateway, workdir, jobs, fail_over)
 

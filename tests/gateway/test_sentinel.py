@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 import uuid
 
 import pytest
@@ -17,7 +16,7 @@ from handler_gateway.backends import BackendUnavailable, open_backend
 from handler_gateway.backends.connections import SentinelAddress
 from handler_gateway.models import EndpointConfig, RunRequest
 from handler_gateway.operations import Gateway, Timings
-from tests.processes import SentinelGroup
+from tests.processes import SentinelGroup, wait_until
 
 ENDPOINT = "ep"
 SERVICE = "primary"
@@ -79,14 +78,6 @@ def test_submits_wait_for_a_replica_by_default_only_with_sentinel(url, option, w
     assert open_backend(url, wait_replicas=option).wait_replicas == waits_for
 
 
-def _until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def sentinel_group(tmp_path):
     """A primary, its replica (in sync) and three sentinels that know both and each other."""
@@ -131,7 +122,7 @@ async def test_a_failover_under_load_loses_no_accepted_job(sentinel_group):
         primary.kill()
         os.kill(replica.process.pid, signal.SIGCONT)
         await asyncio.to_thread(
-            _until,
+            wait_until,
             lambda: sentinel_group.current_primary_port() == replica.port,
             30,
             "the sentinels never promoted the replica",
