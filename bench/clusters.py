@@ -70,7 +70,7 @@ class Bench:
 def running_operator() -> Iterator[Bench]:
     cluster = EmulatedCluster().start()
     port = free_port()
-    app = create_app(open_backend("memory://"), Keys(frozenset(), frozenset({ADMIN_KEY})))
+    app = create_app(open_backend("memory://"), Keys.of(admin=[ADMIN_KEY]))
 
     async def serve():
         runner = web.AppRunner(app, access_log=None)

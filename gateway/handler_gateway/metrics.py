@@ -73,6 +73,13 @@ class GatewayMetrics:
             labels,
             registry=self.registry,
         )
+        self.requests = Counter(
+            "handler_gateway_requests",
+            "Authenticated routes' requests by endpoint, caller key id (never the key; "
+            "'unknown' for a missing or unknown one) and answer status",
+            ["endpoint", "key", "code"],
+            registry=self.registry,
+        )
         self.workers = Gauge(
             "handler_gateway_workers",
             "Workers seen recently, by state",
@@ -103,6 +110,9 @@ class GatewayMetrics:
                 self._child(self.execution, job.endpoint).observe(execution / 1000)
         if change.effects.counters.get("retried"):
             self._child(self.retried, job.endpoint).inc()
+
+    def on_request(self, endpoint: str, key: str, code: int) -> None:
+        self._child(self.requests, endpoint, key, str(code)).inc()
 
     def on_ignored(self, endpoint: str) -> None:
         self.ignored.labels(endpoint).inc()

@@ -5,10 +5,12 @@ Pure: pydantic only. The OpenAPI document is generated from these models.
 
 from __future__ import annotations
 
+import hashlib
 import re
-from typing import Any
+from functools import cached_property
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ENDPOINT_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 
@@ -129,13 +131,66 @@ class Health(BaseModel):
     workers: HealthWorkers
 
 
+SHA256_HEX = r"^[0-9a-f]{64}$"
+KEY_ID = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,252}$"
+
+
+def digest(credential: str) -> str:
+    """What the gateway keeps of a key or token: its SHA-256, hex (keys are random and long,
+    so a digest cannot be reversed; a dump of the backend holds no credential)."""
+    return hashlib.sha256(credential.encode()).hexdigest()
+
+
+class ClientKey(BaseModel):
+    """A client key that may call one endpoint, by its digest (the operator registers the keys
+    of the Secrets a HandlerDeployment names in `spec.access`, and its namespace's keys)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        ..., pattern=KEY_ID, description="shown in logs and metrics, e.g. namespace/secret/key"
+    )
+    sha256: str = Field(..., pattern=SHA256_HEX, description="SHA-256 of the key, hex")
+    scope: Literal["endpoint", "namespace"] = Field(
+        "endpoint", description="where the key came from: this endpoint's, or its namespace's"
+    )
+
+
+class RateLimit(BaseModel):
+    """Requests per second each caller (key) may make to one endpoint: a token bucket."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requestsPerSecond: float = Field(..., gt=0, le=1_000_000)
+    burst: int = Field(..., ge=1, le=1_000_000, description="requests allowed at once")
+
+
 class EndpointConfig(BaseModel):
     """An endpoint registration (`PUT /admin/v1/endpoints/{id}`), with per-endpoint defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = Field(None, description="taken from the URL")
-    workerToken: str = Field(..., min_length=16, description="raw token workers authenticate with")
+    workerToken: str | None = Field(
+        None,
+        min_length=16,
+        description="raw token workers authenticate with: kept only as its digest",
+    )
+    workerTokenSha256: list[str] = Field(
+        default_factory=list,
+        max_length=4,
+        description="digests of the worker tokens accepted (more than one while one rotates)",
+    )
+    namespace: str | None = Field(None, max_length=253, description="the endpoint's namespace")
+    runsCallerCode: bool = Field(
+        False,
+        description="the endpoint runs code its callers send (handler_worker.generic): only "
+        "keys scoped to it may call it, never a global or admin key",
+    )
+    clientKeys: list[ClientKey] = Field(
+        default_factory=list, max_length=10_000, description="keys scoped to this endpoint"
+    )
+    rateLimit: RateLimit | None = Field(None, description="per caller; none: unlimited")
     executionTimeoutSeconds: float = Field(600, ge=1, le=7 * 86400)
     ttlSeconds: float = Field(86400, ge=10, le=30 * 86400)
     maxRetries: int = Field(2, ge=0, le=100)
@@ -159,9 +214,35 @@ class EndpointConfig(BaseModel):
         "gateway's --max-body-bytes)",
     )
 
+    @field_validator("workerTokenSha256")
+    @classmethod
+    def _digests(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not re.match(SHA256_HEX, item):
+                raise ValueError("a worker token digest is 64 lowercase hex characters")
+        return value
+
+    @model_validator(mode="after")
+    def _keep_digest_only(self) -> EndpointConfig:
+        """A raw worker token becomes the first digest (and is forgotten)."""
+        if self.workerToken is not None:
+            token = digest(self.workerToken)
+            self.workerTokenSha256 = [token, *(d for d in self.workerTokenSha256 if d != token)]
+            self.workerToken = None
+        if not self.workerTokenSha256:
+            raise ValueError("workerToken or workerTokenSha256 is required")
+        return self
+
     @property
     def lost_after_s(self) -> float:
         return self.heartbeatIntervalSeconds * self.heartbeatMisses
+
+    @cached_property
+    def _client_keys(self) -> dict[str, ClientKey]:
+        return {key.sha256: key for key in self.clientKeys}
+
+    def client_key(self, sha256: str) -> ClientKey | None:
+        return self._client_keys.get(sha256)
 
 
 class EndpointSummary(BaseModel):
@@ -171,6 +252,13 @@ class EndpointSummary(BaseModel):
     maxRetries: int
     heartbeatIntervalSeconds: float
     heartbeatMisses: int
+    maxQueued: int | None = None
+    maxInputBytes: int | None = None
+    namespace: str | None = None
+    runsCallerCode: bool = False
+    clientKeys: list[str] = Field(default_factory=list, description="ids of its scoped keys")
+    workerTokens: int = Field(1, description="worker tokens accepted (2 while one rotates)")
+    rateLimit: RateLimit | None = None
 
 
 class EndpointList(BaseModel):

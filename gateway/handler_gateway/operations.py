@@ -33,6 +33,7 @@ from handler_gateway.models import (
     HealthJobs,
     HealthWorkers,
     QueueFigures,
+    RateLimit,
     RunRequest,
 )
 
@@ -57,6 +58,17 @@ LIST_SCAN = 2000
 
 class TooLarge(Exception):
     """A request over its endpoint's size limit (HTTP 413)."""
+
+
+class RateLimited(Exception):
+    """A caller over its request rate on an endpoint (HTTP 429, Retry-After: `wait` s)."""
+
+    def __init__(self, endpoint: str, caller: str, limit: RateLimit, wait: float):
+        super().__init__(
+            f"key '{caller}' is over endpoint '{endpoint}''s rate limit of "
+            f"{limit.requestsPerSecond:g} requests/s (burst {limit.burst}): retry in {wait:.2f} s"
+        )
+        self.wait = wait
 
 
 class Conflict(Exception):
@@ -192,6 +204,17 @@ class Gateway:
                 self._results[key] = job
             else:
                 self._results.pop(key, None)
+
+    async def admit(self, config: EndpointConfig, caller: str) -> None:
+        """Count a request of `caller` against the endpoint's rate limit (RateLimited beyond)."""
+        limit = config.rateLimit
+        if limit is None:
+            return
+        wait = await self.backend.take_token(
+            config.id, caller, limit.requestsPerSecond, limit.burst, self.clock()
+        )
+        if wait > 0:
+            raise RateLimited(config.id, caller, limit, wait)
 
     async def submit(
         self, endpoint_id: str, request: RunRequest, size: int | None = None

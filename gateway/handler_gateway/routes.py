@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,7 +19,16 @@ from pydantic import BaseModel, ValidationError
 
 from handler_gateway.backends import Backend, BackendUnavailable, QueueFull
 from handler_gateway.jobs import JobRecord, JobStatus
-from handler_gateway.keys import Keys, Verdict
+from handler_gateway.keys import (
+    GATEWAY_SCOPES,
+    INSECURE,
+    Caller,
+    Keys,
+    Scope,
+    bearer,
+    endpoint_caller,
+    may_call_client_routes,
+)
 from handler_gateway.metrics import GatewayMetrics
 from handler_gateway.models import (
     ENDPOINT_ID,
@@ -38,9 +48,18 @@ from handler_gateway.models import (
     StreamChunk,
     StreamView,
     WorkerView,
+    digest,
 )
 from handler_gateway.openapi import build_openapi
-from handler_gateway.operations import Conflict, Gateway, NotFound, ResultPost, Timings, TooLarge
+from handler_gateway.operations import (
+    Conflict,
+    Gateway,
+    NotFound,
+    RateLimited,
+    ResultPost,
+    Timings,
+    TooLarge,
+)
 from handler_gateway.webhooks import WebhookSender
 
 log = logging.getLogger("handler_gateway")
@@ -51,8 +70,12 @@ METRICS = web.AppKey("metrics", GatewayMetrics)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 SWEEPER = web.AppKey("sweeper", asyncio.Task)
 RUN_SWEEPER = web.AppKey("run_sweeper", bool)
+KEY_RELOADER = web.AppKey("key_reloader", asyncio.Task)
+KEY_RELOAD_S = 2.0  # a mounted Secret's update shows within the kubelet's sync, plus this
 MAX_BODY = web.AppKey("max_body", int)
 CHANNELS = web.AppKey("channels", set)  # the job channels' sockets open here
+# Who made the request, once known (a Caller): a typed key where aiohttp has them (3.14+).
+CALLER = getattr(web, "RequestKey", lambda name, _: name)("caller", Caller)
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 MAX_BATCH = 256
 MAX_JSON_DEPTH = 200  # nesting levels a request or a result may have
@@ -120,6 +143,8 @@ def error_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
         return 403, str(exc), {}
     if isinstance(exc, QueueFull):
         return 429, str(exc), {"Retry-After": "1"}
+    if isinstance(exc, RateLimited):
+        return 429, str(exc), {"Retry-After": str(max(1, math.ceil(exc.wait)))}
     if isinstance(exc, TooLarge):
         return 413, str(exc), {}
     if isinstance(exc, BackendUnavailable):
@@ -135,7 +160,7 @@ def error_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        return await handler(request)
+        response = await handler(request)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:
@@ -144,7 +169,20 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         status, message, headers = error_for(exc)
         if status == 500:
             log.exception("unhandled error on %s %s", request.method, request.path)
-        return error(status, message, **headers)
+        elif status in (403, 429):
+            caller = request.get(CALLER)
+            log.info("%s %s: %d for key %s", request.method, request.path, status, caller.id)
+        response = error(status, message, **headers)
+    _count(request, response.status)
+    return response
+
+
+def _count(request: web.Request, status: int) -> None:
+    """Requests of the authenticated routes, by the caller's key id."""
+    caller = request.get(CALLER)
+    if caller is not None or status == 401:
+        endpoint = request.match_info.get("endpoint", "")
+        request.app[METRICS].on_request(endpoint, caller.id if caller else "unknown", status)
 
 
 # -- request helpers ---------------------------------------------------------------------------
@@ -244,13 +282,6 @@ def endpoint_id(request: web.Request) -> str:
     return value
 
 
-async def _worker_tokens(request: web.Request, but: str = "") -> list[str]:
-    """Every endpoint's worker token (read only to tell a refused credential, 403, from an
-    unknown one, 401)."""
-    configs = await request.app[GATEWAY].backend.list_endpoints()
-    return [config.workerToken for config in configs if config.id != but]
-
-
 async def _config(request: web.Request) -> EndpointConfig | None:
     try:
         return await request.app[GATEWAY].endpoint(endpoint_id(request))
@@ -258,69 +289,88 @@ async def _config(request: web.Request) -> EndpointConfig | None:
         return None
 
 
-async def _verdict(request: web.Request, judge: Callable[..., Verdict], but: str = "") -> Verdict:
-    """`judge(worker_tokens)` of the request's credential: the endpoints' worker tokens (but
-    `but`'s) are read only when the credential is unknown without them, to tell a refused
-    credential (403) from an unknown one (401)."""
-    verdict = judge(())
-    if verdict == Verdict.UNAUTHORIZED and request.headers.get("Authorization"):
-        verdict = judge(await _worker_tokens(request, but=but))
-    return verdict
+async def identify(request: web.Request, config: EndpointConfig | None) -> Caller | None:
+    """Who the request's credential names: a gateway key, a key or the worker token of
+    `config`, or (the other endpoints are read only then, to tell a refused credential, 403,
+    from an unknown one, 401) another endpoint's. None: no credential, or an unknown one."""
+    keys = request.app[KEYS]
+    if keys.insecure:
+        return INSECURE
+    credential = bearer(request.headers.get("Authorization"))
+    if not credential:
+        return None
+    sha256 = digest(credential)
+    caller = keys.gateway_caller(sha256) or (config and endpoint_caller(config, sha256))
+    if caller:
+        return caller
+    for other in await request.app[GATEWAY].backend.list_endpoints():
+        if config is None or other.id != config.id:
+            found = endpoint_caller(other, sha256)
+            if found:
+                return Caller(found.id, Scope.FOREIGN)
+    return None
 
 
 # Credentials first, then existence: an unknown credential gets 401 whether or not the endpoint
 # exists (ids cannot be probed), a known one 404 for an unknown endpoint, then 403 if it may
 # not call the route.
+async def authorize(
+    request: web.Request,
+    permits: Callable[[Caller, EndpointConfig | None], bool],
+    needed: str,
+    on_endpoint: bool = True,
+) -> tuple[Caller, EndpointConfig | None]:
+    """The caller (kept on the request for metrics and logs) and the endpoint's config."""
+    config = await _config(request) if on_endpoint else None
+    caller = await identify(request, config)
+    if caller is None:
+        raise Unauthorized(f"missing or unknown credentials: this route needs {needed}")
+    request[CALLER] = caller
+    if on_endpoint and config is None:
+        raise NotFound(f"endpoint '{request.match_info['endpoint']}' not found")
+    if not permits(caller, config):
+        if config is not None and config.runsCallerCode and caller.scope in GATEWAY_SCOPES:
+            raise Forbidden(
+                f"endpoint '{config.id}' runs code its callers send: only keys scoped to it "
+                "(its HandlerDeployment's spec.access, or its namespace's keys) may call it, "
+                f"not the gateway's global or admin keys (this is '{caller.id}')"
+            )
+        raise Forbidden(f"'{caller.id}' may not call this route: it needs {needed}")
+    return caller, config
+
+
 async def authorize_client(request: web.Request) -> str:
-    keys, header = request.app[KEYS], request.headers.get("Authorization")
-    verdict = await _verdict(request, lambda tokens: keys.client_verdict(header, tokens))
-    needed = "a client API key (Authorization: Bearer <key>)"
-    return _existing(request, verdict, needed, await _config(request))
+    """The endpoint, once the caller may call it and is within its rate limit."""
+    caller, config = await authorize(
+        request, may_call_client_routes, "a client API key (Authorization: Bearer <key>)"
+    )
+    assert config is not None
+    await request.app[GATEWAY].admit(config, caller.id)
+    return config.id
+
+
+def _is_worker(caller: Caller, config: EndpointConfig | None) -> bool:
+    return caller.scope == Scope.WORKER
+
+
+def _is_admin(caller: Caller, config: EndpointConfig | None) -> bool:
+    return caller.scope == Scope.ADMIN
+
+
+def _is_admin_or_worker(caller: Caller, config: EndpointConfig | None) -> bool:
+    return caller.scope in (Scope.ADMIN, Scope.WORKER)
 
 
 async def authorize_worker(request: web.Request) -> str:
     endpoint = request.match_info["endpoint"]
-    return await _worker_token(request, endpoint, f"the worker token of endpoint '{endpoint}'")
-
-
-async def _worker_token(request: web.Request, endpoint: str, needed: str) -> str:
-    """The endpoint, once the request carries its worker token (credentials first)."""
-    keys, header = request.app[KEYS], request.headers.get("Authorization")
-    config = await _config(request)
-    own = config.workerToken if config else None
-    verdict = await _verdict(
-        request, lambda tokens: keys.worker_verdict(header, own, tokens), but=endpoint
-    )
-    return _existing(request, verdict, needed, config)
-
-
-def _existing(
-    request: web.Request, verdict: Verdict, needed: str, config: EndpointConfig | None
-) -> str:
-    """The endpoint of the request (its `config`, None: unknown): 401 for an unknown
-    credential, then 404 for an unknown endpoint, then 403 for a credential that may not call
-    the route."""
-    endpoint = request.match_info["endpoint"]
-    _check(verdict, needed, existing=False)
-    if config is None:
-        raise NotFound(f"endpoint '{endpoint}' not found")
-    _check(verdict, needed)
+    await authorize(request, _is_worker, f"the worker token of endpoint '{endpoint}'")
     return endpoint
 
 
 async def authorize_admin(request: web.Request) -> None:
-    keys, header = request.app[KEYS], request.headers.get("Authorization")
-    verdict = await _verdict(request, lambda tokens: keys.admin_verdict(header, tokens))
-    _check(verdict, "an admin key (Authorization: Bearer <key>)")
-
-
-def _check(verdict: Verdict, needed: str, existing: bool = True) -> None:
-    """401 for an unknown credential; 403 for a known one (only once the endpoint is known
-    to exist: `existing`)."""
-    if verdict == Verdict.UNAUTHORIZED:
-        raise Unauthorized(f"missing or unknown credentials: this route needs {needed}")
-    if verdict == Verdict.FORBIDDEN and existing:
-        raise Forbidden(f"these credentials may not call this route: it needs {needed}")
+    await authorize(
+        request, _is_admin, "an admin key (Authorization: Bearer <key>)", on_endpoint=False
+    )
 
 
 # -- client routes -----------------------------------------------------------------------------
@@ -725,7 +775,12 @@ async def _close_channels(app: web.Application) -> None:
 
 # -- admin routes ------------------------------------------------------------------------------
 def summary(config: EndpointConfig) -> EndpointSummary:
-    return EndpointSummary(**config.model_dump(exclude={"workerToken"}))
+    fields = config.model_dump(exclude={"workerToken", "workerTokenSha256", "clientKeys"})
+    return EndpointSummary(
+        **fields,
+        clientKeys=[key.id for key in config.clientKeys],
+        workerTokens=len(config.workerTokenSha256),
+    )
 
 
 def admin_endpoint_id(request: web.Request) -> str:
@@ -787,9 +842,8 @@ async def queues(request: web.Request) -> web.Response:
 async def endpoint_queue(request: web.Request) -> web.Response:
     """One endpoint's figures, for KEDA's metrics-api scaler: admin key or its worker token."""
     endpoint = admin_endpoint_id(request)
-    if request.app[KEYS].admin_verdict(request.headers.get("Authorization")) != Verdict.OK:
-        needed = f"an admin key or the worker token of endpoint '{endpoint}'"
-        await _worker_token(request, endpoint, needed)
+    needed = f"an admin key or the worker token of endpoint '{endpoint}'"
+    await authorize(request, _is_admin_or_worker, needed)
     return respond(await request.app[GATEWAY].queue(endpoint))
 
 
@@ -897,10 +951,21 @@ ADMIN_ROUTES = [
 async def _start_sweeper(app: web.Application) -> None:
     if app[RUN_SWEEPER]:
         app[SWEEPER] = asyncio.get_running_loop().create_task(app[GATEWAY].run_sweeper())
+    if app[KEYS].client_files or app[KEYS].admin_files:
+        app[KEY_RELOADER] = asyncio.get_running_loop().create_task(_reload_keys(app[KEYS]))
+
+
+async def _reload_keys(keys: Keys) -> None:
+    """Key files are checked for changes every KEY_RELOAD_S (a stat each)."""
+    while True:
+        await asyncio.sleep(KEY_RELOAD_S)
+        keys.reload()
 
 
 async def _stop(app: web.Application) -> None:
     app[GATEWAY].stopping = True
+    if KEY_RELOADER in app:
+        app[KEY_RELOADER].cancel()
     if SWEEPER in app:
         app[SWEEPER].cancel()
         await asyncio.wait([app[SWEEPER]], timeout=5)

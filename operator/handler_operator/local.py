@@ -184,7 +184,7 @@ class DevRunner:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
-        keys = Keys(frozenset({self.api_key}), frozenset({self.api_key}))
+        keys = Keys.of([self.api_key], [self.api_key])
         app = create_app(open_backend("memory://"), keys)
         self.gateway = app[GATEWAY]
         # Open long-polls of stopped workers must not hold the exit (aiohttp waits 60 s by default).

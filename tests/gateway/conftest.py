@@ -185,7 +185,7 @@ async def make_api(make_backend):
     clients: list[TestClient] = []
 
     async def make(timings: Timings = FAST) -> Api:
-        keys = Keys(frozenset({CLIENT_KEY}), frozenset({ADMIN_KEY}))
+        keys = Keys.of([CLIENT_KEY], [ADMIN_KEY])
         app = create_app(make_backend(), keys, timings, max_body=1024 * 1024)
         client = TestClient(ServedAsInProduction(app))
         await client.start_server()

@@ -68,7 +68,7 @@ def wait_for(predicate, timeout=30.0, message="condition"):
 def cluster(tmp_path, monkeypatch):
     cluster = EmulatedCluster().start()
     port = free_port()
-    keys = Keys(frozenset(), frozenset({ADMIN_KEY}))
+    keys = Keys.of(admin=[ADMIN_KEY])
     app = create_app(open_backend("memory://"), keys)
     cluster.gateway = app[GATEWAY]
 

@@ -33,9 +33,7 @@ TOKEN = "worker-token-0123456789"
 
 @pytest.fixture
 async def gateway():
-    app = create_app(
-        open_backend("memory://"), Keys(frozenset(), frozenset()), Timings(take_hold=0.5)
-    )
+    app = create_app(open_backend("memory://"), Keys.of(), Timings(take_hold=0.5))
     server = TestServer(app)
     await server.start_server()
     await app[GATEWAY].put_endpoint(EndpointConfig(id="ep", workerToken=TOKEN))

@@ -319,6 +319,15 @@ class Backend(ABC):
     @abstractmethod
     async def dead_letters(self, endpoint: str) -> list[str]: ...
 
+    # -- rate limits -------------------------------------------------------------------------
+    @abstractmethod
+    async def take_token(
+        self, endpoint: str, bucket: str, rate: float, burst: int, now: float
+    ) -> float:
+        """Take a token from `endpoint`'s bucket `bucket` (holds `burst`, refilled at `rate`
+        per second, shared by every gateway replica): 0.0 when taken, else the seconds until
+        one is there (none taken)."""
+
     # -- housekeeping ------------------------------------------------------------------------
     @abstractmethod
     async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
@@ -339,6 +348,18 @@ class Backend(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+
+def take_from_bucket(
+    tokens: float, at: float, now: float, rate: float, burst: int
+) -> tuple[float, float, float]:
+    """A token bucket that held `tokens` at `at`, asked for one at `now`: (tokens, at, wait),
+    wait 0.0 when one was taken. The Redis script does the same in Lua."""
+    if now > at:
+        tokens, at = min(float(burst), tokens + (now - at) * rate), now
+    if tokens >= 1:
+        return tokens - 1, at, 0.0
+    return tokens, at, (1 - tokens) / rate
 
 
 def open_backend(url: str, **options: Any) -> Backend:

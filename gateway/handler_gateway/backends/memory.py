@@ -19,6 +19,7 @@ from handler_gateway.backends import (
     WorkerRecord,
     change_channels,
     leaving_channels,
+    take_from_bucket,
 )
 from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
 from handler_gateway.models import EndpointConfig
@@ -57,6 +58,7 @@ class MemoryBackend(Backend):
         self.notifier = Notifier()
         self._endpoints: dict[str, _EndpointState] = {}
         self._leases: dict[str, tuple[str, float]] = {}
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
 
     def _state(self, endpoint: str) -> _EndpointState | None:
         return self._endpoints.get(endpoint)
@@ -309,6 +311,14 @@ class MemoryBackend(Backend):
         return list(state.dead) if state else []
 
     # -- housekeeping ------------------------------------------------------------------------
+    async def take_token(
+        self, endpoint: str, bucket: str, rate: float, burst: int, now: float
+    ) -> float:
+        tokens, at = self._buckets.get((endpoint, bucket), (float(burst), now))
+        tokens, at, wait = take_from_bucket(tokens, at, now, rate, burst)
+        self._buckets[(endpoint, bucket)] = (tokens, at)
+        return wait
+
     async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         return True
 
