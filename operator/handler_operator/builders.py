@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from handler_gateway.urls import worker_webhook_env
-from handler_operator.models import GROUP, HandlerDeployment, JobsSpec
+from handler_operator.models import GROUP, HandlerDeployment
 from handler_operator.settings import OperatorSettings
 
 WORKER_CONTAINER = "worker"
@@ -76,20 +76,108 @@ def selector_string(hd: HandlerDeployment) -> str:
     return ",".join(f"{k}={v}" for k, v in selector_labels(hd).items())
 
 
-def worker_token(hd: HandlerDeployment, settings: OperatorSettings) -> str:
-    """The endpoint's worker token: an HMAC of the CR's uid under the gateway admin key. The
-    operator computes it rather than reading it back, so it needs no read access to Secrets;
-    it stays the same while the CR lives, and a re-created CR (new uid) gets a new one."""
-    message = f"{GROUP}/worker-token/v1/{hd.metadata.get('uid', '')}".encode()
+def worker_token(
+    hd: HandlerDeployment, settings: OperatorSettings, rotation: str | None = None
+) -> str:
+    """The endpoint's worker token: an HMAC of the CR's uid (and of its
+    `spec.access.workerTokenRotation`, or of `rotation`) under the gateway admin key. The
+    operator computes it rather than reading it back; it stays the same while the CR lives and
+    the rotation does not change, and a re-created CR (new uid) gets a new one."""
+    rotation = hd.spec.access.workerTokenRotation if rotation is None else rotation
+    subject = hd.metadata.get("uid", "") + (f"/{rotation}" if rotation else "")
+    message = f"{GROUP}/worker-token/v1/{subject}".encode()
     digest = hmac.new(settings.gateway_admin_key.encode(), message, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
-def build_endpoint_registration(jobs: JobsSpec, worker_token: str) -> dict[str, Any]:
+# A Secret labelled so holds client keys: "endpoint" ones reach the endpoints naming it in
+# spec.access, "namespace" ones every endpoint of its namespace. The operator watches them.
+CLIENT_KEYS_LABEL = f"{GROUP}/client-keys"
+GENERIC_HANDLER = "handler_worker.generic"
+
+
+def runs_caller_code(hd: HandlerDeployment) -> bool:
+    """The generic handler runs the code a job sends: remote code execution by design."""
+    return hd.spec.handler.module == GENERIC_HANDLER
+
+
+def build_client_keys(
+    hd: HandlerDeployment, secrets: list[dict[str, Any]]
+) -> tuple[list[dict[str, str]], list[SpecProblem]]:
+    """The client keys of the endpoint as the gateway keeps them (id, SHA-256, scope), from
+    `secrets` (those of its namespace that exist among the named and the labelled ones), and
+    what is wrong: a named Secret or data key that does not exist."""
+    by_name = {(s.get("metadata") or {}).get("name"): s for s in secrets}
+    keys: dict[str, dict[str, str]] = {}
+    problems = []
+
+    def add(secret: dict[str, Any], scope: str, wanted: list[str]) -> None:
+        name = secret["metadata"]["name"]
+        data = secret.get("data") or {}
+        for missing in [key for key in wanted if key not in data]:
+            problems.append(
+                SpecProblem(
+                    "AccessSecretKeyMissing",
+                    f"Secret '{name}' named in spec.access has no key '{missing}'",
+                )
+            )
+        for key, encoded in sorted(data.items()):
+            if wanted and key not in wanted:
+                continue
+            value = base64.b64decode(encoded).decode("utf-8", "replace").strip()
+            if value:
+                sha256 = hashlib.sha256(value.encode()).hexdigest()
+                keys.setdefault(sha256, {"id": f"{hd.namespace}/{name}/{key}", "sha256": sha256,
+                                         "scope": scope})  # fmt: skip
+
+    for ref in hd.spec.access.secrets:
+        if ref.name in by_name:
+            add(by_name[ref.name], "endpoint", ref.keys)
+        else:
+            problems.append(
+                SpecProblem(
+                    "AccessSecretMissing",
+                    f"Secret '{ref.name}' named in spec.access does not exist in namespace "
+                    f"'{hd.namespace}'",
+                )
+            )
+    for secret in secrets:
+        labels_ = (secret.get("metadata") or {}).get("labels") or {}
+        if labels_.get(CLIENT_KEYS_LABEL) == "namespace":
+            add(secret, "namespace", [])
+    return list(keys.values()), problems
+
+
+def retiring_rotation(status: dict[str, Any], rotation: str) -> str | None:
+    """The worker token rotation still accepted besides `rotation`: the one registered before
+    (status), or the one already retiring; None once workers use only the current one."""
+    registered = status.get("workerTokenRotation")
+    if registered is None and status.get("endpointId"):
+        registered = ""  # registered before rotations existed: the token of rotation ""
+    retiring = status.get("retiringWorkerTokenRotation")
+    if registered is not None and registered != rotation:
+        retiring = registered
+    return None if retiring == rotation else retiring
+
+
+def build_endpoint_registration(
+    hd: HandlerDeployment,
+    worker_token: str,
+    client_keys: list[dict[str, str]] | None = None,
+    retiring_token: str | None = None,
+) -> dict[str, Any]:
     """What the gateway is told of an endpoint (`PUT /admin/v1/endpoints/{id}`): its worker
-    token and the job defaults and limits of `spec.jobs` (unset limits left out)."""
+    token (and the one being retired, by digest), who may call it and how often, and the job
+    defaults and limits of `spec.jobs` (unset limits left out)."""
+    jobs, rate = hd.spec.jobs, hd.spec.access.rateLimit
+    retiring = hashlib.sha256(retiring_token.encode()).hexdigest() if retiring_token else None
     registration = {
         "workerToken": worker_token,
+        "workerTokenSha256": [retiring] if retiring else None,
+        "namespace": hd.namespace,
+        "runsCallerCode": runs_caller_code(hd),
+        "clientKeys": client_keys or None,
+        "rateLimit": rate.model_dump() if rate else None,
         "executionTimeoutSeconds": jobs.executionTimeoutSeconds,
         "ttlSeconds": jobs.ttlSeconds,
         "maxRetries": jobs.maxRetries,
@@ -100,10 +188,13 @@ def build_endpoint_registration(jobs: JobsSpec, worker_token: str) -> dict[str, 
     return {name: value for name, value in registration.items() if value is not None}
 
 
-def secret_name(hd: HandlerDeployment, settings: OperatorSettings) -> str:
+def secret_name(
+    hd: HandlerDeployment, settings: OperatorSettings, rotation: str | None = None
+) -> str:
     """Named after its content, so the operator only ever creates it: a new token (re-created
-    CR, new admin key) is a new Secret, and an old one is collected with its owner."""
-    fingerprint = hashlib.sha256(worker_token(hd, settings).encode()).hexdigest()[:10]
+    CR, new admin key, a rotation) is a new Secret, and an old one is collected with its owner."""
+    token = worker_token(hd, settings, rotation)
+    fingerprint = hashlib.sha256(token.encode()).hexdigest()[:10]
     return f"{hd.name}-worker-token-{fingerprint}"
 
 
@@ -139,6 +230,11 @@ def build_secret(hd: HandlerDeployment, settings: OperatorSettings) -> dict[str,
 def references_secret(deployment: dict[str, Any] | None, name: str) -> bool:
     """Whether a (live) worker Deployment's pods read the token from Secret `name`."""
     spec = ((deployment or {}).get("spec") or {}).get("template", {}).get("spec") or {}
+    return pod_reads_secret(spec, name)
+
+
+def pod_reads_secret(pod_spec: dict[str, Any], name: str) -> bool:
+    spec = pod_spec
     return any(
         ((item.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name") == name
         for container in spec.get("containers") or []

@@ -30,6 +30,7 @@ WORKER_SELECTOR = "app.kubernetes.io/managed-by=handler-operator"
 ON_DELETE_ANNOTATION = f"{GROUP}/on-delete"  # "drain" (default) or "purge"
 GATEWAY_UNREACHABLE = "GatewayUnreachable"
 KEDA_RECHECK_SECONDS = 120
+ACCESS_RECHECK_SECONDS = 30  # a missing spec.access Secret is looked for again this often
 logger = logging.getLogger(__name__)
 
 
@@ -154,11 +155,8 @@ async def reconcile_hd(
         raise kopf.PermanentError(message)
 
     settings: OperatorSettings = memo.settings
-    token = builders.worker_token(hd, settings)
     try:
-        await memo.gateway.put_endpoint(
-            hd.endpoint_id, builders.build_endpoint_registration(hd.spec.jobs, token)
-        )
+        access, access_problems = await register_endpoint(memo, hd, status)
     except Unavailable as exc:
         await _write_status(
             memo,
@@ -170,6 +168,15 @@ async def reconcile_hd(
             ),
         )  # fmt: skip
         raise kopf.TemporaryError(f"gateway unavailable: {exc}", delay=5) from exc
+    if access_problems:
+        # Looked at again now and then: the Secret may be created later, labelled or not.
+        message = "; ".join(p.message for p in access_problems)
+        refused = conditions.condition(
+            conditions.READY, False, access_problems[0].reason, message, now_iso(), generation
+        )
+        await _write_status(memo, body, {"observedGeneration": generation, **access}, refused)
+        kopf.warn(body, reason=access_problems[0].reason, message=message)
+        raise kopf.TemporaryError(message, delay=ACCESS_RECHECK_SECONDS)
 
     keda = hd.spec.scaling.engine == "keda"
     if keda and not await kube.serves(builders.KEDA_API):
@@ -236,6 +243,7 @@ async def reconcile_hd(
         "gpu": builders.gpu_summary(hd),
         "desiredReplicas": replicas,
         "ready": f"{ready}/{replicas}",
+        **access,
     }
     reconciled = conditions.condition(
         conditions.READY,
@@ -251,6 +259,87 @@ async def reconcile_hd(
         await _write_status(memo, body, fields, reconciled)
         kopf.info(body, reason=conditions.RECONCILED, message=f"applied generation {generation}")
         await _keep_refusal(memo, body, hd, conditions.merge_conditions(current, [reconciled]))
+
+
+async def _access_secrets(kube: KubeApi, hd: HandlerDeployment) -> list[dict[str, Any]]:
+    """The labelled Secrets of the endpoint's namespace, and the ones its spec.access names."""
+    found = {
+        secret["metadata"]["name"]: secret
+        for secret in await kube.list("v1", "Secret", hd.namespace, builders.CLIENT_KEYS_LABEL)
+    }
+    for ref in hd.spec.access.secrets:
+        if ref.name not in found:
+            secret = await kube.get("v1", "Secret", hd.namespace, ref.name)
+            if secret:
+                found[ref.name] = secret
+    return list(found.values())
+
+
+async def register_endpoint(
+    memo: kopf.Memo, hd: HandlerDeployment, status: dict[str, Any], retire: bool = False
+) -> tuple[dict[str, Any], list[builders.SpecProblem]]:
+    """Tell the gateway of the endpoint: its worker token (and the one retiring, while a
+    worker may still use it, unless `retire`), its client keys, its limits. The status fields
+    that say so, and what is wrong with spec.access."""
+    settings: OperatorSettings = memo.settings
+    keys, problems = builders.build_client_keys(hd, await _access_secrets(memo.kube, hd))
+    rotation = hd.spec.access.workerTokenRotation
+    retiring = None if retire else builders.retiring_rotation(status, rotation)
+    old = None if retiring is None else builders.worker_token(hd, settings, retiring)
+    registration = builders.build_endpoint_registration(
+        hd, builders.worker_token(hd, settings), keys, old
+    )
+    await memo.gateway.put_endpoint(hd.endpoint_id, registration)
+    fields = {
+        "clientKeys": [key["id"] for key in keys],
+        "workerTokenRotation": rotation,
+        "retiringWorkerTokenRotation": retiring,
+    }
+    return fields, problems
+
+
+async def _retire_worker_token(memo: kopf.Memo, owner: dict[str, Any]) -> None:
+    """Once no worker pod reads the retiring token's Secret (the rollout that followed a
+    rotation is over, the last old pod gone), the gateway stops accepting that token."""
+    status = owner.get("status") or {}
+    retiring = status.get("retiringWorkerTokenRotation")
+    if retiring is None:
+        return
+    try:
+        hd = HandlerDeployment.model_validate(owner)
+    except ValidationError:
+        return
+    old_secret = builders.secret_name(hd, memo.settings, retiring)
+    pods = await memo.kube.list("v1", "Pod", hd.namespace, builders.selector_string(hd))
+    if any(builders.pod_reads_secret(pod.get("spec") or {}, old_secret) for pod in pods):
+        return
+    fields, _ = await register_endpoint(memo, hd, status, retire=True)
+    await memo.kube.update_conditions(
+        f"{GROUP}/{VERSION}", "HandlerDeployment", hd.namespace, hd.name, [], fields
+    )
+    logger.info("%s/%s: worker token of rotation %r retired", hd.namespace, hd.name, retiring)
+
+
+async def on_access_secret(memo: kopf.Memo, event_type: str, secret: dict[str, Any]) -> None:
+    """A labelled key Secret changed: the endpoints it reaches get their keys again (rotation
+    and revocation without touching a HandlerDeployment)."""
+    meta = secret.get("metadata") or {}
+    namespace, name = meta.get("namespace", "default"), meta.get("name")
+    everyone = (meta.get("labels") or {}).get(builders.CLIENT_KEYS_LABEL) == "namespace"
+    for body in await memo.kube.list(f"{GROUP}/{VERSION}", "HandlerDeployment", namespace):
+        try:
+            hd = HandlerDeployment.model_validate(body)
+        except ValidationError:
+            continue
+        status = body.get("status") or {}
+        if not status.get("endpointId") or body["metadata"].get("deletionTimestamp"):
+            continue  # not registered yet (its reconcile will), or going away
+        if everyone or any(ref.name == name for ref in hd.spec.access.secrets):
+            fields, _ = await register_endpoint(memo, hd, status)
+            if any(status.get(key) != value for key, value in fields.items()):
+                await memo.kube.update_conditions(
+                    f"{GROUP}/{VERSION}", "HandlerDeployment", namespace, hd.name, [], fields
+                )
 
 
 async def _keep_refusal(
@@ -375,6 +464,8 @@ async def on_worker_pod(memo: kopf.Memo, event_type: str, pod: dict[str, Any]) -
     owner = await _owner_hd(
         memo, namespace, (meta.get("labels") or {}).get("app.kubernetes.io/instance")
     )
+    if owner is not None and event_type == "DELETED":
+        await _retire_worker_token(memo, owner)
     if owner is None or event_type == "DELETED":
         return
     # Unschedulable pods are the scaler's (Scaling=WaitingForCapacity past pendingTimeout):
@@ -457,15 +548,23 @@ async def on_worker_deployment(
         f"{GROUP}/{VERSION}", "HandlerDeployment", namespace, owner["metadata"]["name"],
         conditions.changed_types(current, updated), fields,
     )  # fmt: skip
+    await _retire_worker_token(memo, owner)
 
 
-# The worker objects the operator follows, watched with a server-side label selector (kopf's
-# `labels=` filters in the client, after listing every Pod and Deployment of the cluster).
-WORKER_WATCHES = (("v1", "Pod", on_worker_pod), ("apps/v1", "Deployment", on_worker_deployment))
+# The objects the operator follows, watched with a server-side label selector (kopf's
+# `labels=` filters in the client, after listing every Pod, Deployment and Secret of the
+# cluster): its worker Pods and Deployments, and the Secrets labelled as holding client keys.
+WATCHES = (
+    ("v1", "Pod", WORKER_SELECTOR, on_worker_pod),
+    ("apps/v1", "Deployment", WORKER_SELECTOR, on_worker_deployment),
+    ("v1", "Secret", builders.CLIENT_KEYS_LABEL, on_access_secret),
+)
 
 
-async def _follow(memo: kopf.Memo, api_version: str, kind: str, namespace: str | None, react):
-    async for event_type, obj in memo.kube.watch(api_version, kind, namespace, WORKER_SELECTOR):
+async def _follow(
+    memo: kopf.Memo, api_version: str, kind: str, namespace: str | None, selector: str, react
+):
+    async for event_type, obj in memo.kube.watch(api_version, kind, namespace, selector):
         try:
             await react(memo, event_type, obj)
         except asyncio.CancelledError:
@@ -481,7 +580,7 @@ def start_watches(memo: kopf.Memo, namespaces: list[str]) -> list[asyncio.Task]:
     """One task per watched kind and namespace (all namespaces when none are named)."""
     loop = asyncio.get_running_loop()
     return [
-        loop.create_task(_follow(memo, api_version, kind, namespace, react))
-        for api_version, kind, react in WORKER_WATCHES
+        loop.create_task(_follow(memo, api_version, kind, namespace, selector, react))
+        for api_version, kind, selector, react in WATCHES
         for namespace in (namespaces or [None])
     ]

@@ -197,7 +197,7 @@ class DevRunner:
         except OSError as exc:
             await self._runner.cleanup()
             raise DevError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
-        registration = builders.build_endpoint_registration(self.target.hd.spec.jobs, self.token)
+        registration = builders.build_endpoint_registration(self.target.hd, self.token)
         await self.gateway.put_endpoint(EndpointConfig(id=self.endpoint, **registration))
         self._mtimes = self._scan_sources()
 

@@ -334,6 +334,46 @@ class ImagePullSecret(_Spec):
     name: str = Field(..., min_length=1, max_length=253)
 
 
+class AccessSecret(_Spec):
+    """A Secret in the endpoint's namespace whose values are client keys that may call it."""
+
+    name: str = Field(..., min_length=1, max_length=253)
+    keys: list[Annotated[str, Field(min_length=1, max_length=253)]] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Which of its data keys hold client keys (empty: every one).",
+    )
+
+
+class RateLimitSpec(_Spec):
+    requestsPerSecond: float = Field(
+        ..., gt=0, le=1_000_000, description="Sustained requests per second of one caller (key)."
+    )
+    burst: int = Field(..., ge=1, le=1_000_000, description="Requests one caller may make at once.")
+
+
+class AccessSpec(_Spec):
+    """Who may call the endpoint, how often, and its worker token's rotation."""
+
+    secrets: list[AccessSecret] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Secrets whose values are client keys scoped to this endpoint. Label a "
+        "Secret handlerops.dev/client-keys=endpoint so a change to it applies at once (else "
+        "at the next reconcile); handlerops.dev/client-keys=namespace makes its keys reach "
+        "every endpoint of the namespace without being named here.",
+    )
+    rateLimit: RateLimitSpec | None = Field(
+        None, description="Per caller (key) token bucket; 429 with Retry-After beyond it."
+    )
+    workerTokenRotation: str = Field(
+        "",
+        max_length=63,
+        description="Change it to rotate the worker token: workers restart with the new one, "
+        "and the old one works until none of them uses it.",
+    )
+
+
 class HandlerDeploymentSpec(_Spec):
     """Desired state of a HandlerDeployment."""
 
@@ -403,6 +443,7 @@ class HandlerDeploymentSpec(_Spec):
     )
     sharedMemory: SharedMemorySpec = Field(default_factory=SharedMemorySpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    access: AccessSpec = Field(default_factory=AccessSpec)
 
     @field_validator("env")
     @classmethod
@@ -457,6 +498,15 @@ class HandlerDeploymentStatus(BaseModel):
     )
     queue: QueueStatus | None = None
     lastScaleTime: str | None = None
+    clientKeys: list[str] | None = Field(
+        None, description="ids of the client keys registered for the endpoint (never the keys)"
+    )
+    workerTokenRotation: str | None = Field(
+        None, description="the spec.access.workerTokenRotation the worker token is of"
+    )
+    retiringWorkerTokenRotation: str | None = Field(
+        None, description="the rotation before, accepted until no worker uses its token"
+    )
     conditions: list[Condition] = Field(default_factory=list)
 
 

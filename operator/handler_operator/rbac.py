@@ -60,9 +60,11 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "",
         "secrets",
-        ("create",),
+        ("get", "list", "watch", "create"),
         "the per-endpoint worker token, created once (named after its content, computed, never "
-        "read back or changed: no read access to any Secret)",
+        "read back or changed); read: image pull Secrets exist, and the client keys of the "
+        "Secrets a HandlerDeployment's spec.access names or that are labelled "
+        "handlerops.dev/client-keys (watched with that selector; only digests leave the operator)",
     ),
     Rule(
         "",

@@ -103,10 +103,13 @@ def _verb(request: Any) -> str:
 
 
 def selector_matches(selector: str, labels: dict[str, str] | None) -> bool:
-    """An equality-based label selector (`k=v,k2=v2`) against an object's labels."""
+    """A label selector of equalities and existences (`k=v,k2`) against an object's labels."""
     labels = labels or {}
-    pairs = (term.split("=", 1) for term in selector.split(",") if term)
-    return all(labels.get(key.strip()) == value.strip() for key, value in pairs)
+    for term in (term.strip() for term in selector.split(",") if term.strip()):
+        key, equals, value = term.partition("=")
+        if key.strip() not in labels or (equals and labels[key.strip()] != value.strip()):
+            return False
+    return True
 
 
 class ApiEmulator(kmock.KubernetesEmulator):

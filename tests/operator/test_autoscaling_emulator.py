@@ -351,6 +351,10 @@ def test_the_operator_uses_every_verb_it_is_granted_and_no_other(cluster, operat
             "scaleDownStabilizationSeconds": 0,
         }
     )
+    # Client keys in a Secret it names (read: get; the labelled ones: list and watch).
+    keys = {"metadata": {"name": "team-keys"}, "data": {"ci": "dGVhbS1rZXk="}}
+    assert call("POST", f"{cluster.url}/api/v1/namespaces/{NS}/secrets", keys)[0] in (200, 201)
+    body["spec"]["access"] = {"secrets": [{"name": "team-keys"}]}
     assert call("POST", cluster.url + HD_PATH.format(ns=NS), body)[0] in (200, 201)
     wait_for(lambda: (NS, NAME) in cluster.objects("poddisruptionbudgets"), message="the PDB")
     token = base64.b64decode(worker_token_secret(cluster, NS, NAME)["data"]["token"]).decode()

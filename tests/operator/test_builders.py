@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,7 +14,7 @@ import yaml
 
 from handler_gateway.models import EndpointConfig
 from handler_operator import builders
-from handler_operator.models import HandlerDeployment, JobsSpec
+from handler_operator.models import HandlerDeployment
 from handler_operator.settings import OperatorSettings
 from tests.conftest import EXAMPLES
 from tests.operator.conftest import EXAMPLE_CRS, GOLDEN, load_cr, parse_cr
@@ -569,8 +571,79 @@ def test_a_deployment_says_which_secret_its_workers_read():
     ids=["unbounded", "limits"],
 )
 def test_the_gateway_is_told_the_jobs_defaults_and_the_limits_set(jobs, limits):
-    registration = builders.build_endpoint_registration(JobsSpec(**jobs), "t" * 20)
+    registration = builders.build_endpoint_registration(hd_with({"jobs": jobs}), "t" * 20)
     assert {
         k: registration[k] for k in ("maxQueued", "maxInputBytes") if k in registration
     } == limits
     EndpointConfig(**registration)  # what the gateway accepts
+
+
+def test_the_gateway_is_told_who_may_call_and_how_often():
+    hd = hd_with(
+        {
+            "handler": {"module": "handler_worker.generic"},
+            "access": {"rateLimit": {"requestsPerSecond": 5, "burst": 10}},
+        }
+    )
+    keys = [{"id": "ml/keys/a", "sha256": "a" * 64, "scope": "endpoint"}]
+    registration = builders.build_endpoint_registration(hd, "t" * 20, keys, "old" * 8)
+    config = EndpointConfig(**registration)
+    assert config.runsCallerCode and config.namespace == "ml"
+    assert config.rateLimit.burst == 10 and config.clientKeys[0].id == "ml/keys/a"
+    assert len(config.workerTokenSha256) == 2  # the new token and the one being retired
+    assert "old" * 8 not in config.model_dump_json()
+
+
+def secret(name: str, data: dict[str, str], label: str | None = None) -> dict:
+    labels = {builders.CLIENT_KEYS_LABEL: label} if label else {}
+    encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+    return {"metadata": {"name": name, "labels": labels}, "data": encoded}
+
+
+def sha(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def test_client_keys_come_from_the_named_secrets_and_the_namespace_ones():
+    hd = hd_with({"access": {"secrets": [{"name": "team"}, {"name": "ci", "keys": ["bot"]}]}})
+    secrets = [
+        secret("team", {"alice": "k-alice\n", "empty": "  "}),  # a trailing newline is no part
+        secret("ci", {"bot": "k-bot", "other": "k-other"}),
+        secret("everyone", {"k": "k-ns"}, label="namespace"),
+        secret("unrelated", {"k": "k-unrelated"}, label="endpoint"),  # named by others only
+    ]
+    keys, problems = builders.build_client_keys(hd, secrets)
+    assert problems == []
+    assert keys == [
+        {"id": "ml/team/alice", "sha256": sha("k-alice"), "scope": "endpoint"},
+        {"id": "ml/ci/bot", "sha256": sha("k-bot"), "scope": "endpoint"},
+        {"id": "ml/everyone/k", "sha256": sha("k-ns"), "scope": "namespace"},
+    ]
+
+
+def test_a_missing_access_secret_or_key_is_a_problem_with_a_reason():
+    hd = hd_with({"access": {"secrets": [{"name": "gone"}, {"name": "ci", "keys": ["nope"]}]}})
+    keys, problems = builders.build_client_keys(hd, [secret("ci", {"bot": "k"})])
+    assert keys == []
+    assert [p.reason for p in problems] == ["AccessSecretMissing", "AccessSecretKeyMissing"]
+    assert "'gone'" in problems[0].message and "'nope'" in problems[1].message
+
+
+@pytest.mark.parametrize(
+    ("module", "runs"),
+    [("handler_worker.generic", True), ("handlers.x", False), ("handler_worker.generic2", False)],
+)
+def test_only_the_generic_handler_runs_caller_code(module, runs):
+    assert builders.runs_caller_code(hd_with({"handler": {"module": module}})) is runs
+
+
+def test_a_rotation_makes_a_new_token_in_a_new_secret_and_the_old_one_stays_computable():
+    hd = with_uid("u-1")
+    body = hd.model_dump()
+    body["spec"]["access"] = {"workerTokenRotation": "2"}
+    rotated = HandlerDeployment.model_validate(body)
+    assert builders.worker_token(rotated, SETTINGS) != builders.worker_token(hd, SETTINGS)
+    assert builders.worker_token(rotated, SETTINGS, rotation="") == builders.worker_token(
+        hd, SETTINGS
+    )
+    assert builders.secret_name(rotated, SETTINGS) != builders.secret_name(hd, SETTINGS)
