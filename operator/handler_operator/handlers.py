@@ -101,7 +101,7 @@ async def _write_status(
 
 async def _create_secret(kube: KubeApi, hd: HandlerDeployment, settings, owner) -> None:
     """Create the worker token Secret; one that exists already holds this very token (its
-    name is its content's), so a conflict means done. The operator never reads a Secret."""
+    name is its content's), so a conflict means done. The operator never reads it back."""
     try:
         await kube.create(builders.owned(builders.build_secret(hd, settings), owner))
     except Conflict:
@@ -500,7 +500,7 @@ async def _recreate_missing_secret(
     memo: kopf.Memo, owner: dict[str, Any], reason: str, message: str
 ) -> None:
     """The worker token Secret was deleted under running workers (the kubelet says so): the
-    operator, which never reads Secrets, creates it again (same name, same token)."""
+    operator, which never reads its token Secrets, creates it again (same name, same token)."""
     if reason != "CreateContainerConfigError":
         return
     try:

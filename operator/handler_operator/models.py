@@ -347,7 +347,10 @@ class AccessSecret(_Spec):
 
 class RateLimitSpec(_Spec):
     requestsPerSecond: float = Field(
-        ..., gt=0, le=1_000_000, description="Sustained requests per second of one caller (key)."
+        ...,
+        ge=0.001,
+        le=1_000_000,
+        description="Sustained requests per second of one caller (key).",
     )
     burst: int = Field(..., ge=1, le=1_000_000, description="Requests one caller may make at once.")
 

@@ -163,7 +163,13 @@ class ApiEmulator(kmock.KubernetesEmulator):
                 namespace == request.namespace if strict else request.namespace in (None, namespace)
             )
             and (request.name is None or name == request.name)
-            and (not selector or selector_matches(selector, obj.raw["metadata"].get("labels")))
+            and (
+                not selector
+                or (
+                    not obj.deleted
+                    and selector_matches(selector, obj.raw["metadata"].get("labels"))
+                )
+            )
         ]
 
     async def _serve_watch(self, request: Any) -> Any:

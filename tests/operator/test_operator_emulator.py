@@ -218,11 +218,14 @@ def test_recreated_handler_deployment_gets_a_new_worker_token(cluster, operator)
     call("POST", cluster.url + HD_PATH.format(ns="default"), cr)
     second = wait_for(token, message="new worker token Secret")
     assert second != first
-    # The operator only ever created Secrets: it never read or changed one.
+    # The operator created Secrets and never changed one; it read only those labelled as
+    # holding client keys (this CR names none in spec.access).
     secret_calls = {
         verb for group, plural, verb in cluster.api.operator_calls if plural == "secrets"
     }
-    assert secret_calls == {"create"}, secret_calls
+    assert secret_calls == {"create", "list", "watch"}, secret_calls
+    selectors = {selector for plural, _, selector in cluster.api.reads if plural == "secrets"}
+    assert selectors == {"handlerops.dev/client-keys"}, selectors
 
 
 def test_worker_objects_are_watched_with_a_server_side_selector(cluster, operator):
@@ -285,7 +288,7 @@ def test_a_refusal_seen_before_the_first_reconcile_is_not_overwritten(cluster, o
 
 
 def test_a_worker_token_secret_deleted_by_hand_is_created_again(cluster, operator):
-    """The operator never reads Secrets: it learns of a missing one from the kubelet's
+    """The operator never reads its token Secrets: it learns of a missing one from the kubelet's
     CreateContainerConfigError on a worker pod, and creates it again (same name, same token)."""
     body = load_cr(EXAMPLES / "hello" / "handlerdeployment.yaml")
     assert call("POST", cluster.url + HD_PATH.format(ns="default"), body)[0] in (200, 201)
