@@ -321,12 +321,12 @@ class Backend(ABC):
 
     # -- rate limits -------------------------------------------------------------------------
     @abstractmethod
-    async def take_token(
-        self, endpoint: str, bucket: str, rate: float, burst: int, now: float
-    ) -> float:
-        """Take a token from `endpoint`'s bucket `bucket` (holds `burst`, refilled at `rate`
-        per second, shared by every gateway replica): 0.0 when taken, else the seconds until
-        one is there (none taken)."""
+    async def take_tokens(
+        self, endpoint: str, bucket: str, rate: float, burst: int, wanted: int, now: float
+    ) -> tuple[int, float]:
+        """Take up to `wanted` tokens from `endpoint`'s bucket `bucket` (holds `burst`, refilled
+        at `rate` per second, shared by every gateway replica): (taken, 0.0), or (0, the seconds
+        until one is there)."""
 
     # -- housekeeping ------------------------------------------------------------------------
     @abstractmethod
@@ -351,15 +351,16 @@ class Backend(ABC):
 
 
 def take_from_bucket(
-    tokens: float, at: float, now: float, rate: float, burst: int
-) -> tuple[float, float, float]:
-    """A token bucket that held `tokens` at `at`, asked for one at `now`: (tokens, at, wait),
-    wait 0.0 when one was taken. The Redis script does the same in Lua."""
+    tokens: float, at: float, now: float, rate: float, burst: int, wanted: int = 1
+) -> tuple[float, float, int, float]:
+    """A token bucket that held `tokens` at `at`, asked for up to `wanted` at `now`: (tokens,
+    at, taken, wait), wait 0.0 unless none was taken. The Redis script does the same in Lua."""
     if now > at:
         tokens, at = min(float(burst), tokens + (now - at) * rate), now
     if tokens >= 1:
-        return tokens - 1, at, 0.0
-    return tokens, at, (1 - tokens) / rate
+        taken = min(wanted, int(tokens))
+        return tokens - taken, at, taken, 0.0
+    return tokens, at, 0, (1 - tokens) / rate
 
 
 def open_backend(url: str, **options: Any) -> Backend:

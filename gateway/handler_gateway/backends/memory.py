@@ -311,13 +311,13 @@ class MemoryBackend(Backend):
         return list(state.dead) if state else []
 
     # -- housekeeping ------------------------------------------------------------------------
-    async def take_token(
-        self, endpoint: str, bucket: str, rate: float, burst: int, now: float
-    ) -> float:
+    async def take_tokens(
+        self, endpoint: str, bucket: str, rate: float, burst: int, wanted: int, now: float
+    ) -> tuple[int, float]:
         tokens, at = self._buckets.get((endpoint, bucket), (float(burst), now))
-        tokens, at, wait = take_from_bucket(tokens, at, now, rate, burst)
+        tokens, at, taken, wait = take_from_bucket(tokens, at, now, rate, burst, wanted)
         self._buckets[(endpoint, bucket)] = (tokens, at)
-        return wait
+        return taken, wait
 
     async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         return True

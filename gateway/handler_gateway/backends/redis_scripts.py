@@ -244,20 +244,26 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 """
-# A token from bucket KEYS[1] (take_from_bucket in Lua): ARGV rate/s, burst; the time is the
-# server's, so every gateway replica's clock agrees. The bucket expires once it would be full.
-TAKE_TOKEN = """
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+# Up to ARGV[3] tokens from bucket KEYS[1] (take_from_bucket in Lua): ARGV rate/s, burst; the
+# time is the server's, so every gateway replica's clock agrees. The bucket expires once it
+# would be full again. Answers {taken, wait}.
+TAKE_TOKENS = """
+local rate, burst, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local held = redis.call('HMGET', KEYS[1], 'tokens', 'at')
 local tokens, at = tonumber(held[1]) or burst, tonumber(held[2]) or now
 if now > at then tokens, at = math.min(burst, tokens + (now - at) * rate), now end
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+local taken, wait = 0, 0
+if tokens >= 1 then
+  taken = math.min(wanted, math.floor(tokens))
+  tokens = tokens - taken
+else
+  wait = (1 - tokens) / rate
+end
 redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.17g', at))
 redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
-return string.format('%.17g', wait)
+return {taken, string.format('%.17g', wait)}
 """
 # The process serving under worker ARGV[1] is now ARGV[2] (KEYS[1]: the endpoint's instances):
 # the one before, whose leaving mark (KEYS[2]) goes if it was another.
@@ -380,7 +386,7 @@ class RedisBackend(Backend):
             "apply_many": self.redis.register_script(APPLY_MANY),
             "expired_queued": self.redis.register_script(EXPIRED_QUEUED),
             "lease": self.redis.register_script(LEASE),
-            "take_token": self.redis.register_script(TAKE_TOKEN),
+            "take_tokens": self.redis.register_script(TAKE_TOKENS),
             "swap_instance": self.redis.register_script(SWAP_INSTANCE),
             "take": self.redis.register_script(TAKE),
             "create_take": self.redis.register_script(CREATE_TAKE),
@@ -1080,11 +1086,12 @@ class RedisBackend(Backend):
         return list(await self.redis.lrange(self._k(endpoint, "dlq"), 0, -1))
 
     # -- housekeeping ------------------------------------------------------------------------
-    async def take_token(
-        self, endpoint: str, bucket: str, rate: float, burst: int, now: float
-    ) -> float:
-        wait = await self._script("take_token", [self._k(endpoint, "rate", bucket)], [rate, burst])
-        return float(wait)
+    async def take_tokens(
+        self, endpoint: str, bucket: str, rate: float, burst: int, wanted: int, now: float
+    ) -> tuple[int, float]:
+        key = self._k(endpoint, "rate", bucket)
+        taken, wait = await self._script("take_tokens", [key], [rate, burst, wanted])
+        return int(taken), float(wait)
 
     async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         """Take or renew the lease in one script: a renewal never extends another's lease."""
