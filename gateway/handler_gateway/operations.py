@@ -8,6 +8,7 @@ execution timeouts, re-queues jobs of silent workers, expires queued jobs and ol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -18,8 +19,10 @@ from typing import Any
 from handler_gateway import jobs
 from handler_gateway.backends import (
     ENQUEUED_CHANNEL,
+    Admission,
     Backend,
     BackendUnavailable,
+    RateRefused,
     WorkerRecord,
     job_channel,
     queue_channel,
@@ -163,9 +166,9 @@ class Gateway:
         self.replica = uuid.uuid4().hex[:12]
         self.stopping = False
         self._endpoints: dict[str, tuple[EndpointConfig, float]] = {}
-        self._rate_leases: dict[
-            tuple[str, str], list[float]
-        ] = {}  # (endpoint, caller) -> [tokens, until]
+        # (endpoint, caller) -> [tokens leased from its rate-limit bucket, used until]
+        self._rate_leases: dict[tuple[str, str], list[float]] = {}
+        self._refused_until: dict[tuple[str, str], float] = {}  # (endpoint, caller) -> time
         self._awaited: set[tuple[str, str]] = set()  # jobs a runsync waits for here
         self._results: dict[tuple[str, str], JobRecord] = {}  # those ended here, not yet read
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -227,26 +230,88 @@ class Gateway:
         limit = config.rateLimit
         if limit is None:
             return
-        now = self.clock()
-        key = (config.id, caller)
-        lease = self._rate_leases.get(key)
-        if lease is not None and lease[0] >= 1 and now < lease[1]:
-            lease[0] -= 1
+        self._refused(config, caller)
+        if self._leased(config.id, caller):
             return
+        now = self.clock()
         taken, wait = await self.backend.take_tokens(
             config.id, caller, limit.requestsPerSecond, limit.burst, lease_size(limit), now
         )
-        if not taken:
-            raise RateLimited(config.id, caller, limit, wait)
+        self._taken(config, caller, taken, wait, now)
+
+    def admit_read(self, config: EndpointConfig, caller: str) -> Callable[[], None] | None:
+        """A read (status, stream, health, listing) is answered at once and counted after: a
+        caller found over its rate is refused (RateLimited) until its bucket has a token
+        again. What starts the count once the answer is sent (None: counted already, from
+        this replica's lease). It costs a read no round trip; a caller may overshoot by what
+        it sends within one."""
+        if config.rateLimit is None:
+            return None
+        self._refused(config, caller)
+        if self._leased(config.id, caller):
+            return None
+        return lambda: self._background(self._count_read(config, caller))
+
+    async def _count_read(self, config: EndpointConfig, caller: str) -> None:
+        with contextlib.suppress(RateLimited, BackendUnavailable):
+            await self.admit(config, caller)
+
+    def _refused(self, config: EndpointConfig, caller: str) -> None:
+        """RateLimited while a refusal of `caller` holds (its bucket was empty until then)."""
+        until = self._refused_until.get((config.id, caller))
+        if until is not None:
+            wait = until - self.clock()
+            if wait > 0:
+                assert config.rateLimit is not None
+                raise RateLimited(config.id, caller, config.rateLimit, wait)
+            del self._refused_until[(config.id, caller)]
+
+    def _taken(
+        self, config: EndpointConfig, caller: str, taken: int, wait: float, now: float
+    ) -> None:
+        """What the bucket gave `caller`: a lease of the tokens beyond this request's, or a
+        refusal remembered until `wait` has passed (RateLimited)."""
         if len(self._rate_leases) >= KEPT_LEASES:
             self._rate_leases = {k: v for k, v in self._rate_leases.items() if v[1] > now}
-        self._rate_leases[key] = [taken - 1, now + LEASE_HOLD_S]
+            self._refused_until = {k: v for k, v in self._refused_until.items() if v > now}
+        if taken:
+            self._rate_leases[(config.id, caller)] = [taken - 1, now + LEASE_HOLD_S]
+            return
+        self._refused_until[(config.id, caller)] = now + wait
+        assert config.rateLimit is not None
+        raise RateLimited(config.id, caller, config.rateLimit, wait)
+
+    def _leased(self, endpoint_id: str, caller: str) -> bool:
+        """One token from this replica's lease of `caller`'s tokens, if it holds one."""
+        lease = self._rate_leases.get((endpoint_id, caller))
+        if lease is not None and lease[0] >= 1 and self.clock() < lease[1]:
+            lease[0] -= 1
+            return True
+        return False
+
+    def _admission(self, config: EndpointConfig, caller: str | None, now: float) -> Admission:
+        """What a new job of `caller` must pass: the queue limit, and a token of its rate limit
+        (taken with the job's creation when this replica's lease has none)."""
+        admission = Admission(max_queued=config.maxQueued, now=now)
+        limit = config.rateLimit
+        if limit is None or caller is None:
+            return admission
+        self._refused(config, caller)
+        if not self._leased(config.id, caller):
+            admission.bucket, admission.wanted = caller, lease_size(limit)
+            admission.rate, admission.burst = limit.requestsPerSecond, limit.burst
+        return admission
 
     async def submit(
-        self, endpoint_id: str, request: RunRequest, size: int | None = None
+        self,
+        endpoint_id: str,
+        request: RunRequest,
+        size: int | None = None,
+        caller: str | None = None,
     ) -> JobRecord:
         """Store a new job (handed at once to a take waiting here). `size`: the request body's
-        bytes, held to the endpoint's maxInputBytes; its maxQueued refuses it (QueueFull)."""
+        bytes, held to the endpoint's maxInputBytes; its maxQueued refuses it (QueueFull), and
+        its rate limit `caller` (RateLimited), both checked with the creation."""
         config = await self.endpoint(endpoint_id)
         if size is not None and config.maxInputBytes is not None and size > config.maxInputBytes:
             raise TooLarge(
@@ -275,18 +340,31 @@ class Gateway:
             webhook=request.webhook,
             extra=extra,
         )
+        admission = self._admission(config, caller, now)
+        try:
+            await self._create(change, admission)
+        except RateRefused as exc:
+            assert caller is not None
+            self._taken(config, caller, 0, exc.wait, now)  # raises RateLimited
+        if caller is not None and admission.bucket is not None:
+            self._taken(config, caller, admission.taken, 0.0, now)
+        return change.job
+
+    async def _create(self, change: Change, admission: Admission) -> None:
+        """Store the new job, handed at once to a take waiting here if there is one."""
+        endpoint_id, now = change.job.endpoint, admission.now
         taker = self._waiting_taker(endpoint_id)
         if taker is None:
-            await self.backend.create_job(change, config.maxQueued)
+            await self.backend.create_job(change, admission)
             self._observe(change)
-            return change.job
+            return
         # A worker long-polls here: store the job and take for it in one step.
         queue = queue_channel(endpoint_id)
         before = self.backend.notifier.version(queue)
         started: list[JobRecord] = []
         try:
             _, changes, emptied = await self.backend.create_and_take(
-                change, taker.worker, taker.count, taker.capacity, now, config.maxQueued
+                change, taker.worker, taker.count, taker.capacity, now, admission
             )
             if emptied and self.backend.notifier.version(queue) == before + 1:  # ours alone
                 self._emptied[endpoint_id] = (before + 1, self.clock())
@@ -300,7 +378,6 @@ class Gateway:
             except Exception as exc:  # noqa: BLE001 - the job is stored: answer it; the sweeper
                 # re-queues it when the worker's heartbeat deadline passes
                 log.warning("job %s/%s: giving it back failed: %s", endpoint_id, change.job.id, exc)
-        return change.job
 
     def _waiting_taker(self, endpoint_id: str) -> Taker | None:
         """The take that has waited longest for this endpoint's queue (no longer waiting)."""

@@ -74,8 +74,10 @@ KEY_RELOADER = web.AppKey("key_reloader", asyncio.Task)
 KEY_RELOAD_S = 2.0  # a mounted Secret's update shows within the kubelet's sync, plus this
 MAX_BODY = web.AppKey("max_body", int)
 CHANNELS = web.AppKey("channels", set)  # the job channels' sockets open here
-# Who made the request, once known (a Caller): a typed key where aiohttp has them (3.14+).
-CALLER = getattr(web, "RequestKey", lambda name, _: name)("caller", Caller)
+# Who made the request, once known (a Caller), and more: typed keys where aiohttp has them.
+_request_key = getattr(web, "RequestKey", lambda name, _: name)
+CALLER = _request_key("caller", Caller)
+COUNT_AFTER = _request_key("count_after", Callable)  # starts a read's rate-limit count
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 MAX_BATCH = 256
 MAX_JSON_DEPTH = 200  # nesting levels a request or a result may have
@@ -174,6 +176,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             log.info("%s %s: %d for key %s", request.method, request.path, status, caller.id)
         response = error(status, message, **headers)
     _count(request, response.status)
+    count_after = request.get(COUNT_AFTER)
+    if count_after is not None:
+        # A read's rate-limit count waits until its answer is sent: its round trip to the
+        # backend then delays nothing.
+        await response.prepare(request)
+        await response.write_eof()
+        count_after()
     return response
 
 
@@ -339,14 +348,32 @@ async def authorize(
     return caller, config
 
 
-async def authorize_client(request: web.Request) -> str:
-    """The endpoint, once the caller may call it and is within its rate limit."""
+# When a client route counts its caller's request against the rate limit: before it acts;
+# with the creation of the job it submits (in the same backend step); or, for a read, as it
+# answers (see Gateway.admit_read).
+FIRST, WITH_CREATE, READ = "first", "with-create", "read"
+
+
+async def authorize_client(request: web.Request, admission: str = FIRST) -> str:
+    """The endpoint, once the caller may call it (and, as `admission` says, is within its
+    rate limit)."""
     caller, config = await authorize(
         request, may_call_client_routes, "a client API key (Authorization: Bearer <key>)"
     )
     assert config is not None
-    await request.app[GATEWAY].admit(config, caller.id)
+    gateway = request.app[GATEWAY]
+    if admission == FIRST:
+        await gateway.admit(config, caller.id)
+    elif admission == READ:
+        count = gateway.admit_read(config, caller.id)
+        if count is not None:
+            request[COUNT_AFTER] = count  # once the answer is out (errors_middleware)
     return config.id
+
+
+def caller_id(request: web.Request) -> str | None:
+    caller = request.get(CALLER)
+    return caller.id if caller else None
 
 
 def _is_worker(caller: Caller, config: EndpointConfig | None) -> bool:
@@ -375,18 +402,19 @@ async def authorize_admin(request: web.Request) -> None:
 
 # -- client routes -----------------------------------------------------------------------------
 async def run(request: web.Request) -> web.Response:
-    endpoint = await authorize_client(request)
+    endpoint = await authorize_client(request, WITH_CREATE)
     body = parse_model(RunRequest, await json_body(request))
-    job = await request.app[GATEWAY].submit(endpoint, body, len(await request.read()))
+    size = len(await request.read())
+    job = await request.app[GATEWAY].submit(endpoint, body, size, caller_id(request))
     return web.json_response({"id": job.id, "status": job.status.value})
 
 
 async def runsync(request: web.Request) -> web.Response:
-    endpoint = await authorize_client(request)
+    endpoint = await authorize_client(request, WITH_CREATE)
     body = parse_model(RunRequest, await json_body(request))
     gateway = request.app[GATEWAY]
     wait = wait_query(request)
-    job = await gateway.submit(endpoint, body, len(await request.read()))
+    job = await gateway.submit(endpoint, body, len(await request.read()), caller_id(request))
     job = await gateway.wait_terminal(endpoint, job.id, wait, submitted=job)
     if job.terminal:
         return web.json_response(job_view_dict(job))
@@ -395,7 +423,7 @@ async def runsync(request: web.Request) -> web.Response:
 
 async def list_jobs(request: web.Request) -> web.Response:
     """`?status=&limit=&cursor=`: the endpoint's jobs kept (within their ttl), newest first."""
-    endpoint = await authorize_client(request)
+    endpoint = await authorize_client(request, READ)
     raw_status = request.query.get("status") or None
     if raw_status is not None and raw_status not in JobStatus.__members__:
         allowed = ", ".join(JobStatus.__members__)
@@ -440,20 +468,20 @@ def read_cursor(cursor: str | None) -> tuple[float, str] | None:
 async def status_sync(request: web.Request) -> web.Response:
     """`status` that waits up to `wait` ms for the job to end (runpod's JavaScript client polls
     it for jobs that outlast `runsync`)."""
-    endpoint = await authorize_client(request)
+    endpoint = await authorize_client(request, READ)
     gateway = request.app[GATEWAY]
     job = await gateway.wait_terminal(endpoint, request.match_info["job"], wait_query(request))
     return web.json_response(job_view_dict(job))
 
 
 async def status(request: web.Request) -> web.Response:
-    endpoint = await authorize_client(request)
+    endpoint = await authorize_client(request, READ)
     job = await request.app[GATEWAY].job(endpoint, request.match_info["job"])
     return web.json_response(job_view_dict(job))
 
 
 async def stream(request: web.Request) -> web.Response:
-    endpoint = await authorize_client(request)
+    endpoint = await authorize_client(request, READ)
     cursor = request.query.get("cursor")
     start = int_query(request, "cursor", 0, 0, 10**9) if cursor is not None else None
     job, chunks, end = await request.app[GATEWAY].stream(endpoint, request.match_info["job"], start)
@@ -491,7 +519,7 @@ async def purge_queue(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    endpoint = await authorize_client(request)
+    endpoint = await authorize_client(request, READ)
     return respond(await request.app[GATEWAY].health(endpoint))
 
 

@@ -24,6 +24,29 @@ class BackendUnavailable(Exception):
     """The backend (Redis) cannot be reached; the request must be retried later (HTTP 503)."""
 
 
+class RateRefused(Exception):
+    """A new job's caller has no token left in its rate-limit bucket: `wait` s until one."""
+
+    def __init__(self, wait: float):
+        super().__init__(f"no token for {wait:.3f} s")
+        self.wait = wait
+
+
+@dataclass
+class Admission:
+    """What a new job must pass to be stored, checked with its creation, atomically: the
+    endpoint's queue limit, and tokens (up to `wanted`) from its caller's rate-limit bucket;
+    the backend sets `taken` (the job's own token among them)."""
+
+    max_queued: int | None = None
+    bucket: str | None = None  # the caller's bucket, when a rate limit applies
+    rate: float = 0.0
+    burst: int = 0
+    wanted: int = 1
+    now: float = 0.0  # the gateway's clock (Redis uses its own)
+    taken: int = 0
+
+
 class QueueFull(Exception):
     """A new job was refused: its endpoint already has `limit` jobs queued (HTTP 429)."""
 
@@ -173,9 +196,10 @@ class Backend(ABC):
 
     # -- jobs --------------------------------------------------------------------------------
     @abstractmethod
-    async def create_job(self, change: Change, max_queued: int | None = None) -> None:
-        """Store a new job and enqueue it (a `jobs.new_job` change); with `max_queued`, raise
-        QueueFull instead, atomically, when that many jobs are queued already."""
+    async def create_job(self, change: Change, admission: Admission | None = None) -> None:
+        """Store a new job and enqueue it (a `jobs.new_job` change), unless `admission` refuses
+        it, atomically: QueueFull when `max_queued` jobs are queued already, RateRefused when
+        its caller's bucket is empty."""
 
     @abstractmethod
     async def get_job(self, endpoint: str, job_id: str) -> JobRecord | None: ...
@@ -202,11 +226,11 @@ class Backend(ABC):
         count: int,
         capacity: int | None,
         now: float,
-        max_queued: int | None = None,
+        admission: Admission | None = None,
     ) -> Take:
-        """`create_job(change, max_queued)`, then `take_jobs(...)`, as one atomic step where the
+        """`create_job(change, admission)`, then `take_jobs(...)`, as one atomic step where the
         backend can (a submit handed straight to a waiting worker; the queue's order holds)."""
-        await self.create_job(change, max_queued)
+        await self.create_job(change, admission)
         return await self.take_jobs(change.job.endpoint, worker, count, capacity, now)
 
     @abstractmethod

@@ -10,9 +10,11 @@ from typing import Any
 
 from handler_gateway import jobs
 from handler_gateway.backends import (
+    Admission,
     Backend,
     Notifier,
     QueueFull,
+    RateRefused,
     Take,
     Transition,
     WorkerPoll,
@@ -115,12 +117,19 @@ class MemoryBackend(Backend):
         for channel in change_channels(change):
             self.notifier.notify(channel)
 
-    async def create_job(self, change: Change, max_queued: int | None = None) -> None:
-        state = self._state(change.job.endpoint)
+    async def create_job(self, change: Change, admission: Admission | None = None) -> None:
+        endpoint = change.job.endpoint
+        state = self._state(endpoint)
         if state is None:
-            raise KeyError(change.job.endpoint)
-        if max_queued is not None and state.counters.get("inQueue", 0) >= max_queued:
-            raise QueueFull(change.job.endpoint, max_queued)
+            raise KeyError(endpoint)
+        if admission is not None:
+            limit = admission.max_queued
+            if limit is not None and state.counters.get("inQueue", 0) >= limit:
+                raise QueueFull(endpoint, limit)
+            if admission.bucket is not None:
+                admission.taken, wait = self._take(endpoint, admission.bucket, admission)
+                if not admission.taken:
+                    raise RateRefused(wait)
         self._apply(state, None, change)
 
     async def get_job(self, endpoint: str, job_id: str) -> JobRecord | None:
@@ -314,8 +323,14 @@ class MemoryBackend(Backend):
     async def take_tokens(
         self, endpoint: str, bucket: str, rate: float, burst: int, wanted: int, now: float
     ) -> tuple[int, float]:
-        tokens, at = self._buckets.get((endpoint, bucket), (float(burst), now))
-        tokens, at, taken, wait = take_from_bucket(tokens, at, now, rate, burst, wanted)
+        return self._take(endpoint, bucket, Admission(None, bucket, rate, burst, wanted, now))
+
+    def _take(self, endpoint: str, bucket: str, asked: Admission) -> tuple[int, float]:
+        now = asked.now
+        tokens, at = self._buckets.get((endpoint, bucket), (float(asked.burst), now))
+        tokens, at, taken, wait = take_from_bucket(
+            tokens, at, now, asked.rate, asked.burst, asked.wanted
+        )
         self._buckets[(endpoint, bucket)] = (tokens, at)
         return taken, wait
 

@@ -31,10 +31,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from handler_gateway import jobs
 from handler_gateway.backends import (
+    Admission,
     Backend,
     BackendUnavailable,
     Notifier,
     QueueFull,
+    RateRefused,
     Take,
     Transition,
     WorkerPoll,
@@ -55,8 +57,10 @@ SCHEMA = "2"
 ORIGIN_MARK = "|"
 # Records this replica last wrote or took, kept to apply the next transition in one round trip.
 CACHED_RECORDS = 10_000
-# APPLY's answer to a new job beyond its endpoint's jobs.maxQueued.
+# APPLY's answers to a new job beyond its endpoint's jobs.maxQueued, and to one whose caller's
+# rate-limit bucket is empty.
 QUEUE_FULL = 2
+RATE_REFUSED = 3
 # The listing's index keeps jobs created this long ago at most (the longest ttl a job may have).
 RECENT_S = 30 * 86400 + 3600
 # How long a submit waits for replicas to acknowledge its job (see RedisBackend._replicated).
@@ -79,9 +83,41 @@ local function active_at(key, endpoint, at)
 end
 """
 
+# Up to `wanted` tokens from bucket `key` (take_from_bucket in Lua) at `rate`/s up to `burst`;
+# the time is the server's, so every gateway replica's clock agrees. The bucket expires once it
+# would be full again. Answers taken, and the seconds until one is there (none taken).
+TAKE_TOKENS_FUNCTION = """
+local function take_tokens(key, rate, burst, wanted)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local held = redis.call('HMGET', key, 'tokens', 'at')
+  local tokens, at = tonumber(held[1]) or burst, tonumber(held[2]) or now
+  if now > at then tokens, at = math.min(burst, tokens + (now - at) * rate), now end
+  local taken, wait = 0, 0
+  if tokens >= 1 then
+    taken = math.min(wanted, math.floor(tokens))
+    tokens = tokens - taken
+  else
+    wait = (1 - tokens) / rate
+  end
+  redis.call('HSET', key, 'tokens', string.format('%.17g', tokens), 'at', string.format('%.17g', at))
+  redis.call('PEXPIRE', key, math.ceil((burst - tokens) / rate * 1000) + 1000)
+  return taken, string.format('%.17g', wait)
+end
+"""
+TAKE_TOKENS = (
+    TAKE_TOKENS_FUNCTION
+    + """
+local taken, wait = take_tokens(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
+return {taken, wait}
+"""
+)
+
 # Store one job change if the record is still at the revision it was computed from ('' : the
 # record must not exist). On a conflict, answers the record as it is now, so the caller can
-# compute again without another read; a new job beyond `max_queued` queued ones answers {2, 0}.
+# compute again without another read; a new job beyond `max_queued` queued ones answers {2, 0},
+# one whose caller's bucket (`rate`: its key, in the job's hash slot, rate, burst, wanted) has
+# no token {3, seconds until one}; a stored one {1, revision, tokens taken}.
 # A new job also goes into the endpoint's jobs by creation time (the listing's index, trimmed to
 # the longest ttl). KEYS: job, input, chunks, queue, active, counters,
 # activity, dead letters, released worker's jobs, assigned worker's jobs, stopped worker's stops,
@@ -89,7 +125,8 @@ end
 # ARGV: expected revision, effects (JSON), the fields (a JSON object of each field's JSON).
 APPLY_FUNCTION = (
     LISTENING_FUNCTION
-    + f"local RECENT_S, QUEUE_FULL = {RECENT_S}, {QUEUE_FULL}\n"
+    + TAKE_TOKENS_FUNCTION
+    + f"local RECENT_S, QUEUE_FULL, RATE_REFUSED = {RECENT_S}, {QUEUE_FULL}, {RATE_REFUSED}\n"
     + """
 local function apply(KEYS, ARGV)
 local job = KEYS[1]
@@ -100,6 +137,12 @@ end
 local e = cjson.decode(ARGV[2])
 if e.max_queued and tonumber(redis.call('HGET', KEYS[6], 'inQueue') or '0') >= e.max_queued then
   return {QUEUE_FULL, 0}
+end
+local taken = 0
+if e.rate then
+  local wait
+  taken, wait = take_tokens(e.rate.key, e.rate.rate, e.rate.burst, e.rate.wanted)
+  if taken == 0 then return {RATE_REFUSED, wait} end
 end
 local id = e.id
 rev = redis.call('HINCRBY', job, 'rev', 1)
@@ -143,7 +186,7 @@ if e.undead then redis.call('LREM', KEYS[8], 0, id) end
 if e.message and listening(e.notify, e.listeners) then
   redis.call('PUBLISH', e.notify, e.message)
 end
-return {1, rev}
+return {1, rev, taken}
 end
 """
 )
@@ -244,27 +287,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) and 1 or 0
 """
-# Up to ARGV[3] tokens from bucket KEYS[1] (take_from_bucket in Lua): ARGV rate/s, burst; the
-# time is the server's, so every gateway replica's clock agrees. The bucket expires once it
-# would be full again. Answers {taken, wait}.
-TAKE_TOKENS = """
-local rate, burst, wanted = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local held = redis.call('HMGET', KEYS[1], 'tokens', 'at')
-local tokens, at = tonumber(held[1]) or burst, tonumber(held[2]) or now
-if now > at then tokens, at = math.min(burst, tokens + (now - at) * rate), now end
-local taken, wait = 0, 0
-if tokens >= 1 then
-  taken = math.min(wanted, math.floor(tokens))
-  tokens = tokens - taken
-else
-  wait = (1 - tokens) / rate
-end
-redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens), 'at', string.format('%.17g', at))
-redis.call('PEXPIRE', KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
-return {taken, string.format('%.17g', wait)}
-"""
 # The process serving under worker ARGV[1] is now ARGV[2] (KEYS[1]: the endpoint's instances):
 # the one before, whose leaving mark (KEYS[2]) goes if it was another.
 SWAP_INSTANCE = """
@@ -328,7 +350,7 @@ class ApplyCall(NamedTuple):
     keys: list[str]
     args: list[str]
     channels: list[str]
-    max_queued: int | None = None  # a new job's: refused beyond this many queued
+    admission: Admission | None = None  # a new job's
 
 
 # A job to create in the next batch: its change, APPLY's keys and arguments, and whether stored.
@@ -470,7 +492,11 @@ class RedisBackend(Backend):
 
     # -- jobs --------------------------------------------------------------------------------
     def _effects(
-        self, change: Change, expected: str, channels: list[str], max_queued: int | None = None
+        self,
+        change: Change,
+        expected: str,
+        channels: list[str],
+        admission: Admission | None = None,
     ) -> dict[str, Any]:
         """The script's view of `change.effects` and of what the new status implies for keys
         (`channels`: the change's notifications)."""
@@ -489,8 +515,15 @@ class RedisBackend(Backend):
         if created:  # a new job: nothing to expire, persist or deactivate yet
             out["input"] = json.dumps(job.input)
             out["created"] = repr(job.created_at)
-            if max_queued is not None:
-                out["max_queued"] = max_queued
+            if admission is not None and admission.max_queued is not None:
+                out["max_queued"] = admission.max_queued
+            if admission is not None and admission.bucket is not None:
+                out["rate"] = {
+                    "key": self._k(job.endpoint, "rate", admission.bucket),
+                    "rate": admission.rate,
+                    "burst": admission.burst,
+                    "wanted": admission.wanted,
+                }
         elif job.terminal and not effects.dead_letter:
             out["expire_ms"] = str(int(job.expires_at * 1000))
         elif effects.enqueue:  # back in line after a result's expiry was set
@@ -515,7 +548,7 @@ class RedisBackend(Backend):
         return out
 
     def _apply_call(
-        self, change: Change, expected: str, max_queued: int | None = None
+        self, change: Change, expected: str, admission: Admission | None = None
     ) -> ApplyCall:
         """APPLY's keys and arguments for `change`, and the channels it notifies."""
         job, effects = change.job, change.effects
@@ -539,15 +572,15 @@ class RedisBackend(Backend):
         if not expected:  # a new hash: a field left out reads as its default, null
             fields = {name: value for name, value in fields.items() if value != "null"}
         channels = change_channels(change)
-        effects = self._effects(change, expected, channels, max_queued)
+        effects = self._effects(change, expected, channels, admission)
         args = [expected, json.dumps(effects), json.dumps(fields)]
-        return ApplyCall(keys, args, channels, max_queued)
+        return ApplyCall(keys, args, channels, admission)
 
     async def _apply(self, change: Change, expected: str) -> tuple[bool, Any]:
         """Run APPLY for `change`: (True, new revision) or (False, the record's fields now)."""
         call = self._apply_call(change, expected)
         await self._ensure_schema()
-        done, value = await self._script("apply", call.keys, call.args)
+        done, value, *_ = await self._script("apply", call.keys, call.args)
         if done:
             self._notify_here(call.channels)
         return bool(done), value
@@ -588,13 +621,13 @@ class RedisBackend(Backend):
         values = {name: json.loads(value) for name, value in fields.items()}
         return rev, JobRecord.model_validate(values)
 
-    async def create_job(self, change: Change, max_queued: int | None = None) -> None:
+    async def create_job(self, change: Change, admission: Admission | None = None) -> None:
         """Stored in one round trip with the other jobs submitted on this replica meanwhile (a
         group commit): a batch takes the submits that the event loop's next turns parse (as
         long as they bring any, up to GATHER_TURNS), which costs a lone submit nothing
         measurable, and is sent without waiting for the batches before it (the pipe keeps
         their order)."""
-        call = self._apply_call(change, "", max_queued)
+        call = self._apply_call(change, "", admission)
         stored = asyncio.get_running_loop().create_future()
         self._creating.append((change, call, stored))
         if self._creator is None or self._creator.done():
@@ -627,22 +660,28 @@ class RedisBackend(Backend):
                 if not stored.done():
                     stored.set_exception(exc)
             return
-        for (change, call, stored), (done, _rev) in zip(batch, replies, strict=True):
+        for (change, call, stored), reply in zip(batch, replies, strict=True):
             if stored.done():
                 continue
-            if (refused := self._refusal(change, call, done)) is not None:
+            if (refused := self._refusal(change, call, reply)) is not None:
                 stored.set_exception(refused)
             else:
                 self._notify_here(call.channels)
                 stored.set_result(None)
 
     @staticmethod
-    def _refusal(change: Change, call: ApplyCall, done: int) -> Exception | None:
-        """Why APPLY refused a new job (its first answer `done`); None: it is stored."""
+    def _refusal(change: Change, call: ApplyCall, reply: list[Any]) -> Exception | None:
+        """Why APPLY refused a new job (its answer `reply`); None: it is stored (and the
+        tokens it took noted on its admission)."""
+        done, admission = reply[0], call.admission
         if done == 1:
+            if admission is not None:
+                admission.taken = int(reply[2])
             return None
         if done == QUEUE_FULL:
-            return QueueFull(change.job.endpoint, call.max_queued or 0)
+            return QueueFull(change.job.endpoint, admission.max_queued if admission else 0)
+        if done == RATE_REFUSED:
+            return RateRefused(float(reply[1]))
         return RuntimeError(f"job id {change.job.id} already exists")
 
     def _wait_command(self) -> tuple[Any, ...] | None:
@@ -811,13 +850,13 @@ class RedisBackend(Backend):
         count: int,
         capacity: int | None,
         now: float,
-        max_queued: int | None = None,
+        admission: Admission | None = None,
     ) -> Take:
-        call = self._apply_call(change, "", max_queued)
+        call = self._apply_call(change, "", admission)
         take_keys, take_args = self._take_call(change.job.endpoint, worker, count, capacity, now)
         await self._ensure_schema()
         reply = await self._create("create_take", call.keys + take_keys, call.args + take_args, 1)
-        if (refused := self._refusal(change, call, reply[0][0])) is not None:
+        if (refused := self._refusal(change, call, reply[0])) is not None:
             raise refused
         self._notify_here(call.channels)
         created = {change.job.id: (str(reply[0][1]), change.job)}  # as the script stored it
