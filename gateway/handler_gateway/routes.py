@@ -298,26 +298,28 @@ async def _config(request: web.Request) -> EndpointConfig | None:
         return None
 
 
-async def identify(request: web.Request, config: EndpointConfig | None) -> Caller | None:
-    """Who the request's credential names: a gateway key, a key or the worker token of
-    `config`, or (the other endpoints are read only then, to tell a refused credential, 403,
-    from an unknown one, 401) another endpoint's. None: no credential, or an unknown one."""
+async def identify(request: web.Request, config: EndpointConfig | None) -> list[Caller]:
+    """Who the request's credential names: a gateway key and/or a key or the worker token of
+    `config` (a key may be both), or (the other endpoints are read only then, to tell a
+    refused credential, 403, from an unknown one, 401) another endpoint's. []: no credential,
+    or an unknown one."""
     keys = request.app[KEYS]
     if keys.insecure:
-        return INSECURE
+        return [INSECURE]
     credential = bearer(request.headers.get("Authorization"))
     if not credential:
-        return None
+        return []
     sha256 = digest(credential)
-    caller = keys.gateway_caller(sha256) or (config and endpoint_caller(config, sha256))
-    if caller:
-        return caller
+    callers = [keys.gateway_caller(sha256), config and endpoint_caller(config, sha256)]
+    found = [caller for caller in callers if caller]
+    if found:
+        return found
     for other in await request.app[GATEWAY].backend.list_endpoints():
         if config is None or other.id != config.id:
-            found = endpoint_caller(other, sha256)
-            if found:
-                return Caller(found.id, Scope.FOREIGN)
-    return None
+            caller = endpoint_caller(other, sha256)
+            if caller:
+                return [Caller(caller.id, Scope.FOREIGN)]
+    return []
 
 
 # Credentials first, then existence: an unknown credential gets 401 whether or not the endpoint
@@ -331,9 +333,10 @@ async def authorize(
 ) -> tuple[Caller, EndpointConfig | None]:
     """The caller (kept on the request for metrics and logs) and the endpoint's config."""
     config = await _config(request) if on_endpoint else None
-    caller = await identify(request, config)
-    if caller is None:
+    callers = await identify(request, config)
+    if not callers:
         raise Unauthorized(f"missing or unknown credentials: this route needs {needed}")
+    caller = next((c for c in callers if permits(c, config)), callers[0])
     request[CALLER] = caller
     if on_endpoint and config is None:
         raise NotFound(f"endpoint '{request.match_info['endpoint']}' not found")

@@ -97,8 +97,10 @@ GENERIC_HANDLER = "handler_worker.generic"
 
 
 def runs_caller_code(hd: HandlerDeployment) -> bool:
-    """The generic handler runs the code a job sends: remote code execution by design."""
-    return hd.spec.handler.module == GENERIC_HANDLER
+    """The generic handler runs the code a job sends: remote code execution by design (and so
+    does any module that says so in spec.access.runsCallerCode)."""
+    declared = hd.spec.access.runsCallerCode
+    return hd.spec.handler.module == GENERIC_HANDLER if declared is None else declared
 
 
 def build_client_keys(

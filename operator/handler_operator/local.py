@@ -24,7 +24,7 @@ from aiohttp import web
 
 from handler_gateway.backends import open_backend
 from handler_gateway.keys import Keys
-from handler_gateway.models import EndpointConfig, QueueFigures
+from handler_gateway.models import EndpointConfig, QueueFigures, digest
 from handler_gateway.operations import Gateway
 from handler_gateway.routes import GATEWAY, create_app
 from handler_operator import builders, policies, scalers
@@ -197,7 +197,10 @@ class DevRunner:
         except OSError as exc:
             await self._runner.cleanup()
             raise DevError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
-        registration = builders.build_endpoint_registration(self.target.hd, self.token)
+        # The dev key is scoped to the endpoint too: one that runs callers' code (the generic
+        # handler) takes no gateway-wide key.
+        dev_key = [{"id": "dev", "sha256": digest(self.api_key)}]
+        registration = builders.build_endpoint_registration(self.target.hd, self.token, dev_key)
         await self.gateway.put_endpoint(EndpointConfig(id=self.endpoint, **registration))
         self._mtimes = self._scan_sources()
 

@@ -369,6 +369,12 @@ class AccessSpec(_Spec):
     rateLimit: RateLimitSpec | None = Field(
         None, description="Per caller (key) token bucket; 429 with Retry-After beyond it."
     )
+    runsCallerCode: bool | None = Field(
+        None,
+        description="The endpoint runs code its callers send, so only keys scoped to it may "
+        "call it (unset: true for handler_worker.generic; set true for a module of your own "
+        "that runs pickled callables).",
+    )
     workerTokenRotation: str = Field(
         "",
         max_length=63,

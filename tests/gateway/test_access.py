@@ -206,3 +206,15 @@ async def test_refused_requests_create_nothing(api):
     await api.client.post("/v2/ep/run", json={"input": {}}, headers=headers)  # 429
     figures = await api.gateway.queue("ep")
     assert figures.inQueue == 1
+
+
+async def test_a_key_may_hold_several_grants(api):
+    """The admin key also scoped to an endpoint running callers' code (as `handlerctl dev`
+    registers its one key): it calls that endpoint's client routes and the admin routes."""
+    scoped = registration("gen")
+    scoped["clientKeys"].append({"id": "dev", "sha256": digest(ADMIN_KEY)})
+    await api.register("gen", **scoped)
+    headers = api.admin_headers()
+    assert (await api.client.post("/v2/gen/run", json={"input": {}}, headers=headers)).ok
+    assert (await api.client.get("/admin/v1/endpoints/gen/queue", headers=headers)).ok
+    assert (await api.client.get("/admin/v1/queues", headers=headers)).ok

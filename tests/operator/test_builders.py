@@ -637,6 +637,12 @@ def test_only_the_generic_handler_runs_caller_code(module, runs):
     assert builders.runs_caller_code(hd_with({"handler": {"module": module}})) is runs
 
 
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_module_may_say_whether_it_runs_caller_code(declared):
+    spec = {"handler": {"module": "handlers.mine"}, "access": {"runsCallerCode": declared}}
+    assert builders.runs_caller_code(hd_with(spec)) is declared
+
+
 def test_a_rotation_makes_a_new_token_in_a_new_secret_and_the_old_one_stays_computable():
     hd = with_uid("u-1")
     body = hd.model_dump()
