@@ -91,7 +91,7 @@ def report(backend: str, found: dict) -> None:
         p50, p99 = ({name: statistics.median(by_endpoint[name][i]) for name in by_endpoint}
                     for i in (0, 1))  # fmt: skip
         print(
-            f"{backend:<8}{caller:<6}{route:<13}{p50['plain']:>10.3f}{p99['plain']:>8.3f}"
+            f"{backend:<8}{caller:<7}{route:<13}{p50['plain']:>10.3f}{p99['plain']:>8.3f}"
             f"{p50['limited']:>12.3f}{p99['limited']:>8.3f}{p50['limited'] - p50['plain']:>+12.3f}"
         )
 
@@ -103,7 +103,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> None:
     print(f"{args.rounds} rounds, c1, medians; busy: {args.requests} requests back to back per route "
           f"and endpoint, slow: {max(20, args.requests // 10)} at 40/s")  # fmt: skip
     print(
-        f"{'backend':<8}{'caller':<6}{'route (ms)':<13}{'plain p50':>10}{'p99':>8}"
+        f"{'backend':<8}{'caller':<7}{'route (ms)':<13}{'plain p50':>10}{'p99':>8}"
         f"{'limited p50':>12}{'p99':>8}{'added p50':>12}"
     )
     try:
