@@ -57,13 +57,19 @@ def bearer(header: str | None) -> str:
     return header
 
 
-def parse_keys(text: str, prefix: str) -> dict[str, str]:
-    """Digest -> id of the keys in `text`: one per line, `KEY` or `NAME KEY` (comments: #)."""
+def parse_keys(text: str, prefix: str, source: str = "keys") -> dict[str, str]:
+    """Digest -> id of the keys in `text`: one per line, `KEY` or `NAME KEY`; `#` starts a
+    comment. Anything else is refused (KeyConfigError, naming the line, never its words): a
+    word taken for the key by mistake would be a key anyone could guess."""
     found: dict[str, str] = {}
-    for line in text.splitlines():
-        words = line.split()
-        if not words or words[0].startswith("#"):
+    for number, line in enumerate(text.splitlines(), 1):
+        words = line.split("#", 1)[0].split()
+        if not words:
             continue
+        if len(words) > 2:
+            raise KeyConfigError(
+                f"{source}, line {number}: expected KEY or NAME KEY, got {len(words)} words"
+            )
         key = words[-1]
         sha = digest(key)
         name = words[0] if len(words) > 1 else sha[:ID_DIGITS]
@@ -74,9 +80,10 @@ def parse_keys(text: str, prefix: str) -> dict[str, str]:
 def read_key_file(path: str, prefix: str) -> dict[str, str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise KeyConfigError(f"cannot read key file {path}: {exc.strerror}") from None
-    return parse_keys(text, prefix)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise KeyConfigError(f"cannot read key file {path}: {reason}") from None
+    return parse_keys(text, prefix, f"key file {path}")
 
 
 def _signature(path: str) -> tuple[int, int, int] | None:
@@ -96,11 +103,11 @@ class Keys:
     client_files: tuple[str, ...] = ()
     admin_files: tuple[str, ...] = ()
     insecure: bool = False
-    environ: Mapping[str, str] = field(default_factory=dict)
-    client: dict[str, str] = field(default_factory=dict)  # digest -> id
-    admin: dict[str, str] = field(default_factory=dict)
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False)  # the two variables
+    client: dict[str, str] = field(default_factory=dict, repr=False)  # digest -> id
+    admin: dict[str, str] = field(default_factory=dict, repr=False)
     _read: dict[tuple[str, str], tuple[tuple[int, int, int] | None, dict[str, str]]] = field(
-        default_factory=dict
+        default_factory=dict, repr=False
     )
 
     @classmethod
@@ -111,8 +118,9 @@ class Keys:
         insecure: bool = False,
         environ: Mapping[str, str] | None = None,
     ) -> Keys:
-        env = dict(os.environ) if environ is None else environ
-        keys = cls(tuple(client_files), tuple(admin_files), insecure, env)
+        env = os.environ if environ is None else environ
+        wanted = {name: env[name] for name in (CLIENT_KEYS_ENV, ADMIN_KEYS_ENV) if name in env}
+        keys = cls(tuple(client_files), tuple(admin_files), insecure, wanted)
         for prefix, paths in (("global", keys.client_files), ("admin", keys.admin_files)):
             for path in paths:
                 keys._read[(prefix, path)] = (_signature(path), read_key_file(path, prefix))
@@ -136,7 +144,7 @@ class Keys:
 
     def _combine(self) -> None:
         def env(name: str, prefix: str) -> dict[str, str]:
-            return parse_keys(self.environ.get(name, "").replace(",", "\n"), prefix)
+            return parse_keys(self.environ.get(name, "").replace(",", "\n"), prefix, name)
 
         client, admin = env(CLIENT_KEYS_ENV, "global"), env(ADMIN_KEYS_ENV, "admin")
         for (prefix, _), (_, found) in self._read.items():
@@ -154,6 +162,7 @@ class Keys:
                 fresh = read_key_file(path, prefix)
             except KeyConfigError as exc:
                 log.warning("%s; its keys stay as they were", exc)
+                self._read[(prefix, path)] = (now, found)  # said once per change
                 continue
             self._read[(prefix, path)] = (now, fresh)
             if fresh != found:
@@ -174,14 +183,15 @@ class Keys:
         return None
 
 
-def endpoint_caller(config: EndpointConfig, sha256: str) -> Caller | None:
-    """The credential as one of `config`'s: a key scoped to it, or its worker token."""
+def endpoint_callers(config: EndpointConfig, sha256: str) -> list[Caller]:
+    """The credential as `config`'s: a key scoped to it and/or its worker token."""
+    found = []
     key = config.client_key(sha256)
     if key is not None:
-        return Caller(key.id, Scope(key.scope))
+        found.append(Caller(key.id, Scope(key.scope)))
     if sha256 in config.workerTokenSha256:
-        return Caller(f"worker:{config.id}", Scope.WORKER)
-    return None
+        found.append(Caller(f"worker:{config.id}", Scope.WORKER))
+    return found
 
 
 def may_call_client_routes(caller: Caller, config: EndpointConfig | None) -> bool:

@@ -161,7 +161,7 @@ class RateLimit(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    requestsPerSecond: float = Field(..., gt=0, le=1_000_000)
+    requestsPerSecond: float = Field(..., ge=0.001, le=1_000_000)
     burst: int = Field(..., ge=1, le=1_000_000, description="requests allowed at once")
 
 

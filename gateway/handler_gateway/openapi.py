@@ -179,6 +179,14 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
         ADMIN,
     ),
     (
+        "post",
+        "/admin/v1/endpoints/{endpoint}/purge-queue",
+        "Cancel every queued job (the admin's purge-queue, on any endpoint)",
+        None,
+        models.PurgeResult,
+        ADMIN,
+    ),
+    (
         "get",
         "/admin/v1/endpoints/{endpoint}/dlq",
         "Dead-lettered jobs",

@@ -50,7 +50,7 @@ KEPT_INSTANCES = 10_000
 LEAVING_MARGIN_S = 10.0
 
 
-# A replica takes tokens of a rate limit LEASE_S's worth of the rate at a time (at most a
+# A replica takes a busy caller's tokens up to LEASE_S's worth of its rate at a time (at most a
 # quarter of the burst; 1 at low rates, where each request asks the shared bucket), and uses
 # them for up to LEASE_HOLD_S: beyond the bucket, a caller gets at most that many per replica.
 LEASE_S = 0.05
@@ -166,9 +166,12 @@ class Gateway:
         self.replica = uuid.uuid4().hex[:12]
         self.stopping = False
         self._endpoints: dict[str, tuple[EndpointConfig, float]] = {}
-        # (endpoint, caller) -> [tokens leased from its rate-limit bucket, used until]
+        # (endpoint, caller) -> [tokens leased from its rate-limit bucket, used until, size]
         self._rate_leases: dict[tuple[str, str], list[float]] = {}
         self._refused_until: dict[tuple[str, str], float] = {}  # (endpoint, caller) -> time
+        # Digests of every endpoint's credentials -> their ids, and when that was read.
+        self._owners: tuple[dict[str, str], float] | None = None
+        self._owners_built: asyncio.Future[dict[str, str]] | None = None
         self._awaited: set[tuple[str, str]] = set()  # jobs a runsync waits for here
         self._results: dict[tuple[str, str], JobRecord] = {}  # those ended here, not yet read
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -195,6 +198,26 @@ class Gateway:
             raise NotFound(f"endpoint '{endpoint_id}' not found")
         self._endpoints[endpoint_id] = (config, now)
         return config
+
+    async def credential_owner(self, sha256: str) -> str | None:
+        """The id of the key or worker token with this digest on any endpoint (None: none).
+        For refused credentials only (403, not 401): the index of every endpoint's credentials
+        is built at most once per `endpoint_cache` s, however many unknown ones arrive."""
+        now = self.clock()
+        if self._owners is None or now - self._owners[1] >= self.timings.endpoint_cache:
+            if self._owners_built is None or self._owners_built.done():
+                self._owners_built = asyncio.ensure_future(self._index_owners())
+            self._owners = (await asyncio.shield(self._owners_built), now)
+        return self._owners[0].get(sha256)
+
+    async def _index_owners(self) -> dict[str, str]:
+        owners: dict[str, str] = {}
+        for config in await self.backend.list_endpoints():
+            for key in config.clientKeys:
+                owners.setdefault(key.sha256, key.id)
+            for token in config.workerTokenSha256:
+                owners.setdefault(token, f"worker:{config.id}")
+        return owners
 
     async def put_endpoint(self, config: EndpointConfig) -> bool:
         existed = await self.backend.get_endpoint(config.id) is not None
@@ -235,7 +258,12 @@ class Gateway:
             return
         now = self.clock()
         taken, wait = await self.backend.take_tokens(
-            config.id, caller, limit.requestsPerSecond, limit.burst, lease_size(limit), now
+            config.id,
+            caller,
+            limit.requestsPerSecond,
+            limit.burst,
+            self._wanted(config, caller),
+            now,
         )
         self._taken(config, caller, taken, wait, now)
 
@@ -266,18 +294,36 @@ class Gateway:
                 raise RateLimited(config.id, caller, config.rateLimit, wait)
             del self._refused_until[(config.id, caller)]
 
+    def _wanted(self, config: EndpointConfig, caller: str) -> int:
+        """How many tokens to ask the bucket for: a lease grows (doubling, up to `lease_size`)
+        while the caller uses its leases up, and shrinks while they expire unused, so a caller
+        spread thin over replicas wastes none of its rate in their leases."""
+        assert config.rateLimit is not None
+        lease = self._rate_leases.get((config.id, caller))
+        if lease is None:
+            return 1
+        tokens, _, size = lease
+        if tokens >= 1:  # it expired with tokens left
+            return max(1, int(size) // 2)
+        return min(lease_size(config.rateLimit), int(size) * 2)
+
     def _taken(
         self, config: EndpointConfig, caller: str, taken: int, wait: float, now: float
     ) -> None:
-        """What the bucket gave `caller`: a lease of the tokens beyond this request's, or a
-        refusal remembered until `wait` has passed (RateLimited)."""
+        """What the bucket gave `caller`: tokens beyond this request's join its lease here
+        (concurrent takes add up), or a refusal is remembered until `wait` has passed
+        (RateLimited)."""
         if len(self._rate_leases) >= KEPT_LEASES:
             self._rate_leases = {k: v for k, v in self._rate_leases.items() if v[1] > now}
             self._refused_until = {k: v for k, v in self._refused_until.items() if v > now}
+        key = (config.id, caller)
         if taken:
-            self._rate_leases[(config.id, caller)] = [taken - 1, now + LEASE_HOLD_S]
+            lease = self._rate_leases.get(key)
+            held = lease[0] if lease is not None and now < lease[1] else 0
+            size = max(taken, lease[2] if lease is not None else 1)
+            self._rate_leases[key] = [held + taken - 1, now + LEASE_HOLD_S, size]
             return
-        self._refused_until[(config.id, caller)] = now + wait
+        self._refused_until[key] = now + wait
         assert config.rateLimit is not None
         raise RateLimited(config.id, caller, config.rateLimit, wait)
 
@@ -298,7 +344,7 @@ class Gateway:
             return admission
         self._refused(config, caller)
         if not self._leased(config.id, caller):
-            admission.bucket, admission.wanted = caller, lease_size(limit)
+            admission.bucket, admission.wanted = caller, self._wanted(config, caller)
             admission.rate, admission.burst = limit.requestsPerSecond, limit.burst
         return admission
 

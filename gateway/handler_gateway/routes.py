@@ -26,7 +26,7 @@ from handler_gateway.keys import (
     Keys,
     Scope,
     bearer,
-    endpoint_caller,
+    endpoint_callers,
     may_call_client_routes,
 )
 from handler_gateway.metrics import GatewayMetrics
@@ -78,6 +78,7 @@ CHANNELS = web.AppKey("channels", set)  # the job channels' sockets open here
 _request_key = getattr(web, "RequestKey", lambda name, _: name)
 CALLER = _request_key("caller", Caller)
 COUNT_AFTER = _request_key("count_after", Callable)  # starts a read's rate-limit count
+ENDPOINT_KNOWN = _request_key("endpoint_known", str)  # the request's endpoint, once found
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 MAX_BATCH = 256
 MAX_JSON_DEPTH = 200  # nesting levels a request or a result may have
@@ -172,17 +173,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if status == 500:
             log.exception("unhandled error on %s %s", request.method, request.path)
         elif status in (403, 429):
-            caller = request.get(CALLER)
-            log.info("%s %s: %d for key %s", request.method, request.path, status, caller.id)
+            key = caller_id(request) or "unknown"
+            log.info("%s %s: %d for key %s", request.method, request.path, status, key)
         response = error(status, message, **headers)
     _count(request, response.status)
     count_after = request.get(COUNT_AFTER)
     if count_after is not None:
         # A read's rate-limit count waits until its answer is sent: its round trip to the
-        # backend then delays nothing.
-        await response.prepare(request)
-        await response.write_eof()
-        count_after()
+        # backend then delays nothing. Counted even if the caller went away meanwhile.
+        try:
+            await response.prepare(request)
+            await response.write_eof()
+        finally:
+            count_after()
     return response
 
 
@@ -190,7 +193,7 @@ def _count(request: web.Request, status: int) -> None:
     """Requests of the authenticated routes, by the caller's key id."""
     caller = request.get(CALLER)
     if caller is not None or status == 401:
-        endpoint = request.match_info.get("endpoint", "")
+        endpoint = request.get(ENDPOINT_KNOWN, "")  # only registered ones: a bounded label
         request.app[METRICS].on_request(endpoint, caller.id if caller else "unknown", status)
 
 
@@ -300,9 +303,8 @@ async def _config(request: web.Request) -> EndpointConfig | None:
 
 async def identify(request: web.Request, config: EndpointConfig | None) -> list[Caller]:
     """Who the request's credential names: a gateway key and/or a key or the worker token of
-    `config` (a key may be both), or (the other endpoints are read only then, to tell a
-    refused credential, 403, from an unknown one, 401) another endpoint's. []: no credential,
-    or an unknown one."""
+    `config` (a credential may hold several grants), or another endpoint's (to tell a refused
+    credential, 403, from an unknown one, 401). []: no credential, or an unknown one."""
     keys = request.app[KEYS]
     if keys.insecure:
         return [INSECURE]
@@ -310,16 +312,14 @@ async def identify(request: web.Request, config: EndpointConfig | None) -> list[
     if not credential:
         return []
     sha256 = digest(credential)
-    callers = [keys.gateway_caller(sha256), config and endpoint_caller(config, sha256)]
-    found = [caller for caller in callers if caller]
+    gateway_caller = keys.gateway_caller(sha256)
+    found = [gateway_caller] if gateway_caller else []
+    if config is not None:
+        found += endpoint_callers(config, sha256)
     if found:
         return found
-    for other in await request.app[GATEWAY].backend.list_endpoints():
-        if config is None or other.id != config.id:
-            caller = endpoint_caller(other, sha256)
-            if caller:
-                return [Caller(caller.id, Scope.FOREIGN)]
-    return []
+    owner = await request.app[GATEWAY].credential_owner(sha256)
+    return [Caller(owner, Scope.FOREIGN)] if owner else []
 
 
 # Credentials first, then existence: an unknown credential gets 401 whether or not the endpoint
@@ -336,11 +336,13 @@ async def authorize(
     callers = await identify(request, config)
     if not callers:
         raise Unauthorized(f"missing or unknown credentials: this route needs {needed}")
-    caller = next((c for c in callers if permits(c, config)), callers[0])
+    caller = next((c for c in callers if c is INSECURE or permits(c, config)), callers[0])
     request[CALLER] = caller
     if on_endpoint and config is None:
         raise NotFound(f"endpoint '{request.match_info['endpoint']}' not found")
-    if not permits(caller, config):
+    if config is not None:
+        request[ENDPOINT_KNOWN] = config.id
+    if caller is not INSECURE and not permits(caller, config):
         if config is not None and config.runsCallerCode and caller.scope in GATEWAY_SCOPES:
             raise Forbidden(
                 f"endpoint '{config.id}' runs code its callers send: only keys scoped to it "
@@ -900,6 +902,14 @@ async def drain(request: web.Request) -> web.Response:
     return respond(DrainResult(endpoint=endpoint, worker=worker, draining=draining, jobs=held))
 
 
+async def admin_purge_queue(request: web.Request) -> web.Response:
+    """`purge-queue` for the operator (a HandlerDeployment deleted with on-delete: purge), on
+    any endpoint, also one whose client routes take no gateway key."""
+    await authorize_admin(request)
+    removed = await request.app[GATEWAY].purge(admin_endpoint_id(request))
+    return respond(PurgeResult(removed=removed))
+
+
 async def dead_letters(request: web.Request) -> web.Response:
     await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
@@ -973,6 +983,7 @@ ADMIN_ROUTES = [
     ("GET", "endpoints/{endpoint}/queue", endpoint_queue),
     ("POST", "endpoints/{endpoint}/workers/{worker}/drain", drain),
     ("DELETE", "endpoints/{endpoint}/workers/{worker}/drain", drain),
+    ("POST", "endpoints/{endpoint}/purge-queue", admin_purge_queue),
     ("GET", "endpoints/{endpoint}/dlq", dead_letters),
     ("POST", "endpoints/{endpoint}/dlq/replay", replay),
     ("GET", "queues", queues),
@@ -987,10 +998,14 @@ async def _start_sweeper(app: web.Application) -> None:
 
 
 async def _reload_keys(keys: Keys) -> None:
-    """Key files are checked for changes every KEY_RELOAD_S (a stat each)."""
+    """Key files are checked for changes every KEY_RELOAD_S (a stat each); whatever goes
+    wrong is logged and the keys stay as they were (never a silent end of rotations)."""
     while True:
         await asyncio.sleep(KEY_RELOAD_S)
-        keys.reload()
+        try:
+            keys.reload()
+        except Exception:
+            log.exception("re-reading the key files failed; the keys stay as they were")
 
 
 async def _stop(app: web.Application) -> None:

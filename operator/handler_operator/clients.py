@@ -435,8 +435,9 @@ class GatewayAdmin:
         return await self._request("GET", "/admin/v1/queues" + query)
 
     async def purge(self, endpoint: str) -> None:
-        # Purge is a client route; the admin key is a client key as well.
-        await self._request("POST", f"/v2/{endpoint}/purge-queue")
+        # The admin route: the client one refuses gateway keys on endpoints running callers'
+        # code, and counts against rate limits.
+        await self._request("POST", f"/admin/v1/endpoints/{endpoint}/purge-queue")
 
     async def drain(self, endpoint: str, worker: str, draining: bool = True) -> list[str]:
         method = "POST" if draining else "DELETE"

@@ -138,8 +138,16 @@ async def test_requests_count_by_key_id_never_the_key(api):
     assert 'handler_gateway_requests_total{code="200",endpoint="ep",key="team-a/keys/ep"} 1.0' in (
         text
     )
-    assert 'code="401",endpoint="ep",key="unknown"' in text
+    assert 'code="401",endpoint="",key="unknown"' in text  # no label per made-up endpoint
     assert KEYS["ep"] not in text
+
+
+async def test_made_up_endpoints_add_no_metric_series(api):
+    for n in range(5):
+        await api.client.post(f"/v2/made-up-{n}/run", json={"input": {}}, headers={"X": "y"})
+        await api.client.get(f"/v2/made-up-{n}/health", headers=api.client_headers(CLIENT_KEY))
+    text = await (await api.client.get("/metrics")).text()
+    assert "made-up" not in text
 
 
 async def test_a_key_removed_from_the_registration_stops_working(api):

@@ -32,9 +32,14 @@ async def test_insecure_dev_accepts_everything(make_backend):
 
     app = create_app(make_backend(), Keys.of(insecure=True))
     async with TestClient(TestServer(app)) as client:
-        put = await client.put("/admin/v1/endpoints/dev", json={"workerToken": "x" * 16})
+        put = await client.put(
+            "/admin/v1/endpoints/dev", json={"workerToken": "x" * 16, "runsCallerCode": True}
+        )
         assert put.status == 201
         assert (await client.post("/v2/dev/run", json={"input": 1})).status == 200
+        assert (await client.get("/v2/dev/ping/w1")).status == 200
+        assert (await client.get("/v2/dev/job-take/w1")).status in (200, 204)
+        assert (await client.get("/admin/v1/endpoints/dev/queue")).status == 200
 
 
 def test_keys_are_required_without_insecure_dev():

@@ -10,9 +10,10 @@ import pytest
 from handler_gateway.keys import (
     INSECURE,
     Caller,
+    KeyConfigError,
     Keys,
     Scope,
-    endpoint_caller,
+    endpoint_callers,
     may_call_client_routes,
     parse_keys,
 )
@@ -52,12 +53,32 @@ def test_only_digests_are_kept(tmp_path):
     [
         ("key", {digest("key"): f"global:{digest('key')[:8]}"}),
         ("  name   key  ", {digest("key"): "global:name"}),
+        ("key  # a comment after it", {digest("key"): f"global:{digest('key')[:8]}"}),
         ("# key", {}),
         ("", {}),
     ],
 )
 def test_key_lines(line, expected):
     assert parse_keys(line, "global") == expected
+
+
+def test_a_line_of_more_words_is_refused_naming_the_line_not_its_words():
+    with pytest.raises(KeyConfigError) as refused:
+        parse_keys("ok-key\ns3cr3t-value trailing words\n", "global", "key file k")
+    assert "key file k, line 2" in str(refused.value)
+    assert "s3cr3t" not in str(refused.value)
+
+
+def test_a_key_file_that_is_not_text_is_a_clear_error(tmp_path):
+    (tmp_path / "admin").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(KeyConfigError, match="not UTF-8 text"):
+        Keys.load([], [str(tmp_path / "admin")], environ={})
+
+
+def test_keys_keep_only_their_own_environment_variables():
+    keys = Keys.load(environ={"HANDLER_GATEWAY_ADMIN_KEYS": "a", "AWS_SECRET": "x"})
+    assert dict(keys.environ) == {"HANDLER_GATEWAY_ADMIN_KEYS": "a"}
+    assert "AWS_SECRET" not in repr(keys) and "digest" not in repr(keys)
 
 
 def test_a_rewritten_key_file_rotates_keys_without_a_restart(tmp_path):
@@ -107,9 +128,17 @@ def test_a_registration_needs_a_worker_token():
 )
 def test_scoped_keys_and_the_worker_token_are_found_on_the_registration(scope, expected):
     registered = config(clientKeys=[{"id": "ns/s/k", "sha256": digest("k"), "scope": scope}])
-    assert endpoint_caller(registered, digest("k")) == Caller("ns/s/k", expected)
-    assert endpoint_caller(registered, digest(TOKEN)) == Caller("worker:ep", Scope.WORKER)
-    assert endpoint_caller(registered, digest("other")) is None
+    assert endpoint_callers(registered, digest("k")) == [Caller("ns/s/k", expected)]
+    assert endpoint_callers(registered, digest(TOKEN)) == [Caller("worker:ep", Scope.WORKER)]
+    assert endpoint_callers(registered, digest("other")) == []
+
+
+def test_a_credential_may_be_both_a_key_and_the_worker_token():
+    registered = config(clientKeys=[{"id": "ns/s/token", "sha256": digest(TOKEN)}])
+    assert [c.scope for c in endpoint_callers(registered, digest(TOKEN))] == [
+        Scope.ENDPOINT,
+        Scope.WORKER,
+    ]
 
 
 @pytest.mark.parametrize(

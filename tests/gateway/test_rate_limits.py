@@ -68,6 +68,14 @@ async def test_a_new_job_takes_its_token_with_its_creation(backend):
     assert other.taken == 1
 
 
+@pytest.mark.parametrize(("rate", "burst"), [(0.001, 1_000_000), (1_000_000, 1)])
+async def test_the_extreme_limits_work(backend, rate, burst):
+    admission = Admission(bucket="ci", rate=rate, burst=burst, wanted=1, now=T0)
+    await backend.create_job(new_job(), admission)
+    assert admission.taken == 1
+    assert (await backend.take_tokens(ENDPOINT, "ci", rate, burst, 1, T0))[0] in (0, 1)
+
+
 async def test_replicas_share_one_bucket_through_their_leases():
     """Two gateways on one backend, a burst of 40 at 100/s (leases of 5), the clock still:
     together they admit the burst and no more; 0.25 s later, the 25 tokens refilled."""
@@ -130,3 +138,29 @@ async def test_reads_are_answered_at_once_and_counted_meanwhile():
         await gateway.submit(ENDPOINT, RunRequest(input={}), caller="ci")
     now[0] += 2.0
     assert gateway.admit_read(config, "ci") is not None
+
+
+async def test_a_lease_grows_for_a_busy_caller_and_shrinks_for_an_idle_one():
+    """Rate 1000/s, burst 1000 (leases of up to 50): a busy caller asks the bucket for 1, 2,
+    4, ... 50 tokens; once a lease expired unused, the next is half as large."""
+    now = [T0]
+    backend = open_backend("memory://")
+    limit = {"requestsPerSecond": 1000, "burst": 1000}
+    await backend.put_endpoint(EndpointConfig(id=ENDPOINT, workerToken=TOKEN, rateLimit=limit))
+    asked: list[int] = []
+    take_tokens = backend.take_tokens
+
+    async def recording(endpoint, bucket, rate, burst, wanted, at):
+        asked.append(wanted)
+        return await take_tokens(endpoint, bucket, rate, burst, wanted, at)
+
+    backend.take_tokens = recording
+    gateway = Gateway(backend, clock=lambda: now[0])
+    config = await gateway.endpoint(ENDPOINT)
+    for _ in range(120):
+        await gateway.admit(config, "ci")
+    assert asked == [1, 2, 4, 8, 16, 32, 50, 50]  # 163 taken for 120 requests: 43 leased
+    now[0] += 1.0  # the lease expires with tokens left
+    asked.clear()
+    await gateway.admit(config, "ci")
+    assert asked == [25]

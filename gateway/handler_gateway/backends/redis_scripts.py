@@ -101,7 +101,8 @@ local function take_tokens(key, rate, burst, wanted)
     wait = (1 - tokens) / rate
   end
   redis.call('HSET', key, 'tokens', string.format('%.17g', tokens), 'at', string.format('%.17g', at))
-  redis.call('PEXPIRE', key, math.ceil((burst - tokens) / rate * 1000) + 1000)
+  local full_in_ms = math.min(math.ceil((burst - tokens) / rate * 1000) + 1000, 2592000000)
+  redis.call('PEXPIRE', key, string.format('%d', full_in_ms))  -- at most 30 days
   return taken, string.format('%.17g', wait)
 end
 """
