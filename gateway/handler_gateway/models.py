@@ -132,7 +132,7 @@ class Health(BaseModel):
 
 
 SHA256_HEX = r"^[0-9a-f]{64}$"
-KEY_ID = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,252}$"
+KEY_ID = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,599}$"  # namespace/secret/data-key fits
 
 
 def digest(credential: str) -> str:

@@ -223,10 +223,12 @@ class Gateway:
         existed = await self.backend.get_endpoint(config.id) is not None
         await self.backend.put_endpoint(config)
         self._endpoints.pop(config.id, None)
+        self._owners = None  # other replicas' indexes catch up within endpoint_cache
         return not existed
 
     async def delete_endpoint(self, endpoint_id: str) -> None:
         self._endpoints.pop(endpoint_id, None)
+        self._owners = None
         if not await self.backend.delete_endpoint(endpoint_id):
             raise NotFound(f"endpoint '{endpoint_id}' not found")
 

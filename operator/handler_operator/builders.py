@@ -93,6 +93,7 @@ def worker_token(
 # A Secret labelled so holds client keys: "endpoint" ones reach the endpoints naming it in
 # spec.access, "namespace" ones every endpoint of its namespace. The operator watches them.
 CLIENT_KEYS_LABEL = f"{GROUP}/client-keys"
+MIN_CLIENT_KEY = 16  # characters: a short value (a user name, "true") is no key
 GENERIC_HANDLER = "handler_worker.generic"
 
 
@@ -107,8 +108,9 @@ def build_client_keys(
     hd: HandlerDeployment, secrets: list[dict[str, Any]]
 ) -> tuple[list[dict[str, str]], list[SpecProblem]]:
     """The client keys of the endpoint as the gateway keeps them (id, SHA-256, scope), from
-    `secrets` (those of its namespace that exist among the named and the labelled ones), and
-    what is wrong: a named Secret or data key that does not exist."""
+    `secrets` (its namespace's labelled ones: the operator reads no other), and what is wrong:
+    a named Secret that does not exist or is not labelled, a named data key it lacks, a value
+    too short to be a key."""
     by_name = {(s.get("metadata") or {}).get("name"): s for s in secrets}
     keys: dict[str, dict[str, str]] = {}
     problems = []
@@ -127,10 +129,18 @@ def build_client_keys(
             if wanted and key not in wanted:
                 continue
             value = base64.b64decode(encoded).decode("utf-8", "replace").strip()
-            if value:
-                sha256 = hashlib.sha256(value.encode()).hexdigest()
-                keys.setdefault(sha256, {"id": f"{hd.namespace}/{name}/{key}", "sha256": sha256,
-                                         "scope": scope})  # fmt: skip
+            if len(value) < MIN_CLIENT_KEY:
+                problems.append(
+                    SpecProblem(
+                        "AccessKeyTooShort",
+                        f"Secret '{name}' key '{key}' holds {len(value)} characters: a client "
+                        f"key needs at least {MIN_CLIENT_KEY} (it is not registered)",
+                    )
+                )
+                continue
+            sha256 = hashlib.sha256(value.encode()).hexdigest()
+            keys.setdefault(sha256, {"id": f"{hd.namespace}/{name}/{key}", "sha256": sha256,
+                                     "scope": scope})  # fmt: skip
 
     for ref in hd.spec.access.secrets:
         if ref.name in by_name:
@@ -140,42 +150,51 @@ def build_client_keys(
                 SpecProblem(
                     "AccessSecretMissing",
                     f"Secret '{ref.name}' named in spec.access does not exist in namespace "
-                    f"'{hd.namespace}'",
+                    f"'{hd.namespace}' or is not labelled {CLIENT_KEYS_LABEL} (the operator "
+                    "reads no other Secret)",
                 )
             )
+    named = {ref.name for ref in hd.spec.access.secrets}
     for secret in secrets:
         labels_ = (secret.get("metadata") or {}).get("labels") or {}
-        if labels_.get(CLIENT_KEYS_LABEL) == "namespace":
+        if (
+            labels_.get(CLIENT_KEYS_LABEL) == "namespace"
+            and secret["metadata"]["name"] not in named
+        ):
             add(secret, "namespace", [])
     return list(keys.values()), problems
 
 
-def retiring_rotation(status: dict[str, Any], rotation: str) -> str | None:
-    """The worker token rotation still accepted besides `rotation`: the one registered before
-    (status), or the one already retiring; None once workers use only the current one."""
+# Worker token rotations accepted besides the current one, at most (the gateway keeps 4).
+MAX_RETIRING = 3
+
+
+def retiring_rotations(status: dict[str, Any], rotation: str) -> list[str]:
+    """The worker token rotations still accepted besides `rotation`: those retiring already
+    and the one registered before (status), oldest first, at most MAX_RETIRING."""
     registered = status.get("workerTokenRotation")
     if registered is None and status.get("endpointId"):
         registered = ""  # registered before rotations existed: the token of rotation ""
-    retiring = status.get("retiringWorkerTokenRotation")
-    if registered is not None and registered != rotation:
-        retiring = registered
-    return None if retiring == rotation else retiring
+    retiring = list(status.get("retiringWorkerTokenRotations") or [])
+    if registered is not None and registered not in retiring:
+        retiring.append(registered)
+    return [old for old in retiring if old != rotation][-MAX_RETIRING:]
 
 
 def build_endpoint_registration(
     hd: HandlerDeployment,
     worker_token: str,
     client_keys: list[dict[str, str]] | None = None,
-    retiring_token: str | None = None,
+    retiring_tokens: list[str] | None = None,
 ) -> dict[str, Any]:
     """What the gateway is told of an endpoint (`PUT /admin/v1/endpoints/{id}`): its worker
-    token (and the one being retired, by digest), who may call it and how often, and the job
+    token (and those being retired, by digest), who may call it and how often, and the job
     defaults and limits of `spec.jobs` (unset limits left out)."""
     jobs, rate = hd.spec.jobs, hd.spec.access.rateLimit
-    retiring = hashlib.sha256(retiring_token.encode()).hexdigest() if retiring_token else None
+    retiring = [hashlib.sha256(token.encode()).hexdigest() for token in retiring_tokens or []]
     registration = {
         "workerToken": worker_token,
-        "workerTokenSha256": [retiring] if retiring else None,
+        "workerTokenSha256": retiring or None,
         "namespace": hd.namespace,
         "runsCallerCode": runs_caller_code(hd),
         "clientKeys": client_keys or None,

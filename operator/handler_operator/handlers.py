@@ -22,6 +22,7 @@ from handler_operator import builders, conditions
 from handler_operator.clients import Conflict, GatewayAdmin, KubeApi, Unavailable
 from handler_operator.metrics import RECONCILE_SECONDS, RECONCILES, start_metrics_server
 from handler_operator.models import GROUP, PLURAL, VERSION, HandlerDeployment
+from handler_operator.registrations import Registrar
 from handler_operator.scalers import Scaler, epoch
 from handler_operator.settings import OperatorSettings
 
@@ -62,6 +63,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     memo.scaler_task = asyncio.get_running_loop().create_task(memo.scaler.run())
     memo.deployment_status = {}
+    memo.registrar = Registrar(memo.kube, memo.gateway, operator)
     memo.watch_tasks = start_watches(memo, operator.namespaces)
     if operator.metrics_port:
         start_metrics_server(operator.metrics_port)
@@ -99,6 +101,20 @@ async def _write_status(
     )
 
 
+async def _refuse(
+    memo: kopf.Memo, body: kopf.Body, reason: str, message: str, fields: dict[str, Any]
+) -> None:
+    """Ready=False with `reason` (and the status `fields`), and a Warning event saying it."""
+    generation = body.metadata.get("generation")
+    await _write_status(
+        memo,
+        body,
+        {"observedGeneration": generation, **fields},
+        conditions.condition(conditions.READY, False, reason, message, now_iso(), generation),
+    )
+    kopf.warn(body, reason=reason, message=message)
+
+
 async def _create_secret(kube: KubeApi, hd: HandlerDeployment, settings, owner) -> None:
     """Create the worker token Secret; one that exists already holds this very token (its
     name is its content's), so a conflict means done. The operator never reads it back."""
@@ -124,15 +140,7 @@ async def reconcile_hd(
         hd = HandlerDeployment.model_validate(dict(body))
     except ValidationError as exc:
         message = _validation_message(exc)
-        await _write_status(
-            memo,
-            body,
-            {"observedGeneration": generation},
-            conditions.condition(
-                conditions.READY, False, conditions.INVALID_SPEC, message, now_iso(), generation
-            ),
-        )
-        kopf.warn(body, reason=conditions.INVALID_SPEC, message=message)
+        await _refuse(memo, body, conditions.INVALID_SPEC, message, {})
         raise kopf.PermanentError(message) from None
 
     kube: KubeApi = memo.kube
@@ -143,20 +151,12 @@ async def reconcile_hd(
     problems = builders.check_spec(hd, pull_secrets)
     if problems:
         message = "; ".join(p.message for p in problems)
-        await _write_status(
-            memo,
-            body,
-            {"observedGeneration": generation, "endpointId": hd.endpoint_id},
-            conditions.condition(
-                conditions.READY, False, problems[0].reason, message, now_iso(), generation
-            ),
-        )
-        kopf.warn(body, reason=problems[0].reason, message=message)
+        await _refuse(memo, body, problems[0].reason, message, {"endpointId": hd.endpoint_id})
         raise kopf.PermanentError(message)
 
     settings: OperatorSettings = memo.settings
     try:
-        access, access_problems = await register_endpoint(memo, hd, status)
+        access_problems = await memo.registrar.register(hd.namespace, hd.name)
     except Unavailable as exc:
         await _write_status(
             memo,
@@ -169,13 +169,9 @@ async def reconcile_hd(
         )  # fmt: skip
         raise kopf.TemporaryError(f"gateway unavailable: {exc}", delay=5) from exc
     if access_problems:
-        # Looked at again now and then: the Secret may be created later, labelled or not.
+        # Looked at again now and then: a Secret may be created or labelled later.
         message = "; ".join(p.message for p in access_problems)
-        refused = conditions.condition(
-            conditions.READY, False, access_problems[0].reason, message, now_iso(), generation
-        )
-        await _write_status(memo, body, {"observedGeneration": generation, **access}, refused)
-        kopf.warn(body, reason=access_problems[0].reason, message=message)
+        await _refuse(memo, body, access_problems[0].reason, message, {})
         raise kopf.TemporaryError(message, delay=ACCESS_RECHECK_SECONDS)
 
     keda = hd.spec.scaling.engine == "keda"
@@ -243,7 +239,6 @@ async def reconcile_hd(
         "gpu": builders.gpu_summary(hd),
         "desiredReplicas": replicas,
         "ready": f"{ready}/{replicas}",
-        **access,
     }
     reconciled = conditions.condition(
         conditions.READY,
@@ -261,85 +256,11 @@ async def reconcile_hd(
         await _keep_refusal(memo, body, hd, conditions.merge_conditions(current, [reconciled]))
 
 
-async def _access_secrets(kube: KubeApi, hd: HandlerDeployment) -> list[dict[str, Any]]:
-    """The labelled Secrets of the endpoint's namespace, and the ones its spec.access names."""
-    found = {
-        secret["metadata"]["name"]: secret
-        for secret in await kube.list("v1", "Secret", hd.namespace, builders.CLIENT_KEYS_LABEL)
-    }
-    for ref in hd.spec.access.secrets:
-        if ref.name not in found:
-            secret = await kube.get("v1", "Secret", hd.namespace, ref.name)
-            if secret:
-                found[ref.name] = secret
-    return list(found.values())
-
-
-async def register_endpoint(
-    memo: kopf.Memo, hd: HandlerDeployment, status: dict[str, Any], retire: bool = False
-) -> tuple[dict[str, Any], list[builders.SpecProblem]]:
-    """Tell the gateway of the endpoint: its worker token (and the one retiring, while a
-    worker may still use it, unless `retire`), its client keys, its limits. The status fields
-    that say so, and what is wrong with spec.access."""
-    settings: OperatorSettings = memo.settings
-    keys, problems = builders.build_client_keys(hd, await _access_secrets(memo.kube, hd))
-    rotation = hd.spec.access.workerTokenRotation
-    retiring = None if retire else builders.retiring_rotation(status, rotation)
-    old = None if retiring is None else builders.worker_token(hd, settings, retiring)
-    registration = builders.build_endpoint_registration(
-        hd, builders.worker_token(hd, settings), keys, old
-    )
-    await memo.gateway.put_endpoint(hd.endpoint_id, registration)
-    fields = {
-        "clientKeys": [key["id"] for key in keys],
-        "workerTokenRotation": rotation,
-        "retiringWorkerTokenRotation": retiring,
-    }
-    return fields, problems
-
-
-async def _retire_worker_token(memo: kopf.Memo, owner: dict[str, Any]) -> None:
-    """Once no worker pod reads the retiring token's Secret (the rollout that followed a
-    rotation is over, the last old pod gone), the gateway stops accepting that token."""
-    status = owner.get("status") or {}
-    retiring = status.get("retiringWorkerTokenRotation")
-    if retiring is None:
-        return
-    try:
-        hd = HandlerDeployment.model_validate(owner)
-    except ValidationError:
-        return
-    old_secret = builders.secret_name(hd, memo.settings, retiring)
-    pods = await memo.kube.list("v1", "Pod", hd.namespace, builders.selector_string(hd))
-    if any(builders.pod_reads_secret(pod.get("spec") or {}, old_secret) for pod in pods):
-        return
-    fields, _ = await register_endpoint(memo, hd, status, retire=True)
-    await memo.kube.update_conditions(
-        f"{GROUP}/{VERSION}", "HandlerDeployment", hd.namespace, hd.name, [], fields
-    )
-    logger.info("%s/%s: worker token of rotation %r retired", hd.namespace, hd.name, retiring)
-
-
 async def on_access_secret(memo: kopf.Memo, event_type: str, secret: dict[str, Any]) -> None:
-    """A labelled key Secret changed: the endpoints it reaches get their keys again (rotation
-    and revocation without touching a HandlerDeployment)."""
-    meta = secret.get("metadata") or {}
-    namespace, name = meta.get("namespace", "default"), meta.get("name")
-    everyone = (meta.get("labels") or {}).get(builders.CLIENT_KEYS_LABEL) == "namespace"
-    for body in await memo.kube.list(f"{GROUP}/{VERSION}", "HandlerDeployment", namespace):
-        try:
-            hd = HandlerDeployment.model_validate(body)
-        except ValidationError:
-            continue
-        status = body.get("status") or {}
-        if not status.get("endpointId") or body["metadata"].get("deletionTimestamp"):
-            continue  # not registered yet (its reconcile will), or going away
-        if everyone or any(ref.name == name for ref in hd.spec.access.secrets):
-            fields, _ = await register_endpoint(memo, hd, status)
-            if any(status.get(key) != value for key, value in fields.items()):
-                await memo.kube.update_conditions(
-                    f"{GROUP}/{VERSION}", "HandlerDeployment", namespace, hd.name, [], fields
-                )
+    """A labelled key Secret changed (its keys, or its label: whom it reaches): the endpoints
+    of its namespace get their keys again (rotation and revocation without touching a
+    HandlerDeployment)."""
+    await memo.registrar.register_namespace((secret.get("metadata") or {}).get("namespace"))
 
 
 async def _keep_refusal(
@@ -465,7 +386,7 @@ async def on_worker_pod(memo: kopf.Memo, event_type: str, pod: dict[str, Any]) -
         memo, namespace, (meta.get("labels") or {}).get("app.kubernetes.io/instance")
     )
     if owner is not None and event_type == "DELETED":
-        await _retire_worker_token(memo, owner)
+        await memo.registrar.retire_tokens(owner)
     if owner is None or event_type == "DELETED":
         return
     # Unschedulable pods are the scaler's (Scaling=WaitingForCapacity past pendingTimeout):
@@ -548,7 +469,7 @@ async def on_worker_deployment(
         f"{GROUP}/{VERSION}", "HandlerDeployment", namespace, owner["metadata"]["name"],
         conditions.changed_types(current, updated), fields,
     )  # fmt: skip
-    await _retire_worker_token(memo, owner)
+    await memo.registrar.retire_tokens(owner)
 
 
 # The objects the operator follows, watched with a server-side label selector (kopf's

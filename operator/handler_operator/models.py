@@ -513,8 +513,8 @@ class HandlerDeploymentStatus(BaseModel):
     workerTokenRotation: str | None = Field(
         None, description="the spec.access.workerTokenRotation the worker token is of"
     )
-    retiringWorkerTokenRotation: str | None = Field(
-        None, description="the rotation before, accepted until no worker uses its token"
+    retiringWorkerTokenRotations: list[str] | None = Field(
+        None, description="rotations before, each accepted until no worker uses its token"
     )
     conditions: list[Condition] = Field(default_factory=list)
 

@@ -63,8 +63,8 @@ RULES: tuple[Rule, ...] = (
         ("get", "list", "watch", "create"),
         "the per-endpoint worker token, created once (named after its content, computed, never "
         "read back or changed); read: image pull Secrets exist, and the client keys of the "
-        "Secrets a HandlerDeployment's spec.access names or that are labelled "
-        "handlerops.dev/client-keys (watched with that selector; only digests leave the operator)",
+        "Secrets labelled handlerops.dev/client-keys, listed and watched with that selector "
+        "(no other is read; only digests leave the operator)",
     ),
     Rule(
         "",

@@ -532,3 +532,22 @@ async def test_an_endpoints_activity_clock_only_moves_forward(backend):
     await backend.take_jobs(ENDPOINT, "w1", 2, None, T0 + 20)
     await backend.create_job(new_job(now=T0 + 30))
     assert (await backend.activity([ENDPOINT]))[ENDPOINT] == T0 + 30
+
+
+async def test_a_registration_stored_with_its_raw_worker_token_is_stored_again_as_a_digest(
+    redis_prefix,
+):
+    """What an older version stored (the raw token) is read, and written back without it."""
+    token = "raw-worker-token-0123456789"
+    old = {"id": ENDPOINT, "workerToken": token, "executionTimeoutSeconds": 600.0}
+    with redis.Redis.from_url(redis_url()) as client:
+        client.hset(f"{redis_prefix}:endpoints", ENDPOINT, json.dumps(old))
+    backend = open_backend(redis_url(), prefix=redis_prefix)
+    try:
+        config = await backend.get_endpoint(ENDPOINT)
+        assert config is not None and len(config.workerTokenSha256) == 1
+        with redis.Redis.from_url(redis_url()) as client:
+            stored = client.hget(f"{redis_prefix}:endpoints", ENDPOINT).decode()
+        assert token not in stored and config.workerTokenSha256[0] in stored
+    finally:
+        await backend.close()

@@ -28,7 +28,7 @@ def encoded(value: str) -> str:
     return base64.b64encode(value.encode()).decode()
 
 
-def put_secret(cluster, name: str, data: dict[str, str], scope: str | None = None) -> None:
+def put_secret(cluster, name: str, data: dict[str, str], scope: str | None = "endpoint") -> None:
     labels = {"handlerops.dev/client-keys": scope} if scope else {}
     body = {
         "apiVersion": "v1",
@@ -99,7 +99,9 @@ def test_a_missing_access_secret_is_a_condition_until_it_appears(cluster, operat
     create_hello(cluster, {"secrets": [{"name": "later"}]})
     wait_for(lambda: ready(cluster).get("reason") == "AccessSecretMissing", message="refusal")
     assert "'later'" in ready(cluster)["message"]
-    put_secret(cluster, "later", {"k": "later-key-0123456789"})  # not labelled: looked for again
+    put_secret(cluster, "later", {"k": "later-key-0123456789"}, scope=None)  # not labelled
+    wait_for(lambda: "not labelled" in ready(cluster).get("message", ""), message="again")
+    put_secret(cluster, "later", {"k": "later-key-0123456789"})  # labelled: looked for again
     wait_for(
         lambda: ready(cluster).get("status") == "True",
         timeout=60,
@@ -166,7 +168,7 @@ def test_a_worker_token_rotation_keeps_the_old_token_until_no_pod_reads_it(clust
         message="the Deployment on the new Secret",
     )
     new = token_of(new_secret)
-    assert hd(cluster, NS, "hello")["status"]["retiringWorkerTokenRotation"] == ""
+    assert hd(cluster, NS, "hello")["status"]["retiringWorkerTokenRotations"] == [""]
     assert ping_status(cluster, new) == 200
     assert ping_status(cluster, old) == 200  # the old pod still works
 
@@ -174,4 +176,58 @@ def test_a_worker_token_rotation_keeps_the_old_token_until_no_pod_reads_it(clust
     wait_for(lambda: ping_status(cluster, old) == 401, message="the old token retired")
     assert ping_status(cluster, new) == 200
     status = hd(cluster, NS, "hello")["status"]
-    assert status.get("retiringWorkerTokenRotation") is None
+    assert status.get("retiringWorkerTokenRotations") is None
+
+
+def rotate(cluster, rotation: str, before: dict) -> dict:
+    """Rotate the worker token; the Secret the Deployment reads then (not `before`)."""
+    patch = {"spec": {"access": {"workerTokenRotation": rotation}}}
+    path = cluster.url + HD_PATH.format(ns=NS) + "/hello"
+    call("PATCH", path, patch, content_type="application/merge-patch+json")
+    wait_for(
+        lambda: (
+            (hd(cluster, NS, "hello").get("status") or {}).get("workerTokenRotation") == rotation
+        ),
+        message=f"rotation {rotation} registered",
+    )
+    return wait_for(
+        lambda: (
+            (s := worker_token_secret(cluster, NS, "hello"))
+            and s["metadata"]["name"] != before["metadata"]["name"]
+            and s
+        ),
+        message="the Deployment on the new Secret",
+    )
+
+
+def test_two_rotations_in_one_rollout_retire_each_token_when_its_last_pod_goes(cluster, operator):
+    create_hello(cluster, {})
+    first = wait_for(lambda: worker_token_secret(cluster, NS, "hello"), message="Secret")
+    pods = f"{cluster.url}/api/v1/namespaces/{NS}/pods"
+    assert call("POST", pods, worker_pod("on-first", first["metadata"]["name"]))[0] in (200, 201)
+    second = rotate(cluster, "1", first)
+    assert call("POST", pods, worker_pod("on-second", second["metadata"]["name"]))[0] in (
+        200,
+        201,
+    )
+    third = rotate(cluster, "2", second)
+    status = hd(cluster, NS, "hello")["status"]
+    assert status["retiringWorkerTokenRotations"] == ["", "1"]
+    tokens = [token_of(secret) for secret in (first, second, third)]
+    assert [ping_status(cluster, token) for token in tokens] == [200, 200, 200]
+
+    assert call("DELETE", f"{pods}/on-first")[0] == 200
+    wait_for(lambda: ping_status(cluster, tokens[0]) == 401, message="the first retired")
+    assert [ping_status(cluster, token) for token in tokens[1:]] == [200, 200]
+    assert call("DELETE", f"{pods}/on-second")[0] == 200
+    wait_for(lambda: ping_status(cluster, tokens[1]) == 401, message="the second retired")
+    assert ping_status(cluster, tokens[2]) == 200
+    assert hd(cluster, NS, "hello")["status"].get("retiringWorkerTokenRotations") is None
+
+
+def test_a_namespace_key_relabelled_for_endpoints_only_stops_reaching_others(cluster, operator):
+    put_secret(cluster, "everyone", {"k": "namespace-key-0123456789"}, scope="namespace")
+    create_hello(cluster, {})
+    wait_for(lambda: run_status(cluster, "namespace-key-0123456789") == 200, message="ns key")
+    put_secret(cluster, "everyone", {"k": "namespace-key-0123456789"}, scope="endpoint")
+    wait_for(lambda: run_status(cluster, "namespace-key-0123456789") == 401, message="revoked")

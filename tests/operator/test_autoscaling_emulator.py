@@ -351,10 +351,18 @@ def test_the_operator_uses_every_verb_it_is_granted_and_no_other(cluster, operat
             "scaleDownStabilizationSeconds": 0,
         }
     )
-    # Client keys in a Secret it names (read: get; the labelled ones: list and watch).
-    keys = {"metadata": {"name": "team-keys"}, "data": {"ci": "dGVhbS1rZXk="}}
-    assert call("POST", f"{cluster.url}/api/v1/namespaces/{NS}/secrets", keys)[0] in (200, 201)
+    # Client keys in a labelled Secret it names (list and watch), an image pull Secret (get).
+    secrets = f"{cluster.url}/api/v1/namespaces/{NS}/secrets"
+    keys = {
+        "metadata": {"name": "team-keys", "labels": {"handlerops.dev/client-keys": "endpoint"}},
+        "data": {"ci": "dGVhbS1rZXktMDEyMzQ1Njc4OWFiY2RlZg=="},
+    }
+    pull = {"metadata": {"name": "registry"}, "type": "kubernetes.io/dockerconfigjson",
+            "data": {".dockerconfigjson": "e30="}}  # fmt: skip
+    for secret in (keys, pull):
+        assert call("POST", secrets, secret)[0] in (200, 201)
     body["spec"]["access"] = {"secrets": [{"name": "team-keys"}]}
+    body["spec"]["imagePullSecrets"] = [{"name": "registry"}]
     assert call("POST", cluster.url + HD_PATH.format(ns=NS), body)[0] in (200, 201)
     wait_for(lambda: (NS, NAME) in cluster.objects("poddisruptionbudgets"), message="the PDB")
     token = base64.b64decode(worker_token_secret(cluster, NS, NAME)["data"]["token"]).decode()

@@ -586,7 +586,7 @@ def test_the_gateway_is_told_who_may_call_and_how_often():
         }
     )
     keys = [{"id": "ml/keys/a", "sha256": "a" * 64, "scope": "endpoint"}]
-    registration = builders.build_endpoint_registration(hd, "t" * 20, keys, "old" * 8)
+    registration = builders.build_endpoint_registration(hd, "t" * 20, keys, ["old" * 8])
     config = EndpointConfig(**registration)
     assert config.runsCallerCode and config.namespace == "ml"
     assert config.rateLimit.burst == 10 and config.clientKeys[0].id == "ml/keys/a"
@@ -594,10 +594,13 @@ def test_the_gateway_is_told_who_may_call_and_how_often():
     assert "old" * 8 not in config.model_dump_json()
 
 
-def secret(name: str, data: dict[str, str], label: str | None = None) -> dict:
-    labels = {builders.CLIENT_KEYS_LABEL: label} if label else {}
+def secret(name: str, data: dict[str, str], label: str = "endpoint") -> dict:
+    labels = {builders.CLIENT_KEYS_LABEL: label}
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
     return {"metadata": {"name": name, "labels": labels}, "data": encoded}
+
+
+KEY = "k-0123456789abcdef-"  # long enough to be a client key
 
 
 def sha(value: str) -> str:
@@ -607,26 +610,54 @@ def sha(value: str) -> str:
 def test_client_keys_come_from_the_named_secrets_and_the_namespace_ones():
     hd = hd_with({"access": {"secrets": [{"name": "team"}, {"name": "ci", "keys": ["bot"]}]}})
     secrets = [
-        secret("team", {"alice": "k-alice\n", "empty": "  "}),  # a trailing newline is no part
-        secret("ci", {"bot": "k-bot", "other": "k-other"}),
-        secret("everyone", {"k": "k-ns"}, label="namespace"),
-        secret("unrelated", {"k": "k-unrelated"}, label="endpoint"),  # named by others only
+        secret("team", {"alice": KEY + "alice\n"}),  # a trailing newline is no part of it
+        secret("ci", {"bot": KEY + "bot", "other": KEY + "other"}),
+        secret("everyone", {"k": KEY + "ns"}, label="namespace"),
+        secret("unrelated", {"k": KEY + "unrelated"}),  # named by others only
     ]
     keys, problems = builders.build_client_keys(hd, secrets)
     assert problems == []
     assert keys == [
-        {"id": "ml/team/alice", "sha256": sha("k-alice"), "scope": "endpoint"},
-        {"id": "ml/ci/bot", "sha256": sha("k-bot"), "scope": "endpoint"},
-        {"id": "ml/everyone/k", "sha256": sha("k-ns"), "scope": "namespace"},
+        {"id": "ml/team/alice", "sha256": sha(KEY + "alice"), "scope": "endpoint"},
+        {"id": "ml/ci/bot", "sha256": sha(KEY + "bot"), "scope": "endpoint"},
+        {"id": "ml/everyone/k", "sha256": sha(KEY + "ns"), "scope": "namespace"},
     ]
+
+
+def test_a_value_too_short_to_be_a_key_is_not_registered():
+    hd = hd_with({"access": {"secrets": [{"name": "team"}]}})
+    keys, problems = builders.build_client_keys(hd, [secret("team", {"user": "admin"})])
+    assert keys == [] and [p.reason for p in problems] == ["AccessKeyTooShort"]
+    assert "admin" not in problems[0].message
 
 
 def test_a_missing_access_secret_or_key_is_a_problem_with_a_reason():
     hd = hd_with({"access": {"secrets": [{"name": "gone"}, {"name": "ci", "keys": ["nope"]}]}})
-    keys, problems = builders.build_client_keys(hd, [secret("ci", {"bot": "k"})])
+    keys, problems = builders.build_client_keys(hd, [secret("ci", {"bot": KEY})])
     assert keys == []
     assert [p.reason for p in problems] == ["AccessSecretMissing", "AccessSecretKeyMissing"]
     assert "'gone'" in problems[0].message and "'nope'" in problems[1].message
+    assert "not labelled handlerops.dev/client-keys" in problems[0].message
+
+
+@pytest.mark.parametrize(
+    ("status", "rotation", "expected"),
+    [
+        ({}, "", []),  # never registered
+        ({"endpointId": "ml--x"}, "", []),  # registered before rotations existed: "" is current
+        ({"endpointId": "ml--x"}, "1", [""]),  # ... and now rotated
+        ({"workerTokenRotation": "1"}, "2", ["1"]),
+        ({"workerTokenRotation": "2", "retiringWorkerTokenRotations": ["1"]}, "3", ["1", "2"]),
+        ({"workerTokenRotation": "2", "retiringWorkerTokenRotations": ["1"]}, "1", ["2"]),  # back
+        (
+            {"workerTokenRotation": "4", "retiringWorkerTokenRotations": ["1", "2", "3"]},
+            "5",
+            ["2", "3", "4"],  # at most three: the oldest goes
+        ),
+    ],
+)
+def test_retiring_rotations(status, rotation, expected):
+    assert builders.retiring_rotations(status, rotation) == expected
 
 
 @pytest.mark.parametrize(

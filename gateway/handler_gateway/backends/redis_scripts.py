@@ -475,7 +475,15 @@ class RedisBackend(Backend):
     async def get_endpoint(self, endpoint: str) -> EndpointConfig | None:
         self._ensure_listener()
         raw = await self.redis.hget(self._endpoints_key, endpoint)
-        return EndpointConfig.model_validate_json(raw) if raw else None
+        return await self._stored_config(raw) if raw else None
+
+    async def _stored_config(self, raw: str) -> EndpointConfig:
+        """A stored registration; one an older version stored with its raw worker token is
+        stored again with the token's digest only."""
+        config = EndpointConfig.model_validate_json(raw)
+        if '"workerToken":"' in raw.replace(" ", ""):
+            await self.put_endpoint(config)
+        return config
 
     async def delete_endpoint(self, endpoint: str) -> bool:
         removed = await self.redis.hdel(self._endpoints_key, endpoint)
@@ -489,7 +497,7 @@ class RedisBackend(Backend):
 
     async def list_endpoints(self) -> list[EndpointConfig]:
         raw = await self.redis.hgetall(self._endpoints_key)
-        return [EndpointConfig.model_validate_json(value) for value in raw.values()]
+        return [await self._stored_config(value) for value in raw.values()]
 
     # -- jobs --------------------------------------------------------------------------------
     def _effects(
