@@ -157,12 +157,18 @@ class ClientKey(BaseModel):
 
 
 class RateLimit(BaseModel):
-    """Requests per second each caller (key) may make to one endpoint: a token bucket."""
+    """Requests per second each caller (key) may make to one endpoint: a token bucket (also
+    the HandlerDeployment's spec.access.rateLimit)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    requestsPerSecond: float = Field(..., ge=0.001, le=1_000_000)
-    burst: int = Field(..., ge=1, le=1_000_000, description="requests allowed at once")
+    requestsPerSecond: float = Field(
+        ...,
+        ge=0.001,
+        le=1_000_000,
+        description="Sustained requests per second of one caller (key).",
+    )
+    burst: int = Field(..., ge=1, le=1_000_000, description="Requests one caller may make at once.")
 
 
 class EndpointConfig(BaseModel):

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from handler_gateway.models import RateLimit
+
 GROUP = "handlerops.dev"
 VERSION = "v1alpha1"
 KIND = "HandlerDeployment"
@@ -345,16 +347,6 @@ class AccessSecret(_Spec):
     )
 
 
-class RateLimitSpec(_Spec):
-    requestsPerSecond: float = Field(
-        ...,
-        ge=0.001,
-        le=1_000_000,
-        description="Sustained requests per second of one caller (key).",
-    )
-    burst: int = Field(..., ge=1, le=1_000_000, description="Requests one caller may make at once.")
-
-
 class AccessSpec(_Spec):
     """Who may call the endpoint, how often, and its worker token's rotation."""
 
@@ -366,7 +358,7 @@ class AccessSpec(_Spec):
         "at the next reconcile); handlerops.dev/client-keys=namespace makes its keys reach "
         "every endpoint of the namespace without being named here.",
     )
-    rateLimit: RateLimitSpec | None = Field(
+    rateLimit: RateLimit | None = Field(
         None, description="Per caller (key) token bucket; 429 with Retry-After beyond it."
     )
     runsCallerCode: bool | None = Field(

@@ -147,3 +147,23 @@ def worker_token_secret(cluster, ns: str, name: str) -> dict | None:
     ref = next(e for e in env if e["name"] == "RUNPOD_AI_API_KEY")["valueFrom"]["secretKeyRef"]
     status, secret = call("GET", f"{cluster.url}/api/v1/namespaces/{ns}/secrets/{ref['name']}")
     return secret if status == 200 else None
+
+
+def worker_pod(namespace: str, instance: str, name: str, env: list | None = None) -> dict:
+    """A running worker pod of HandlerDeployment `instance`, as its Deployment would make it."""
+    container = {"name": "worker", "image": "x", **({"env": env} if env else {})}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/managed-by": "handler-operator",
+                "app.kubernetes.io/name": "handler-worker",
+                "app.kubernetes.io/instance": instance,
+            },
+        },
+        "spec": {"containers": [container]},
+        "status": {"phase": "Running"},
+    }

@@ -18,6 +18,7 @@ from tests.operator.conftest import (
     wait_for,
     worker_token_secret,
 )
+from tests.operator.conftest import worker_pod as running_pod
 
 NS = "default"
 SECRETS = f"/api/v1/namespaces/{NS}/secrets"
@@ -111,34 +112,9 @@ def test_a_missing_access_secret_is_a_condition_until_it_appears(cluster, operat
 
 
 def worker_pod(name: str, secret: str) -> dict:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": NS,
-            "labels": {
-                "app.kubernetes.io/managed-by": "handler-operator",
-                "app.kubernetes.io/name": "handler-worker",
-                "app.kubernetes.io/instance": "hello",
-            },
-        },
-        "spec": {
-            "containers": [
-                {
-                    "name": "worker",
-                    "image": "x",
-                    "env": [
-                        {
-                            "name": "RUNPOD_AI_API_KEY",
-                            "valueFrom": {"secretKeyRef": {"name": secret, "key": "token"}},
-                        }
-                    ],
-                }
-            ]
-        },
-        "status": {"phase": "Running"},
-    }
+    """A worker pod of hello reading its token from Secret `secret`."""
+    ref = {"secretKeyRef": {"name": secret, "key": "token"}}
+    return running_pod(NS, "hello", name, [{"name": "RUNPOD_AI_API_KEY", "valueFrom": ref}])
 
 
 def token_of(secret: dict) -> str:

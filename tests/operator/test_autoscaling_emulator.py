@@ -19,6 +19,7 @@ from tests.operator.conftest import (
     deployment,
     hd,
     wait_for,
+    worker_pod,
     worker_token_secret,
 )
 
@@ -87,21 +88,7 @@ class SimulatedWorkers:
             for _ in range(wanted - len(pods)):
                 self.created += 1
                 name = f"{NAME}-pod{self.created}"
-                pod = {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "metadata": {
-                        "name": name,
-                        "namespace": NS,
-                        "labels": {
-                            "app.kubernetes.io/managed-by": "handler-operator",
-                            "app.kubernetes.io/name": "handler-worker",
-                            "app.kubernetes.io/instance": NAME,
-                        },
-                    },
-                    "spec": {"containers": [{"name": "worker", "image": "x"}]},
-                    "status": {"phase": "Running"},
-                }
+                pod = worker_pod(NS, NAME, name)
                 call("POST", self.cluster.url + POD_PATH, pod)
                 self._spawn(self._worker, name)
             time.sleep(0.05)
