@@ -225,7 +225,9 @@ def dev(
             else:
                 runner.force = True
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # A closed terminal (SIGHUP) drains as Ctrl-C does; were handlerctl killed outright,
+        # its workers end by themselves (handler_worker.parents).
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, interrupt)
         run = asyncio.ensure_future(runner.run())
         while not runner.snapshot.figures and not run.done():

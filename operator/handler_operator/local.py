@@ -370,6 +370,7 @@ class DevRunner:
         paths.append(env.get("PYTHONPATH", ""))
         env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         env["HANDLER_TERMINATION_LOG"] = str(termination)
+        env["HANDLER_PARENT_PID"] = str(os.getpid())  # the worker ends when handlerctl does
         env["PYTHONUNBUFFERED"] = "1"
         return env
 

@@ -4,6 +4,8 @@ and by the unmodified runpod client; scale from zero and back, crash loops, relo
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 
 import pytest
@@ -191,3 +193,34 @@ def test_reload_lets_a_busy_worker_finish_its_job_first(dev, tmp_path):
         time.sleep(0.2)
     assert finished["status"] == "COMPLETED"
     assert finished["output"] == {"version": 1}, "the busy worker finished with the old code"
+
+
+def _running_workers(dev, tmp_path, monkeypatch) -> tuple[DevProcess, set[int]]:
+    """handlerctl dev with a worker that has served a job; the worker processes."""
+    server = dev("examples/hello", "-f", scaling_file(tmp_path))
+    monkeypatch.setattr(runpod, "api_key", server.key)
+    monkeypatch.setattr(runpod, "endpoint_url_base", server.url + "/v2")
+    assert runpod.Endpoint(ENDPOINT).run_sync({"name": "x"}, timeout=60) == {
+        "greeting": "Hello, x!"
+    }
+    workers = worker_pids(server)
+    assert workers, "a worker ran"
+    return server, workers
+
+
+def gone_within(pids: set[int], seconds: float) -> list[int]:
+    """The pids still alive after waiting up to `seconds` for them to end."""
+    deadline = time.monotonic() + seconds
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [pid for pid in pids if alive(pid)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP], ids=["SIGKILL", "SIGHUP"])
+def test_no_worker_outlives_handlerctl_dev(dev, tmp_path, monkeypatch, sig):
+    """Killed outright (SIGKILL: no cleanup of its own) or its terminal closed (SIGHUP: it
+    drains as on Ctrl-C), handlerctl dev leaves no process behind."""
+    server, workers = _running_workers(dev, tmp_path, monkeypatch)
+    os.kill(server.process.pid, sig)
+    server.process.wait(30)
+    assert not gone_within(workers, 5), "workers outlived handlerctl dev"

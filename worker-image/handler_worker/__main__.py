@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 from handler_worker import speedups
 from handler_worker.loader import HandlerLoadError, concurrency, env_flag, load_module
+from handler_worker.parents import watch_parent
 from handler_worker.termination import write_termination_message
 
 EXIT_JOB_FAILED = 1
@@ -60,6 +61,7 @@ def _read_test_job(args: argparse.Namespace) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     args, passthrough = _parser().parse_known_args(argv if argv is not None else sys.argv[1:])
+    watch_parent(os.environ)
     speedups.install()
     try:
         module, config = load_module(os.environ)
