@@ -23,6 +23,7 @@ import typer
 import yaml
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -151,7 +152,7 @@ def dev_view(snapshot) -> Group:
         counts[state] = counts.get(state, 0) + 1
     header = (
         f"endpoint [bold]{snapshot.endpoint}[/]   URL {snapshot.url}/v2/{snapshot.endpoint}\n"
-        f"API key  {snapshot.api_key}   worker logs {snapshot.log_dir}"
+        f"API key  {snapshot.api_key}   worker output below, prefixed with the worker's name"
     )
     summary = Table("queue", "in progress", "workers", "completed", "failed", "retried")
     summary.add_row(
@@ -165,9 +166,9 @@ def dev_view(snapshot) -> Group:
     )
     parts: list[Any] = [Panel(header, title="handlerctl dev"), summary]
     if snapshot.worker_rows:
-        workers = Table("worker", "state", "pid", "up", "jobs", box=None)
-        for name, state, pid, age, held in snapshot.worker_rows:
-            workers.add_row(name, state, str(pid), f"{age:.0f} s", str(held))
+        workers = Table("worker", "state", "pid", "up", "jobs", "last output", box=None)
+        for name, state, pid, age, held, last in snapshot.worker_rows:
+            workers.add_row(name, state, str(pid), f"{age:.0f} s", str(held), last[-60:])
         parts.append(workers)
     parts.append(f"last decision: {snapshot.decision or '-'}")
     if snapshot.crash:
@@ -210,7 +211,16 @@ def dev(
                 f"{time.strftime('%H:%M:%S')} {event}", highlight=False, soft_wrap=True
             )
 
-    runner = DevRunner(resolved, host=host, port=port, api_key=api_key, on_change=on_change)
+    printer = live.console if live else out
+
+    def on_output(worker: str, line: str) -> None:
+        """A worker's line, prefixed with its name (from its reader thread; rich's console
+        prints above the live table and is safe across threads)."""
+        printer.print(f"[dim]{worker} |[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+    runner = DevRunner(
+        resolved, host=host, port=port, api_key=api_key, on_change=on_change, on_output=on_output
+    )
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

@@ -9,11 +9,14 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,7 @@ RELOAD_CHECK_S = 1.0
 STOP_GRACE_S = 1.0  # only drained, idle workers are stopped (or on a second Ctrl-C)
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 60.0
 HEALTHY_AFTER_S = 30.0  # a worker that ran this long resets the crash backoff
+TAIL_LINES = 5  # each worker's last lines of output, kept for the table
 
 
 class DevError(Exception):
@@ -109,17 +113,22 @@ class Worker:
     log: Path
     termination: Path
     stopping: bool = False
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    reader: threading.Thread | None = None
 
     def crash_message(self) -> str:
         """The loader's message (termination log), else the last line the worker printed."""
-        for source in (self.termination, self.log):
-            with contextlib.suppress(OSError):
-                lines = [ln for ln in source.read_text(errors="replace").splitlines() if ln.strip()]
-                if lines and source == self.termination and len(lines) > 1:
-                    return f"{lines[0].strip()} ... {lines[-1].strip()}"[:400]
-                if lines:
-                    return lines[-1].strip()[:400]
-        return ""
+        with contextlib.suppress(OSError):
+            lines = [ln for ln in self.termination.read_text(errors="replace").splitlines()]
+            lines = [ln.strip() for ln in lines if ln.strip()]
+            if len(lines) > 1:
+                return f"{lines[0]} ... {lines[-1]}"[:400]
+            if lines:
+                return lines[0][:400]
+        if self.reader is not None:
+            self.reader.join(timeout=1.0)  # its last lines
+        lines = [ln.strip() for ln in self.tail if ln.strip()]
+        return lines[-1][:400] if lines else ""
 
 
 @dataclass
@@ -131,8 +140,8 @@ class Snapshot:
     api_key: str
     figures: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
-    # (name, state, pid, seconds up, jobs held) per worker process
-    worker_rows: list[tuple[str, str, int, float, int]] = field(default_factory=list)
+    # (name, state, pid, seconds up, jobs held, last line printed) per worker process
+    worker_rows: list[tuple[str, str, int, float, int, str]] = field(default_factory=list)
     replicas: int = 0
     decision: str = ""
     crash: str = ""
@@ -152,12 +161,16 @@ class DevRunner:
         python: str = sys.executable,
         on_change: Callable[[Snapshot, list[str]], None] | None = None,
         clock: Callable[[], float] = time.time,
+        on_output: Callable[[str, str], None] | None = None,
     ):
         self.target = target
         self.host, self.port = host, port
         self.api_key = api_key or "dev-" + secrets.token_urlsafe(18)
         self.python = python
         self.on_change = on_change or (lambda snapshot, events: None)
+        # Every line a worker prints (its handler's too), as (worker, line), from its reader
+        # thread: handlerctl shows them prefixed, as docker compose does.
+        self.on_output = on_output or (lambda worker, line: None)
         self.clock = clock
         self.endpoint = target.hd.endpoint_id
         self.token = secrets.token_urlsafe(24)
@@ -260,9 +273,14 @@ class DevRunner:
             if not busy:
                 break
             await asyncio.sleep(0.2)
-        await asyncio.gather(*(self._stop_worker(w) for w in list(self.workers.values())))
+        stopping = list(self.workers.values())
+        await asyncio.gather(*(self._stop_worker(w) for w in stopping))
         await asyncio.gather(*self._stop_tasks, return_exceptions=True)
         self.workers.clear()
+        for worker in stopping:
+            if worker.reader is not None:
+                worker.reader.join(timeout=2.0)  # its last lines are shown
+        shutil.rmtree(self.log_dir, ignore_errors=True)  # every line was shown as it came
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -338,19 +356,35 @@ class DevRunner:
         name = f"{self.target.hd.name}-{self.counter}"
         log = self.log_dir / f"{name}.log"
         termination = self.log_dir / f"{name}.termination"
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [self.python, "-m", "handler_worker"],
-                env=self.worker_env(name, termination),
-                cwd=self.target.path,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = subprocess.Popen(
+            [self.python, "-m", "handler_worker"],
+            env=self.worker_env(name, termination),
+            cwd=self.target.path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         worker = Worker(name, process, now, self.generation, log, termination)
+        worker.reader = threading.Thread(
+            target=self._read_output, args=(worker,), name=f"output-{name}", daemon=True
+        )
+        worker.reader.start()
         self.workers[name] = worker
         return worker
+
+    def _read_output(self, worker: Worker) -> None:
+        """A worker's output, line by line until it exits: to its log file, its tail (the
+        table's last line) and `on_output`."""
+        assert worker.process.stdout is not None
+        with worker.process.stdout as stream, open(worker.log, "wb") as log:
+            for raw in stream:
+                log.write(raw)
+                log.flush()
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                worker.tail.append(line)
+                with contextlib.suppress(Exception):  # a display problem must not stop reading
+                    self.on_output(worker.name, line)
 
     def worker_env(self, name: str, termination: Path) -> dict[str, str]:
         """The env a pod of this HandlerDeployment gets, with the downward API filled in."""
@@ -371,6 +405,8 @@ class DevRunner:
         env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         env["HANDLER_TERMINATION_LOG"] = str(termination)
         env["HANDLER_PARENT_PID"] = str(os.getpid())  # the worker ends when handlerctl does
+        for name in ("RUNPOD_LOG_LEVEL", "RUNPOD_DEBUG_LEVEL"):  # the SDK's DEBUG lines: on ask
+            env[name] = os.environ.get(name, "INFO")
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -453,6 +489,7 @@ class DevRunner:
                 w.process.pid,
                 now - w.started,
                 figures.workerJobs.get(w.name, 0),
+                w.tail[-1] if w.tail else "",
             )
             for w in self.workers.values()
         ]

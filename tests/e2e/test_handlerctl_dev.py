@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -224,3 +225,26 @@ def test_no_worker_outlives_handlerctl_dev(dev, tmp_path, monkeypatch, sig):
     os.kill(server.process.pid, sig)
     server.process.wait(30)
     assert not gone_within(workers, 5), "workers outlived handlerctl dev"
+
+
+def test_a_handlers_prints_and_errors_show_in_the_dev_output(dev, tmp_path):
+    """What a handler prints, and the message of what it raises, reach handlerctl dev's own
+    output, each line prefixed with the worker's name."""
+    project = tmp_path / "chatty"
+    project.mkdir()
+    (project / "handler.py").write_text(
+        "def handler(job):\n"
+        "    print(f\"working on {job['input']['n']}\", flush=True)\n"
+        "    if job['input']['n'] == 2:\n"
+        "        raise ValueError('no twos here')\n"
+        "    return job['input']['n']\n"
+    )
+    server = dev(str(project), "-f", scaling_file(tmp_path, "chatty"))
+    base = ("--url", server.url, "--api-key", server.key)
+    for n in (1, 2):
+        handlerctl(*base, "run", "default--chatty", "--input", json.dumps({"n": n}), "--wait")
+    lines = server.wait_log("no twos here").splitlines()
+    worker_line = re.compile(r"^chatty-\d+ \| ")
+    for printed in ("working on 1", "working on 2", "no twos here"):
+        assert any(worker_line.match(line) and printed in line for line in lines), printed
+    assert not any('"level": "DEBUG"' in line for line in lines)  # the SDK's, unless asked

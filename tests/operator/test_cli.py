@@ -226,7 +226,10 @@ def test_dev_table_shows_queue_workers_decision_and_crash():
         "key-1",
         figures={"inQueue": 7, "inProgress": 2},
         health={"jobs": {"completed": 40, "failed": 1, "retried": 3}},
-        worker_rows=[("hello-1", "busy", 101, 12.0, 1), ("hello-2", "starting", 102, 0.4, 0)],
+        worker_rows=[
+            ("hello-1", "busy", 101, 12.0, 1, "loading weights 3/4"),
+            ("hello-2", "starting", 102, 0.4, 0, ""),
+        ],
         replicas=3,
         decision="ScaleUp: 2 -> 3 workers",
         crash="hello-0 exited with code 4: Importing handler module 'handler' failed",
@@ -245,5 +248,6 @@ def test_dev_table_shows_queue_workers_decision_and_crash():
         "worker crashed (next start in 2 s)",
         "Importing handler module 'handler' failed",
         "hello-1",
+        "loading weights 3/4",
     ):
         assert expected in text, expected
