@@ -16,11 +16,13 @@ import sys
 import time
 import tomllib
 from enum import StrEnum
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import typer
 import yaml
+from pydantic import ValidationError
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
@@ -31,7 +33,7 @@ from rich.table import Table
 from handler_operator import builders, crds, images
 from handler_operator.clients import GatewayError, JobClient, Unavailable
 from handler_operator.conditions import timestamp
-from handler_operator.models import HandlerDeployment
+from handler_operator.models import HandlerDeployment, describe_errors
 from handler_operator.settings import OperatorSettings
 
 EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_GATEWAY, EXIT_BUILD = 1, 2, 3, 4
@@ -44,7 +46,7 @@ app = typer.Typer(
     help="Run handlers locally (`dev`), submit and manage jobs on any gateway, render manifests.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 dlq_app = typer.Typer(help="The dead-letter queue of an endpoint.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
@@ -93,6 +95,41 @@ def settings_of(ctx: typer.Context) -> Settings:
     return ctx.obj
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"handlerctl {metadata.version('handler-operator')}", highlight=False)
+        raise typer.Exit(0)
+
+
+# The global options (each takes a value), read by Click only before the command: given after
+# it, they are moved there (`hoist_global_options`).
+GLOBAL_OPTIONS = ("--url", "--api-key", "--output", "-o", "--config")
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """`argv` with the global options given after the command moved before it (up to `--`)."""
+    # The command is the first word that is no option and no global option's value.
+    command = 0
+    while command < len(argv) and argv[command].startswith("-"):
+        command += 2 if argv[command] in GLOBAL_OPTIONS else 1
+    before, after, rest = list(argv[:command]), [], argv[command:]
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg == "--":
+            after.extend(rest[i:])
+            break
+        name = arg.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS and i > 0:
+            takes = 1 if "=" in arg else 2
+            before.extend(rest[i : i + takes])
+            i += takes
+            continue
+        after.append(arg)
+        i += 1
+    return before + after
+
+
 @app.callback()
 def main_options(
     ctx: typer.Context,
@@ -104,7 +141,11 @@ def main_options(
     config: Path = typer.Option(
         None, "--config", help=f"TOML file with url / api_key [env {CONFIG_ENV}]"
     ),
+    version: bool = typer.Option(
+        False, "--version", is_eager=True, callback=_print_version, help="print the version"
+    ),
 ) -> None:
+    """Global options go before or after the command (`handlerctl run ... -o table`)."""
     ctx.obj = Settings(url, api_key, output, config)
 
 
@@ -571,8 +612,8 @@ def render(
         body = {**document, "metadata": {"namespace": "default", **document.get("metadata", {})}}
         try:
             hd = HandlerDeployment.model_validate(body)
-        except ValueError as exc:
-            fail(f"{file}: {exc}", EXIT_BAD_INPUT)
+        except ValidationError as exc:
+            fail(f"{file}: {describe_errors(exc)}", EXIT_BAD_INPUT)
         # The token and its Secret's name come from the live CR's uid and the admin key.
         rendered = json.dumps(builders.build_objects(hd, settings, builders.initial_replicas(hd)))
         for computed, shown in (
@@ -764,7 +805,7 @@ def build_image(builder: str, image: str, context: Path, worker_image: str) -> N
 
 def main() -> None:
     with contextlib.suppress(BrokenPipeError):
-        app()
+        app(args=hoist_global_options(sys.argv[1:]), prog_name="handlerctl")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from handler_operator import builders, conditions
 from handler_operator.clients import Conflict, GatewayAdmin, KubeApi, Unavailable
 from handler_operator.metrics import RECONCILE_SECONDS, RECONCILES, start_metrics_server
-from handler_operator.models import GROUP, PLURAL, VERSION, HandlerDeployment
+from handler_operator.models import GROUP, PLURAL, VERSION, HandlerDeployment, describe_errors
 from handler_operator.registrations import Registrar
 from handler_operator.scalers import Scaler, epoch
 from handler_operator.settings import OperatorSettings
@@ -37,12 +37,6 @@ logger = logging.getLogger(__name__)
 
 def now_iso() -> str:
     return conditions.timestamp(time.time())
-
-
-def _validation_message(exc: ValidationError) -> str:
-    first = exc.errors(include_url=False)[0]
-    where = ".".join(str(p) for p in first["loc"])
-    return f"{where}: {first['msg']}" if where else first["msg"]
 
 
 @kopf.on.startup()
@@ -139,7 +133,7 @@ async def reconcile_hd(
     try:
         hd = HandlerDeployment.model_validate(dict(body))
     except ValidationError as exc:
-        message = _validation_message(exc)
+        message = describe_errors(exc, most=1)
         await _refuse(memo, body, conditions.INVALID_SPEC, message, {})
         raise kopf.PermanentError(message) from None
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+from pydantic import ValidationError
 
 from handler_gateway.backends import open_backend
 from handler_gateway.keys import Keys
@@ -31,7 +32,7 @@ from handler_gateway.models import EndpointConfig, QueueFigures, digest
 from handler_gateway.operations import Gateway
 from handler_gateway.routes import GATEWAY, create_app
 from handler_operator import builders, policies, scalers
-from handler_operator.models import HandlerDeployment
+from handler_operator.models import HandlerDeployment, describe_errors
 from handler_operator.policies import Observation, PodView, ScalerState
 from handler_operator.settings import OperatorSettings
 from handler_worker.endpoints import endpoint_name
@@ -97,8 +98,8 @@ def resolve_target(
     body = {**body, "metadata": {"namespace": "default", **(body.get("metadata") or {})}}
     try:
         hd = HandlerDeployment.model_validate(body)
-    except ValueError as exc:
-        raise DevError(f"invalid HandlerDeployment: {exc}") from None
+    except ValidationError as exc:
+        raise DevError(f"invalid HandlerDeployment: {describe_errors(exc)}") from None
     return DevTarget(hd=hd, path=path, extra_paths=tuple(Path(p).resolve() for p in extra_paths))
 
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from handler_gateway.models import RateLimit
 
@@ -550,3 +557,17 @@ def endpoint_id(namespace: str, name: str) -> str:
 
 def is_module_name(value: str) -> bool:
     return re.match(MODULE_PATTERN, value) is not None
+
+
+def describe_errors(exc: ValidationError, most: int = 5) -> str:
+    """A validation error as people read it: each field's path and a plain message (no
+    pydantic documentation links), up to `most` of them."""
+    found = exc.errors(include_url=False)
+    parts = []
+    for error in found[:most]:
+        where = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    if len(found) > most:
+        parts.append(f"and {len(found) - most} more")
+    return "; ".join(parts)

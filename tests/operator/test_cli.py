@@ -251,3 +251,49 @@ def test_dev_table_shows_queue_workers_decision_and_crash():
         "loading weights 3/4",
     ):
         assert expected in text, expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["run", "ep", "--input", "{}", "-o", "table"],
+            ["-o", "table", "run", "ep", "--input", "{}"],
+        ),
+        (
+            ["--url", "http://x", "run", "ep", "--api-key=k", "--wait"],
+            ["--url", "http://x", "--api-key=k", "run", "ep", "--wait"],
+        ),
+        (["dlq", "list", "ep", "--output", "json"], ["--output", "json", "dlq", "list", "ep"]),
+        (["run", "ep", "--", "-o", "x"], ["run", "ep", "--", "-o", "x"]),  # after --: arguments
+        (["--version"], ["--version"]),
+        (["-o", "table", "health", "ep"], ["-o", "table", "health", "ep"]),
+    ],
+)
+def test_global_options_may_follow_the_command(argv, expected):
+    assert cli.hoist_global_options(argv) == expected
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("handlerctl ")
+
+
+def test_shell_completion_is_offered():
+    assert "--install-completion" in invoke("--help").stdout
+
+
+def test_an_invalid_handler_deployment_is_said_plainly(tmp_path):
+    """Field paths and plain messages, no pydantic documentation links."""
+    bad = tmp_path / "hd.yaml"
+    bad.write_text(
+        "apiVersion: handlerops.dev/v1alpha1\nkind: HandlerDeployment\nmetadata: {name: x}\n"
+        "spec:\n  handler: {module: handler}\n  scaling: {maxReplicas: 5000, minReplicas: -1}\n"
+    )
+    for args in (("dev", str(EXAMPLES / "hello"), "-f", str(bad)), ("render", str(bad))):
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        message = " ".join(result.stderr.split())
+        assert "spec.scaling.maxReplicas: Input should be less than or equal to 1000" in message
+        assert "spec.scaling.minReplicas" in message
+        assert "pydantic.dev" not in message
