@@ -271,7 +271,7 @@ def dev(
             nonlocal presses
             presses += 1
             if presses == 1:
-                out.print("draining: waiting for running jobs (Ctrl-C again to stop now)")
+                out.print("stopping: no new job starts; running ones finish first")
                 runner.stop()
             else:
                 runner.force = True

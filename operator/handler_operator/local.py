@@ -103,6 +103,21 @@ def resolve_target(
     return DevTarget(hd=hd, path=path, extra_paths=tuple(Path(p).resolve() for p in extra_paths))
 
 
+def drain_progress(busy_workers: int, queued: int) -> str:
+    """What a draining handlerctl dev says: who it waits for, and what it leaves behind."""
+    waiting = (
+        f"waiting for {busy_workers} busy worker(s) (Ctrl-C again to stop now)"
+        if busy_workers
+        else "no job running"
+    )
+    if not queued:
+        return f"draining: {waiting}"
+    return (
+        f"draining: {waiting}; {queued} queued job(s) will not run: they go with this "
+        "gateway's memory"
+    )
+
+
 @dataclass
 class Worker:
     """One worker process (a pod, locally)."""
@@ -264,6 +279,7 @@ class DevRunner:
         for worker in self.workers.values():
             with contextlib.suppress(Exception):
                 await self.gateway.drain(self.endpoint, worker.name, True)
+        said: tuple[int, int] | None = None
         while self.clock() < deadline and not self.force:
             figures = (await self.gateway.queues([self.endpoint])).get(self.endpoint)
             busy = [
@@ -271,6 +287,12 @@ class DevRunner:
                 for w, n in ((figures.workerJobs if figures else {}) or {}).items()
                 if n and w in self.workers and self.workers[w].process.poll() is None
             ]
+            if figures is not None:
+                progress = (len(busy), figures.inQueue)
+                if progress != said:  # the table moves on, and each change is said
+                    said = progress
+                    await self._refresh(figures, self.clock())
+                    self.on_change(self.snapshot, [drain_progress(*progress)])
             if not busy:
                 break
             await asyncio.sleep(0.2)

@@ -297,3 +297,17 @@ def test_an_invalid_handler_deployment_is_said_plainly(tmp_path):
         assert "spec.scaling.maxReplicas: Input should be less than or equal to 1000" in message
         assert "spec.scaling.minReplicas" in message
         assert "pydantic.dev" not in message
+
+
+@pytest.mark.parametrize(
+    ("busy", "queued", "said"),
+    [
+        (2, 0, "draining: waiting for 2 busy worker(s) (Ctrl-C again to stop now)"),
+        (0, 0, "draining: no job running"),
+        (1, 5, "waiting for 1 busy worker(s) (Ctrl-C again to stop now); 5 queued job(s) will"),
+    ],
+)
+def test_a_drain_says_whom_it_waits_for_and_what_it_abandons(busy, queued, said):
+    from handler_operator.local import drain_progress
+
+    assert said in drain_progress(busy, queued)
