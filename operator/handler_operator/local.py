@@ -43,6 +43,7 @@ STOP_GRACE_S = 1.0  # only drained, idle workers are stopped (or on a second Ctr
 BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 60.0
 HEALTHY_AFTER_S = 30.0  # a worker that ran this long resets the crash backoff
 TAIL_LINES = 5  # each worker's last lines of output, kept for the table
+CHECK_TIMEOUT_S = 120.0  # the handler's import check at start (big models import slowly)
 
 
 class DevError(Exception):
@@ -232,6 +233,39 @@ class DevRunner:
         registration = builders.build_endpoint_registration(self.target.hd, self.token, dev_key)
         await self.gateway.put_endpoint(EndpointConfig(id=self.endpoint, **registration))
         self._mtimes = self._scan_sources()
+        problem = await self.check_handler()
+        if problem:
+            self.last_crash = self.snapshot.crash = problem.splitlines()[-1]
+            self.on_change(
+                self.snapshot, [f"the handler does not load (fix it: workers reload):\n{problem}"]
+            )
+
+    async def check_handler(self) -> str | None:
+        """Import the handler as a worker would (`python -m handler_worker --check`), before any
+        job waits on it: the loader's message (file, line, error), or None when it loads."""
+        termination = self.log_dir / "check.termination"
+        process = await asyncio.create_subprocess_exec(
+            self.python, "-m", "handler_worker", "--check",
+            env=self.worker_env("check", termination),
+            cwd=self.target.path,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), CHECK_TIMEOUT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            return f"importing the handler took over {CHECK_TIMEOUT_S:.0f} s"
+        if process.returncode == 0:
+            return None
+        with contextlib.suppress(OSError):
+            message = termination.read_text(errors="replace").strip()
+            if message:
+                return message
+        return output.decode(errors="replace").strip()[-2000:]
 
     def stop(self) -> None:
         self._stopping.set()

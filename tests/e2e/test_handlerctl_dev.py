@@ -135,6 +135,9 @@ def test_crash_loop_shows_the_loader_message_backs_off_and_reload_fixes_it(dev, 
     handler = project / "handler.py"
     handler.write_text("import not_installed_anywhere\n\n\ndef handler(job):\n    return 1\n")
     server = dev(str(project), "-f", scaling_file(tmp_path, "broken"))
+    # Said at once, before any job waits on a worker: the file, the line, the error.
+    started = server.wait_log("the handler does not load")
+    assert 'handler.py", line 1' in started and "not_installed_anywhere" in started
     base = ("--url", server.url, "--api-key", server.key)
     submitted = handlerctl(*base, "run", "default--broken", "--input", "{}")
     assert submitted.returncode == 0, submitted.stderr
