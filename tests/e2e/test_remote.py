@@ -80,6 +80,9 @@ def test_with_a_gateway_calls_run_on_the_endpoints_workers(served):
         tasks.add(1, "x")
     assert "unsupported operand" in str(failure.value)
     assert "Traceback" in failure.value.remote_traceback
+    # Printed, it shows the remote message and traceback (the caller's own is local only).
+    assert "unsupported operand" in failure.value.message
+    assert "Remote traceback:" in str(failure.value) and "tasks.py" in str(failure.value)
 
     gpu = served["gpu-models"]
     remote.configure(url=gpu.url, api_key=gpu.key)

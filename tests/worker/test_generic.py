@@ -185,3 +185,12 @@ def test_registry_json_mode(job_input, expected):
 def test_registry_only_endpoint_refuses_pickled_functions():
     output = run(GOOD, create_handler(REGISTRY, allow_pickled=False))
     assert "only runs registered functions" in output["error"]
+
+
+def test_a_remote_error_shows_its_message_and_the_remote_traceback():
+    from handler_worker.remote import RemoteError
+
+    error = RemoteError("ValueError: bad", 'Traceback (most recent call last):\n  File "f.py"\n')
+    assert error.message == "ValueError: bad"
+    assert str(error).startswith("ValueError: bad\n\nRemote traceback:\nTraceback")
+    assert str(RemoteError("job x FAILED: y")) == "job x FAILED: y"

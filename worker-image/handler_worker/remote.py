@@ -25,10 +25,15 @@ _TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
 
 class RemoteError(RuntimeError):
-    """The remote call failed: the job failed, or the function raised (with its traceback)."""
+    """The remote call failed: the job failed, or the function raised; its message and the
+    remote traceback show where it is printed (as Ray and Dask show a task's)."""
 
     def __init__(self, message: str, remote_traceback: str = ""):
-        super().__init__(message)
+        shown = message
+        if remote_traceback.strip():
+            shown = f"{message}\n\nRemote traceback:\n{remote_traceback.rstrip()}"
+        super().__init__(shown)
+        self.message = message
         self.remote_traceback = remote_traceback
 
 
@@ -213,9 +218,8 @@ async def submit(config: RemoteConfig, endpoint: str, request: dict[str, Any]) -
     output = job.get("output") if isinstance(job.get("output"), dict) else {}
     if job["status"] != "COMPLETED" and output.get("error_type"):
         # The function raised: the SDK lifts `error` to the job, the rest stays in the output.
-        raise RemoteError(
-            f"{output['error_type']}: {job.get('error')}", output.get("traceback", "")
-        )
+        message = job.get("error") or output.get("error") or "(no message)"
+        raise RemoteError(f"{output['error_type']}: {message}", output.get("traceback", ""))
     if job["status"] != "COMPLETED":
         raise RemoteError(f"job {job['id']} on {endpoint_id} {job['status']}: {job.get('error')}")
     if not output.get("success"):
