@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import watchfiles
 import yaml
 from aiohttp import web
 from pydantic import ValidationError
@@ -119,6 +120,21 @@ def drain_progress(busy_workers: int, queued: int) -> str:
     )
 
 
+class SourceFilter(watchfiles.PythonFilter):
+    """Python sources under `root`, not in hidden directories (.venv, .git) or caches."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def __call__(self, change: watchfiles.Change, path: str) -> bool:
+        with contextlib.suppress(ValueError):
+            parts = Path(path).relative_to(self.root).parts
+            if any(part.startswith(".") or part == "__pycache__" for part in parts):
+                return False
+        return super().__call__(change, path)
+
+
 @dataclass
 class Worker:
     """One worker process (a pod, locally)."""
@@ -201,7 +217,8 @@ class DevRunner:
         self.last_crash = ""
         self.log_dir = Path(tempfile.mkdtemp(prefix="handlerctl-dev-"))
         self._stopping = asyncio.Event()
-        self._mtimes: dict[Path, float] = {}
+        self._changed: set[Path] = set()  # sources changed since the last pass
+        self._watcher: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self.gateway: Gateway | None = None
         self.snapshot = Snapshot(self.endpoint, self.url, self.api_key, log_dir=str(self.log_dir))
@@ -232,7 +249,7 @@ class DevRunner:
         dev_key = [{"id": "dev", "sha256": digest(self.api_key)}]
         registration = builders.build_endpoint_registration(self.target.hd, self.token, dev_key)
         await self.gateway.put_endpoint(EndpointConfig(id=self.endpoint, **registration))
-        self._mtimes = self._scan_sources()
+        self._watcher = asyncio.ensure_future(self._watch_sources())
         problem = await self.check_handler()
         if problem:
             self.last_crash = self.snapshot.crash = problem.splitlines()[-1]
@@ -338,6 +355,9 @@ class DevRunner:
             if worker.reader is not None:
                 worker.reader.join(timeout=2.0)  # its last lines are shown
         shutil.rmtree(self.log_dir, ignore_errors=True)  # every line was shown as it came
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -489,25 +509,27 @@ class DevRunner:
         self.workers.pop(worker.name, None)
 
     # -- reload -----------------------------------------------------------------------------
-    def _scan_sources(self) -> dict[Path, float]:
-        found: dict[Path, float] = {}
-        for path in self.target.path.rglob("*.py"):
-            if any(part.startswith(".") or part == "__pycache__" for part in path.parts):
-                continue
-            with contextlib.suppress(OSError):
-                found[path] = path.stat().st_mtime
-        return found
+    async def _watch_sources(self) -> None:
+        """Changed .py files under TARGET, from the OS's file events (watchfiles: no scan of
+        the tree, so a venv inside costs nothing), gathered for the next pass."""
+        async for changes in watchfiles.awatch(
+            self.target.path,
+            watch_filter=SourceFilter(self.target.path),
+            stop_event=self._stopping,
+            debounce=200,
+            rust_timeout=1000,
+        ):
+            self._changed.update(Path(path) for _, path in changes)
 
     def _check_reload(self) -> list[str]:
-        mtimes = self._scan_sources()
-        if mtimes == self._mtimes:
+        if not self._changed:
             return []
         changed = sorted(
-            str(p.relative_to(self.target.path))
-            for p in set(mtimes) | set(self._mtimes)
-            if mtimes.get(p) != self._mtimes.get(p)
-        )
-        self._mtimes = mtimes
+            str(path.relative_to(self.target.path)) if path.is_relative_to(self.target.path)
+            else str(path)
+            for path in self._changed
+        )  # fmt: skip
+        self._changed.clear()
         self.generation += 1
         self.crashes, self.backoff_until, self.last_crash = 0, 0.0, ""
         return [

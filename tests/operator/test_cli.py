@@ -311,3 +311,24 @@ def test_a_drain_says_whom_it_waits_for_and_what_it_abandons(busy, queued, said)
     from handler_operator.local import drain_progress
 
     assert said in drain_progress(busy, queued)
+
+
+@pytest.mark.parametrize(
+    ("relative", "watched"),
+    [
+        ("handler.py", True),
+        ("pkg/models.py", True),
+        (".venv/lib/site.py", False),
+        ("pkg/__pycache__/x.py", False),
+        ("notes.txt", False),
+    ],
+)
+def test_reload_watches_the_projects_python_sources_only(tmp_path, relative, watched):
+    """Under a project that itself lives in a hidden directory (~/.cache/...), too."""
+    import watchfiles
+
+    from handler_operator.local import SourceFilter
+
+    root = tmp_path / ".cache" / "project"
+    check = SourceFilter(root)
+    assert check(watchfiles.Change.modified, str(root / relative)) is watched
