@@ -57,6 +57,15 @@ class NotFound(Exception):
     pass
 
 
+class Refused(ValueError):
+    """The server refused the request (a 4xx other than 404, 409 and 429): RBAC, admission,
+    validation, a kind it does not serve. Retrying the same request will not help."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class Conflict(Unavailable):
     """409: the object changed since it was read (a resourceVersion precondition failed)."""
 
@@ -76,7 +85,7 @@ class KubeApi:
     Auth, TLS and token refresh are the maintained client's: in a pod the service-account token
     is re-read from its file (projected tokens rotate), kubeconfigs may hold a token, a client
     certificate or an exec plugin. Errors map to `NotFound`, `Unavailable` (retry) or
-    `ValueError` (a request the apiserver refuses).
+    `Refused` (a request the apiserver refuses).
     """
 
     def __init__(self, api_client: ApiClient):
@@ -132,7 +141,7 @@ class KubeApi:
         if response.status == 429 or response.status >= 500:
             raise Unavailable(f"{method} {path}: HTTP {response.status}: {text[:300]}")
         if response.status >= 400:
-            raise ValueError(f"{method} {path}: HTTP {response.status}: {text[:500]}")
+            raise Refused(response.status, f"{method} {path}: HTTP {response.status}: {text[:500]}")
         return json.loads(text) if text else None
 
     async def apply(self, obj: dict[str, Any], force: bool = True) -> dict[str, Any]:
@@ -412,7 +421,10 @@ class GatewayAdmin:
                 if response.status >= 500:
                     raise Unavailable(f"gateway {method} {path}: HTTP {response.status}: {payload}")
                 if response.status >= 400:
-                    raise ValueError(f"gateway {method} {path}: HTTP {response.status}: {payload}")
+                    raise Refused(
+                        response.status,
+                        f"gateway {method} {path}: HTTP {response.status}: {payload}",
+                    )
                 return payload
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Unavailable(f"gateway {method} {path}: {exc!r}") from exc

@@ -21,6 +21,7 @@ INVALID_SPEC = "InvalidSpec"
 GPU_PRODUCT_MISMATCH = "GpuProductMismatch"
 IMAGE_PULL_SECRET_MISSING = "ImagePullSecretMissing"
 GATEWAY_UNAVAILABLE = "GatewayUnavailable"
+GATEWAY_REFUSED = "GatewayRefused"  # it cannot take the registration (an older version)
 KEDA_NOT_INSTALLED = "KedaNotInstalled"
 WORKERS_NOT_READY = "WorkersNotReady"
 WORKERS_READY = "WorkersReady"

@@ -13,7 +13,7 @@ import string
 import sys
 
 from handler_operator.builders import build_kept_secret_write
-from handler_operator.clients import Conflict, KubeApi, NotFound, Unavailable
+from handler_operator.clients import Conflict, KubeApi, NotFound, Refused, Unavailable
 
 ALPHABET = string.ascii_letters + string.digits  # safe in URLs, redis.conf and env values
 VALUE_LENGTH = 40
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         asyncio.run(run(args))
-    except (ValueError, Unavailable) as exc:  # refused (RBAC, admission) or unreachable
+    except (Refused, Unavailable) as exc:  # refused (RBAC, admission) or unreachable
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

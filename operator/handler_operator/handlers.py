@@ -19,7 +19,7 @@ import kopf
 from pydantic import ValidationError
 
 from handler_operator import builders, conditions
-from handler_operator.clients import Conflict, GatewayAdmin, KubeApi, Unavailable
+from handler_operator.clients import Conflict, GatewayAdmin, KubeApi, Refused, Unavailable
 from handler_operator.metrics import RECONCILE_SECONDS, RECONCILES, start_metrics_server
 from handler_operator.models import GROUP, PLURAL, VERSION, HandlerDeployment, describe_errors
 from handler_operator.registrations import Registrar
@@ -151,6 +151,11 @@ async def reconcile_hd(
     settings: OperatorSettings = memo.settings
     try:
         access_problems = await memo.registrar.register(hd.namespace, hd.name)
+    except Refused as exc:
+        # A gateway that cannot take the registration (an older version than the operator's,
+        # during an upgrade): said, and tried again until it can.
+        await _refuse(memo, body, conditions.GATEWAY_REFUSED, str(exc), {})
+        raise kopf.TemporaryError(f"the gateway refused the endpoint: {exc}", delay=30) from exc
     except Unavailable as exc:
         await _write_status(
             memo,
@@ -216,7 +221,7 @@ async def reconcile_hd(
             await kube.delete("policy/v1", "PodDisruptionBudget", hd.namespace, hd.name)
     except Unavailable as exc:
         raise kopf.TemporaryError(str(exc), delay=5) from exc
-    except ValueError as exc:  # e.g. the KEDA CRDs are not installed
+    except Refused as exc:  # e.g. the KEDA CRDs are not installed
         raise kopf.TemporaryError(f"cannot apply the worker objects: {exc}", delay=30) from exc
     memo.scaler.register(dict(body), hd, replicas)
 
@@ -283,7 +288,7 @@ async def _remove_keda_objects(kube: KubeApi, hd: HandlerDeployment) -> None:
     ):
         try:
             found = await kube.get("keda.sh/v1alpha1", kind, hd.namespace, name)
-        except ValueError:  # KEDA not installed
+        except Refused:  # KEDA not installed
             return
         if found and _owned_by_hd(found):
             await kube.delete("keda.sh/v1alpha1", kind, hd.namespace, name)

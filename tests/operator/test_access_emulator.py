@@ -207,3 +207,17 @@ def test_a_namespace_key_relabelled_for_endpoints_only_stops_reaching_others(clu
     wait_for(lambda: run_status(cluster, "namespace-key-0123456789") == 200, message="ns key")
     put_secret(cluster, "everyone", {"k": "namespace-key-0123456789"}, scope="endpoint")
     wait_for(lambda: run_status(cluster, "namespace-key-0123456789") == 401, message="revoked")
+
+
+def test_a_gateway_that_cannot_take_the_registration_is_a_condition(cluster, operator, monkeypatch):
+    """An older gateway (during an upgrade) refuses fields it does not know: Ready=False with
+    reason GatewayRefused and the gateway's words, tried again until it takes it."""
+    from handler_operator.clients import GatewayAdmin, Refused
+
+    async def older_gateway(self, endpoint, config):
+        raise Refused(422, "gateway PUT: HTTP 422: clientKeys: Extra inputs are not permitted")
+
+    monkeypatch.setattr(GatewayAdmin, "put_endpoint", older_gateway)
+    create_hello(cluster, {})
+    wait_for(lambda: ready(cluster).get("reason") == "GatewayRefused", message="GatewayRefused")
+    assert "Extra inputs are not permitted" in ready(cluster)["message"]
