@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import tomllib
@@ -33,7 +34,7 @@ from rich.table import Table
 from handler_operator import builders, crds, images
 from handler_operator.clients import GatewayError, JobClient, Unavailable
 from handler_operator.conditions import timestamp
-from handler_operator.models import HandlerDeployment, describe_errors
+from handler_operator.models import GROUP, HandlerDeployment, describe_errors
 from handler_operator.settings import OperatorSettings
 
 EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_GATEWAY, EXIT_BUILD = 1, 2, 3, 4
@@ -531,6 +532,67 @@ def jobs(
         found = [{**job, "createdAt": timestamp(job["createdAt"])} for job in found]
     columns = ["id", "status", "createdAt", "delayTime", "executionTime", "workerId", "retries"]
     emit(settings, found, columns)
+
+
+LOGS_WAIT_S = 20.0  # a `logs -f` long-poll
+
+
+def kubectl_logs_command(endpoint: str, worker: str | None, follow: bool, tail: int) -> list[str]:
+    """`kubectl logs` of an endpoint's worker pods (`namespace--name`), or of one (a worker's
+    id is its pod's name), each line prefixed with its pod."""
+    namespace, _, _ = endpoint.partition("--")
+    command = ["kubectl", "logs", "-n", namespace or "default", "-c", builders.WORKER_CONTAINER]
+    if worker:
+        command.append(worker)
+    else:
+        selector = f"{GROUP}/endpoint={builders.label_value(endpoint)}"
+        command += ["-l", selector, "--prefix", "--max-log-requests", "50"]
+    command.append(f"--tail={tail}")
+    if follow:
+        command.append("--follow")
+    return command
+
+
+@app.command()
+def logs(
+    ctx: typer.Context,
+    endpoint: str = typer.Argument(..., help="endpoint id"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new lines"),
+    worker: str = typer.Option(None, "--worker", "-w", help="one worker's lines only"),
+    tail: int = typer.Option(100, min=0, help="lines already printed to show first"),
+) -> None:
+    """What an endpoint's workers print: from handlerctl dev's gateway; from a cluster's
+    gateway, the worker pods' logs through kubectl (its context and credentials)."""
+    settings = settings_of(ctx)
+
+    async def go() -> bool:
+        async with settings.client() as client:
+            after, first = 0, True
+            while True:
+                try:
+                    page = await client.logs(endpoint, after, worker, 0 if first else LOGS_WAIT_S)
+                except GatewayError as exc:
+                    if exc.status == 404 and first and "handlerctl dev" not in str(exc):
+                        return False  # not a dev gateway
+                    raise
+                lines = page["lines"][-tail:] if first else page["lines"]
+                for entry in lines:
+                    print(f"{entry['worker']} | {entry['line']}", flush=True)
+                after, first = page["next"], False
+                if not follow:
+                    return True
+
+    if call(go):
+        return
+    command = kubectl_logs_command(endpoint, worker, follow, tail)
+    try:
+        raise typer.Exit(subprocess.run(command, check=False).returncode)
+    except FileNotFoundError:
+        fail(
+            "this gateway is no handlerctl dev one, and kubectl is not installed: run "
+            + " ".join(command),
+            EXIT_BAD_INPUT,
+        )
 
 
 @app.command()

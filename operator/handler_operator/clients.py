@@ -538,6 +538,15 @@ class JobClient:
         encoded = urllib.parse.urlencode({k: v for k, v in query.items() if v})
         return await self.request("GET", f"/v2/{endpoint}/jobs?{encoded}")
 
+    async def logs(
+        self, endpoint: str, after: int, worker: str | None, wait: float = 0
+    ) -> dict[str, Any]:
+        """`handlerctl dev`'s workers' lines after line `after` (its own route; another
+        gateway answers 404): {"lines": [{"seq", "worker", "line"}], "next": N}."""
+        query = {"after": str(after), "wait": f"{wait:g}", "worker": worker}
+        encoded = urllib.parse.urlencode({k: v for k, v in query.items() if v})
+        return await self.request("GET", f"/dev/v1/endpoints/{endpoint}/logs?{encoded}")
+
     async def endpoints(self) -> list[dict[str, Any]]:
         return (await self.request("GET", "/admin/v1/endpoints"))["endpoints"]
 

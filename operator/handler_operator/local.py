@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import secrets
@@ -31,7 +32,7 @@ from handler_gateway.backends import open_backend
 from handler_gateway.keys import Keys
 from handler_gateway.models import EndpointConfig, QueueFigures, digest
 from handler_gateway.operations import Gateway
-from handler_gateway.routes import GATEWAY, create_app
+from handler_gateway.routes import GATEWAY, authorize_admin, create_app, number_query
 from handler_operator import builders, policies, scalers
 from handler_operator.models import HandlerDeployment, describe_errors
 from handler_operator.policies import Observation, PodView, ScalerState
@@ -45,6 +46,8 @@ BACKOFF_START_S, BACKOFF_MAX_S = 1.0, 60.0
 HEALTHY_AFTER_S = 30.0  # a worker that ran this long resets the crash backoff
 TAIL_LINES = 5  # each worker's last lines of output, kept for the table
 CHECK_TIMEOUT_S = 120.0  # the handler's import check at start (big models import slowly)
+KEPT_LOG_LINES = 10_000  # workers' lines `handlerctl logs` can still read
+LOGS_WAIT_MAX_S = 30.0
 
 
 class DevError(Exception):
@@ -204,6 +207,11 @@ class DevRunner:
         # Every line a worker prints (its handler's too), as (worker, line), from its reader
         # thread: handlerctl shows them prefixed, as docker compose does.
         self.on_output = on_output or (lambda worker, line: None)
+        # Every worker's lines, numbered, for `handlerctl logs` (GET /dev/v1/.../logs).
+        self.lines: deque[tuple[int, str, str]] = deque(maxlen=KEPT_LOG_LINES)
+        self._line_numbers = itertools.count(1)
+        self._new_lines: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.clock = clock
         self.endpoint = target.hd.endpoint_id
         self.token = secrets.token_urlsafe(24)
@@ -233,7 +241,10 @@ class DevRunner:
     async def start(self) -> None:
         keys = Keys.of([self.api_key], [self.api_key])
         app = create_app(open_backend("memory://"), keys)
+        app.router.add_get("/dev/v1/endpoints/{endpoint}/logs", self._serve_logs)
         self.gateway = app[GATEWAY]
+        self._loop = asyncio.get_running_loop()
+        self._new_lines = asyncio.Event()
         # Open long-polls of stopped workers must not hold the exit (aiohttp waits 60 s by default).
         self._runner = web.AppRunner(
             app, handle_signals=False, access_log=None, shutdown_timeout=1.0
@@ -256,6 +267,30 @@ class DevRunner:
             self.on_change(
                 self.snapshot, [f"the handler does not load (fix it: workers reload):\n{problem}"]
             )
+
+    def logs_after(self, after: int, worker: str | None) -> list[tuple[int, str, str]]:
+        return [
+            entry for entry in list(self.lines) if entry[0] > after and worker in (None, entry[1])
+        ]
+
+    async def _serve_logs(self, request: web.Request) -> web.Response:
+        """`handlerctl logs`: the workers' lines after `after` (their numbers), of `worker` or
+        all, held up to `wait` s until there is one. The dev key (admin) only."""
+        await authorize_admin(request)
+        if request.match_info["endpoint"] != self.endpoint:
+            raise web.HTTPNotFound(text=f"handlerctl dev serves {self.endpoint} only")
+        after = number_query(request, "after", 0, 0, 2**62, int)
+        wait = number_query(request, "wait", 0.0, 0, LOGS_WAIT_MAX_S)
+        worker = request.query.get("worker") or None
+        found = self.logs_after(after, worker)
+        deadline = time.monotonic() + wait
+        while not found and time.monotonic() < deadline and self._new_lines is not None:
+            self._new_lines.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_lines.wait(), deadline - time.monotonic())
+            found = self.logs_after(after, worker)
+        lines = [{"seq": seq, "worker": name, "line": line} for seq, name, line in found]
+        return web.json_response({"lines": lines, "next": found[-1][0] if found else after})
 
     async def check_handler(self) -> str | None:
         """Import the handler as a worker would (`python -m handler_worker --check`), before any
@@ -460,6 +495,10 @@ class DevRunner:
                 log.flush()
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 worker.tail.append(line)
+                self.lines.append((next(self._line_numbers), worker.name, line))
+                if self._loop is not None and self._new_lines is not None:
+                    with contextlib.suppress(RuntimeError):  # the loop closed: nobody follows
+                        self._loop.call_soon_threadsafe(self._new_lines.set)
                 with contextlib.suppress(Exception):  # a display problem must not stop reading
                     self.on_output(worker.name, line)
 

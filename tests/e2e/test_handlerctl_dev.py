@@ -7,12 +7,15 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import runpod
 
-from tests.processes import DevProcess, alive, descendants, handlerctl
+from tests.conftest import REPO_ROOT
+from tests.processes import DevProcess, alive, descendants, handlerctl, subprocess_env
 
 ENDPOINT = "default--hello"
 FAST_SCALING = """
@@ -251,3 +254,27 @@ def test_a_handlers_prints_and_errors_show_in_the_dev_output(dev, tmp_path):
     for printed in ("working on 1", "working on 2", "no twos here"):
         assert any(worker_line.match(line) and printed in line for line in lines), printed
     assert not any('"level": "DEBUG"' in line for line in lines)  # the SDK's, unless asked
+
+    # The same lines through `handlerctl logs`, all workers' or one's.
+    logged = handlerctl(*base, "logs", "default--chatty")
+    assert logged.returncode == 0, logged.stderr
+    assert re.search(r"^chatty-\d+ \| working on 1$", logged.stdout, re.M), logged.stdout
+    worker = logged.stdout.splitlines()[0].split(" | ")[0]
+    only = handlerctl(*base, "logs", "default--chatty", "--worker", worker, "--tail", "1000")
+    assert {line.split(" | ")[0] for line in only.stdout.splitlines()} == {worker}
+    # -f prints a line printed after it started.
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "handler_operator.cli", *base, "logs", "default--chatty", "-f"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=subprocess_env(),
+    )  # fmt: skip
+    try:
+        handlerctl(*base, "run", "default--chatty", "--input", json.dumps({"n": 3}), "--wait")
+        assert follow.stdout is not None
+        deadline = time.monotonic() + 30
+        seen = ""
+        while "working on 3" not in seen and time.monotonic() < deadline:
+            seen = follow.stdout.readline()
+        assert "working on 3" in seen
+    finally:
+        follow.kill()
+        follow.wait()

@@ -332,3 +332,19 @@ def test_reload_watches_the_projects_python_sources_only(tmp_path, relative, wat
     root = tmp_path / ".cache" / "project"
     check = SourceFilter(root)
     assert check(watchfiles.Change.modified, str(root / relative)) is watched
+
+
+@pytest.mark.parametrize(
+    ("worker", "follow", "expected"),
+    [
+        (
+            None,
+            False,
+            "kubectl logs -n ml -c worker -l handlerops.dev/endpoint=ml--sdxl --prefix "
+            "--max-log-requests 50 --tail=100",
+        ),
+        ("sdxl-7c9-abcde", True, "kubectl logs -n ml -c worker sdxl-7c9-abcde --tail=100 --follow"),
+    ],
+)
+def test_logs_in_a_cluster_come_from_the_worker_pods(worker, follow, expected):
+    assert " ".join(cli.kubectl_logs_command("ml--sdxl", worker, follow, 100)) == expected
