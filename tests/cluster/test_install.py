@@ -9,6 +9,8 @@ import base64
 import json
 import signal
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -676,3 +678,46 @@ def contains(stored: Any, wanted: Any) -> bool:
             k in stored and contains(stored[k], v) for k, v in wanted.items()
         )
     return stored == wanted
+
+
+def status_of(url: str, key: str) -> int:
+    """The gateway's answer to `key` on `url` (a status code: refusals too)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_keys_of_a_labelled_secret_reach_their_endpoint_and_rotate(installation, ns):
+    """With the chart's RBAC and the apiserver's label-selector watch: the keys of the Secret a
+    HandlerDeployment names call it; editing the Secret rotates them, the CR untouched."""
+    kubectl = installation.kubectl
+    first, second = "team-key-one-0123456789", "team-key-two-0123456789"
+
+    def secret(value: str) -> dict:
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "team-keys", "labels": {"handlerops.dev/client-keys": "endpoint"}},
+            "stringData": {"ci": value},
+        }
+
+    kubectl.apply(secret(first), ns)
+    kubectl.apply(
+        handler_deployment(
+            "scoped",
+            access={"secrets": [{"name": "team-keys"}]},
+            scaling={"minReplicas": 0, "maxReplicas": 1},
+        ),
+        ns,
+    )
+    kubectl("wait", "--for=condition=Ready", "hd/scoped", "-n", ns, "--timeout=60s")
+    assert hd(kubectl, ns, "scoped")["status"]["clientKeys"] == [f"{ns}/team-keys/ci"]
+    health = f"{installation.gateway.url}/v2/{ns}--scoped/health"
+    assert status_of(health, first) == 200
+    kubectl.apply(secret(second), ns)
+    wait_for(lambda: status_of(health, second) == 200, timeout=60, message="the new key")
+    assert status_of(health, first) == 401
+    assert status_of(health, installation.api_key) == 200  # the global key, on a plain endpoint
