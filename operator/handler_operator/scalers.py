@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handler_operator import builders, conditions, policies
-from handler_operator.clients import GatewayAdmin, KubeApi, Unavailable
+from handler_operator.clients import GatewayAdmin, KubeApi, Refused, Unavailable
 from handler_operator.models import GROUP, VERSION, HandlerDeployment
 from handler_operator.policies import Observation, PodView, ScalerState
 from handler_operator.settings import OperatorSettings
@@ -198,8 +198,10 @@ class Scaler:
         for target in list(self.targets.values()):
             try:
                 await self.scale(target, figures.get(target.hd.endpoint_id), now)
-            except (Unavailable, ValueError) as exc:
+            except (Unavailable, Refused) as exc:
                 log.warning("scaling %s: %s", target.hd.endpoint_id, exc)
+            except Exception:  # a bug met by one endpoint must not stop the others' scaling
+                log.exception("scaling %s failed", target.hd.endpoint_id)
 
     async def scale(self, target: Target, figures: dict[str, Any] | None, now: float) -> None:
         hd = target.hd
@@ -377,7 +379,7 @@ class Scaler:
                     now=now,
                     queue_healthy=(False, "GatewayUnavailable", message[:300]),
                 )
-            except (Unavailable, ValueError) as exc:
+            except (Unavailable, Refused) as exc:
                 log.warning("status of %s: %s", target.hd.endpoint_id, exc)
 
     async def _event(self, target: Target, kind: str, reason: str, message: str) -> None:
@@ -385,7 +387,7 @@ class Scaler:
             await self.kube.post_event(
                 target.cr, kind, reason, message, conditions.timestamp(self.clock())
             )
-        except (Unavailable, ValueError) as exc:
+        except (Unavailable, Refused) as exc:
             log.warning("event for %s not posted: %s", target.hd.endpoint_id, exc)
 
 
