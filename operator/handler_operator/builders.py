@@ -391,7 +391,7 @@ def _affinity(hd: HandlerDeployment) -> dict[str, Any] | None:
 def _tolerations(hd: HandlerDeployment, settings: OperatorSettings) -> list[dict[str, Any]]:
     tolerations = list(hd.spec.tolerations)
     gpu = hd.spec.resources.gpu
-    if settings.gpu_tolerations and _uses_gpu(hd):
+    if settings.gpu_tolerations and gpu is not None and _uses_gpu(hd):
         default = {"key": GPU_RESOURCE[gpu.vendor], "operator": "Exists", "effect": "NoSchedule"}
         if default not in tolerations:
             tolerations.append(default)
@@ -679,7 +679,7 @@ def needs_apply(desired: dict[str, Any], live: dict[str, Any] | None) -> bool:
     if live is None:
         return True
     wanted = desired["metadata"]["annotations"][APPLIED_HASH]
-    return (live["metadata"].get("annotations") or {}).get(APPLIED_HASH) != wanted
+    return bool((live["metadata"].get("annotations") or {}).get(APPLIED_HASH) != wanted)
 
 
 @dataclass(frozen=True)
@@ -697,6 +697,7 @@ def check_spec(
     problems = []
     gpu = hd.spec.resources.gpu
     for product in gpu.acceptable_products if gpu is not None else []:
+        assert gpu is not None
         if any(hint in product.upper() for hint in FOREIGN_PRODUCT_HINTS[gpu.vendor]):
             problems.append(
                 SpecProblem(

@@ -52,7 +52,7 @@ def condition(
 ) -> dict[str, Any]:
     """One condition (True/False/Unknown for True/False/None), stamped `now`."""
     value = "Unknown" if status is None else ("True" if status else "False")
-    item = {"type": type_, "status": value, "reason": reason, "message": message}
+    item: dict[str, Any] = {"type": type_, "status": value, "reason": reason, "message": message}
     item["lastTransitionTime"] = now
     if generation is not None:
         item["observedGeneration"] = generation

@@ -42,7 +42,7 @@ RESERVED_ENV_RULE = "self.all(e, !e.name.startsWith('RUNPOD_') && !e.name.starts
 # shape is kept as-is and validated by the API server when the Deployment is applied.
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 MAX_ENV = 128
-ENV_ITEM_SCHEMA = {
+ENV_ITEM_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["name"],
     "properties": {
@@ -217,7 +217,7 @@ def _rate_message(name: str) -> str:
     return f"{name} must be 0 (no limit) or at least 1"
 
 
-def _rate_rule(name: str) -> dict[str, str]:
+def _rate_rule(name: str) -> dict[str, Any]:
     """CEL twin of ScalingSpec._rate: a rate is 0 or at least 1."""
     return {
         "rule": f"!has(self.{name}) || self.{name} == 0.0 || self.{name} >= 1.0",
@@ -238,7 +238,7 @@ class ScalingSpec(_Spec):
                     "|| self.maxReplicas >= self.minReplicas",
                     "message": "maxReplicas must be greater than or equal to minReplicas",
                 },
-                *(_rate_rule(name) for name in RATE_FIELDS),
+                *[_rate_rule(name) for name in RATE_FIELDS],
             ]
         },
     )
@@ -539,7 +539,7 @@ class HandlerDeployment(BaseModel):
 
     @property
     def name(self) -> str:
-        return self.metadata["name"]
+        return str(self.metadata["name"])
 
     @property
     def namespace(self) -> str:

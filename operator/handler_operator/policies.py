@@ -121,8 +121,10 @@ def _unschedulable(obs: Observation) -> bool:
     )
 
 
-def _recommend(obs: Observation, spec: ScalingSpec, state: ScalerState, now: float):
-    """(recommended replicas before stabilization, reason, message, idle long enough)."""
+def _recommend(
+    obs: Observation, spec: ScalingSpec, state: ScalerState, now: float
+) -> tuple[int, str, bool]:
+    """(recommended replicas before stabilization, its message, idle long enough)."""
     queued = max(0, obs.queued - obs.low_queued)  # low-priority jobs bring no worker
     load = queued + obs.in_progress
     needed = load_replicas(queued, obs.in_progress, spec.targetQueuePerWorker)
