@@ -25,8 +25,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-
-from handler_gateway.urls import worker_webhook_env
+from handler_protocol.urls import worker_webhook_env
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

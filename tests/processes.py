@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from handler_protocol.urls import worker_webhook_env
 
-from handler_gateway.urls import worker_webhook_env
 from tests.conftest import REPO_ROOT, child_pythonpath, subprocess_env
 
 ADMIN_KEY = "e2e-admin-key"
@@ -421,7 +421,7 @@ class DevProcess:
     def start(self, timeout: float = 30) -> DevProcess:
         command = ["dev", self.target, "--port", str(self.port), "--key", self.key, *self.args]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "handler_operator.cli", *command],
+            [sys.executable, "-m", "handlerctl.commands", *command],
             env=subprocess_env(COLUMNS="200"),
             cwd=REPO_ROOT,
             stdout=open(self.log_path, "w"),  # noqa: SIM115
@@ -459,7 +459,7 @@ def handlerctl(
 ):
     """Run the CLI in a subprocess (`env`: extra variables); returns the CompletedProcess (text)."""
     return subprocess.run(
-        [sys.executable, "-m", "handler_operator.cli", *args],
+        [sys.executable, "-m", "handlerctl.commands", *args],
         env=subprocess_env(COLUMNS="200", **(env or {})),
         cwd=REPO_ROOT,
         capture_output=True,

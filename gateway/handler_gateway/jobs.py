@@ -7,25 +7,10 @@ operations layer decides which transition to apply. Times are unix seconds (floa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
+from handler_protocol.statuses import RETRYABLE, TERMINAL, JobStatus
 from pydantic import BaseModel, ConfigDict, Field
-
-
-class JobStatus(StrEnum):
-    IN_QUEUE = "IN_QUEUE"
-    IN_PROGRESS = "IN_PROGRESS"
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    TIMED_OUT = "TIMED_OUT"
-
-
-TERMINAL = frozenset(
-    {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMED_OUT}
-)
-RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.CANCELLED})
 
 # Counter names (kept per endpoint). inQueue/inProgress are gauges, the rest only grow.
 STATUS_COUNTERS = {

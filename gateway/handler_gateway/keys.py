@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from handler_gateway.models import EndpointConfig, digest
+from handler_protocol.models import EndpointConfig, digest
 
 CLIENT_KEYS_ENV = "HANDLER_GATEWAY_API_KEYS"
 ADMIN_KEYS_ENV = "HANDLER_GATEWAY_ADMIN_KEYS"

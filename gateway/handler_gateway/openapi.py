@@ -8,10 +8,10 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
+from handler_protocol import models
+from handler_protocol.ids import ENDPOINT_ID
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
-
-from handler_gateway import models
 
 REF = "#/components/schemas/{model}"
 CLIENT = [{"clientKey": []}]
@@ -238,7 +238,7 @@ GET_OR_POST = ("/v2/{endpoint}/status/{job}", "/v2/{endpoint}/status-sync/{job}"
 def _parameter(name: str) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "string"}
     if name == "endpoint":
-        schema["pattern"] = models.ENDPOINT_ID.pattern
+        schema["pattern"] = ENDPOINT_ID.pattern
     return {"name": name, "in": "path", "required": True, "schema": schema}
 
 

@@ -16,6 +16,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from handler_protocol.models import (
+    EndpointConfig,
+    Health,
+    HealthJobs,
+    HealthWorkers,
+    QueueFigures,
+    RateLimit,
+    RunRequest,
+)
+
 from handler_gateway import jobs
 from handler_gateway.backends import (
     ENQUEUED_CHANNEL,
@@ -29,16 +39,8 @@ from handler_gateway.backends import (
     stop_channel,
     worker_channel,
 )
+from handler_gateway.errors import Conflict, NotFound, RateLimited, TooLarge
 from handler_gateway.jobs import Change, JobRecord, JobStatus
-from handler_gateway.models import (
-    EndpointConfig,
-    Health,
-    HealthJobs,
-    HealthWorkers,
-    QueueFigures,
-    RateLimit,
-    RunRequest,
-)
 
 log = logging.getLogger("handler_gateway")
 # Hand-overs in answers to result posts kept until a job of theirs reports (oldest dropped).
@@ -62,32 +64,9 @@ def lease_size(limit: RateLimit) -> int:
     return max(1, min(int(limit.requestsPerSecond * LEASE_S), limit.burst // 4))
 
 
-class NotFound(Exception):
-    """An unknown endpoint or job (HTTP 404)."""
-
-
 # A job listing page reads the backend LIST_PAGE jobs at a time, LIST_SCAN at most.
 LIST_PAGE = 200
 LIST_SCAN = 2000
-
-
-class TooLarge(Exception):
-    """A request over its endpoint's size limit (HTTP 413)."""
-
-
-class RateLimited(Exception):
-    """A caller over its request rate on an endpoint (HTTP 429, Retry-After: `wait` s)."""
-
-    def __init__(self, endpoint: str, caller: str, limit: RateLimit, wait: float):
-        super().__init__(
-            f"key '{caller}' is over endpoint '{endpoint}''s rate limit of "
-            f"{limit.requestsPerSecond:g} requests/s (burst {limit.burst}): retry in {wait:.2f} s"
-        )
-        self.wait = wait
-
-
-class Conflict(Exception):
-    """The request does not fit the job's state (HTTP 409)."""
 
 
 @dataclass

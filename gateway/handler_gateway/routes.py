@@ -10,28 +10,12 @@ import asyncio
 import base64
 import json
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import WSCloseCode, web
-from pydantic import BaseModel, ValidationError
-
-from handler_gateway.backends import Backend, BackendUnavailable, QueueFull
-from handler_gateway.jobs import JobRecord, JobStatus
-from handler_gateway.keys import (
-    GATEWAY_SCOPES,
-    INSECURE,
-    Caller,
-    Keys,
-    Scope,
-    bearer,
-    endpoint_callers,
-    may_call_client_routes,
-)
-from handler_gateway.metrics import GatewayMetrics
-from handler_gateway.models import (
-    ENDPOINT_ID,
+from handler_protocol.ids import ENDPOINT_ID
+from handler_protocol.models import (
     DeadLetterList,
     DrainResult,
     EndpointConfig,
@@ -50,16 +34,30 @@ from handler_gateway.models import (
     WorkerView,
     digest,
 )
-from handler_gateway.openapi import build_openapi
-from handler_gateway.operations import (
-    Conflict,
-    Gateway,
+from pydantic import BaseModel, ValidationError
+
+from handler_gateway.backends import Backend, BackendUnavailable
+from handler_gateway.errors import (
+    BadRequest,
+    ClientFault,
+    Forbidden,
     NotFound,
-    RateLimited,
-    ResultPost,
-    Timings,
-    TooLarge,
+    Unauthorized,
 )
+from handler_gateway.jobs import JobRecord, JobStatus
+from handler_gateway.keys import (
+    GATEWAY_SCOPES,
+    INSECURE,
+    Caller,
+    Keys,
+    Scope,
+    bearer,
+    endpoint_callers,
+    may_call_client_routes,
+)
+from handler_gateway.metrics import GatewayMetrics
+from handler_gateway.openapi import build_openapi
+from handler_gateway.operations import Gateway, ResultPost, Timings
 from handler_gateway.webhooks import WebhookSender
 
 log = logging.getLogger("handler_gateway")
@@ -84,18 +82,6 @@ MAX_BATCH = 256
 MAX_JSON_DEPTH = 200  # nesting levels a request or a result may have
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class BadRequest(Exception):
-    """Client input the gateway cannot use (HTTP 400)."""
-
-
-class Unauthorized(Exception):
-    """Missing or unknown credentials (HTTP 401)."""
-
-
-class Forbidden(Exception):
-    """Known credentials that may not call this route (HTTP 403)."""
 
 
 def error(status: int, message: str, **headers: str) -> web.Response:
@@ -134,22 +120,8 @@ def job_view(job: JobRecord) -> JobView:
 
 def error_for(exc: Exception) -> tuple[int, str, dict[str, str]]:
     """Status, message and headers answering a request that raised `exc` (500: unexpected)."""
-    if isinstance(exc, NotFound):
-        return 404, str(exc), {}
-    if isinstance(exc, Conflict):
-        return 409, str(exc), {}
-    if isinstance(exc, BadRequest):
-        return 400, str(exc), {}
-    if isinstance(exc, Unauthorized):
-        return 401, str(exc), {"WWW-Authenticate": "Bearer"}
-    if isinstance(exc, Forbidden):
-        return 403, str(exc), {}
-    if isinstance(exc, QueueFull):
-        return 429, str(exc), {"Retry-After": "1"}
-    if isinstance(exc, RateLimited):
-        return 429, str(exc), {"Retry-After": str(max(1, math.ceil(exc.wait)))}
-    if isinstance(exc, TooLarge):
-        return 413, str(exc), {}
+    if isinstance(exc, ClientFault):
+        return exc.status, str(exc), exc.headers()
     if isinstance(exc, BackendUnavailable):
         return 503, f"queue backend unavailable, retry shortly: {exc}", {"Retry-After": "1"}
     if isinstance(exc, web.HTTPRequestEntityTooLarge):

@@ -15,7 +15,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from handler_gateway.urls import worker_webhook_env
+from handler_protocol.urls import worker_webhook_env
+
 from handler_operator.models import GROUP, HandlerDeployment
 from handler_operator.settings import OperatorSettings
 

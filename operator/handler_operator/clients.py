@@ -1,10 +1,10 @@
-"""The only code that talks to Kubernetes and to the gateway (aiohttp, async).
+"""The only code that talks to Kubernetes (aiohttp, async).
 
 `KubeApi` does server-side apply with one field manager, reads, label-selected watches,
 conditions per type (with a resourceVersion precondition) and events, on
 kubernetes_asyncio's authenticated connection;
-`GatewayAdmin` registers endpoints and reads queue figures; `JobClient` is the client and admin
-API as `handlerctl` uses it. Retryable failures raise `Unavailable`.
+the gateway's client is `handler_protocol.clients`. Retryable failures raise `Unavailable`, refusals
+`Refused` (both shared with the gateway's client).
 """
 
 from __future__ import annotations
@@ -13,17 +13,16 @@ import asyncio
 import json
 import logging
 import os
-import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from handler_protocol.clients import USER_AGENT, NotFound, Refused, Unavailable
 from kubernetes_asyncio import config
 from kubernetes_asyncio.client import ApiClient, Configuration
 
 from handler_operator import conditions
 from handler_operator.settings import FIELD_MANAGER
-from handler_worker import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -44,26 +43,6 @@ API_PATHS = {
         "HandlerDeployment",
     ): "/apis/handlerops.dev/v1alpha1/namespaces/{ns}/handlerdeployments",
 }
-
-
-USER_AGENT = f"handler-operator/{__version__}"
-
-
-class Unavailable(Exception):
-    """A call failed in a way worth retrying (connection, 5xx, 409 conflict)."""
-
-
-class NotFound(Exception):
-    pass
-
-
-class Refused(ValueError):
-    """The server refused the request (a 4xx other than 404, 409 and 429): RBAC, admission,
-    validation, a kind it does not serve. Retrying the same request will not help."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class Conflict(Unavailable):
@@ -220,7 +199,8 @@ class KubeApi:
                     else:
                         known[uid] = obj
                     yield event_type, obj
-            except (Unavailable, ValueError, aiohttp.ClientError, TimeoutError) as exc:
+            # ValueError: a line that is not JSON; Refused: e.g. 403 while RBAC is applied.
+            except (Unavailable, Refused, ValueError, aiohttp.ClientError, TimeoutError) as exc:
                 logger.info("watch of %s %s: %s; listing again", kind, selector, exc)
                 await asyncio.sleep(retry_delay)
 
@@ -397,171 +377,3 @@ class KubeApi:
 
     async def close(self) -> None:
         await self.api.close()
-
-
-class GatewayAdmin:
-    """The gateway's admin API (`/admin/v1/...`)."""
-
-    def __init__(self, url: str, key: str):
-        self.url = url.rstrip("/")
-        self.key = key
-        self._session: aiohttp.ClientSession | None = None
-
-    async def _request(self, method: str, path: str, body: Any = None) -> Any:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
-        try:
-            async with self._session.request(
-                method, self.url + path, json=body, headers=headers
-            ) as response:
-                payload = await response.json(content_type=None)
-                if response.status == 404:
-                    raise NotFound(str(payload))
-                if response.status >= 500:
-                    raise Unavailable(f"gateway {method} {path}: HTTP {response.status}: {payload}")
-                if response.status >= 400:
-                    raise Refused(
-                        response.status,
-                        f"gateway {method} {path}: HTTP {response.status}: {payload}",
-                    )
-                return payload
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Unavailable(f"gateway {method} {path}: {exc!r}") from exc
-
-    async def put_endpoint(self, endpoint: str, config: dict[str, Any]) -> None:
-        await self._request("PUT", f"/admin/v1/endpoints/{endpoint}", config)
-
-    async def delete_endpoint(self, endpoint: str) -> None:
-        try:
-            await self._request("DELETE", f"/admin/v1/endpoints/{endpoint}")
-        except NotFound:
-            return
-
-    async def queues(self) -> dict[str, Any]:
-        return (await self._request("GET", "/admin/v1/queues"))["endpoints"]
-
-    async def poll_queues(self, since: float | None, wait: float) -> dict[str, Any]:
-        """All endpoints' figures, held up to `wait` s until a job is queued after `since`."""
-        query = f"?wait={wait:g}&since={since!r}" if since is not None else ""
-        return await self._request("GET", "/admin/v1/queues" + query)
-
-    async def purge(self, endpoint: str) -> None:
-        # The admin route: the client one refuses gateway keys on endpoints running callers'
-        # code, and counts against rate limits.
-        await self._request("POST", f"/admin/v1/endpoints/{endpoint}/purge-queue")
-
-    async def drain(self, endpoint: str, worker: str, draining: bool = True) -> list[str]:
-        method = "POST" if draining else "DELETE"
-        body = await self._request(method, f"/admin/v1/endpoints/{endpoint}/workers/{worker}/drain")
-        return list(body["jobs"])
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-
-class GatewayError(Exception):
-    """The gateway answered with an error: its HTTP status and its `{"error": ...}` message."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-class JobClient:
-    """A gateway's client API (`/v2/{endpoint}/...`) and admin API, for `handlerctl`."""
-
-    def __init__(self, url: str, api_key: str, timeout: float = 60):
-        self.url = url.rstrip("/")
-        self.api_key = api_key
-        self.timeout = timeout
-        self._session: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> JobClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def request(self, method: str, path: str, body: Any = None) -> Any:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                connector=aiohttp.TCPConnector(limit=64),
-            )
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        try:
-            async with self._session.request(
-                method, self.url + path, json=body, headers=headers
-            ) as response:
-                text = await response.text()
-                try:
-                    payload = json.loads(text) if text else None
-                except ValueError:
-                    payload = {"error": text[:300]}
-                if response.status >= 500:
-                    raise Unavailable(f"gateway {method} {path}: HTTP {response.status}: {text}")
-                if response.status >= 400:
-                    message = payload.get("error") if isinstance(payload, dict) else None
-                    raise GatewayError(response.status, str(message or text or response.reason))
-                return payload
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Unavailable(f"cannot reach the gateway at {self.url}: {exc}") from exc
-
-    async def run(self, endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
-        return await self.request("POST", f"/v2/{endpoint}/run", request)
-
-    async def runsync(self, endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
-        return await self.request("POST", f"/v2/{endpoint}/runsync", request)
-
-    async def status(self, endpoint: str, job: str) -> dict[str, Any]:
-        return await self.request("GET", f"/v2/{endpoint}/status/{job}")
-
-    async def stream(self, endpoint: str, job: str) -> dict[str, Any]:
-        return await self.request("GET", f"/v2/{endpoint}/stream/{job}")
-
-    async def cancel(self, endpoint: str, job: str) -> dict[str, Any]:
-        return await self.request("POST", f"/v2/{endpoint}/cancel/{job}")
-
-    async def retry(self, endpoint: str, job: str) -> dict[str, Any]:
-        return await self.request("POST", f"/v2/{endpoint}/retry/{job}")
-
-    async def health(self, endpoint: str) -> dict[str, Any]:
-        return await self.request("GET", f"/v2/{endpoint}/health")
-
-    async def jobs(
-        self, endpoint: str, status: str | None, limit: int, cursor: str | None = None
-    ) -> dict[str, Any]:
-        """One page of the endpoint's jobs, newest first: {"jobs": [...], "nextCursor": ...}."""
-        query = {"limit": str(limit), "status": status, "cursor": cursor}
-        encoded = urllib.parse.urlencode({k: v for k, v in query.items() if v})
-        return await self.request("GET", f"/v2/{endpoint}/jobs?{encoded}")
-
-    async def logs(
-        self, endpoint: str, after: int, worker: str | None, wait: float = 0
-    ) -> dict[str, Any]:
-        """`handlerctl dev`'s workers' lines after line `after` (its own route; another
-        gateway answers 404): {"lines": [{"seq", "worker", "line"}], "next": N}."""
-        query = {"after": str(after), "wait": f"{wait:g}", "worker": worker}
-        encoded = urllib.parse.urlencode({k: v for k, v in query.items() if v})
-        return await self.request("GET", f"/dev/v1/endpoints/{endpoint}/logs?{encoded}")
-
-    async def endpoints(self) -> list[dict[str, Any]]:
-        return (await self.request("GET", "/admin/v1/endpoints"))["endpoints"]
-
-    async def queues(self) -> dict[str, Any]:
-        return (await self.request("GET", "/admin/v1/queues"))["endpoints"]
-
-    async def dead_letters(self, endpoint: str) -> list[dict[str, Any]]:
-        return (await self.request("GET", f"/admin/v1/endpoints/{endpoint}/dlq"))["jobs"]
-
-    async def replay(self, endpoint: str, ids: list[str] | None) -> list[str]:
-        body = {"ids": ids} if ids else {}
-        result = await self.request("POST", f"/admin/v1/endpoints/{endpoint}/dlq/replay", body)
-        return list(result["replayed"])
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None

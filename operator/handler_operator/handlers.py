@@ -16,14 +16,17 @@ import time
 from typing import Any
 
 import kopf
+from handler_protocol.clients import GatewayAdmin
+from handler_protocol.ids import endpoint_id
 from pydantic import ValidationError
 
 from handler_operator import builders, conditions
-from handler_operator.clients import Conflict, GatewayAdmin, KubeApi, Refused, Unavailable
+from handler_operator.clients import Conflict, KubeApi, Refused, Unavailable
 from handler_operator.metrics import RECONCILE_SECONDS, RECONCILES, start_metrics_server
 from handler_operator.models import GROUP, PLURAL, VERSION, HandlerDeployment, describe_errors
 from handler_operator.registrations import Registrar
-from handler_operator.scalers import Scaler, epoch
+from handler_operator.scaling.engines import Scaler
+from handler_operator.scaling.observations import epoch
 from handler_operator.settings import OperatorSettings
 
 HD = (GROUP, VERSION, PLURAL)
@@ -336,9 +339,9 @@ async def reconcile(
 @kopf.on.delete(*HD)
 async def finalize(body: kopf.Body, memo: kopf.Memo, logger: Any, retry: int, **_: Any) -> None:
     """Drain (wait for the queue to empty, bounded) or purge, then deregister the endpoint."""
-    endpoint = (body.get("status") or {}).get(
-        "endpointId"
-    ) or f"{body.metadata.namespace}--{body.metadata.name}"
+    endpoint = (body.get("status") or {}).get("endpointId") or endpoint_id(
+        body.metadata.namespace, body.metadata.name
+    )
     settings: OperatorSettings = memo.settings
     policy = body.metadata.annotations.get(ON_DELETE_ANNOTATION)
     purge = policy == "purge" or (policy is None and settings.purge_on_delete)

@@ -3,7 +3,7 @@ build command of a user's handler image (`handlerctl build --image`)."""
 
 from __future__ import annotations
 
-from handler_worker import __version__
+from handler_protocol import __version__
 
 REGISTRY = "ghcr.io/handler-operator"
 BUILDERS = ("docker", "podman", "buildah")  # tried in this order when none is named

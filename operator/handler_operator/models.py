@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
+from handler_protocol.ids import endpoint_id
+from handler_protocol.models import RateLimit
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -17,8 +19,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-from handler_gateway.models import RateLimit
 
 GROUP = "handlerops.dev"
 VERSION = "v1alpha1"
@@ -548,11 +548,6 @@ class HandlerDeployment(BaseModel):
     @property
     def endpoint_id(self) -> str:
         return endpoint_id(self.namespace, self.name)
-
-
-def endpoint_id(namespace: str, name: str) -> str:
-    """The gateway endpoint of a CR: `<namespace>--<name>`."""
-    return f"{namespace}--{name}"
 
 
 def is_module_name(value: str) -> bool:

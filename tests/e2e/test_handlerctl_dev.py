@@ -264,7 +264,7 @@ def test_a_handlers_prints_and_errors_show_in_the_dev_output(dev, tmp_path):
     assert {line.split(" | ")[0] for line in only.stdout.splitlines()} == {worker}
     # -f prints a line printed after it started.
     follow = subprocess.Popen(
-        [sys.executable, "-m", "handler_operator.cli", *base, "logs", "default--chatty", "-f"],
+        [sys.executable, "-m", "handlerctl.commands", *base, "logs", "default--chatty", "-f"],
         stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=subprocess_env(),
     )  # fmt: skip
     try:

@@ -212,7 +212,7 @@ def test_a_namespace_key_relabelled_for_endpoints_only_stops_reaching_others(clu
 def test_a_gateway_that_cannot_take_the_registration_is_a_condition(cluster, operator, monkeypatch):
     """An older gateway (during an upgrade) refuses fields it does not know: Ready=False with
     reason GatewayRefused and the gateway's words, tried again until it takes it."""
-    from handler_operator.clients import GatewayAdmin, Refused
+    from handler_protocol.clients import GatewayAdmin, Refused
 
     async def older_gateway(self, endpoint, config):
         raise Refused(422, "gateway PUT: HTTP 422: clientKeys: Extra inputs are not permitted")

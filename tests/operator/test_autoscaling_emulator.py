@@ -9,8 +9,9 @@ import time
 import urllib.error
 import urllib.request
 
-from handler_operator import policies, rbac
+from handler_operator import rbac
 from handler_operator.builders import DELETION_COST
+from handler_operator.scaling import policies
 from tests.operator.conftest import (
     ADMIN_KEY,
     HD_PATH,

@@ -11,8 +11,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from handler_protocol.models import EndpointConfig
 
-from handler_gateway.models import EndpointConfig
 from handler_operator import builders
 from handler_operator.models import HandlerDeployment
 from handler_operator.settings import OperatorSettings

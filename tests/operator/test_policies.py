@@ -9,9 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handler_operator import policies
 from handler_operator.models import ScalingSpec
-from handler_operator.policies import Observation, PodView, ScalerState, compute_desired_replicas
+from handler_operator.scaling import policies
+from handler_operator.scaling.policies import (
+    Observation,
+    PodView,
+    ScalerState,
+    compute_desired_replicas,
+)
 
 
 def spec(**overrides) -> ScalingSpec:

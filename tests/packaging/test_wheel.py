@@ -14,8 +14,23 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, subprocess_env
-from tests.processes import fresh_venv
+from tests.processes import (
+    CLIENT_KEY,
+    GatewayProcess,
+    fresh_venv,
+    kill_group,
+    start_worker,
+)
 
+TOKEN = "cli-extra-worker-token-0123"
+FIND_SPECS = """
+import importlib.util, json, sys
+print(json.dumps([importlib.util.find_spec(name) for name in sys.argv[1:]], default=str))
+"""
+
+SOURCE_ROOTS = [
+    REPO_ROOT / part for part in ("protocol", "worker-image", "gateway", "operator", "cli")
+]
 # What each extra is for, and so must work with it alone.
 EXTRAS = {
     "worker": {
@@ -28,16 +43,26 @@ EXTRAS = {
     },
     "operator": {
         "packages": ["handler_operator"],
-        "commands": [["handlerctl", "--help"], ["-m", "handler_operator", "--help"]],
+        "commands": [["-m", "handler_operator", "--help"]],
+    },
+    "cli": {
+        "packages": ["handlerctl", "handler_protocol"],
+        # `handlerctl dev`'s runner runs a gateway and workers: [cli,gateway,worker].
+        "skip": ["handlerctl.runners"],
+        "commands": [["handlerctl", "--help"], ["-m", "handlerctl", "--help"]],
     },
 }
 IMPORT_ALL = """
 import importlib, json, pkgutil, sys
 failed = {}
 count = 0
-for name in sys.argv[1:]:
+names = [name for name in sys.argv[1:] if not name.startswith("-")]
+skip = {name[1:] for name in sys.argv[1:] if name.startswith("-")}
+for name in names:
     package = importlib.import_module(name)
     for module in pkgutil.walk_packages(package.__path__, name + "."):
+        if module.name in skip:
+            continue
         count += 1
         try:
             importlib.import_module(module.name)
@@ -83,8 +108,11 @@ def test_the_wheel_carries_every_package(dist):
     names = zipfile.ZipFile(dist["wheel"]).namelist()
     on_disk = {
         str(init.parent.relative_to(root))
-        for root in (REPO_ROOT / "worker-image", REPO_ROOT / "gateway", REPO_ROOT / "operator")
-        for init in root.glob("handler_*/**/__init__.py")
+        for root in SOURCE_ROOTS
+        for init in [
+            *root.glob("handler_*/**/__init__.py"),
+            *root.glob("handlerctl/**/__init__.py"),
+        ]
     }
     shipped = {name.rsplit("/", 1)[0] for name in names if name.endswith("/__init__.py")}
     assert on_disk <= shipped, on_disk - shipped
@@ -97,7 +125,13 @@ def test_each_extra_installs_imports_and_starts(dist, tmp_path, extra):
     python = fresh_venv(env_dir, f"{dist['wheel']}[{extra}]")
     spec = EXTRAS[extra]
     imported = subprocess.run(
-        [python, "-c", IMPORT_ALL, *spec["packages"]],
+        [
+            python,
+            "-c",
+            IMPORT_ALL,
+            *spec["packages"],
+            *("-" + name for name in spec.get("skip", [])),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -115,3 +149,76 @@ def test_each_extra_installs_imports_and_starts(dist, tmp_path, extra):
         )
         assert ran.returncode == 0, (command, ran.stdout[-1500:], ran.stderr[-1500:])
         assert "usage" in (ran.stdout + ran.stderr).lower(), (command, ran.stdout[-500:])
+
+
+@pytest.mark.slow
+def test_the_cli_extra_alone_runs_jobs_against_a_gateway(dist, tmp_path):
+    """`pip install 'handler-operator[cli]'`: no kopf, no Kubernetes client, no gateway; a job
+    submitted with `handlerctl run --wait` to a gateway with a real worker comes back done, and
+    `handlerctl dev` says which extras it needs."""
+    env_dir = tmp_path / "venv"
+    python = fresh_venv(env_dir, f"{dist['wheel']}[cli]")
+    absent = subprocess.run(
+        [python, "-c", FIND_SPECS, "kopf", "kubernetes", "kubernetes_asyncio", "redis", "runpod"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=subprocess_env(),
+    )
+    assert json.loads(absent.stdout) == [None] * 5, absent.stdout
+
+    gateway = GatewayProcess("memory://", tmp_path / "gateway")
+    (tmp_path / "gateway").mkdir()
+    gateway.start()
+    worker = None
+    try:
+        gateway.register("ep", TOKEN)
+        worker = start_worker(
+            gateway.worker_env("ep", TOKEN, "cli-worker-1"),
+            "handler",
+            [str(REPO_ROOT / "examples" / "hello")],
+            tmp_path / "worker.log",
+        )
+        handlerctl = str(env_dir / "bin" / "handlerctl")
+        ran = subprocess.run(
+            [
+                handlerctl,
+                "run",
+                "ep",
+                "--input",
+                '{"name": "cli"}',
+                "--wait",
+                "--timeout",
+                "60",
+                "--url",
+                gateway.url,
+                "--api-key",
+                CLIENT_KEY,
+                "-o",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            env=subprocess_env(),
+        )
+        assert ran.returncode == 0, (ran.stdout[-1500:], ran.stderr[-1500:])
+        job = json.loads(ran.stdout.strip().splitlines()[-1])
+        assert job["status"] == "COMPLETED" and job["output"] == {"greeting": "Hello, cli!"}
+    finally:
+        if worker is not None:
+            kill_group(worker)
+        gateway.stop()
+
+    dev = subprocess.run(
+        [str(env_dir / "bin" / "handlerctl"), "dev", str(REPO_ROOT / "examples" / "hello")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=subprocess_env(),
+    )
+    assert dev.returncode == 2, (dev.stdout[-1500:], dev.stderr[-1500:])
+    assert "handler-operator[cli,gateway,worker]" in dev.stderr

@@ -3,8 +3,10 @@
 Public names for handler authors: `HandlerEvent`, `validate_input`, `InputValidationError`.
 """
 
+import handler_protocol
+
 from handler_worker.events import HandlerEvent
 from handler_worker.validation import InputValidationError, validate_input
 
 __all__ = ["HandlerEvent", "InputValidationError", "validate_input"]
-__version__ = "0.1.0"
+__version__ = handler_protocol.__version__

@@ -1,9 +1,7 @@
-"""Endpoint names and the arguments `@remote` takes: what the decorator and `handlerctl build`'s
-AST scan agree on. Pure."""
+"""The arguments `@remote` takes: what the decorator and `handlerctl build`'s AST scan agree
+on. Pure."""
 
 from __future__ import annotations
-
-import re
 
 # name -> (accepted literal types, what it means); all literals, so the build can read them.
 REMOTE_OPTIONS: dict[str, tuple[type | tuple[type, ...], str]] = {
@@ -17,8 +15,3 @@ REMOTE_OPTIONS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "max_workers": (int, "most workers at once (default 1)"),
     "dependencies": (list, "pip requirements of the function (list of strings)"),
 }
-
-
-def endpoint_name(name: str, default: str = "remote") -> str:
-    """A DNS-1123 label from a function, class or directory name (`embed_texts` -> embed-texts)."""
-    return re.sub(r"[^a-z0-9-]+", "-", str(name).lower()).strip("-")[:63] or default

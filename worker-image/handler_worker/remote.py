@@ -18,10 +18,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from handler_worker.endpoints import REMOTE_OPTIONS, endpoint_name
-from handler_worker.generic import build_named_request, decode_result
+from handler_protocol.ids import endpoint_id, endpoint_name
+from handler_protocol.statuses import TERMINAL
 
-_TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+from handler_worker.endpoints import REMOTE_OPTIONS
+from handler_worker.generic import build_named_request, decode_result
 
 
 class RemoteError(RuntimeError):
@@ -202,38 +203,32 @@ def _run_sync(factory: Callable[[], Any]) -> Any:
 
 async def submit(config: RemoteConfig, endpoint: str, request: dict[str, Any]) -> Any:
     """Run one generic-handler job on `<namespace>--<endpoint>` and return its decoded result."""
-    import aiohttp  # the worker image has it (runpod depends on it); imported when first used
+    # aiohttp: the worker image has it (runpod depends on it); imported when first used.
+    from handler_protocol.clients import JobClient, Refused, Unavailable
 
-    endpoint_id = f"{config.namespace}--{endpoint}"
-    base = f"{config.url}/v2/{endpoint_id}"
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    timeout = aiohttp.ClientTimeout(total=config.timeout)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
-        job = await _json(session, "POST", base + "/runsync", {"input": request})
-        delay = 0.05
-        while job.get("status") not in _TERMINAL:
-            await asyncio.sleep(delay)
-            delay = min(1.0, delay * 1.5)
-            job = await _json(session, "GET", f"{base}/status/{job['id']}")
+    target = endpoint_id(config.namespace, endpoint)
+    async with JobClient(config.url, config.api_key, timeout=config.timeout) as client:
+        try:
+            job = await client.runsync(target, {"input": request})
+            delay = 0.05
+            while job.get("status") not in TERMINAL:
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 1.5)
+                job = await client.status(target, job["id"])
+        except Refused as exc:
+            raise RemoteError(f"gateway answered {exc.status} for {target}: {exc}") from exc
+        except Unavailable as exc:
+            raise RemoteError(str(exc)) from exc
     output = job.get("output") if isinstance(job.get("output"), dict) else {}
     if job["status"] != "COMPLETED" and output.get("error_type"):
         # The function raised: the SDK lifts `error` to the job, the rest stays in the output.
         message = job.get("error") or output.get("error") or "(no message)"
         raise RemoteError(f"{output['error_type']}: {message}", output.get("traceback", ""))
     if job["status"] != "COMPLETED":
-        raise RemoteError(f"job {job['id']} on {endpoint_id} {job['status']}: {job.get('error')}")
+        raise RemoteError(f"job {job['id']} on {target} {job['status']}: {job.get('error')}")
     if not output.get("success"):
         raise RemoteError(
             f"{output.get('error_type', 'Error')}: {output.get('error')}",
             output.get("traceback", ""),
         )
     return decode_result(output)
-
-
-async def _json(session: Any, method: str, url: str, body: Any = None) -> dict[str, Any]:
-    async with session.request(method, url, json=body) as response:
-        payload = await response.json(content_type=None)
-        if response.status >= 400:
-            message = payload.get("error") if isinstance(payload, dict) else payload
-            raise RemoteError(f"gateway answered {response.status} for {url}: {message}")
-        return payload

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from handler_protocol.models import EndpointConfig
+
 from handler_gateway import jobs
 from handler_gateway.jobs import Change, JobRecord
-from handler_gateway.models import EndpointConfig
 
 Transition = Callable[[JobRecord], Change | None]
 
@@ -45,17 +46,6 @@ class Admission:
     wanted: int = 1
     now: float = 0.0  # the gateway's clock (Redis uses its own)
     taken: int = 0
-
-
-class QueueFull(Exception):
-    """A new job was refused: its endpoint already has `limit` jobs queued (HTTP 429)."""
-
-    def __init__(self, endpoint: str, limit: int):
-        super().__init__(
-            f"endpoint '{endpoint}' has {limit} jobs queued, its limit (jobs.maxQueued): "
-            "retry later"
-        )
-        self.endpoint, self.limit = endpoint, limit
 
 
 @dataclass

@@ -8,12 +8,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from handler_protocol.models import EndpointConfig
+
 from handler_gateway import jobs
 from handler_gateway.backends import (
     Admission,
     Backend,
     Notifier,
-    QueueFull,
     RateRefused,
     Take,
     Transition,
@@ -23,8 +24,8 @@ from handler_gateway.backends import (
     leaving_channels,
     take_from_bucket,
 )
+from handler_gateway.errors import QueueFull
 from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
-from handler_gateway.models import EndpointConfig
 
 
 class _EndpointState:

@@ -1,4 +1,5 @@
-"""Request and response models of the gateway's HTTP API (RunPod-compatible + admin).
+"""Request and response models of the gateway's HTTP API (RunPod-compatible + admin): what
+clients, workers and the operator send and get.
 
 Pure: pydantic only. The OpenAPI document is generated from these models.
 """
@@ -11,9 +12,6 @@ from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-ENDPOINT_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
-
 
 # The bounds of a job's times, as an endpoint's (`EndpointConfig`): 7 days running, 30 days alive.
 MAX_EXECUTION_MS = 7 * 86400 * 1000

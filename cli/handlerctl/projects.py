@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from handler_protocol.ids import endpoint_name
 
 from handler_operator.models import HandlerDeployment
-from handler_worker.endpoints import REMOTE_OPTIONS, endpoint_name
+from handler_worker.endpoints import REMOTE_OPTIONS
 
 REMOTE_MODULE = "handler_worker.remote"
 PACKAGE = "handlerops_endpoints"  # generated handler modules: handlerops_endpoints.<endpoint>

@@ -9,17 +9,21 @@ status and events. Pods and replica counts come from the kopf watches, never fro
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from handler_operator import builders, conditions, policies
-from handler_operator.clients import GatewayAdmin, KubeApi, Refused, Unavailable
+from handler_protocol.clients import GatewayAdmin
+
+from handler_operator import builders, conditions
+from handler_operator.clients import KubeApi, Refused, Unavailable
 from handler_operator.models import GROUP, VERSION, HandlerDeployment
-from handler_operator.policies import Observation, PodView, ScalerState
+from handler_operator.scaling import policies
+from handler_operator.scaling.actions import drain_workers
+from handler_operator.scaling.observations import heartbeat_condition, pod_view, queue_figures
+from handler_operator.scaling.policies import Observation, ScalerState
 from handler_operator.settings import OperatorSettings
 
 log = logging.getLogger("handler_operator.scaler")
@@ -27,60 +31,6 @@ log = logging.getLogger("handler_operator.scaler")
 POLL_WAIT_S = 1.0  # the loop runs at least this often, sooner when a job is queued
 MIN_PASS_S = 0.1  # and at most ten passes a second under a steady stream of jobs
 QUEUE_STATUS_EVERY_S = 5.0  # queue figures in status (the QUEUE column) refresh this often
-
-
-def epoch(stamp: str | None) -> float | None:
-    if not stamp:
-        return None
-    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-
-
-def pod_view(pod: dict[str, Any], live_workers: set[str]) -> PodView | None:
-    """The policy's view of a pod; None for a pod on its way out (deletionTimestamp)."""
-    meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-    if meta.get("deletionTimestamp"):
-        return None
-    name = meta["name"]
-    found = {c.get("type"): c for c in status.get("conditions") or []}
-    scheduled = found.get("PodScheduled") or {}
-    unschedulable = (
-        epoch(scheduled.get("lastTransitionTime")) or time.time()
-        if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable"
-        else None
-    )
-    if status.get("phase") in (None, "Pending") and name not in live_workers:
-        phase = "pending"
-    elif name in live_workers or (found.get("Ready") or {}).get("status") == "True":
-        phase = "ready"
-    else:
-        phase = "starting"
-    return PodView(
-        name,
-        phase,
-        epoch(meta.get("creationTimestamp")) or 0.0,
-        unschedulable,
-        scheduled.get("message") or "" if unschedulable is not None else "",
-    )
-
-
-async def drain_workers(gateway: Any, endpoint: str, decision: policies.Decision) -> list[str]:
-    """Undrain and drain as `decision` says, on a gateway (admin client or in-process); returns
-    the workers ready to go: the policy's `remove`, and drained ones that hold no job."""
-    for worker in decision.undrain:
-        await gateway.drain(endpoint, worker, False)
-    ready_to_go = list(decision.remove)
-    for worker in decision.drain:
-        held = await gateway.drain(endpoint, worker, True)
-        if not held and worker not in ready_to_go:
-            ready_to_go.append(worker)
-    return ready_to_go
-
-
-def heartbeat_condition(pod: dict[str, Any]) -> str | None:
-    for condition in (pod.get("status") or {}).get("conditions") or []:
-        if condition.get("type") == builders.HEARTBEAT_CONDITION:
-            return condition.get("status")
-    return None
 
 
 @dataclass
@@ -218,7 +168,7 @@ class Scaler:
         await self._readiness_gates(target, live)
         await self._deletion_costs(target, figures.get("workerJobs") or {})
         if not target.builtin:
-            await self._write_status(target, {"queue": _queue(figures)}, now=now)
+            await self._write_status(target, {"queue": queue_figures(figures)}, now=now)
             return
         views = [pod_view(pod, live) for pod in target.pods.values()]
         obs = Observation(
@@ -252,7 +202,7 @@ class Scaler:
         await self._remove(target, removed)
         if replicas != obs.replicas or removed:
             last_scale = conditions.timestamp(now)
-        fields = {"desiredReplicas": decision.desired, "queue": _queue(figures)}
+        fields = {"desiredReplicas": decision.desired, "queue": queue_figures(figures)}
         if last_scale:
             fields["lastScaleTime"] = last_scale
         await self._write_status(target, fields, scaling=decision, now=now)
@@ -389,7 +339,3 @@ class Scaler:
             )
         except (Unavailable, Refused) as exc:
             log.warning("event for %s not posted: %s", target.hd.endpoint_id, exc)
-
-
-def _queue(figures: dict[str, Any]) -> dict[str, int]:
-    return {"inQueue": figures.get("inQueue", 0), "inProgress": figures.get("inProgress", 0)}

@@ -12,8 +12,8 @@ import tarfile
 
 import pytest
 import yaml
+from handlerctl import projects
 
-from handler_operator import projects
 from handler_operator.models import HandlerDeployment
 from tests.conftest import FIXTURES, REPO_ROOT, subprocess_env
 from tests.operator.conftest import GOLDEN

@@ -26,18 +26,19 @@ from typing import Any
 import watchfiles
 import yaml
 from aiohttp import web
+from handler_protocol.ids import endpoint_name
+from handler_protocol.models import EndpointConfig, QueueFigures, digest
 from pydantic import ValidationError
 
 from handler_gateway.backends import open_backend
 from handler_gateway.keys import Keys
-from handler_gateway.models import EndpointConfig, QueueFigures, digest
 from handler_gateway.operations import Gateway
 from handler_gateway.routes import GATEWAY, authorize_admin, create_app, number_query
-from handler_operator import builders, policies, scalers
+from handler_operator import builders
 from handler_operator.models import HandlerDeployment, describe_errors
-from handler_operator.policies import Observation, PodView, ScalerState
+from handler_operator.scaling import actions, policies
+from handler_operator.scaling.policies import Observation, PodView, ScalerState
 from handler_operator.settings import OperatorSettings
-from handler_worker.endpoints import endpoint_name
 
 PASS_WAIT_S = 0.5  # the loop runs at least this often, at once when a job is queued
 RELOAD_CHECK_S = 1.0
@@ -423,7 +424,7 @@ class DevRunner:
         decision = policies.compute_desired_replicas(
             obs, self.target.hd.spec.scaling, self.state, now
         )
-        ready_to_go = await scalers.drain_workers(self.gateway, self.endpoint, decision)
+        ready_to_go = await actions.drain_workers(self.gateway, self.endpoint, decision)
         for name in ready_to_go:
             if name in self.workers:
                 self._stop_in_background(self.workers[name])

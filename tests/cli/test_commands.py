@@ -9,7 +9,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from handler_operator import builders, cli, crds
+from handler_operator import builders, crds
+from handlerctl import commands as cli
 from handler_operator.settings import OperatorSettings
 from tests.conftest import EXAMPLES, REPO_ROOT
 from tests.processes import CLIENT_KEY, GatewayProcess, free_port
@@ -216,9 +217,8 @@ def test_admin_commands_need_the_admin_key(gateway):
 
 
 def test_dev_table_shows_queue_workers_decision_and_crash():
+    from handlerctl.runners import Snapshot
     from rich.console import Console
-
-    from handler_operator.local import Snapshot
 
     snapshot = Snapshot(
         "default--hello",
@@ -308,7 +308,7 @@ def test_an_invalid_handler_deployment_is_said_plainly(tmp_path):
     ],
 )
 def test_a_drain_says_whom_it_waits_for_and_what_it_abandons(busy, queued, said):
-    from handler_operator.local import drain_progress
+    from handlerctl.runners import drain_progress
 
     assert said in drain_progress(busy, queued)
 
@@ -326,8 +326,7 @@ def test_a_drain_says_whom_it_waits_for_and_what_it_abandons(busy, queued, said)
 def test_reload_watches_the_projects_python_sources_only(tmp_path, relative, watched):
     """Under a project that itself lives in a hidden directory (~/.cache/...), too."""
     import watchfiles
-
-    from handler_operator.local import SourceFilter
+    from handlerctl.runners import SourceFilter
 
     root = tmp_path / ".cache" / "project"
     check = SourceFilter(root)

@@ -1,6 +1,7 @@
 """`handlerctl`: the local dev loop, job commands against any gateway, render/crd, and build.
 
-Thin typer glue over `local.DevRunner`, `clients.JobClient`, the pure builders and `projects`.
+Thin typer glue over `runners.DevRunner`, `handler_protocol.clients.JobClient`, the operator's
+pure builders and `projects`.
 Exit codes: 0 ok, 1 a job failed (or timed out / was cancelled), 2 bad input, 3 gateway error,
 4 image build failed.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -23,6 +25,9 @@ from typing import Any
 
 import typer
 import yaml
+from handler_protocol.clients import JobClient, Refused, Unavailable
+from handler_protocol.ids import namespace_of
+from handler_protocol.statuses import TERMINAL
 from pydantic import ValidationError
 from rich.console import Console, Group
 from rich.live import Live
@@ -32,13 +37,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from handler_operator import builders, crds, images
-from handler_operator.clients import GatewayError, JobClient, Unavailable
 from handler_operator.conditions import timestamp
 from handler_operator.models import GROUP, HandlerDeployment, describe_errors
 from handler_operator.settings import OperatorSettings
 
 EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_GATEWAY, EXIT_BUILD = 1, 2, 3, 4
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+# What `handlerctl dev` imports beyond the cli extra: the gateway's and the worker's.
+DEV_NEEDS = ("redis", "prometheus_client", "runpod", "cloudpickle")
 REQUEST_KEYS = {"input", "webhook", "policy", "s3Config"}
 DEFAULT_URL = "http://127.0.0.1:8080"
 CONFIG_ENV, URL_ENV, KEY_ENV = "HANDLERCTL_CONFIG", "HANDLERCTL_URL", "HANDLERCTL_API_KEY"
@@ -88,7 +93,8 @@ class Settings:
 
 
 def fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Escaped: messages carry brackets (extras, JSON, list reprs) that are not markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -156,7 +162,7 @@ def call(coroutine_factory) -> Any:
     async def run() -> Any:
         try:
             return await coroutine_factory()
-        except GatewayError as exc:
+        except Refused as exc:
             fail(f"gateway said {exc.status}: {exc}", EXIT_GATEWAY)
         except Unavailable as exc:
             fail(str(exc), EXIT_GATEWAY)
@@ -235,7 +241,14 @@ def dev(
 ) -> None:
     """Run TARGET locally: an in-process gateway (memory queue) and worker processes scaled by
     the operator's policy, from zero. Ctrl-C drains and exits."""
-    from handler_operator.local import DevError, DevRunner, resolve_target
+    missing = [name for name in DEV_NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        fail(
+            f"handlerctl dev runs a gateway and workers here; not installed: "
+            f"{', '.join(missing)}. pip install 'handler-operator[cli,gateway,worker]'",
+            EXIT_BAD_INPUT,
+        )
+    from handlerctl.runners import DevError, DevRunner, resolve_target
 
     try:
         extra = tuple(str(p) for p in path or ())
@@ -540,8 +553,14 @@ LOGS_WAIT_S = 20.0  # a `logs -f` long-poll
 def kubectl_logs_command(endpoint: str, worker: str | None, follow: bool, tail: int) -> list[str]:
     """`kubectl logs` of an endpoint's worker pods (`namespace--name`), or of one (a worker's
     id is its pod's name), each line prefixed with its pod."""
-    namespace, _, _ = endpoint.partition("--")
-    command = ["kubectl", "logs", "-n", namespace or "default", "-c", builders.WORKER_CONTAINER]
+    command = [
+        "kubectl",
+        "logs",
+        "-n",
+        namespace_of(endpoint) or "default",
+        "-c",
+        builders.WORKER_CONTAINER,
+    ]
     if worker:
         command.append(worker)
     else:
@@ -571,7 +590,7 @@ def logs(
             while True:
                 try:
                     page = await client.logs(endpoint, after, worker, 0 if first else LOGS_WAIT_S)
-                except GatewayError as exc:
+                except Refused as exc:
                     if exc.status == 404 and first and "handlerctl dev" not in str(exc):
                         return False  # not a dev gateway
                     raise
@@ -731,7 +750,7 @@ def build(
     """Scan PROJECT for @remote (AST, no import); write the manifest, a handler module and a
     HandlerDeployment per endpoint, build.tar.gz (sources + handlers) and a Dockerfile; with
     --image, build that image (docker, podman or buildah)."""
-    from handler_operator import projects
+    from handlerctl import projects
 
     if not project.is_dir():
         fail(f"{project} is not a directory", EXIT_BAD_INPUT)

@@ -1,0 +1,1 @@
+"""Tests of `handlerctl` (cli/handlerctl): job commands, the build scan, image builds."""
