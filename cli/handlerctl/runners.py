@@ -36,8 +36,8 @@ from handler_gateway.operations import Gateway
 from handler_gateway.routes import GATEWAY, authorize_admin, create_app, number_query
 from handler_operator import builders
 from handler_operator.models import HandlerDeployment, describe_errors
-from handler_operator.scaling import actions, policies
-from handler_operator.scaling.policies import Observation, PodView, ScalerState
+from handler_operator.scaling import actions, observations, policies
+from handler_operator.scaling.policies import PodView, ScalerState
 from handler_operator.settings import OperatorSettings
 
 PASS_WAIT_S = 0.5  # the loop runs at least this often, at once when a job is queued
@@ -409,17 +409,13 @@ class DevRunner:
         events = self._reap(now)
         live = set(figures.workerStates)
         current = self._current()
-        obs = Observation(
-            queued=figures.inQueue,
-            in_progress=figures.inProgress,
-            replicas=self.replicas,
-            pods=tuple(
+        obs = observations.observe(
+            figures.model_dump(),
+            self.replicas,
+            tuple(
                 PodView(w.name, "ready" if w.name in live else "starting", created=w.started)
                 for w in current
             ),
-            worker_jobs=figures.workerJobs,
-            draining=frozenset(w for w, s in figures.workerStates.items() if s == "draining"),
-            last_activity=figures.lastActivity,
         )
         decision = policies.compute_desired_replicas(
             obs, self.target.hd.spec.scaling, self.state, now

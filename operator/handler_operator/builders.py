@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from handler_protocol.models import digest
 from handler_protocol.urls import worker_webhook_env
 
 from handler_operator.models import GROUP, HandlerDeployment
@@ -192,7 +193,7 @@ def build_endpoint_registration(
     token (and those being retired, by digest), who may call it and how often, and the job
     defaults and limits of `spec.jobs` (unset limits left out)."""
     jobs, rate = hd.spec.jobs, hd.spec.access.rateLimit
-    retiring = [hashlib.sha256(token.encode()).hexdigest() for token in retiring_tokens or []]
+    retiring = [digest(token) for token in retiring_tokens or []]
     registration = {
         "workerToken": worker_token,
         "workerTokenSha256": retiring or None,

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import yaml
+from handlerctl import commands as cli
 from typer.testing import CliRunner
 
 from handler_operator import builders, crds
-from handlerctl import commands as cli
 from handler_operator.settings import OperatorSettings
 from tests.conftest import EXAMPLES, REPO_ROOT
 from tests.processes import CLIENT_KEY, GatewayProcess, free_port

@@ -22,8 +22,13 @@ from handler_operator.clients import KubeApi, Refused, Unavailable
 from handler_operator.models import GROUP, VERSION, HandlerDeployment
 from handler_operator.scaling import policies
 from handler_operator.scaling.actions import drain_workers
-from handler_operator.scaling.observations import heartbeat_condition, pod_view, queue_figures
-from handler_operator.scaling.policies import Observation, ScalerState
+from handler_operator.scaling.observations import (
+    heartbeat_condition,
+    observe,
+    pod_view,
+    queue_figures,
+)
+from handler_operator.scaling.policies import ScalerState
 from handler_operator.settings import OperatorSettings
 
 log = logging.getLogger("handler_operator.scaler")
@@ -171,16 +176,7 @@ class Scaler:
             await self._write_status(target, {"queue": queue_figures(figures)}, now=now)
             return
         views = [pod_view(pod, live) for pod in target.pods.values()]
-        obs = Observation(
-            queued=figures.get("inQueue", 0),
-            in_progress=figures.get("inProgress", 0),
-            low_queued=figures.get("lowPriorityQueued", 0),
-            replicas=target.replicas,
-            pods=tuple(v for v in views if v is not None),
-            worker_jobs=figures.get("workerJobs") or {},
-            draining=frozenset(w for w, s in states.items() if s == "draining"),
-            last_activity=figures.get("lastActivity"),
-        )
+        obs = observe(figures, target.replicas, tuple(v for v in views if v is not None))
         decision = policies.compute_desired_replicas(obs, hd.spec.scaling, target.state, now)
         removed = await drain_workers(self.gateway, hd.endpoint_id, decision)
         # Marked pods go first when the count falls: the ReplicaSet never replaces one of them.

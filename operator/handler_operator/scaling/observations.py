@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from handler_operator import builders
-from handler_operator.scaling.policies import PodPhase, PodView
+from handler_operator.scaling.policies import Observation, PodPhase, PodView
 
 
 def epoch(stamp: str | None) -> float | None:
@@ -57,3 +57,19 @@ def heartbeat_condition(pod: dict[str, Any]) -> str | None:
 def queue_figures(figures: dict[str, Any]) -> dict[str, int]:
     """The figures shown in status: jobs queued and in progress."""
     return {"inQueue": figures.get("inQueue", 0), "inProgress": figures.get("inProgress", 0)}
+
+
+def observe(figures: dict[str, Any], replicas: int, pods: tuple[PodView, ...]) -> Observation:
+    """The policy's input for one endpoint: its gateway figures (`QueueFigures` as a dict), the
+    replica count last applied, and its pods (or `handlerctl dev`'s processes)."""
+    states = figures.get("workerStates") or {}
+    return Observation(
+        queued=figures.get("inQueue", 0),
+        in_progress=figures.get("inProgress", 0),
+        low_queued=figures.get("lowPriorityQueued", 0),
+        replicas=replicas,
+        pods=pods,
+        worker_jobs=figures.get("workerJobs") or {},
+        draining=frozenset(w for w, s in states.items() if s == "draining"),
+        last_activity=figures.get("lastActivity"),
+    )
