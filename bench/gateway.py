@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+
 from handler_protocol.urls import worker_webhook_env
 
 ROOT = Path(__file__).resolve().parent.parent

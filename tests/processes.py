@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-from handler_protocol.urls import worker_webhook_env
 
+from handler_protocol.urls import worker_webhook_env
 from tests.conftest import REPO_ROOT, child_pythonpath, subprocess_env
 
 ADMIN_KEY = "e2e-admin-key"

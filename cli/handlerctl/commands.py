@@ -25,9 +25,6 @@ from typing import Any
 
 import typer
 import yaml
-from handler_protocol.clients import JobClient, Refused, Unavailable
-from handler_protocol.ids import namespace_of
-from handler_protocol.statuses import TERMINAL
 from pydantic import ValidationError
 from rich.console import Console, Group
 from rich.live import Live
@@ -40,6 +37,9 @@ from handler_operator import builders, crds, images
 from handler_operator.conditions import timestamp
 from handler_operator.models import GROUP, HandlerDeployment, describe_errors
 from handler_operator.settings import OperatorSettings
+from handler_protocol.clients import JobClient, Refused, Unavailable
+from handler_protocol.ids import namespace_of
+from handler_protocol.statuses import TERMINAL
 
 EXIT_JOB_FAILED, EXIT_BAD_INPUT, EXIT_GATEWAY, EXIT_BUILD = 1, 2, 3, 4
 # What `handlerctl dev` imports beyond the cli extra: the gateway's and the worker's.

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from handler_protocol.ids import endpoint_name
 
 from handler_operator.models import HandlerDeployment
+from handler_protocol.ids import endpoint_name
 from handler_worker.endpoints import REMOTE_OPTIONS
 
 REMOTE_MODULE = "handler_worker.remote"

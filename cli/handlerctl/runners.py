@@ -26,8 +26,6 @@ from typing import Any
 import watchfiles
 import yaml
 from aiohttp import web
-from handler_protocol.ids import endpoint_name
-from handler_protocol.models import EndpointConfig, QueueFigures, digest
 from pydantic import ValidationError
 
 from handler_gateway.backends import open_backend
@@ -39,6 +37,8 @@ from handler_operator.models import HandlerDeployment, describe_errors
 from handler_operator.scaling import actions, observations, policies
 from handler_operator.scaling.policies import PodView, ScalerState
 from handler_operator.settings import OperatorSettings
+from handler_protocol.ids import endpoint_name
+from handler_protocol.models import EndpointConfig, QueueFigures, digest
 
 PASS_WAIT_S = 0.5  # the loop runs at least this often, at once when a job is queued
 RELOAD_CHECK_S = 1.0

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from handler_protocol.statuses import RETRYABLE, TERMINAL, JobStatus
 from pydantic import BaseModel, ConfigDict, Field
+
+from handler_protocol.statuses import RETRYABLE, TERMINAL, JobStatus
 
 # Counter names (kept per endpoint). inQueue/inProgress are gauges, the rest only grow.
 STATUS_COUNTERS = {

@@ -8,10 +8,11 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from handler_protocol import models
-from handler_protocol.ids import ENDPOINT_ID
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+
+from handler_protocol import models
+from handler_protocol.ids import ENDPOINT_ID
 
 REF = "#/components/schemas/{model}"
 CLIENT = [{"clientKey": []}]

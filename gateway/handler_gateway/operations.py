@@ -16,16 +16,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from handler_protocol.models import (
-    EndpointConfig,
-    Health,
-    HealthJobs,
-    HealthWorkers,
-    QueueFigures,
-    RateLimit,
-    RunRequest,
-)
-
 from handler_gateway import jobs
 from handler_gateway.backends import (
     ENQUEUED_CHANNEL,
@@ -41,6 +31,15 @@ from handler_gateway.backends import (
 )
 from handler_gateway.errors import Conflict, NotFound, RateLimited, TooLarge
 from handler_gateway.jobs import Change, JobRecord, JobStatus
+from handler_protocol.models import (
+    EndpointConfig,
+    Health,
+    HealthJobs,
+    HealthWorkers,
+    QueueFigures,
+    RateLimit,
+    RunRequest,
+)
 
 log = logging.getLogger("handler_gateway")
 # Hand-overs in answers to result posts kept until a job of theirs reports (oldest dropped).

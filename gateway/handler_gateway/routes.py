@@ -14,26 +14,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import WSCloseCode, web
-from handler_protocol.ids import ENDPOINT_ID
-from handler_protocol.models import (
-    DeadLetterList,
-    DrainResult,
-    EndpointConfig,
-    EndpointList,
-    EndpointSummary,
-    JobList,
-    JobSummary,
-    JobView,
-    PurgeResult,
-    QueuesView,
-    ReplayRequest,
-    ReplayResult,
-    RunRequest,
-    StreamChunk,
-    StreamView,
-    WorkerView,
-    digest,
-)
 from pydantic import BaseModel, ValidationError
 
 from handler_gateway.backends import Backend, BackendUnavailable
@@ -59,6 +39,26 @@ from handler_gateway.metrics import GatewayMetrics
 from handler_gateway.openapi import build_openapi
 from handler_gateway.operations import Gateway, ResultPost, Timings
 from handler_gateway.webhooks import WebhookSender
+from handler_protocol.ids import ENDPOINT_ID
+from handler_protocol.models import (
+    DeadLetterList,
+    DrainResult,
+    EndpointConfig,
+    EndpointList,
+    EndpointSummary,
+    JobList,
+    JobSummary,
+    JobView,
+    PurgeResult,
+    QueuesView,
+    ReplayRequest,
+    ReplayResult,
+    RunRequest,
+    StreamChunk,
+    StreamView,
+    WorkerView,
+    digest,
+)
 
 log = logging.getLogger("handler_gateway")
 

@@ -15,11 +15,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from handler_protocol.models import digest
-from handler_protocol.urls import worker_webhook_env
-
 from handler_operator.models import GROUP, HandlerDeployment
 from handler_operator.settings import OperatorSettings
+from handler_protocol.models import digest
+from handler_protocol.urls import worker_webhook_env
 
 WORKER_CONTAINER = "worker"
 TOKEN_KEY = "token"

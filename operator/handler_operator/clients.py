@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-from handler_protocol.clients import USER_AGENT, NotFound, Refused, Unavailable
 from kubernetes_asyncio import config
 from kubernetes_asyncio.client import ApiClient, Configuration
 
 from handler_operator import conditions
 from handler_operator.settings import FIELD_MANAGER
+from handler_protocol.clients import USER_AGENT, NotFound, Refused, Unavailable
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,6 @@ import time
 from typing import Any
 
 import kopf
-from handler_protocol.clients import GatewayAdmin
-from handler_protocol.ids import endpoint_id
 from pydantic import ValidationError
 
 from handler_operator import builders, conditions
@@ -28,6 +26,8 @@ from handler_operator.registrations import Registrar
 from handler_operator.scaling.engines import Scaler
 from handler_operator.scaling.observations import epoch
 from handler_operator.settings import OperatorSettings
+from handler_protocol.clients import GatewayAdmin
+from handler_protocol.ids import endpoint_id
 
 HD = (GROUP, VERSION, PLURAL)
 WORKER_SELECTOR = "app.kubernetes.io/managed-by=handler-operator"

@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from handler_protocol.ids import endpoint_id
-from handler_protocol.models import RateLimit
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -19,6 +17,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from handler_protocol.ids import endpoint_id
+from handler_protocol.models import RateLimit
 
 GROUP = "handlerops.dev"
 VERSION = "v1alpha1"

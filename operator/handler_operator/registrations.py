@@ -11,13 +11,13 @@ from collections import defaultdict
 from collections.abc import Collection
 from typing import Any
 
-from handler_protocol.clients import GatewayAdmin
 from pydantic import ValidationError
 
 from handler_operator import builders
 from handler_operator.clients import KubeApi
 from handler_operator.models import GROUP, VERSION, HandlerDeployment
 from handler_operator.settings import OperatorSettings
+from handler_protocol.clients import GatewayAdmin
 
 logger = logging.getLogger(__name__)
 HD_API = f"{GROUP}/{VERSION}"

@@ -12,9 +12,9 @@ import tarfile
 
 import pytest
 import yaml
-from handlerctl import projects
 
 from handler_operator.models import HandlerDeployment
+from handlerctl import projects
 from tests.conftest import FIXTURES, REPO_ROOT, subprocess_env
 from tests.operator.conftest import GOLDEN
 from tests.processes import handlerctl

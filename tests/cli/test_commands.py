@@ -7,11 +7,11 @@ import json
 
 import pytest
 import yaml
-from handlerctl import commands as cli
 from typer.testing import CliRunner
 
 from handler_operator import builders, crds
 from handler_operator.settings import OperatorSettings
+from handlerctl import commands as cli
 from tests.conftest import EXAMPLES, REPO_ROOT
 from tests.processes import CLIENT_KEY, GatewayProcess, free_port
 
@@ -217,8 +217,9 @@ def test_admin_commands_need_the_admin_key(gateway):
 
 
 def test_dev_table_shows_queue_workers_decision_and_crash():
-    from handlerctl.runners import Snapshot
     from rich.console import Console
+
+    from handlerctl.runners import Snapshot
 
     snapshot = Snapshot(
         "default--hello",
@@ -326,6 +327,7 @@ def test_a_drain_says_whom_it_waits_for_and_what_it_abandons(busy, queued, said)
 def test_reload_watches_the_projects_python_sources_only(tmp_path, relative, watched):
     """Under a project that itself lives in a hidden directory (~/.cache/...), too."""
     import watchfiles
+
     from handlerctl.runners import SourceFilter
 
     root = tmp_path / ".cache" / "project"

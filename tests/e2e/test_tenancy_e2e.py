@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import requests
 import runpod
-from handler_protocol.models import digest
 
+from handler_protocol.models import digest
 from tests.e2e.conftest import TOKEN
 from tests.processes import http_json
 

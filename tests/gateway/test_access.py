@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from handler_protocol.models import digest
 
 from handler_gateway.routes import ADMIN_ROUTES, CLIENT_ROUTES, WORKER_ROUTES
+from handler_protocol.models import digest
 from tests.gateway.conftest import ADMIN_KEY, CLIENT_KEY, OTHER_TOKEN, WORKER_TOKEN
 
 GENERIC_TOKEN = "generic-worker-token-0123"

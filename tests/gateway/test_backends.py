@@ -10,12 +10,12 @@ import uuid
 import pytest
 import redis
 import redis.asyncio.connection
-from handler_protocol.models import EndpointConfig, RunRequest
 
 from handler_gateway import jobs
 from handler_gateway.backends import open_backend
 from handler_gateway.jobs import JobStatus
 from handler_gateway.operations import Gateway, Timings
+from handler_protocol.models import EndpointConfig, RunRequest
 from tests.gateway.conftest import clean_redis_prefix, redis_url
 
 ENDPOINT = "ep"

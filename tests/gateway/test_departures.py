@@ -8,11 +8,11 @@ import asyncio
 import dataclasses
 
 import pytest
-from handler_protocol.models import EndpointConfig, RunRequest
 
 from handler_gateway import jobs, operations, routes
 from handler_gateway.backends import BackendUnavailable
 from handler_gateway.jobs import JobStatus
+from handler_protocol.models import EndpointConfig, RunRequest
 from tests.gateway.conftest import FAST
 
 # Long-polls far longer than any wait below: a poll that ends did so because of a departure.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import pytest
-from handler_protocol.models import EndpointConfig, digest
 
 from handler_gateway.keys import (
     INSECURE,
@@ -18,6 +17,7 @@ from handler_gateway.keys import (
     may_call_client_routes,
     parse_keys,
 )
+from handler_protocol.models import EndpointConfig, digest
 
 TOKEN = "w" * 24
 

@@ -12,7 +12,6 @@ import asyncio
 import time
 import uuid
 
-from handler_protocol.models import EndpointConfig, RunRequest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -27,6 +26,7 @@ from handler_gateway.backends import open_backend
 from handler_gateway.errors import Conflict
 from handler_gateway.jobs import TERMINAL, JobStatus
 from handler_gateway.operations import Gateway, Timings
+from handler_protocol.models import EndpointConfig, RunRequest
 from tests.gateway.conftest import clean_redis_prefix, redis_url
 
 WORKERS = ["w1", "w2", "w3"]

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from handler_protocol.models import EndpointConfig, RateLimit, RunRequest
 
 from handler_gateway.backends import Admission, RateRefused, open_backend, take_from_bucket
 from handler_gateway.errors import RateLimited
 from handler_gateway.operations import Gateway, lease_size
+from handler_protocol.models import EndpointConfig, RateLimit, RunRequest
 from tests.gateway.test_backends import ENDPOINT, T0, new_job
 
 TOKEN = "t" * 20

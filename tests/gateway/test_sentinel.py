@@ -11,11 +11,11 @@ import uuid
 
 import pytest
 import redis
-from handler_protocol.models import EndpointConfig, RunRequest
 
 from handler_gateway.backends import BackendUnavailable, open_backend
 from handler_gateway.backends.connections import SentinelAddress
 from handler_gateway.operations import Gateway, Timings
+from handler_protocol.models import EndpointConfig, RunRequest
 from tests.processes import SentinelGroup, wait_until
 
 ENDPOINT = "ep"

@@ -12,8 +12,8 @@ import urllib.error
 import uuid
 
 import pytest
-from handler_protocol.urls import worker_webhook_env
 
+from handler_protocol.urls import worker_webhook_env
 from tests.conftest import REPO_ROOT
 from tests.images.containers import BASE_IMAGE, Podman, base_tarball, missing_tools
 from tests.processes import http_json

@@ -11,11 +11,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from handler_protocol.models import EndpointConfig
 
 from handler_operator import builders
 from handler_operator.models import HandlerDeployment
 from handler_operator.settings import OperatorSettings
+from handler_protocol.models import EndpointConfig
 from tests.conftest import EXAMPLES
 from tests.operator.conftest import EXAMPLE_CRS, GOLDEN, load_cr, parse_cr
 

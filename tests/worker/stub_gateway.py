@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
 from handler_protocol.urls import worker_webhook_env
 
 

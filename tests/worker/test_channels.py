@@ -11,12 +11,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from handler_protocol.models import EndpointConfig, RunRequest
 
 from handler_gateway.backends import open_backend
 from handler_gateway.keys import Keys
 from handler_gateway.operations import Timings
 from handler_gateway.routes import GATEWAY, create_app
+from handler_protocol.models import EndpointConfig, RunRequest
 from handler_worker import channels, results
 from handler_worker.channels import (
     ChannelRefused,

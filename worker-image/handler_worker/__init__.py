@@ -4,7 +4,6 @@ Public names for handler authors: `HandlerEvent`, `validate_input`, `InputValida
 """
 
 import handler_protocol
-
 from handler_worker.events import HandlerEvent
 from handler_worker.validation import InputValidationError, validate_input
 

@@ -20,7 +20,6 @@ from typing import Any
 
 from handler_protocol.ids import endpoint_id, endpoint_name
 from handler_protocol.statuses import TERMINAL
-
 from handler_worker.endpoints import REMOTE_OPTIONS
 from handler_worker.generic import build_named_request, decode_result
 

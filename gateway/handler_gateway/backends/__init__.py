@@ -13,10 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from handler_protocol.models import EndpointConfig
-
 from handler_gateway import jobs
 from handler_gateway.jobs import Change, JobRecord
+from handler_protocol.models import EndpointConfig
 
 Transition = Callable[[JobRecord], Change | None]
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from handler_protocol.models import EndpointConfig
-
 from handler_gateway import jobs
 from handler_gateway.backends import (
     Admission,
@@ -26,6 +24,7 @@ from handler_gateway.backends import (
 )
 from handler_gateway.errors import QueueFull
 from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
+from handler_protocol.models import EndpointConfig
 
 
 class _EndpointState:

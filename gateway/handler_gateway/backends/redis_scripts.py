@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable
 from json.encoder import encode_basestring_ascii
 from typing import Any, NamedTuple
 
-from handler_protocol.models import EndpointConfig
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -49,6 +48,7 @@ from handler_gateway.backends.connections import SENTINEL_SCHEME, redis_client
 from handler_gateway.backends.pipes import ScriptPipe
 from handler_gateway.errors import QueueFull
 from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
+from handler_protocol.models import EndpointConfig
 
 log = logging.getLogger("handler_gateway.redis")
 # The key layout this module reads and writes; older layouts are converted on first use.

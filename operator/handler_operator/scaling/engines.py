@@ -15,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from handler_protocol.clients import GatewayAdmin
-
 from handler_operator import builders, conditions
 from handler_operator.clients import KubeApi, Refused, Unavailable
 from handler_operator.models import GROUP, VERSION, HandlerDeployment
@@ -30,6 +28,7 @@ from handler_operator.scaling.observations import (
 )
 from handler_operator.scaling.policies import ScalerState
 from handler_operator.settings import OperatorSettings
+from handler_protocol.clients import GatewayAdmin
 
 log = logging.getLogger("handler_operator.scaler")
 
