@@ -191,18 +191,37 @@ def _cell(value: Any) -> str:
 
 
 # -- dev ---------------------------------------------------------------------------------------
-def dev_view(snapshot) -> Group:
-    """The live table of `handlerctl dev`."""
+def dev_view(snapshots: list[Any]) -> Group:
+    """The live table of `handlerctl dev`: the gateway's URL and key, then each endpoint."""
+    first = snapshots[0]
+    header = (
+        f"gateway  {first.url}   API key  {first.api_key}\n"
+        + "\n".join(f"endpoint [bold]{s.endpoint}[/]   {s.url}/v2/{s.endpoint}" for s in snapshots)
+        + "\nworker output below, prefixed with the worker's name"
+    )
+    parts: list[Any] = [Panel(header, title="handlerctl dev")]
+    for snapshot in snapshots:
+        parts += endpoint_view(snapshot, titled=len(snapshots) > 1)
+    return Group(*parts)
+
+
+def endpoint_view(snapshot: Any, titled: bool) -> list[Any]:
+    """One endpoint's rows of the live table: queue and jobs, workers, decision, crash."""
     figures, health = snapshot.figures or {}, snapshot.health or {}
     jobs = health.get("jobs", {})
     counts: dict[str, int] = {}
     for _, state, *_ in snapshot.worker_rows:
         counts[state] = counts.get(state, 0) + 1
-    header = (
-        f"endpoint [bold]{snapshot.endpoint}[/]   URL {snapshot.url}/v2/{snapshot.endpoint}\n"
-        f"API key  {snapshot.api_key}   worker output below, prefixed with the worker's name"
+    summary = Table(
+        "queue",
+        "in progress",
+        "workers",
+        "completed",
+        "failed",
+        "retried",
+        title=snapshot.endpoint if titled else None,
+        title_justify="left",
     )
-    summary = Table("queue", "in progress", "workers", "completed", "failed", "retried")
     summary.add_row(
         str(figures.get("inQueue", 0)),
         str(figures.get("inProgress", 0)),
@@ -212,7 +231,7 @@ def dev_view(snapshot) -> Group:
         str(jobs.get("failed", 0)),
         str(jobs.get("retried", 0)),
     )
-    parts: list[Any] = [Panel(header, title="handlerctl dev"), summary]
+    parts: list[Any] = [summary]
     if snapshot.worker_rows:
         workers = Table("worker", "state", "pid", "up", "jobs", "last output", box=None)
         for name, state, pid, age, held, last in snapshot.worker_rows:
@@ -222,14 +241,16 @@ def dev_view(snapshot) -> Group:
     if snapshot.crash:
         retry = snapshot.crash_retry_in
         when = f" (next start in {retry:.0f} s)" if retry else ""
-        parts.append(f"[bold red]worker crashed{when}:[/] {snapshot.crash}")
-    return Group(*parts)
+        parts.append(f"[bold red]worker crashed{when}:[/] {escape(snapshot.crash)}")
+    return parts
 
 
 @app.command()
 def dev(
     target: str = typer.Argument(
-        ..., help="directory with handler.py / handlerdeployment.yaml, a .py file or a module"
+        ...,
+        help="directory with handler.py / handlerdeployment.yaml, a .py file, a module, or an "
+        "@remote project (every endpoint its functions and classes name)",
     ),
     port: int = typer.Option(8080, help="gateway port"),
     host: str = typer.Option("127.0.0.1", help="gateway address"),
@@ -240,7 +261,7 @@ def dev(
     ),
 ) -> None:
     """Run TARGET locally: an in-process gateway (memory queue) and worker processes scaled by
-    the operator's policy, from zero. Ctrl-C drains and exits."""
+    the operator's policy, from zero, for each endpoint TARGET has. Ctrl-C drains and exits."""
     missing = [name for name in DEV_NEEDS if importlib.util.find_spec(name) is None]
     if missing:
         fail(
@@ -248,19 +269,19 @@ def dev(
             f"{', '.join(missing)}. pip install 'handler-operator[cli,gateway,worker]'",
             EXIT_BAD_INPUT,
         )
-    from handlerctl.runners import DevError, DevRunner, resolve_target
+    from handlerctl.runners import DevError, DevRunner, resolve_targets
 
     try:
         extra = tuple(str(p) for p in path or ())
-        resolved = resolve_target(target, str(file) if file else None, extra)
+        resolved, project = resolve_targets(target, str(file) if file else None, extra)
     except DevError as exc:
         fail(str(exc), EXIT_BAD_INPUT)
     interactive = out.is_terminal
     live = Live(console=out, refresh_per_second=4, transient=False) if interactive else None
 
-    def on_change(snapshot, events: list[str]) -> None:
+    def on_change(snapshots: list[Any], events: list[str]) -> None:
         if live is not None:
-            live.update(dev_view(snapshot))
+            live.update(dev_view(snapshots))
         for event in events:
             (live.console if live else out).print(
                 f"{time.strftime('%H:%M:%S')} {event}", highlight=False, soft_wrap=True
@@ -274,7 +295,13 @@ def dev(
         printer.print(f"[dim]{worker} |[/] {escape(line)}", highlight=False, soft_wrap=True)
 
     runner = DevRunner(
-        resolved, host=host, port=port, api_key=api_key, on_change=on_change, on_output=on_output
+        resolved,
+        host=host,
+        port=port,
+        api_key=api_key,
+        on_change=on_change,
+        on_output=on_output,
+        project=project,
     )
 
     async def main() -> None:
@@ -295,12 +322,12 @@ def dev(
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, interrupt)
         run = asyncio.ensure_future(runner.run())
-        while not runner.snapshot.figures and not run.done():
+        while not runner.ready and not run.done():
             await asyncio.sleep(0.05)
         if not run.done():
+            served = "".join(f"endpoint {e} on {runner.url}/v2/{e}\n" for e in runner.endpoints)
             out.print(
-                f"endpoint {runner.endpoint} on {runner.url}/v2/{runner.endpoint}\n"
-                f"export {URL_ENV}={runner.url} {KEY_ENV}={runner.api_key}",
+                f"{served}export {URL_ENV}={runner.url} {KEY_ENV}={runner.api_key}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -712,22 +739,6 @@ def crd() -> None:
     print(crds.render_crd(), end="")
 
 
-SKIPPED_DIRS = {"__pycache__", "venv", "site-packages", "node_modules", "build", "dist"}
-
-
-def read_sources(project: Path, skip: Path) -> dict[str, str]:
-    """The project's .py files (relative POSIX path -> text), without hidden and build dirs."""
-    sources = {}
-    for path in sorted(project.rglob("*.py")):
-        relative = path.relative_to(project)
-        if path.is_relative_to(skip) or any(
-            part.startswith(".") or part in SKIPPED_DIRS for part in relative.parts[:-1]
-        ):
-            continue
-        sources[relative.as_posix()] = path.read_text(encoding="utf-8", errors="replace")
-    return sources
-
-
 @app.command()
 def build(
     project: Path = typer.Argument(..., help="project directory with @remote functions/classes"),
@@ -751,6 +762,7 @@ def build(
     HandlerDeployment per endpoint, build.tar.gz (sources + handlers) and a Dockerfile; with
     --image, build that image (docker, podman or buildah)."""
     from handlerctl import projects
+    from handlerctl.sources import read_sources
 
     if not project.is_dir():
         fail(f"{project} is not a directory", EXIT_BAD_INPUT)

@@ -39,6 +39,8 @@ from handler_operator.scaling.policies import PodView, ScalerState
 from handler_operator.settings import OperatorSettings
 from handler_protocol.ids import endpoint_name
 from handler_protocol.models import EndpointConfig, QueueFigures, digest
+from handlerctl import projects
+from handlerctl.sources import read_sources
 
 PASS_WAIT_S = 0.5  # the loop runs at least this often, at once when a job is queued
 RELOAD_CHECK_S = 1.0
@@ -109,6 +111,66 @@ def resolve_target(
     return DevTarget(hd=hd, path=path, extra_paths=tuple(Path(p).resolve() for p in extra_paths))
 
 
+@dataclass
+class RemoteProject:
+    """An @remote project that `handlerctl dev` serves: scanned as `handlerctl build` scans it
+    (AST, no import), one endpoint per resource config, its generated handler modules written
+    to `out` (on the workers' PYTHONPATH, outside the watched tree)."""
+
+    root: Path
+    out: Path
+    extra_paths: tuple[Path, ...] = ()
+    namespace: str = "default"
+
+    def refresh(self) -> list[DevTarget]:
+        """Scan again and rewrite the handler modules: the endpoints as the sources say now."""
+        result = projects.scan(read_sources(self.root, self.out))
+        if result.errors:
+            raise DevError("; ".join(str(problem) for problem in result.errors[:5]))
+        if not result.targets:
+            raise DevError(
+                f"{self.root}: no handler.py, no handlerdeployment.yaml and no @remote "
+                "functions or classes in it"
+            )
+        try:
+            files = projects.build_outputs(result, namespace=self.namespace)
+        except ValueError as exc:
+            raise DevError(
+                f"the @remote settings make an invalid HandlerDeployment: {exc}"
+            ) from None
+        targets = []
+        for relative, text in sorted(files.items()):
+            if relative.startswith(projects.PACKAGE + "/"):
+                (self.out / relative).parent.mkdir(parents=True, exist_ok=True)
+                (self.out / relative).write_text(text)
+            elif relative.startswith("deploy/"):
+                hd = HandlerDeployment.model_validate(yaml.safe_load(text))
+                targets.append(DevTarget(hd, self.root, (self.out, *self.extra_paths)))
+        return targets
+
+
+def resolve_targets(
+    target: str, manifest: str | None = None, extra_paths: tuple[str, ...] = ()
+) -> tuple[list[DevTarget], RemoteProject | None]:
+    """What `handlerctl dev TARGET` serves: one endpoint (a handler directory, .py file or
+    module), or every endpoint of an @remote project (a directory without handler.py and
+    handlerdeployment.yaml), with the project to scan again on change."""
+    place = Path(target)
+    plain = (place / "handler.py").is_file() or (place / "handlerdeployment.yaml").is_file()
+    if not place.is_dir() or plain or manifest:
+        return [resolve_target(target, manifest, extra_paths)], None
+    project = RemoteProject(
+        place.resolve(),
+        Path(tempfile.mkdtemp(prefix="handlerctl-dev-build-")),
+        tuple(Path(p).resolve() for p in extra_paths),
+    )
+    try:
+        return project.refresh(), project
+    except DevError:
+        shutil.rmtree(project.out, ignore_errors=True)
+        raise
+
+
 def drain_progress(busy_workers: int, queued: int) -> str:
     """What a draining handlerctl dev says: who it waits for, and what it leaves behind."""
     waiting = (
@@ -125,17 +187,18 @@ def drain_progress(busy_workers: int, queued: int) -> str:
 
 
 class SourceFilter(watchfiles.PythonFilter):
-    """Python sources under `root`, not in hidden directories (.venv, .git) or caches."""
+    """Python sources under the `roots`, not in hidden directories (.venv, .git) or caches."""
 
-    def __init__(self, root: Path):
+    def __init__(self, *roots: Path):
         super().__init__()
-        self.root = root
+        self.roots = roots
 
     def __call__(self, change: watchfiles.Change, path: str) -> bool:
-        with contextlib.suppress(ValueError):
-            parts = Path(path).relative_to(self.root).parts
-            if any(part.startswith(".") or part == "__pycache__" for part in parts):
-                return False
+        for root in self.roots:
+            with contextlib.suppress(ValueError):
+                parts = Path(path).relative_to(root).parts
+                if any(part.startswith(".") or part == "__pycache__" for part in parts):
+                    return False
         return super().__call__(change, path)
 
 
@@ -187,56 +250,55 @@ class Snapshot:
 
 
 class DevRunner:
-    """Runs one endpoint locally until `stop()` (Ctrl-C): drains workers, then exits."""
+    """Runs a project's endpoints locally until `stop()` (Ctrl-C): one in-process gateway, an
+    `EndpointRunner` per endpoint; then drains every worker and exits."""
 
     def __init__(
         self,
-        target: DevTarget,
+        targets: DevTarget | list[DevTarget],
         host: str = "127.0.0.1",
         port: int = 8080,
         api_key: str | None = None,
         python: str = sys.executable,
-        on_change: Callable[[Snapshot, list[str]], None] | None = None,
+        on_change: Callable[[list[Snapshot], list[str]], None] | None = None,
         clock: Callable[[], float] = time.time,
         on_output: Callable[[str, str], None] | None = None,
+        project: RemoteProject | None = None,
     ):
-        self.target = target
+        self.targets = targets if isinstance(targets, list) else [targets]
+        self.project = project  # an @remote project: scanned again when its sources change
         self.host, self.port = host, port
         self.api_key = api_key or "dev-" + secrets.token_urlsafe(18)
         self.python = python
-        self.on_change = on_change or (lambda snapshot, events: None)
+        self.on_change = on_change or (lambda snapshots, events: None)
         # Every line a worker prints (its handler's too), as (worker, line), from its reader
         # thread: handlerctl shows them prefixed, as docker compose does.
         self.on_output = on_output or (lambda worker, line: None)
         # Every worker's lines, numbered, for `handlerctl logs` (GET /dev/v1/.../logs).
-        self.lines: deque[tuple[int, str, str]] = deque(maxlen=KEPT_LOG_LINES)
+        self.lines: deque[tuple[int, str, str, str]] = deque(maxlen=KEPT_LOG_LINES)
         self._line_numbers = itertools.count(1)
         self._new_lines: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.clock = clock
-        self.endpoint = target.hd.endpoint_id
-        self.token = secrets.token_urlsafe(24)
-        self.workers: dict[str, Worker] = {}
-        self.replicas = 0
-        self.state = ScalerState()
-        self.generation = 0
-        self.counter = 0
-        self.crashes = 0
-        self.backoff_until = 0.0
-        self.last_crash = ""
         self.log_dir = Path(tempfile.mkdtemp(prefix="handlerctl-dev-"))
         self._stopping = asyncio.Event()
         self._changed: set[Path] = set()  # sources changed since the last pass
         self._watcher: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self.gateway: Gateway | None = None
-        self.snapshot = Snapshot(self.endpoint, self.url, self.api_key, log_dir=str(self.log_dir))
-        self._stop_tasks: set[asyncio.Task] = set()
+        self.endpoints: dict[str, EndpointRunner] = {}
+        for target in self.targets:
+            self.endpoints[target.hd.endpoint_id] = EndpointRunner(self, target)
         self.force = False  # a second Ctrl-C: stop workers without waiting for their jobs
+        self.ready = False  # the gateway serves and every endpoint is registered
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        return [runner.snapshot for runner in self.endpoints.values()]
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -256,49 +318,214 @@ class DevRunner:
         except OSError as exc:
             await self._runner.cleanup()
             raise DevError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
-        # The dev key is scoped to the endpoint too: one that runs callers' code (the generic
-        # handler) takes no gateway-wide key.
-        dev_key = [{"id": "dev", "sha256": digest(self.api_key)}]
-        registration = builders.build_endpoint_registration(self.target.hd, self.token, dev_key)
-        await self.gateway.put_endpoint(EndpointConfig(id=self.endpoint, **registration))
+        for runner in self.endpoints.values():
+            await runner.register()
         self._watcher = asyncio.ensure_future(self._watch_sources())
-        problem = await self.check_handler()
-        if problem:
-            self.last_crash = self.snapshot.crash = problem.splitlines()[-1]
-            self.on_change(
-                self.snapshot, [f"the handler does not load (fix it: workers reload):\n{problem}"]
-            )
+        problems = await asyncio.gather(*(r.check_handler() for r in self.endpoints.values()))
+        self.ready = True
+        for runner, problem in zip(self.endpoints.values(), problems, strict=True):
+            if problem:
+                runner.handler_fails(problem)
 
-    def logs_after(self, after: int, worker: str | None) -> list[tuple[int, str, str]]:
+    def record_line(self, worker: str, endpoint: str, line: str) -> None:
+        """A worker's line (from its reader thread): kept for `handlerctl logs`, shown."""
+        self.lines.append((next(self._line_numbers), worker, endpoint, line))
+        if self._loop is not None and self._new_lines is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody follows
+                self._loop.call_soon_threadsafe(self._new_lines.set)
+        with contextlib.suppress(Exception):  # a display problem must not stop reading
+            self.on_output(worker, line)
+
+    def logs_after(
+        self, after: int, endpoint: str, worker: str | None
+    ) -> list[tuple[int, str, str]]:
         return [
-            entry for entry in list(self.lines) if entry[0] > after and worker in (None, entry[1])
+            (seq, name, line)
+            for seq, name, of, line in list(self.lines)
+            if seq > after and of == endpoint and worker in (None, name)
         ]
 
     async def _serve_logs(self, request: web.Request) -> web.Response:
         """`handlerctl logs`: the workers' lines after `after` (their numbers), of `worker` or
         all, held up to `wait` s until there is one. The dev key (admin) only."""
         await authorize_admin(request)
-        if request.match_info["endpoint"] != self.endpoint:
-            raise web.HTTPNotFound(text=f"handlerctl dev serves {self.endpoint} only")
+        endpoint = request.match_info["endpoint"]
+        if endpoint not in self.endpoints:
+            raise web.HTTPNotFound(
+                text=f"handlerctl dev serves {', '.join(sorted(self.endpoints))}, not {endpoint}"
+            )
         after = number_query(request, "after", 0, 0, 2**62, int)
         wait = number_query(request, "wait", 0.0, 0, LOGS_WAIT_MAX_S)
         worker = request.query.get("worker") or None
-        found = self.logs_after(after, worker)
+        found = self.logs_after(after, endpoint, worker)
         deadline = time.monotonic() + wait
         while not found and time.monotonic() < deadline and self._new_lines is not None:
             self._new_lines.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_lines.wait(), deadline - time.monotonic())
-            found = self.logs_after(after, worker)
+            found = self.logs_after(after, endpoint, worker)
         lines = [{"seq": seq, "worker": name, "line": line} for seq, name, line in found]
         return web.json_response({"lines": lines, "next": found[-1][0] if found else after})
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Scale until stopped, then drain and stop every worker and the gateway."""
+        await self.start()
+        since: float | None = None
+        last_reload_check = 0.0
+        try:
+            while not self._stopping.is_set():
+                figures_by_endpoint = await self._poll(since)
+                since = self.clock()
+                now = self.clock()
+                events: list[str] = []
+                if now - last_reload_check >= RELOAD_CHECK_S:
+                    last_reload_check = now
+                    events += await self._check_reload()
+                for endpoint, runner in self.endpoints.items():
+                    figures = figures_by_endpoint.get(endpoint)
+                    if figures is not None:
+                        events += await runner.scale(figures, now)
+                        await runner.refresh(figures, now)
+                self.on_change(self.snapshots, events)
+        finally:
+            await self.shutdown()
+
+    async def _poll(self, since: float | None) -> dict[str, QueueFigures]:
+        assert self.gateway is not None
+        poll = asyncio.ensure_future(self.gateway.queues_after(since, PASS_WAIT_S))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({poll, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not poll.done():
+            poll.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poll
+            return {}
+        return poll.result()
+
+    async def shutdown(self) -> None:
+        """Drain: no new jobs; wait for running ones (up to the longest execution timeout, or
+        until a second Ctrl-C), then stop the workers and the gateway."""
+        assert self.gateway is not None
+        runners = list(self.endpoints.values())
+        deadline = self.clock() + max(
+            r.target.hd.spec.jobs.executionTimeoutSeconds for r in runners
+        )
+        for runner in runners:
+            await runner.drain_all()
+        said: tuple[int, int] | None = None
+        while self.clock() < deadline and not self.force:
+            figures = await self.gateway.queues(list(self.endpoints))
+            busy = queued = 0
+            for endpoint, runner in self.endpoints.items():
+                found = figures.get(endpoint)
+                if found is not None:
+                    busy += runner.busy(found)
+                    queued += found.inQueue
+                    await runner.refresh(found, self.clock())
+            if (busy, queued) != said:  # the table moves on, and each change is said
+                said = (busy, queued)
+                self.on_change(self.snapshots, [drain_progress(busy, queued)])
+            if not busy:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.gather(*(runner.stop_all() for runner in runners))
+        shutil.rmtree(self.log_dir, ignore_errors=True)  # every line was shown as it came
+        if self.project is not None:
+            shutil.rmtree(self.project.out, ignore_errors=True)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- reload -----------------------------------------------------------------------------
+    async def _watch_sources(self) -> None:
+        """Changed .py files under the targets' directories, from the OS's file events
+        (watchfiles: no scan of the tree, so a venv inside costs nothing), gathered for the
+        next pass."""
+        roots = sorted({runner.target.path for runner in self.endpoints.values()})
+        async for changes in watchfiles.awatch(
+            *roots,
+            watch_filter=SourceFilter(*roots),
+            stop_event=self._stopping,
+            debounce=200,
+            rust_timeout=1000,
+        ):
+            self._changed.update(Path(path) for _, path in changes)
+
+    async def _check_reload(self) -> list[str]:
+        """Endpoints whose sources changed restart their workers; an @remote project is
+        scanned again first (its handler modules rewritten, new endpoints served)."""
+        if not self._changed:
+            return []
+        changed, self._changed = self._changed, set()
+        events: list[str] = []
+        if self.project is not None:
+            try:
+                targets = self.project.refresh()
+            except DevError as exc:
+                return [f"reload: not reloaded, {exc}"]
+            for target in targets:
+                if target.hd.endpoint_id not in self.endpoints:
+                    runner = EndpointRunner(self, target)
+                    self.endpoints[target.hd.endpoint_id] = runner
+                    await runner.register()
+                    events.append(
+                        f"new endpoint {runner.endpoint} on {self.url}/v2/{runner.endpoint}"
+                    )
+        for runner in self.endpoints.values():
+            mine = sorted(
+                str(path.relative_to(runner.target.path))
+                for path in changed
+                if path.is_relative_to(runner.target.path)
+            )
+            if mine:
+                events += runner.reload(mine)
+        return events
+
+
+class EndpointRunner:
+    """One endpoint of `handlerctl dev`: its worker processes (pods, locally) scaled by the
+    operator's policy, crash-loop backoff, reload, and the table's view of it."""
+
+    def __init__(self, dev: DevRunner, target: DevTarget):
+        self.dev = dev
+        self.target = target
+        self.endpoint = target.hd.endpoint_id
+        self.token = secrets.token_urlsafe(24)
+        self.workers: dict[str, Worker] = {}
+        self.replicas = 0
+        self.state = ScalerState()
+        self.generation = 0
+        self.counter = 0
+        self.crashes = 0
+        self.backoff_until = 0.0
+        self.last_crash = ""
+        self.snapshot = Snapshot(self.endpoint, dev.url, dev.api_key, log_dir=str(dev.log_dir))
+        self._stop_tasks: set[asyncio.Task] = set()
+
+    @property
+    def gateway(self) -> Gateway:
+        assert self.dev.gateway is not None
+        return self.dev.gateway
+
+    async def register(self) -> None:
+        # The dev key is scoped to the endpoint too: one that runs callers' code (the generic
+        # handler) takes no gateway-wide key.
+        dev_key = [{"id": "dev", "sha256": digest(self.dev.api_key)}]
+        registration = builders.build_endpoint_registration(self.target.hd, self.token, dev_key)
+        await self.gateway.put_endpoint(EndpointConfig(id=self.endpoint, **registration))
 
     async def check_handler(self) -> str | None:
         """Import the handler as a worker would (`python -m handler_worker --check`), before any
         job waits on it: the loader's message (file, line, error), or None when it loads."""
-        termination = self.log_dir / "check.termination"
+        termination = self.dev.log_dir / f"{self.target.hd.name}-check.termination"
         process = await asyncio.create_subprocess_exec(
-            self.python, "-m", "handler_worker", "--check",
+            self.dev.python, "-m", "handler_worker", "--check",
             env=self.worker_env("check", termination),
             cwd=self.target.path,
             stdin=asyncio.subprocess.DEVNULL,
@@ -320,82 +547,13 @@ class DevRunner:
                 return message
         return output.decode(errors="replace").strip()[-2000:]
 
-    def stop(self) -> None:
-        self._stopping.set()
-
-    async def run(self) -> None:
-        """Scale until stopped, then drain and stop every worker and the gateway."""
-        await self.start()
-        since: float | None = None
-        last_reload_check = 0.0
-        try:
-            while not self._stopping.is_set():
-                figures_by_endpoint = await self._poll(since)
-                since = self.clock()
-                now = self.clock()
-                events: list[str] = []
-                if now - last_reload_check >= RELOAD_CHECK_S:
-                    last_reload_check = now
-                    events += self._check_reload()
-                figures = figures_by_endpoint.get(self.endpoint)
-                if figures is not None:
-                    events += await self.scale(figures, now)
-                    await self._refresh(figures, now)
-                self.on_change(self.snapshot, events)
-        finally:
-            await self.shutdown()
-
-    async def _poll(self, since: float | None) -> dict[str, QueueFigures]:
-        assert self.gateway is not None
-        poll = asyncio.ensure_future(self.gateway.queues_after(since, PASS_WAIT_S))
-        stop = asyncio.ensure_future(self._stopping.wait())
-        await asyncio.wait({poll, stop}, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if not poll.done():
-            poll.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poll
-            return {}
-        return poll.result()
-
-    async def shutdown(self) -> None:
-        """Drain: no new jobs; wait for running ones (up to the execution timeout, or until a
-        second Ctrl-C), then stop the workers and the gateway."""
-        assert self.gateway is not None
-        deadline = self.clock() + self.target.hd.spec.jobs.executionTimeoutSeconds
-        for worker in self.workers.values():
-            with contextlib.suppress(Exception):
-                await self.gateway.drain(self.endpoint, worker.name, True)
-        said: tuple[int, int] | None = None
-        while self.clock() < deadline and not self.force:
-            figures = (await self.gateway.queues([self.endpoint])).get(self.endpoint)
-            busy = [
-                w
-                for w, n in ((figures.workerJobs if figures else {}) or {}).items()
-                if n and w in self.workers and self.workers[w].process.poll() is None
-            ]
-            if figures is not None:
-                progress = (len(busy), figures.inQueue)
-                if progress != said:  # the table moves on, and each change is said
-                    said = progress
-                    await self._refresh(figures, self.clock())
-                    self.on_change(self.snapshot, [drain_progress(*progress)])
-            if not busy:
-                break
-            await asyncio.sleep(0.2)
-        stopping = list(self.workers.values())
-        await asyncio.gather(*(self._stop_worker(w) for w in stopping))
-        await asyncio.gather(*self._stop_tasks, return_exceptions=True)
-        self.workers.clear()
-        for worker in stopping:
-            if worker.reader is not None:
-                worker.reader.join(timeout=2.0)  # its last lines are shown
-        shutil.rmtree(self.log_dir, ignore_errors=True)  # every line was shown as it came
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
+    def handler_fails(self, problem: str) -> None:
+        """Say at once that the handler does not load (the check's message)."""
+        self.last_crash = self.snapshot.crash = problem.splitlines()[-1]
+        self.dev.on_change(
+            self.dev.snapshots,
+            [f"{self.endpoint}: the handler does not load (fix it: workers reload):\n{problem}"],
+        )
 
     # -- scaling ----------------------------------------------------------------------------
     def _current(self) -> list[Worker]:
@@ -405,7 +563,6 @@ class DevRunner:
 
     async def scale(self, figures: QueueFigures, now: float) -> list[str]:
         """One policy decision for the endpoint, acted on with processes. Returns events."""
-        assert self.gateway is not None
         events = self._reap(now)
         live = set(figures.workerStates)
         current = self._current()
@@ -463,10 +620,10 @@ class DevRunner:
     def _spawn(self, now: float) -> Worker:
         self.counter += 1
         name = f"{self.target.hd.name}-{self.counter}"
-        log = self.log_dir / f"{name}.log"
-        termination = self.log_dir / f"{name}.termination"
+        log = self.dev.log_dir / f"{name}.log"
+        termination = self.dev.log_dir / f"{name}.termination"
         process = subprocess.Popen(
-            [self.python, "-m", "handler_worker"],
+            [self.dev.python, "-m", "handler_worker"],
             env=self.worker_env(name, termination),
             cwd=self.target.path,
             stdin=subprocess.DEVNULL,
@@ -492,16 +649,11 @@ class DevRunner:
                 log.flush()
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 worker.tail.append(line)
-                self.lines.append((next(self._line_numbers), worker.name, line))
-                if self._loop is not None and self._new_lines is not None:
-                    with contextlib.suppress(RuntimeError):  # the loop closed: nobody follows
-                        self._loop.call_soon_threadsafe(self._new_lines.set)
-                with contextlib.suppress(Exception):  # a display problem must not stop reading
-                    self.on_output(worker.name, line)
+                self.dev.record_line(worker.name, self.endpoint, line)
 
     def worker_env(self, name: str, termination: Path) -> dict[str, str]:
         """The env a pod of this HandlerDeployment gets, with the downward API filled in."""
-        settings = OperatorSettings(gateway_url=self.url)
+        settings = OperatorSettings(gateway_url=self.dev.url)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "HANDLER_"))}
         for var in builders.runtime_env(self.target.hd, settings):
             if var["name"] == "RUNPOD_POD_ID":
@@ -545,36 +697,17 @@ class DevRunner:
         self.workers.pop(worker.name, None)
 
     # -- reload -----------------------------------------------------------------------------
-    async def _watch_sources(self) -> None:
-        """Changed .py files under TARGET, from the OS's file events (watchfiles: no scan of
-        the tree, so a venv inside costs nothing), gathered for the next pass."""
-        async for changes in watchfiles.awatch(
-            self.target.path,
-            watch_filter=SourceFilter(self.target.path),
-            stop_event=self._stopping,
-            debounce=200,
-            rust_timeout=1000,
-        ):
-            self._changed.update(Path(path) for _, path in changes)
-
-    def _check_reload(self) -> list[str]:
-        if not self._changed:
-            return []
-        changed = sorted(
-            str(path.relative_to(self.target.path)) if path.is_relative_to(self.target.path)
-            else str(path)
-            for path in self._changed
-        )  # fmt: skip
-        self._changed.clear()
+    def reload(self, changed: list[str]) -> list[str]:
+        """Sources of this endpoint changed: a new generation of workers (busy ones finish)."""
         self.generation += 1
         self.crashes, self.backoff_until, self.last_crash = 0, 0.0, ""
         return [
-            f"reload: {', '.join(changed)} changed; restarting workers (busy ones finish first)"
+            f"reload {self.endpoint}: {', '.join(changed)} changed; restarting workers "
+            "(busy ones finish first)"
         ]
 
     async def _retire_old_generation(self, figures: QueueFigures) -> None:
         """Workers started before a reload: idle ones stop now, busy ones drain and stop later."""
-        assert self.gateway is not None
         for worker in list(self.workers.values()):
             if worker.generation == self.generation or worker.stopping:
                 continue
@@ -592,8 +725,7 @@ class DevRunner:
         gateway_state = figures.workerStates.get(worker.name)
         return "busy" if gateway_state == "running" else gateway_state or "starting"
 
-    async def _refresh(self, figures: QueueFigures, now: float) -> None:
-        assert self.gateway is not None
+    async def refresh(self, figures: QueueFigures, now: float) -> None:
         health = await self.gateway.health(self.endpoint)
         self.snapshot.figures = figures.model_dump()
         self.snapshot.health = health.model_dump()
@@ -613,3 +745,27 @@ class DevRunner:
         self.snapshot.crash_retry_in = (
             max(0.0, self.backoff_until - now) if self.backoff_until > now else None
         )
+
+    # -- stopping ---------------------------------------------------------------------------
+    async def drain_all(self) -> None:
+        """No new job for any worker (the drain at exit)."""
+        for worker in self.workers.values():
+            with contextlib.suppress(Exception):
+                await self.gateway.drain(self.endpoint, worker.name, True)
+
+    def busy(self, figures: QueueFigures) -> int:
+        """Workers still running a job (and alive)."""
+        return sum(
+            1
+            for w, n in (figures.workerJobs or {}).items()
+            if n and w in self.workers and self.workers[w].process.poll() is None
+        )
+
+    async def stop_all(self) -> None:
+        stopping = list(self.workers.values())
+        await asyncio.gather(*(self._stop_worker(w) for w in stopping))
+        await asyncio.gather(*self._stop_tasks, return_exceptions=True)
+        self.workers.clear()
+        for worker in stopping:
+            if worker.reader is not None:
+                worker.reader.join(timeout=2.0)  # its last lines are shown

@@ -237,7 +237,7 @@ def test_dev_table_shows_queue_workers_decision_and_crash():
         crash_retry_in=2.0,
     )
     console = Console(record=True, width=160)
-    console.print(cli.dev_view(snapshot))
+    console.print(cli.dev_view([snapshot]))
     text = console.export_text()
     for expected in (
         "default--hello",

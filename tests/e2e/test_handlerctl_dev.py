@@ -155,7 +155,7 @@ def test_crash_loop_shows_the_loader_message_backs_off_and_reload_fixes_it(dev, 
     assert "next start in 2 s" in server.log() or crashes == 1
 
     handler.write_text("def handler(job):\n    return {'fixed': True}\n")
-    server.wait_log("reload: handler.py changed", timeout=10)
+    server.wait_log(": handler.py changed; restarting workers", timeout=10)
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline:
         view = json.loads(handlerctl(*base, "status", "default--broken", job).stdout)
@@ -188,7 +188,7 @@ def test_reload_lets_a_busy_worker_finish_its_job_first(dev, tmp_path):
         time.sleep(0.1)
 
     handler.write_text(source.format(version=2))
-    server.wait_log("reload: handler.py changed", timeout=10)
+    server.wait_log(": handler.py changed; restarting workers", timeout=10)
     after = handlerctl(*base, "run", "default--versioned", "--input", "{}", "--wait")
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout)["output"] == {"version": 2}

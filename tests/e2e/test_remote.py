@@ -12,7 +12,7 @@ import pytest
 
 from handler_worker import remote
 from tests.conftest import FIXTURES
-from tests.processes import DevProcess, handlerctl
+from tests.processes import DevProcess
 
 
 @pytest.fixture
@@ -54,24 +54,20 @@ def test_unknown_decorator_arguments_fail_at_decoration():
 
 @pytest.fixture
 def served(project, tmp_path):
-    """`handlerctl build`, then one `handlerctl dev` per built endpoint."""
-    result = handlerctl("build", str(project))
-    assert result.returncode == 0, result.stderr
-    out = project / ".handler_build"
-    servers = {}
-    for endpoint in ("cpu-tasks", "gpu-models"):
-        args = ("-f", str(out / "deploy" / f"{endpoint}.yaml"), "-p", str(out))
-        servers[endpoint] = DevProcess(str(project), tmp_path, args).start()
-    yield servers
-    for server in servers.values():
-        server.stop()
+    """One `handlerctl dev PROJECT`: every endpoint the build scan finds, on one gateway."""
+    server = DevProcess(str(project), tmp_path).start()
+    yield server
+    server.stop()
 
 
 def test_with_a_gateway_calls_run_on_the_endpoints_workers(served):
     tasks = importlib.import_module("app.tasks")
     models = importlib.import_module("app.models")
-    cpu = served["cpu-tasks"]
-    remote.configure(url=cpu.url, api_key=cpu.key, namespace="default")
+    for endpoint in ("cpu-tasks", "gpu-models"):
+        assert (
+            f"endpoint default--{endpoint} on {served.url}/v2/default--{endpoint}" in served.log()
+        )
+    remote.configure(url=served.url, api_key=served.key, namespace="default")
     assert tasks.add(2, 3) == 5
     assert tasks.where().startswith("cpu-tasks-")  # the worker's pod id, not "local"
     assert asyncio.run(tasks.shout("remote")) == "REMOTE"
@@ -84,9 +80,21 @@ def test_with_a_gateway_calls_run_on_the_endpoints_workers(served):
     assert "unsupported operand" in failure.value.message
     assert "Remote traceback:" in str(failure.value) and "tasks.py" in str(failure.value)
 
-    gpu = served["gpu-models"]
-    remote.configure(url=gpu.url, api_key=gpu.key)
-    scaler = models.Scaler(3)
+    scaler = models.Scaler(3)  # another endpoint, with its own workers, on the same gateway
     assert isinstance(scaler, remote.RemoteInstance)
     assert scaler.scale(7) == 21
     assert asyncio.run(scaler.scale.aio(2)) == 6
+
+
+def test_a_new_endpoint_in_the_project_is_served_without_a_restart(served, project):
+    tasks_module = project / "app" / "more.py"
+    tasks_module.write_text(
+        "from handler_worker.remote import remote\n\n\n"
+        "@remote(endpoint='io-tasks')\n"
+        "def double(x):\n    return 2 * x\n"
+    )
+    served.wait_log("new endpoint default--io-tasks", timeout=30)
+    remote.configure(url=served.url, api_key=served.key, namespace="default")
+    assert importlib.import_module("app.more").double(21) == 42
+    log = served.wait_log("io-tasks-1 |", timeout=30)
+    assert "gpu-models" in log and "cpu-tasks" in log
