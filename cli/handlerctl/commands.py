@@ -385,12 +385,32 @@ def read_requests(
 async def wait_terminal(client: JobClient, endpoint: str, job: dict, deadline: float | None):
     delay = 0.05
     while job.get("status") not in TERMINAL:
+        say_problem(endpoint, job)
         if deadline is not None and time.monotonic() > deadline:
             return job
         await asyncio.sleep(delay)
         delay = min(1.0, delay * 1.5)
         job = await client.status(endpoint, job["id"])
     return job
+
+
+SAID_PROBLEMS: set[tuple[str, str]] = set()
+
+
+def problem_text(job: dict) -> str:
+    """Why a queued job waits, when the gateway knows its endpoint's workers fail ("" else)."""
+    problem = job.get("handlerProblem") or {}
+    if not problem:
+        return ""
+    return f"the endpoint's workers fail ({problem.get('reason')}): {problem.get('message')}"
+
+
+def say_problem(endpoint: str, job: dict) -> None:
+    """Say once per endpoint and problem that the jobs waited for cannot run yet."""
+    text = problem_text(job)
+    if text and (endpoint, text) not in SAID_PROBLEMS:
+        SAID_PROBLEMS.add((endpoint, text))
+        err.print(f"waiting on {endpoint}: {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def progress(total: int, what: str) -> Progress:
@@ -457,9 +477,8 @@ async def stream_job(client: JobClient, endpoint: str, request: dict) -> dict:
 def report_failures(jobs: list[dict]) -> int:
     failed = [j for j in jobs if j.get("status") != "COMPLETED"]
     for job in failed:
-        reason = job.get("error") or (
-            "not finished in time" if job.get("status") not in TERMINAL else ""
-        )
+        unfinished = "; ".join(filter(None, ["not finished in time", problem_text(job)]))
+        reason = job.get("error") or (unfinished if job.get("status") not in TERMINAL else "")
         err.print(
             f"job {job.get('id')} {job.get('status')}: {reason}", highlight=False, soft_wrap=True
         )

@@ -33,12 +33,13 @@ from handler_gateway.keys import Keys
 from handler_gateway.operations import Gateway
 from handler_gateway.routes import GATEWAY, authorize_admin, create_app, number_query
 from handler_operator import builders
+from handler_operator.conditions import CRASH_LOOP
 from handler_operator.models import HandlerDeployment, describe_errors
 from handler_operator.scaling import actions, observations, policies
 from handler_operator.scaling.policies import PodView, ScalerState
 from handler_operator.settings import OperatorSettings
 from handler_protocol.ids import endpoint_name
-from handler_protocol.models import EndpointConfig, QueueFigures, digest
+from handler_protocol.models import EndpointConfig, HandlerProblem, QueueFigures, digest
 from handlerctl import projects
 from handlerctl.sources import read_sources
 
@@ -505,6 +506,7 @@ class EndpointRunner:
         self.crashes = 0
         self.backoff_until = 0.0
         self.last_crash = ""
+        self.told = ""  # the crash the gateway tells waiting clients of ("" none)
         self.snapshot = Snapshot(self.endpoint, dev.url, dev.api_key, log_dir=str(dev.log_dir))
         self._stop_tasks: set[asyncio.Task] = set()
 
@@ -555,6 +557,15 @@ class EndpointRunner:
             [f"{self.endpoint}: the handler does not load (fix it: workers reload):\n{problem}"],
         )
 
+    async def tell(self, crash: str) -> None:
+        """The gateway tells clients waiting on this endpoint's queued jobs why they wait, as
+        the operator has it do for crash-looping pods ("": the workers run again)."""
+        if crash == self.told:
+            return
+        problem = HandlerProblem(reason=CRASH_LOOP, message=crash[:2000]) if crash else None
+        await self.gateway.set_problem(self.endpoint, problem)
+        self.told = crash
+
     # -- scaling ----------------------------------------------------------------------------
     def _current(self) -> list[Worker]:
         return [
@@ -564,6 +575,8 @@ class EndpointRunner:
     async def scale(self, figures: QueueFigures, now: float) -> list[str]:
         """One policy decision for the endpoint, acted on with processes. Returns events."""
         events = self._reap(now)
+        if self.last_crash:
+            await self.tell(self.last_crash)
         live = set(figures.workerStates)
         current = self._current()
         obs = observations.observe(
@@ -726,6 +739,11 @@ class EndpointRunner:
         return "busy" if gateway_state == "running" else gateway_state or "starting"
 
     async def refresh(self, figures: QueueFigures, now: float) -> None:
+        if self.told and any(
+            w.generation == self.generation and w.name in figures.workerStates
+            for w in self.workers.values()
+        ):
+            await self.tell("")  # a worker of the current code takes jobs
         health = await self.gateway.health(self.endpoint)
         self.snapshot.figures = figures.model_dump()
         self.snapshot.health = health.model_dump()

@@ -188,6 +188,22 @@ OPERATIONS: list[tuple[str, str, str, type[BaseModel] | None, type[BaseModel] | 
         ADMIN,
     ),
     (
+        "put",
+        "/admin/v1/endpoints/{endpoint}/handler-problem",
+        "The endpoint's workers fail: queued jobs' status and health say why",
+        models.HandlerProblem,
+        models.HandlerProblemView,
+        ADMIN,
+    ),
+    (
+        "delete",
+        "/admin/v1/endpoints/{endpoint}/handler-problem",
+        "The endpoint's workers run again",
+        None,
+        models.HandlerProblemView,
+        ADMIN,
+    ),
+    (
         "get",
         "/admin/v1/endpoints/{endpoint}/dlq",
         "Dead-lettered jobs",

@@ -33,6 +33,7 @@ from handler_gateway.errors import Conflict, NotFound, RateLimited, TooLarge
 from handler_gateway.jobs import Change, JobRecord, JobStatus
 from handler_protocol.models import (
     EndpointConfig,
+    HandlerProblem,
     Health,
     HealthJobs,
     HealthWorkers,
@@ -144,6 +145,7 @@ class Gateway:
         self.replica = uuid.uuid4().hex[:12]
         self.stopping = False
         self._endpoints: dict[str, tuple[EndpointConfig, float]] = {}
+        self._problems: dict[str, tuple[HandlerProblem | None, float]] = {}  # endpoint -> read at
         # (endpoint, caller) -> [tokens leased from its rate-limit bucket, used until, size]
         self._rate_leases: dict[tuple[str, str], list[float]] = {}
         self._refused_until: dict[tuple[str, str], float] = {}  # (endpoint, caller) -> time
@@ -164,6 +166,27 @@ class Gateway:
         self._blind = False  # the backend failed since the last sweep
 
     # -- endpoints -------------------------------------------------------------------------
+    async def set_problem(self, endpoint_id: str, problem: HandlerProblem | None) -> None:
+        """Why the endpoint's workers fail (None: they do not); `since` kept while it lasts."""
+        await self.endpoint(endpoint_id)
+        if problem is not None:
+            known = await self.backend.get_problem(endpoint_id)
+            since = known.since if known is not None else None
+            problem = problem.model_copy(update={"since": since or self.clock()})
+        await self.backend.set_problem(endpoint_id, problem)
+        self._problems[endpoint_id] = (problem, self.clock())
+
+    async def problem(self, endpoint_id: str) -> HandlerProblem | None:
+        """The endpoint's handler problem, read at most once per `endpoint_cache` s here (a
+        queued job's status polls ask for it)."""
+        now = self.clock()
+        cached = self._problems.get(endpoint_id)
+        if cached is not None and now - cached[1] < self.timings.endpoint_cache:
+            return cached[0]
+        found = await self.backend.get_problem(endpoint_id)
+        self._problems[endpoint_id] = (found, now)
+        return found
+
     async def endpoint(self, endpoint_id: str) -> EndpointConfig:
         """The endpoint's config; cached for `endpoint_cache` s (other replicas' edits lag that)."""
         now = self.clock()
@@ -542,6 +565,7 @@ class Gateway:
         return Health(
             jobs=HealthJobs(**{k: v for k, v in counters.items() if k in HealthJobs.model_fields}),
             workers=self._worker_counts(live),
+            handlerProblem=await self.problem(endpoint_id),
         )
 
     # -- worker side -------------------------------------------------------------------------

@@ -46,6 +46,8 @@ from handler_protocol.models import (
     EndpointConfig,
     EndpointList,
     EndpointSummary,
+    HandlerProblem,
+    HandlerProblemView,
     JobList,
     JobSummary,
     JobView,
@@ -395,7 +397,20 @@ async def runsync(request: web.Request) -> web.Response:
     job = await gateway.wait_terminal(endpoint, job.id, wait, submitted=job)
     if job.terminal:
         return web.json_response(job_view_dict(job))
-    return web.json_response({"id": job.id, "status": job.status.value})
+    view = {"id": job.id, "status": job.status.value}
+    return web.json_response(await with_problem(request, endpoint, job, view))
+
+
+async def with_problem(
+    request: web.Request, endpoint: str, job: JobRecord, view: dict[str, Any]
+) -> dict[str, Any]:
+    """`view`, and for a job still queued, why the endpoint's workers fail when they do: a
+    waiting client learns it at once, not after its timeout."""
+    if job.status == JobStatus.IN_QUEUE:
+        problem = await request.app[GATEWAY].problem(endpoint)
+        if problem is not None:
+            view["handlerProblem"] = problem.model_dump(mode="json", exclude_none=True)
+    return view
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -448,13 +463,13 @@ async def status_sync(request: web.Request) -> web.Response:
     endpoint = await authorize_client(request, READ)
     gateway = request.app[GATEWAY]
     job = await gateway.wait_terminal(endpoint, request.match_info["job"], wait_query(request))
-    return web.json_response(job_view_dict(job))
+    return web.json_response(await with_problem(request, endpoint, job, job_view_dict(job)))
 
 
 async def status(request: web.Request) -> web.Response:
     endpoint = await authorize_client(request, READ)
     job = await request.app[GATEWAY].job(endpoint, request.match_info["job"])
-    return web.json_response(job_view_dict(job))
+    return web.json_response(await with_problem(request, endpoint, job, job_view_dict(job)))
 
 
 async def stream(request: web.Request) -> web.Response:
@@ -882,6 +897,20 @@ async def admin_purge_queue(request: web.Request) -> web.Response:
     return respond(PurgeResult(removed=removed))
 
 
+async def handler_problem(request: web.Request) -> web.Response:
+    """PUT: the endpoint's workers fail (the operator's HandlerHealthy=False, `handlerctl
+    dev`'s crash loop), told to clients waiting on its queued jobs; DELETE: they run again."""
+    await authorize_admin(request)
+    endpoint = admin_endpoint_id(request)
+    gateway = request.app[GATEWAY]
+    if request.method == "DELETE":
+        await gateway.set_problem(endpoint, None)
+    else:
+        await gateway.set_problem(endpoint, parse_model(HandlerProblem, await json_body(request)))
+    found = await gateway.problem(endpoint)
+    return respond(HandlerProblemView(endpoint=endpoint, handlerProblem=found))
+
+
 async def dead_letters(request: web.Request) -> web.Response:
     await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
@@ -956,6 +985,8 @@ ADMIN_ROUTES = [
     ("POST", "endpoints/{endpoint}/workers/{worker}/drain", drain),
     ("DELETE", "endpoints/{endpoint}/workers/{worker}/drain", drain),
     ("POST", "endpoints/{endpoint}/purge-queue", admin_purge_queue),
+    ("PUT", "endpoints/{endpoint}/handler-problem", handler_problem),
+    ("DELETE", "endpoints/{endpoint}/handler-problem", handler_problem),
     ("GET", "endpoints/{endpoint}/dlq", dead_letters),
     ("POST", "endpoints/{endpoint}/dlq/replay", replay),
     ("GET", "queues", queues),

@@ -410,13 +410,31 @@ async def on_worker_pod(memo: kopf.Memo, event_type: str, pod: dict[str, Any]) -
             conditions.HANDLER_HEALTHY, False, reason, message, now_iso(), generation
         )
         await _recreate_missing_secret(memo, owner, reason, message)
-    if conditions.would_change(current, healthy):
+    changes = conditions.would_change(current, healthy)
+    if problem is not None or changes:  # a problem each time (idempotent), its end once
+        await _tell_gateway(memo, owner, problem)
+    if changes:
         await memo.kube.update_conditions(
             f"{GROUP}/{VERSION}", "HandlerDeployment", namespace, owner["metadata"]["name"],
             [healthy],
         )  # fmt: skip
         if problem is not None:
             await memo.kube.post_event(owner, "Warning", problem[0], problem[1], now_iso())
+
+
+async def _tell_gateway(
+    memo: kopf.Memo, owner: dict[str, Any], problem: tuple[str, str] | None
+) -> None:
+    """The gateway tells clients waiting on the endpoint's queued jobs why they wait."""
+    meta = owner["metadata"]
+    endpoint = (owner.get("status") or {}).get("endpointId") or endpoint_id(
+        meta.get("namespace", "default"), meta["name"]
+    )
+    reason, message = problem if problem is not None else (None, "")
+    try:
+        await memo.gateway.report_problem(endpoint, reason, message)
+    except (Unavailable, Refused) as exc:  # the condition and the event still say it
+        logger.warning("the gateway was not told of %s's handler problem: %s", endpoint, exc)
 
 
 async def _recreate_missing_secret(

@@ -185,6 +185,15 @@ class GatewayAdmin(GatewayApi):
         # code, and counts against rate limits.
         await self.request("POST", f"/admin/v1/endpoints/{endpoint}/purge-queue")
 
+    async def report_problem(self, endpoint: str, reason: str | None, message: str = "") -> None:
+        """Tell the gateway why the endpoint's workers fail (reason None: they run again); it
+        tells clients waiting on the endpoint's queued jobs."""
+        path = f"/admin/v1/endpoints/{endpoint}/handler-problem"
+        if reason is None:
+            await self.request("DELETE", path)
+        else:
+            await self.request("PUT", path, {"reason": reason, "message": message[:2000]})
+
     async def drain(self, endpoint: str, worker: str, draining: bool = True) -> list[str]:
         method = "POST" if draining else "DELETE"
         body = await self.request(method, f"/admin/v1/endpoints/{endpoint}/workers/{worker}/drain")

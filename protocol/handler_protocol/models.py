@@ -57,8 +57,30 @@ class RunRequest(BaseModel):
         return value
 
 
+class HandlerProblem(BaseModel):
+    """Why an endpoint's workers cannot run jobs now (the handler does not import, workers
+    crash-loop), as the operator or `handlerctl dev` reported it: what a waiting client is told."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(
+        ..., min_length=1, max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9]*$",
+        description="CamelCase, as the HandlerHealthy condition's (CrashLoopBackOff, ...)",
+    )  # fmt: skip
+    message: str = Field(..., max_length=2000, description="the loader's message, or the crash's")
+    since: float | None = Field(None, description="unix time the gateway was first told")
+
+
+class HandlerProblemView(BaseModel):
+    """An endpoint's handler problem as the admin route answers it (null: none)."""
+
+    endpoint: str
+    handlerProblem: HandlerProblem | None = None
+
+
 class JobView(BaseModel):
-    """A job as `run`, `runsync`, `status`, `cancel` and `retry` return it."""
+    """A job as `run`, `runsync`, `status`, `cancel` and `retry` return it. A job still queued
+    on an endpoint whose workers are failing carries `handlerProblem` (ours): why it waits."""
 
     id: str
     status: str
@@ -68,6 +90,7 @@ class JobView(BaseModel):
     error: Any = None
     retries: int | None = None
     workerId: str | None = None
+    handlerProblem: HandlerProblem | None = None
 
 
 class JobSummary(BaseModel):
@@ -127,6 +150,9 @@ class HealthWorkers(BaseModel):
 class Health(BaseModel):
     jobs: HealthJobs
     workers: HealthWorkers
+    handlerProblem: HandlerProblem | None = Field(
+        None, description="set while the endpoint's workers are failing (ours)"
+    )
 
 
 SHA256_HEX = r"^[0-9a-f]{64}$"

@@ -153,6 +153,19 @@ def test_crash_loop_shows_the_loader_message_backs_off_and_reload_fixes_it(dev, 
     # Backoff 1 s, 2 s, 4 s ...: a handful of starts, not an endless loop.
     assert 1 <= crashes <= 4, server.log()
     assert "next start in 2 s" in server.log() or crashes == 1
+    # A client waiting on the job is told why it waits, not left to its timeout.
+    view = json.loads(handlerctl(*base, "status", "default--broken", job).stdout)
+    assert view["status"] == "IN_QUEUE"
+    assert view["handlerProblem"]["reason"] == "HandlerCrashLoop"
+    assert "not_installed_anywhere" in view["handlerProblem"]["message"]
+    waited = handlerctl(
+        *base, "run", "default--broken", "--input", "{}", "--wait", "--timeout", "1"
+    )
+    assert waited.returncode == 1
+    assert "waiting on default--broken: the endpoint's workers fail (HandlerCrashLoop)" in (
+        waited.stderr
+    )
+    assert "not finished in time; the endpoint's workers fail" in waited.stderr
 
     handler.write_text("def handler(job):\n    return {'fixed': True}\n")
     server.wait_log(": handler.py changed; restarting workers", timeout=10)
@@ -163,6 +176,9 @@ def test_crash_loop_shows_the_loader_message_backs_off_and_reload_fixes_it(dev, 
             break
         time.sleep(0.3)
     assert view["output"] == {"fixed": True}
+    assert "handlerProblem" not in view
+    health = json.loads(handlerctl(*base, "health", "default--broken").stdout)
+    assert "handlerProblem" not in health  # a worker of the fixed code took jobs
     assert server.interrupt() == 0
 
 

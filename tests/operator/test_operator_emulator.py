@@ -103,6 +103,30 @@ def test_reconcile_update_crash_loop_and_delete(cluster, operator):
     assert call("POST", cluster.url + "/api/v1/namespaces/default/pods", pod)[0] in (200, 201)
     healthy = wait_condition(cluster, "default", "hello", "HandlerHealthy", status="False")
     assert healthy["reason"] == "HandlerCrashLoop" and healthy["message"] == message
+    # ... and the gateway tells clients waiting on the endpoint's queued jobs why they wait,
+    # until a worker runs.
+    problem = wait_for(
+        lambda: cluster.run(cluster.gateway.problem("default--hello")), message="gateway told"
+    )
+    assert problem.reason == "HandlerCrashLoop" and problem.message == message
+    running = {
+        "name": "worker",
+        "ready": True,
+        "restartCount": 3,
+        "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+    }
+    patched = call(
+        "PATCH",
+        cluster.url + "/api/v1/namespaces/default/pods/hello-abc",
+        {"status": {"containerStatuses": [running]}},
+        content_type="application/merge-patch+json",
+    )
+    assert patched[0] == 200, patched
+    wait_condition(cluster, "default", "hello", "HandlerHealthy", status="True")
+    wait_for(
+        lambda: cluster.run(cluster.gateway.problem("default--hello")) is None,
+        message="gateway told the workers run",
+    )
 
     # Delete: the finalizer deregisters the endpoint, then the CR goes.
     call("DELETE", cluster.url + HD_PATH.format(ns="default") + "/hello")

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import functools
 import inspect
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from handler_protocol.ids import endpoint_id, endpoint_name
 from handler_protocol.statuses import TERMINAL
 from handler_worker.endpoints import REMOTE_OPTIONS
 from handler_worker.generic import build_named_request, decode_result
+
+log = logging.getLogger("handler_worker.remote")
 
 
 class RemoteError(RuntimeError):
@@ -210,7 +213,15 @@ async def submit(config: RemoteConfig, endpoint: str, request: dict[str, Any]) -
         try:
             job = await client.runsync(target, {"input": request})
             delay = 0.05
+            warned = False
             while job.get("status") not in TERMINAL:
+                problem = job.get("handlerProblem")
+                if problem and not warned:  # the caller waits on: it may fix the handler
+                    warned = True
+                    log.warning(
+                        "job %s on %s waits: the endpoint's workers fail (%s): %s",
+                        job["id"], target, problem.get("reason"), problem.get("message"),
+                    )  # fmt: skip
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 1.5)
                 job = await client.status(target, job["id"])

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from handler_gateway import jobs
 from handler_gateway.jobs import Change, JobRecord
-from handler_protocol.models import EndpointConfig
+from handler_protocol.models import EndpointConfig, HandlerProblem
 
 Transition = Callable[[JobRecord], Change | None]
 
@@ -331,6 +331,14 @@ class Backend(ABC):
 
     @abstractmethod
     async def dead_letters(self, endpoint: str) -> list[str]: ...
+
+    # -- handler problems ----------------------------------------------------------------------
+    @abstractmethod
+    async def set_problem(self, endpoint: str, problem: HandlerProblem | None) -> None:
+        """Store (None: clear) why the endpoint's workers fail; gone with the endpoint."""
+
+    @abstractmethod
+    async def get_problem(self, endpoint: str) -> HandlerProblem | None: ...
 
     # -- rate limits -------------------------------------------------------------------------
     @abstractmethod

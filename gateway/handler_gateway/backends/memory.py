@@ -24,7 +24,7 @@ from handler_gateway.backends import (
 )
 from handler_gateway.errors import QueueFull
 from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
-from handler_protocol.models import EndpointConfig
+from handler_protocol.models import EndpointConfig, HandlerProblem
 
 
 class _EndpointState:
@@ -42,6 +42,7 @@ class _EndpointState:
         self.stops: dict[str, dict[str, float]] = {}
         self.dead: list[str] = []
         self.activity: float | None = None
+        self.problem: HandlerProblem | None = None
 
     def queue_of(self, job: JobRecord) -> deque[str]:
         return self.low_queue if job.low_priority else self.queue
@@ -318,6 +319,15 @@ class MemoryBackend(Backend):
     async def dead_letters(self, endpoint: str) -> list[str]:
         state = self._state(endpoint)
         return list(state.dead) if state else []
+
+    async def set_problem(self, endpoint: str, problem: HandlerProblem | None) -> None:
+        state = self._state(endpoint)
+        if state is not None:
+            state.problem = problem
+
+    async def get_problem(self, endpoint: str) -> HandlerProblem | None:
+        state = self._state(endpoint)
+        return state.problem if state else None
 
     # -- housekeeping ------------------------------------------------------------------------
     async def take_tokens(

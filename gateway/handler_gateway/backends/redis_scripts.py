@@ -48,7 +48,7 @@ from handler_gateway.backends.connections import SENTINEL_SCHEME, redis_client
 from handler_gateway.backends.pipes import ScriptPipe
 from handler_gateway.errors import QueueFull
 from handler_gateway.jobs import COUNTERS, Change, JobRecord, JobStatus
-from handler_protocol.models import EndpointConfig
+from handler_protocol.models import EndpointConfig, HandlerProblem
 
 log = logging.getLogger("handler_gateway.redis")
 # The key layout this module reads and writes; older layouts are converted on first use.
@@ -1132,6 +1132,16 @@ class RedisBackend(Backend):
 
     async def dead_letters(self, endpoint: str) -> list[str]:
         return list(await self.redis.lrange(self._k(endpoint, "dlq"), 0, -1))
+
+    async def set_problem(self, endpoint: str, problem: HandlerProblem | None) -> None:
+        if problem is None:
+            await self.redis.delete(self._k(endpoint, "problem"))
+        else:
+            await self.redis.set(self._k(endpoint, "problem"), problem.model_dump_json())
+
+    async def get_problem(self, endpoint: str) -> HandlerProblem | None:
+        raw = await self.redis.get(self._k(endpoint, "problem"))
+        return HandlerProblem.model_validate_json(raw) if raw else None
 
     # -- housekeeping ------------------------------------------------------------------------
     async def take_tokens(
