@@ -11,6 +11,7 @@ import base64
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import WSCloseCode, web
@@ -36,7 +37,7 @@ from handler_gateway.keys import (
     may_call_client_routes,
 )
 from handler_gateway.metrics import GatewayMetrics
-from handler_gateway.openapi import build_openapi
+from handler_gateway.openapi import Operation, build_openapi
 from handler_gateway.operations import Gateway, ResultPost, Timings
 from handler_gateway.webhooks import WebhookSender
 from handler_protocol.ids import ENDPOINT_ID
@@ -48,10 +49,12 @@ from handler_protocol.models import (
     EndpointSummary,
     HandlerProblem,
     HandlerProblemView,
+    Health,
     JobList,
     JobSummary,
     JobView,
     PurgeResult,
+    QueueFigures,
     QueuesView,
     ReplayRequest,
     ReplayResult,
@@ -947,50 +950,190 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(build_openapi())
+    return web.json_response(document())
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route of one audience (its path under the audience's prefix), with what the OpenAPI
+    document says of it: documentation cannot drift from what is served."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    request: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
 
 
 CLIENT_ROUTES = [
-    ("POST", "run", run),
-    ("POST", "runsync", runsync),
-    ("GET", "status/{job}", status),
-    ("POST", "status/{job}", status),
-    ("GET", "status-sync/{job}", status_sync),
-    ("POST", "status-sync/{job}", status_sync),
-    ("GET", "stream/{job}", stream),
-    ("POST", "stream/{job}", stream),
-    ("POST", "cancel/{job}", cancel),
-    ("POST", "retry/{job}", retry),
-    ("POST", "purge-queue", purge_queue),
-    ("GET", "health", health),
-    ("GET", "jobs", list_jobs),
+    Route("POST", "run", run, "Queue a job", RunRequest, JobView),
+    Route(
+        "POST",
+        "runsync",
+        runsync,
+        "Queue a job and wait (bounded) for its end",
+        RunRequest,
+        JobView,
+    ),
+    Route("GET", "status/{job}", status, "A job's status and result", None, JobView),
+    Route("POST", "status/{job}", status, "A job's status and result (as GET)", None, JobView),
+    Route(
+        "GET",
+        "status-sync/{job}",
+        status_sync,
+        "A job's status, waiting up to wait ms for its end",
+        None,
+        JobView,
+    ),
+    Route(
+        "POST",
+        "status-sync/{job}",
+        status_sync,
+        "A job's status, waiting up to wait ms for its end (as GET)",
+        None,
+        JobView,
+    ),
+    Route("GET", "stream/{job}", stream, "New stream chunks of a job", None, StreamView),
+    Route("POST", "stream/{job}", stream, "New stream chunks of a job (as GET)", None, StreamView),
+    Route("POST", "cancel/{job}", cancel, "Cancel a job", None, JobView),
+    Route(
+        "POST", "retry/{job}", retry, "Re-queue a FAILED, TIMED_OUT or CANCELLED job", None, JobView
+    ),
+    Route("POST", "purge-queue", purge_queue, "Cancel every queued job", None, PurgeResult),
+    Route("GET", "health", health, "Job and worker counts", None, Health),
+    Route(
+        "GET",
+        "jobs",
+        list_jobs,
+        "The endpoint's jobs kept (within their ttl), newest first; ?status=&limit=&cursor=",
+        None,
+        JobList,
+    ),
 ]
 WORKER_ROUTES = [
-    ("GET", "job-take/{worker}", job_take),
-    ("GET", "job-take-batch/{worker}", job_take_batch),
-    ("GET", "job-stop/{worker}", job_stop),
-    ("POST", "job-done/{worker}/{job}", job_done),
-    ("POST", "job-stream/{worker}/{job}", job_stream),
-    ("GET", "ping/{worker}", ping),
-    ("POST", "leave/{worker}", leave),
-    ("GET", "job-channel/{worker}", job_channel),
+    Route("GET", "job-take/{worker}", job_take, "Long-poll for one job (204: none)"),
+    Route(
+        "GET",
+        "job-take-batch/{worker}",
+        job_take_batch,
+        "Long-poll for up to batch_size jobs (204: none)",
+    ),
+    Route("GET", "job-stop/{worker}", job_stop, "Long-poll for jobs to stop (204: none)"),
+    Route(
+        "POST",
+        "job-done/{worker}/{job}",
+        job_done,
+        "Post a result or progress (take=N: then long-poll for up to N jobs, answered in jobs)",
+    ),
+    Route("POST", "job-stream/{worker}/{job}", job_stream, "Post one stream chunk"),
+    Route("GET", "ping/{worker}", ping, "Worker heartbeat (job_id: running jobs)"),
+    Route(
+        "POST",
+        "leave/{worker}",
+        leave,
+        "A worker shuts down: its long-polls end now, it gets no new job",
+    ),
+    Route(
+        "GET",
+        "job-channel/{worker}",
+        job_channel,
+        "WebSocket (ours): takes and results as JSON frames with a seq, each answered once",
+    ),
 ]
 ADMIN_ROUTES = [
-    ("GET", "endpoints", list_endpoints),
-    ("PUT", "endpoints/{endpoint}", put_endpoint),
-    ("GET", "endpoints/{endpoint}", get_endpoint),
-    ("DELETE", "endpoints/{endpoint}", delete_endpoint),
-    ("GET", "endpoints/{endpoint}/workers", workers),
-    ("GET", "endpoints/{endpoint}/queue", endpoint_queue),
-    ("POST", "endpoints/{endpoint}/workers/{worker}/drain", drain),
-    ("DELETE", "endpoints/{endpoint}/workers/{worker}/drain", drain),
-    ("POST", "endpoints/{endpoint}/purge-queue", admin_purge_queue),
-    ("PUT", "endpoints/{endpoint}/handler-problem", handler_problem),
-    ("DELETE", "endpoints/{endpoint}/handler-problem", handler_problem),
-    ("GET", "endpoints/{endpoint}/dlq", dead_letters),
-    ("POST", "endpoints/{endpoint}/dlq/replay", replay),
-    ("GET", "queues", queues),
+    Route("GET", "endpoints", list_endpoints, "List endpoints", None, EndpointList),
+    Route(
+        "PUT",
+        "endpoints/{endpoint}",
+        put_endpoint,
+        "Create or update an endpoint",
+        EndpointConfig,
+        EndpointSummary,
+    ),
+    Route("GET", "endpoints/{endpoint}", get_endpoint, "One endpoint", None, EndpointSummary),
+    Route("DELETE", "endpoints/{endpoint}", delete_endpoint, "Delete an endpoint and its jobs"),
+    Route("GET", "endpoints/{endpoint}/workers", workers, "Workers of an endpoint"),
+    Route(
+        "GET",
+        "endpoints/{endpoint}/queue",
+        endpoint_queue,
+        "Queue figures of one endpoint (KEDA metrics-api; admin key or the worker token)",
+        None,
+        QueueFigures,
+    ),
+    Route(
+        "POST",
+        "endpoints/{endpoint}/workers/{worker}/drain",
+        drain,
+        "Stop giving jobs to a worker",
+        None,
+        DrainResult,
+    ),
+    Route(
+        "DELETE",
+        "endpoints/{endpoint}/workers/{worker}/drain",
+        drain,
+        "Undo a drain",
+        None,
+        DrainResult,
+    ),
+    Route(
+        "POST",
+        "endpoints/{endpoint}/purge-queue",
+        admin_purge_queue,
+        "Cancel every queued job (the admin's purge-queue, on any endpoint)",
+        None,
+        PurgeResult,
+    ),
+    Route(
+        "PUT",
+        "endpoints/{endpoint}/handler-problem",
+        handler_problem,
+        "The endpoint's workers fail: queued jobs' status and health say why",
+        HandlerProblem,
+        HandlerProblemView,
+    ),
+    Route(
+        "DELETE",
+        "endpoints/{endpoint}/handler-problem",
+        handler_problem,
+        "The endpoint's workers run again",
+        None,
+        HandlerProblemView,
+    ),
+    Route(
+        "GET", "endpoints/{endpoint}/dlq", dead_letters, "Dead-lettered jobs", None, DeadLetterList
+    ),
+    Route(
+        "POST",
+        "endpoints/{endpoint}/dlq/replay",
+        replay,
+        "Re-queue dead-lettered jobs",
+        ReplayRequest,
+        ReplayResult,
+    ),
+    Route(
+        "GET",
+        "queues",
+        queues,
+        "Queue figures of all endpoints (the autoscaler's one call); ?wait=S&since=T holds up to S seconds until a job is queued after T",
+        None,
+        QueuesView,
+    ),
 ]
+PREFIXES = {"client": "/v2/{endpoint}/", "worker": "/v2/{endpoint}/", "admin": "/admin/v1/"}
+ROUTES = {"client": CLIENT_ROUTES, "worker": WORKER_ROUTES, "admin": ADMIN_ROUTES}
+OPERATIONS = tuple(
+    Operation(r.method, PREFIXES[audience] + r.path, r.summary, audience, r.request, r.response)
+    for audience, table in ROUTES.items()
+    for r in table
+)
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document of the routes above."""
+    return build_openapi(OPERATIONS)
 
 
 async def _start_sweeper(app: web.Application) -> None:
@@ -1040,10 +1183,9 @@ def create_app(
     app[RUN_SWEEPER] = run_sweeper
     app[MAX_BODY] = max_body
     app[CHANNELS] = set()
-    for method, path, handler in CLIENT_ROUTES + WORKER_ROUTES:
-        app.router.add_route(method, "/v2/{endpoint}/" + path, handler)
-    for method, path, handler in ADMIN_ROUTES:
-        app.router.add_route(method, "/admin/v1/" + path, handler)
+    for audience, table in ROUTES.items():
+        for route in table:
+            app.router.add_route(route.method, PREFIXES[audience] + route.path, route.handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

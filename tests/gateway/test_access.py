@@ -70,9 +70,9 @@ def expected(audience: str, path: str, credential: str, target: str) -> int | st
 
 
 def routes() -> list[tuple[str, str, str]]:
-    found = [("client", m, p) for m, p, _ in CLIENT_ROUTES]
-    found += [("worker", m, p) for m, p, _ in WORKER_ROUTES]
-    return found + [("admin", m, p) for m, p, _ in ADMIN_ROUTES]
+    found = [("client", r.method, r.path) for r in CLIENT_ROUTES]
+    found += [("worker", r.method, r.path) for r in WORKER_ROUTES]
+    return found + [("admin", r.method, r.path) for r in ADMIN_ROUTES]
 
 
 def url(audience: str, path: str, target: str) -> str:

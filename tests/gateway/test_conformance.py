@@ -10,7 +10,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from handler_gateway.openapi import build_openapi
+from handler_gateway.routes import document
 from tests.gateway.conftest import clean_redis_prefix, redis_url
 from tests.processes import ADMIN_KEY, CLIENT_KEY, GatewayProcess, http_json
 
@@ -37,7 +37,7 @@ def gateway(request, tmp_path_factory):
 
 
 # The document the gateway serves at /openapi.json (a test checks they are the same).
-schema = schemathesis.openapi.from_dict(build_openapi())
+schema = schemathesis.openapi.from_dict(document())
 
 
 def credentials(path: str) -> str:
@@ -78,4 +78,4 @@ def test_the_gateway_keeps_to_its_openapi_document(case, gateway):
 
 
 def test_the_document_tested_is_the_one_served(gateway):
-    assert http_json("GET", f"{gateway.url}/openapi.json")[1] == build_openapi()
+    assert http_json("GET", f"{gateway.url}/openapi.json")[1] == document()
