@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -77,16 +78,21 @@ KEY_RELOADER = web.AppKey("key_reloader", asyncio.Task)
 KEY_RELOAD_S = 2.0  # a mounted Secret's update shows within the kubelet's sync, plus this
 MAX_BODY = web.AppKey("max_body", int)
 CHANNELS = web.AppKey("channels", set)  # the job channels' sockets open here
+CHECKS = web.AppKey("checks", dict)  # route -> its Auth (auth_middleware)
 # Who made the request, once known (a Caller), and more: typed keys where aiohttp has them.
 _request_key = getattr(web, "RequestKey", lambda name, _: name)
 CALLER = _request_key("caller", Caller)
 COUNT_AFTER = _request_key("count_after", Callable)  # starts a read's rate-limit count
 ENDPOINT_KNOWN = _request_key("endpoint_known", str)  # the request's endpoint, once found
+ENDPOINT = _request_key("endpoint", str)  # the endpoint the route's check let the caller call
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 MAX_BATCH = 256
 MAX_JSON_DEPTH = 200  # nesting levels a request or a result may have
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A route's check: raises 401/403/404 (and 429 for a client over its rate limit), else the
+# endpoint the caller may call (None on endpoint-less admin routes).
+Auth = Callable[[web.Request], Awaitable[str | None]]
 
 
 def error(status: int, message: str, **headers: str) -> web.Response:
@@ -382,9 +388,17 @@ async def authorize_admin(request: web.Request) -> None:
     )
 
 
+async def authorize_admin_or_worker(request: web.Request) -> str:
+    """KEDA's queue route: the admin key or the endpoint's own worker token."""
+    endpoint = admin_endpoint_id(request)
+    needed = f"an admin key or the worker token of endpoint '{endpoint}'"
+    await authorize(request, _is_admin_or_worker, needed)
+    return endpoint
+
+
 # -- client routes -----------------------------------------------------------------------------
 async def run(request: web.Request) -> web.Response:
-    endpoint = await authorize_client(request, WITH_CREATE)
+    endpoint = request[ENDPOINT]
     body = parse_model(RunRequest, await json_body(request))
     size = len(await request.read())
     job = await request.app[GATEWAY].submit(endpoint, body, size, caller_id(request))
@@ -392,7 +406,7 @@ async def run(request: web.Request) -> web.Response:
 
 
 async def runsync(request: web.Request) -> web.Response:
-    endpoint = await authorize_client(request, WITH_CREATE)
+    endpoint = request[ENDPOINT]
     body = parse_model(RunRequest, await json_body(request))
     gateway = request.app[GATEWAY]
     wait = wait_query(request)
@@ -418,7 +432,7 @@ async def with_problem(
 
 async def list_jobs(request: web.Request) -> web.Response:
     """`?status=&limit=&cursor=`: the endpoint's jobs kept (within their ttl), newest first."""
-    endpoint = await authorize_client(request, READ)
+    endpoint = request[ENDPOINT]
     raw_status = request.query.get("status") or None
     if raw_status is not None and raw_status not in JobStatus.__members__:
         allowed = ", ".join(JobStatus.__members__)
@@ -463,20 +477,20 @@ def read_cursor(cursor: str | None) -> tuple[float, str] | None:
 async def status_sync(request: web.Request) -> web.Response:
     """`status` that waits up to `wait` ms for the job to end (runpod's JavaScript client polls
     it for jobs that outlast `runsync`)."""
-    endpoint = await authorize_client(request, READ)
+    endpoint = request[ENDPOINT]
     gateway = request.app[GATEWAY]
     job = await gateway.wait_terminal(endpoint, request.match_info["job"], wait_query(request))
     return web.json_response(await with_problem(request, endpoint, job, job_view_dict(job)))
 
 
 async def status(request: web.Request) -> web.Response:
-    endpoint = await authorize_client(request, READ)
+    endpoint = request[ENDPOINT]
     job = await request.app[GATEWAY].job(endpoint, request.match_info["job"])
     return web.json_response(await with_problem(request, endpoint, job, job_view_dict(job)))
 
 
 async def stream(request: web.Request) -> web.Response:
-    endpoint = await authorize_client(request, READ)
+    endpoint = request[ENDPOINT]
     cursor = request.query.get("cursor")
     start = int_query(request, "cursor", 0, 0, 10**9) if cursor is not None else None
     job, chunks, end = await request.app[GATEWAY].stream(endpoint, request.match_info["job"], start)
@@ -496,25 +510,25 @@ async def stream(request: web.Request) -> web.Response:
 
 
 async def cancel(request: web.Request) -> web.Response:
-    endpoint = await authorize_client(request)
+    endpoint = request[ENDPOINT]
     job = await request.app[GATEWAY].cancel(endpoint, request.match_info["job"])
     return web.json_response(job_view_dict(job))
 
 
 async def retry(request: web.Request) -> web.Response:
-    endpoint = await authorize_client(request)
+    endpoint = request[ENDPOINT]
     job = await request.app[GATEWAY].retry(endpoint, request.match_info["job"])
     return web.json_response({"id": job.id, "status": job.status.value})
 
 
 async def purge_queue(request: web.Request) -> web.Response:
-    endpoint = await authorize_client(request)
+    endpoint = request[ENDPOINT]
     removed = await request.app[GATEWAY].purge(endpoint)
     return respond(PurgeResult(removed=removed))
 
 
 async def health(request: web.Request) -> web.Response:
-    endpoint = await authorize_client(request, READ)
+    endpoint = request[ENDPOINT]
     return respond(await request.app[GATEWAY].health(endpoint))
 
 
@@ -578,7 +592,7 @@ async def _hand_over(
 
 
 async def _take(request: web.Request, size: int, batch: bool) -> web.StreamResponse:
-    endpoint = await authorize_worker(request)
+    endpoint = request[ENDPOINT]
     taken = await _long_poll_take(request, endpoint, size)
     if not taken:
         return web.Response(status=204)
@@ -596,13 +610,13 @@ async def job_take_batch(request: web.Request) -> web.StreamResponse:
 
 async def leave(request: web.Request) -> web.Response:
     """A worker shutting down (SIGTERM): its long-polls end now and it gets no new job."""
-    endpoint = await authorize_worker(request)
+    endpoint = request[ENDPOINT]
     held = await request.app[GATEWAY].leave(endpoint, request.match_info["worker"])
     return web.json_response({"jobs": held})
 
 
 async def job_stop(request: web.Request) -> web.Response:
-    endpoint = await authorize_worker(request)
+    endpoint = request[ENDPOINT]
     gateway = request.app[GATEWAY]
     ids = await gateway.stop_signals(
         endpoint, request.match_info["worker"], gateway.timings.stop_hold
@@ -613,7 +627,7 @@ async def job_stop(request: web.Request) -> web.Response:
 
 
 async def job_done(request: web.Request) -> web.StreamResponse:
-    endpoint = await authorize_worker(request)
+    endpoint = request[ENDPOINT]
     body = await json_body(request)
     if not isinstance(body, dict):
         raise BadRequest("result body must be a JSON object")
@@ -640,7 +654,7 @@ async def job_done(request: web.Request) -> web.StreamResponse:
 
 
 async def job_stream(request: web.Request) -> web.Response:
-    endpoint = await authorize_worker(request)
+    endpoint = request[ENDPOINT]
     body = await json_body(request)
     if not isinstance(body, dict) or "output" not in body:
         raise BadRequest('stream body must be a JSON object with "output"')
@@ -655,7 +669,7 @@ async def job_stream(request: web.Request) -> web.Response:
 
 
 async def ping(request: web.Request) -> web.Response:
-    endpoint = await authorize_worker(request)
+    endpoint = request[ENDPOINT]
     job_ids = [j for j in request.query.get("job_id", "").split(",") if j]
     await request.app[GATEWAY].ping(endpoint, request.match_info["worker"], job_ids)
     return web.json_response({"status": "ok"})
@@ -762,7 +776,7 @@ class JobChannel:
 
 async def job_channel(request: web.Request) -> web.StreamResponse:
     """The job channel's WebSocket (see `JobChannel`), authenticated as the worker routes."""
-    endpoint = await authorize_worker(request)
+    endpoint = request[ENDPOINT]
     # Frames up to twice the limit are read (and answered 413 above it); larger ones close it.
     largest = 2 * (request.app[MAX_BODY] + CHANNEL_ENVELOPE)
     socket = web.WebSocketResponse(
@@ -817,7 +831,6 @@ def admin_endpoint_id(request: web.Request) -> str:
 
 
 async def put_endpoint(request: web.Request) -> web.Response:
-    await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
     data = await json_body(request)
     if isinstance(data, dict) and data.get("id") not in (None, endpoint):
@@ -830,19 +843,16 @@ async def put_endpoint(request: web.Request) -> web.Response:
 
 
 async def get_endpoint(request: web.Request) -> web.Response:
-    await authorize_admin(request)
     return respond(summary(await request.app[GATEWAY].endpoint(admin_endpoint_id(request))))
 
 
 async def delete_endpoint(request: web.Request) -> web.Response:
-    await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
     await request.app[GATEWAY].delete_endpoint(endpoint)
     return web.json_response({"deleted": endpoint})
 
 
 async def list_endpoints(request: web.Request) -> web.Response:
-    await authorize_admin(request)
     configs = await request.app[GATEWAY].backend.list_endpoints()
     return respond(
         EndpointList(endpoints=[summary(c) for c in sorted(configs, key=lambda c: c.id)])
@@ -854,7 +864,6 @@ MAX_QUEUES_WAIT_S = 30
 
 async def queues(request: web.Request) -> web.Response:
     """All endpoints' figures; `?wait=S&since=T` holds until a job is queued after T."""
-    await authorize_admin(request)
     gateway = request.app[GATEWAY]
     wait = number_query(request, "wait", 0.0, 0, MAX_QUEUES_WAIT_S)
     since = number_query(request, "since", None, 0, float("inf"))
@@ -864,14 +873,10 @@ async def queues(request: web.Request) -> web.Response:
 
 async def endpoint_queue(request: web.Request) -> web.Response:
     """One endpoint's figures, for KEDA's metrics-api scaler: admin key or its worker token."""
-    endpoint = admin_endpoint_id(request)
-    needed = f"an admin key or the worker token of endpoint '{endpoint}'"
-    await authorize(request, _is_admin_or_worker, needed)
-    return respond(await request.app[GATEWAY].queue(endpoint))
+    return respond(await request.app[GATEWAY].queue(admin_endpoint_id(request)))
 
 
 async def workers(request: web.Request) -> web.Response:
-    await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
     gateway = request.app[GATEWAY]
     await gateway.endpoint(endpoint)
@@ -884,7 +889,6 @@ async def workers(request: web.Request) -> web.Response:
 
 
 async def drain(request: web.Request) -> web.Response:
-    await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
     worker = request.match_info["worker"]
     draining = request.method == "POST"
@@ -895,7 +899,6 @@ async def drain(request: web.Request) -> web.Response:
 async def admin_purge_queue(request: web.Request) -> web.Response:
     """`purge-queue` for the operator (a HandlerDeployment deleted with on-delete: purge), on
     any endpoint, also one whose client routes take no gateway key."""
-    await authorize_admin(request)
     removed = await request.app[GATEWAY].purge(admin_endpoint_id(request))
     return respond(PurgeResult(removed=removed))
 
@@ -903,7 +906,6 @@ async def admin_purge_queue(request: web.Request) -> web.Response:
 async def handler_problem(request: web.Request) -> web.Response:
     """PUT: the endpoint's workers fail (the operator's HandlerHealthy=False, `handlerctl
     dev`'s crash loop), told to clients waiting on its queued jobs; DELETE: they run again."""
-    await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
     gateway = request.app[GATEWAY]
     if request.method == "DELETE":
@@ -915,14 +917,12 @@ async def handler_problem(request: web.Request) -> web.Response:
 
 
 async def dead_letters(request: web.Request) -> web.Response:
-    await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
     found = await request.app[GATEWAY].dead_letters(endpoint)
     return respond(DeadLetterList(endpoint=endpoint, jobs=[job_view(job) for job in found]))
 
 
 async def replay(request: web.Request) -> web.Response:
-    await authorize_admin(request)
     endpoint = admin_endpoint_id(request)
     data = await json_body(request, required=False)
     body = parse_model(ReplayRequest, data if data is not None else {})
@@ -964,10 +964,12 @@ class Route:
     summary: str
     request: type[BaseModel] | None = None
     response: type[BaseModel] | None = None
+    admission: str = FIRST  # client routes: when the request counts against the rate limit
+    auth: Auth | None = None  # the check, when not its audience's (AUDIENCE_CHECKS)
 
 
 CLIENT_ROUTES = [
-    Route("POST", "run", run, "Queue a job", RunRequest, JobView),
+    Route("POST", "run", run, "Queue a job", RunRequest, JobView, admission=WITH_CREATE),
     Route(
         "POST",
         "runsync",
@@ -975,9 +977,20 @@ CLIENT_ROUTES = [
         "Queue a job and wait (bounded) for its end",
         RunRequest,
         JobView,
+        admission=WITH_CREATE,
     ),
-    Route("GET", "status/{job}", status, "A job's status and result", None, JobView),
-    Route("POST", "status/{job}", status, "A job's status and result (as GET)", None, JobView),
+    Route(
+        "GET", "status/{job}", status, "A job's status and result", None, JobView, admission=READ
+    ),
+    Route(
+        "POST",
+        "status/{job}",
+        status,
+        "A job's status and result (as GET)",
+        None,
+        JobView,
+        admission=READ,
+    ),
     Route(
         "GET",
         "status-sync/{job}",
@@ -985,6 +998,7 @@ CLIENT_ROUTES = [
         "A job's status, waiting up to wait ms for its end",
         None,
         JobView,
+        admission=READ,
     ),
     Route(
         "POST",
@@ -993,15 +1007,32 @@ CLIENT_ROUTES = [
         "A job's status, waiting up to wait ms for its end (as GET)",
         None,
         JobView,
+        admission=READ,
     ),
-    Route("GET", "stream/{job}", stream, "New stream chunks of a job", None, StreamView),
-    Route("POST", "stream/{job}", stream, "New stream chunks of a job (as GET)", None, StreamView),
+    Route(
+        "GET",
+        "stream/{job}",
+        stream,
+        "New stream chunks of a job",
+        None,
+        StreamView,
+        admission=READ,
+    ),
+    Route(
+        "POST",
+        "stream/{job}",
+        stream,
+        "New stream chunks of a job (as GET)",
+        None,
+        StreamView,
+        admission=READ,
+    ),
     Route("POST", "cancel/{job}", cancel, "Cancel a job", None, JobView),
     Route(
         "POST", "retry/{job}", retry, "Re-queue a FAILED, TIMED_OUT or CANCELLED job", None, JobView
     ),
     Route("POST", "purge-queue", purge_queue, "Cancel every queued job", None, PurgeResult),
-    Route("GET", "health", health, "Job and worker counts", None, Health),
+    Route("GET", "health", health, "Job and worker counts", None, Health, admission=READ),
     Route(
         "GET",
         "jobs",
@@ -1009,6 +1040,7 @@ CLIENT_ROUTES = [
         "The endpoint's jobs kept (within their ttl), newest first; ?status=&limit=&cursor=",
         None,
         JobList,
+        admission=READ,
     ),
 ]
 WORKER_ROUTES = [
@@ -1061,6 +1093,7 @@ ADMIN_ROUTES = [
         "Queue figures of one endpoint (KEDA metrics-api; admin key or the worker token)",
         None,
         QueueFigures,
+        auth=authorize_admin_or_worker,
     ),
     Route(
         "POST",
@@ -1123,6 +1156,11 @@ ADMIN_ROUTES = [
     ),
 ]
 PREFIXES = {"client": "/v2/{endpoint}/", "worker": "/v2/{endpoint}/", "admin": "/admin/v1/"}
+AUDIENCE_CHECKS: dict[str, Callable[..., Awaitable[str | None]]] = {
+    "client": authorize_client,
+    "worker": authorize_worker,
+    "admin": authorize_admin,
+}
 ROUTES = {"client": CLIENT_ROUTES, "worker": WORKER_ROUTES, "admin": ADMIN_ROUTES}
 OPERATIONS = tuple(
     Operation(r.method, PREFIXES[audience] + r.path, r.summary, audience, r.request, r.response)
@@ -1165,6 +1203,26 @@ async def _stop(app: web.Application) -> None:
     await app[GATEWAY].backend.close()
 
 
+def _check(audience: str, route: Route) -> Auth:
+    check = AUDIENCE_CHECKS[audience]
+    if audience == "client":
+        return functools.partial(check, admission=route.admission)
+    return check
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route of the tables is checked here, before its handler runs, as its audience (or
+    its own `auth`) says; the handler finds its endpoint in `request[ENDPOINT]`. Other routes
+    (public ones, `handlerctl dev`'s) check for themselves."""
+    check = request.app[CHECKS].get(request.match_info.route)
+    if check is not None:
+        endpoint = await check(request)
+        if endpoint is not None:
+            request[ENDPOINT] = endpoint
+    return await handler(request)
+
+
 def create_app(
     backend: Backend,
     keys: Keys,
@@ -1173,7 +1231,9 @@ def create_app(
     run_sweeper: bool = True,
 ) -> web.Application:
     """The gateway application on `backend` (closed with the app)."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=max_body)
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware], client_max_size=max_body
+    )
     gateway_metrics = GatewayMetrics()
     webhooks = WebhookSender(job_view_dict)
     app[METRICS] = gateway_metrics
@@ -1183,9 +1243,14 @@ def create_app(
     app[RUN_SWEEPER] = run_sweeper
     app[MAX_BODY] = max_body
     app[CHANNELS] = set()
+    checks: dict[web.AbstractRoute, Auth] = {}
     for audience, table in ROUTES.items():
         for route in table:
-            app.router.add_route(route.method, PREFIXES[audience] + route.path, route.handler)
+            added = app.router.add_route(
+                route.method, PREFIXES[audience] + route.path, route.handler
+            )
+            checks[added] = route.auth or _check(audience, route)
+    app[CHECKS] = checks
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

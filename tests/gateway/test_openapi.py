@@ -23,9 +23,7 @@ def served_operations() -> set[tuple[str, str]]:
 
 
 def documented_operations() -> set[tuple[str, str]]:
-    return {
-        (method, path) for path, methods in document()["paths"].items() for method in methods
-    }
+    return {(method, path) for path, methods in document()["paths"].items() for method in methods}
 
 
 def test_every_served_route_is_documented_and_every_documented_one_served():
