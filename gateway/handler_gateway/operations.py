@@ -227,6 +227,19 @@ class Gateway:
         self._owners = None  # other replicas' indexes catch up within endpoint_cache
         return not existed
 
+    async def list_endpoints(self) -> list[EndpointConfig]:
+        return sorted(await self.backend.list_endpoints(), key=lambda config: config.id)
+
+    async def workers(self, endpoint_id: str) -> list[WorkerRecord]:
+        """The endpoint's workers as the gateway last saw them, by id (404: no endpoint)."""
+        await self.endpoint(endpoint_id)
+        records = await self.backend.get_workers(endpoint_id)
+        return sorted(records.values(), key=lambda worker: worker.id)
+
+    async def ready(self) -> None:
+        """Raises BackendUnavailable while the backend cannot be reached."""
+        await self.backend.ping()
+
     async def delete_endpoint(self, endpoint_id: str) -> None:
         self._endpoints.pop(endpoint_id, None)
         self._owners = None

@@ -853,10 +853,8 @@ async def delete_endpoint(request: web.Request) -> web.Response:
 
 
 async def list_endpoints(request: web.Request) -> web.Response:
-    configs = await request.app[GATEWAY].backend.list_endpoints()
-    return respond(
-        EndpointList(endpoints=[summary(c) for c in sorted(configs, key=lambda c: c.id)])
-    )
+    configs = await request.app[GATEWAY].list_endpoints()
+    return respond(EndpointList(endpoints=[summary(c) for c in configs]))
 
 
 MAX_QUEUES_WAIT_S = 30
@@ -877,13 +875,10 @@ async def endpoint_queue(request: web.Request) -> web.Response:
 
 
 async def workers(request: web.Request) -> web.Response:
-    endpoint = admin_endpoint_id(request)
-    gateway = request.app[GATEWAY]
-    await gateway.endpoint(endpoint)
-    records = await gateway.backend.get_workers(endpoint)
+    records = await request.app[GATEWAY].workers(admin_endpoint_id(request))
     views = [
         WorkerView(id=w.id, state=w.state, jobs=sorted(w.jobs), lastSeen=w.last_seen)
-        for w in sorted(records.values(), key=lambda w: w.id)
+        for w in records
     ]
     return web.json_response({"workers": [v.model_dump() for v in views]})
 
@@ -937,7 +932,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     try:
-        await request.app[GATEWAY].backend.ping()
+        await request.app[GATEWAY].ready()
     except BackendUnavailable as exc:
         return error(503, f"queue backend unavailable: {exc}", **{"Retry-After": "1"})
     return web.json_response({"status": "ready"})
