@@ -385,8 +385,8 @@ class Gateway:
         extra: dict[str, Any] = {}
         if policy is not None and policy.lowPriority:
             extra["lowPriority"] = True
-        if request.s3Config:
-            extra["s3Config"] = request.s3Config
+        if request.s3Config is not None:
+            extra["s3Config"] = request.s3Config.model_dump()
         change = jobs.new_job(
             str(uuid.uuid4()),
             endpoint_id,

@@ -538,6 +538,8 @@ def take_payload(job: JobRecord) -> dict[str, Any]:
     payload: dict[str, Any] = {"id": job.id, "input": job.input, "delivery": job.deliveries}
     if job.webhook:
         payload["webhook"] = job.webhook
+    if "s3Config" in job.extra:  # RunPod hands it to the handler with the job
+        payload["s3Config"] = job.extra["s3Config"]
     return payload
 
 

@@ -19,9 +19,10 @@ MAX_TTL_MS = 30 * 86400 * 1000
 
 
 class Policy(BaseModel):
-    """Per-job policy, as RunPod's `policy` (times in milliseconds)."""
+    """Per-job policy, as RunPod's `policy` (times in milliseconds). Every field acts; an
+    unknown one is refused (400), never ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     executionTimeout: int | None = Field(
         None, ge=1000, le=MAX_EXECUTION_MS, description="max execution time of the job, ms"
@@ -32,15 +33,29 @@ class Policy(BaseModel):
     lowPriority: bool = False
 
 
-class RunRequest(BaseModel):
-    """Body of `run` and `runsync`."""
+class S3Config(BaseModel):
+    """A job's bucket, as RunPod's `s3Config`: handed to the handler with the job
+    (`job["s3Config"]`, what the SDK's `rp_upload` takes as bucket credentials)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
+
+    accessId: str = Field(..., min_length=1, max_length=1024)
+    accessSecret: str = Field(..., min_length=1, max_length=1024)
+    bucketName: str = Field(..., min_length=1, max_length=255)
+    endpointUrl: str = Field(..., min_length=1, max_length=2048)
+
+
+class RunRequest(BaseModel):
+    """Body of `run` and `runsync`. Every field acts; an unknown one is refused (400)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     input: Any = Field(..., description="the job input handed to the handler")
     webhook: str | None = Field(None, description="URL POSTed with the result when the job ends")
     policy: Policy | None = None
-    s3Config: dict[str, Any] | None = None
+    s3Config: S3Config | None = Field(
+        None, description="the job's bucket: handed to the handler with the job (job['s3Config'])"
+    )
 
     @field_validator("input")
     @classmethod

@@ -111,3 +111,18 @@ def test_a_full_queue_reaches_the_runpod_client_as_429_with_our_error(endpoint, 
     assert (response.status_code, response.headers["Retry-After"]) == (429, "1")
     assert "jobs.maxQueued" in response.json()["error"]
     assert endpoint.health()["jobs"]["inQueue"] == 2
+
+
+def test_a_jobs_s3_config_reaches_the_handler_through_the_real_sdk(endpoint, workers):
+    """RunPod hands `s3Config` to the handler with the job; so do we (never dropped)."""
+    workers("handlers.job_fields")
+    s3 = {
+        "accessId": "AKIA-e2e",
+        "accessSecret": "secret-e2e",
+        "bucketName": "e2e-outputs",
+        "endpointUrl": "https://s3.example.com",
+    }
+    output = endpoint.run({"input": {"n": 1}, "s3Config": s3}).output(timeout=60)
+    assert output["bucket"] == "e2e-outputs" and "s3Config" in output["fields"]
+    plain = endpoint.run_sync({"n": 2}, timeout=60)
+    assert plain["bucket"] is None and "s3Config" not in plain["fields"]
