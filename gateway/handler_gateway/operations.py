@@ -828,6 +828,7 @@ class Gateway:
         ids = list(configs)
         counters = await self.backend.all_counters(ids)
         activity = await self.backend.activity(ids)
+        oldest = await self.backend.oldest_queued(ids)
         now = self.clock()
         figures = {}
         for endpoint_id, config in configs.items():
@@ -844,6 +845,7 @@ class Gateway:
                 workerStates={worker.id: worker.state for worker in live},
                 workerJobs={worker.id: len(worker.jobs) for worker in live},
                 lastActivity=activity.get(endpoint_id),
+                queueDelaySeconds=max(0.0, now - (oldest.get(endpoint_id) or now)),
             )
         return figures
 

@@ -262,6 +262,14 @@ class ScalingSpec(_Spec):
         description="Queued plus running jobs one worker should hold: desired workers = "
         "ceil((inQueue + inProgress) / targetQueuePerWorker).",
     )
+    targetQueueDelaySeconds: int | None = Field(
+        None,
+        ge=1,
+        le=86400,
+        description="RunPod's request-delay scaler: one more worker when the next job to run "
+        "has waited longer than this and every worker is up (none on its way); on top of the "
+        "queue-depth rule. The builtin engine and handlerctl dev.",
+    )
     scaleToZeroAfterSeconds: int = Field(
         60, ge=0, le=86400, description="Idle time before the last workers are removed."
     )

@@ -333,6 +333,11 @@ class QueueFigures(BaseModel):
         default_factory=dict, description="worker id -> jobs it holds (draining ones too)"
     )
     lastActivity: float | None = None
+    queueDelaySeconds: float = Field(
+        0.0,
+        ge=0,
+        description="how long the next normal-priority job to run has waited (0: none queued)",
+    )
 
 
 class QueuesView(BaseModel):

@@ -418,6 +418,28 @@ async def test_health_and_queue_figures(api):
     assert figures["lastActivity"] > time.time() - 10
 
 
+async def test_queue_delay_is_how_long_the_next_normal_job_has_waited(api):
+    """RunPod's request-delay figure: the head of the normal queue's age on the gateway's
+    clock (low-priority jobs do not count: they bring no worker)."""
+
+    async def delay() -> float:
+        response = await api.client.get("/admin/v1/queues", headers=api.admin_headers())
+        return (await response.json())["endpoints"][api.endpoint]["queueDelaySeconds"]
+
+    start = 1_800_000_000.0
+    api.gateway.clock = lambda: start
+    assert await delay() == 0
+    await api.run("low", policy={"lowPriority": True})
+    assert await delay() == 0
+    first = await api.run("first")
+    api.gateway.clock = lambda: start + 30
+    await api.run("second")
+    api.gateway.clock = lambda: start + 42
+    assert await delay() == 42  # the first job, queued at start
+    assert (await api.take("w1"))["id"] == first
+    assert await delay() == 12  # now the second, queued 12 s ago
+
+
 async def test_queues_long_poll_answers_when_a_job_is_queued(api):
     first = await (await api.client.get("/admin/v1/queues", headers=api.admin_headers())).json()
     poll = asyncio.ensure_future(

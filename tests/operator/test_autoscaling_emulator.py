@@ -225,6 +225,42 @@ def test_queue_scales_up_fast_drains_idle_workers_only_and_returns_to_zero(clust
         workers.release.set()
 
 
+def test_a_job_waiting_past_the_target_delay_brings_one_more_worker(cluster, operator):
+    """RunPod's request-delay scaler: the queue's depth asks for no more workers (100 per
+    worker), but a job has waited past targetQueueDelaySeconds while the one worker is busy."""
+    body = auto_hd(
+        {
+            "minReplicas": 1,
+            "maxReplicas": 3,
+            "targetQueuePerWorker": 100,
+            "targetQueueDelaySeconds": 1,
+            "scaleDownStabilizationSeconds": 600,
+        }
+    )
+    assert call("POST", cluster.url + HD_PATH.format(ns=NS), body)[0] in (200, 201)
+    wait_for(lambda: replicas(cluster) == 1, message="minReplicas")
+    secret = worker_token_secret(cluster, NS, NAME)
+    workers = SimulatedWorkers(cluster, base64.b64decode(secret["data"]["token"]).decode())
+    workers.start()
+    try:
+        run = f"{cluster.gateway_url}/v2/{ENDPOINT}/run"
+        call("POST", run, {"input": {"hold": True}}, key=ADMIN_KEY)
+        wait_for(lambda: workers.holder is not None, message="the one worker is busy")
+        job = call("POST", run, {"input": {"n": 1}}, key=ADMIN_KEY)[1]["id"]
+        wait_for(lambda: replicas(cluster) == 2, timeout=30, message="one more worker")
+        events = [e for e in cluster.objects("events").values() if e.get("reason") == "ScaledUp"]
+        assert any("over targetQueueDelaySeconds=1" in e["message"] for e in events), events
+        done = lambda: call(  # noqa: E731
+            "GET", f"{cluster.gateway_url}/v2/{ENDPOINT}/status/{job}", key=ADMIN_KEY
+        )[1]
+        assert wait_for(lambda: done()["status"] == "COMPLETED" and done(), timeout=30)
+        assert done()["output"]["by"] != workers.holder  # the new worker ran it
+        assert replicas(cluster) == 2  # one more, not one per pass
+    finally:
+        workers.stop.set()
+        workers.release.set()
+
+
 def keda_crd(kind: str, plural: str) -> dict:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

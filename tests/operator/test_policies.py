@@ -62,6 +62,64 @@ def test_low_priority_jobs_never_scale_up_on_their_own(
     assert f"{low} low-priority job(s) waiting for capacity" in decision.message
 
 
+# -- queue delay (RunPod's request-delay scaler) -------------------------------------------------
+
+
+def delayed(delay: float, queued: int = 4, running: int = 2, pods=None, replicas: int = 2):
+    pods = ready("w0", "w1") if pods is None else pods
+    return Observation(queued, running, replicas, pods=pods, queue_delay=delay, last_activity=99.0)
+
+
+@pytest.mark.parametrize(
+    ("delay", "target", "pods", "expected", "reason"),
+    [
+        (12.0, 10, None, 3, policies.QUEUE_DELAY),  # waited past the target: one more
+        (8.0, 10, None, 2, policies.STABLE),  # within the target: the depth rule only
+        (12.0, None, None, 2, policies.STABLE),  # no target set: the depth rule only
+        (12.0, 10, (PodView("w0", "ready"), PodView("w1", "pending")), 2, policies.STABLE),
+        (12.0, 10, (PodView("w0", "ready"), PodView("w1", "starting")), 2, policies.STABLE),
+    ],
+    ids=["over-target", "under-target", "no-target", "pod-pending", "pod-starting"],
+)
+def test_a_long_wait_adds_a_worker_only_when_none_is_on_its_way(
+    delay, target, pods, expected, reason
+):
+    decision = compute_desired_replicas(
+        delayed(delay, pods=pods),
+        spec(targetQueuePerWorker=4, targetQueueDelaySeconds=target),
+        ScalerState(),
+        now=100.0,
+    )
+    assert (decision.replicas, decision.reason) == (expected, reason)
+    if reason == policies.QUEUE_DELAY:
+        assert "waited 12 s, over targetQueueDelaySeconds=10" in decision.message
+
+
+def test_the_depth_rule_wins_when_it_asks_for_more():
+    decision = compute_desired_replicas(
+        delayed(30.0, queued=20, running=2),
+        spec(targetQueuePerWorker=2, targetQueueDelaySeconds=5),
+        ScalerState(),
+        now=100.0,
+    )
+    assert (decision.replicas, decision.reason) == (10, policies.SCALE_UP)
+
+
+def test_the_delay_rule_keeps_to_max_replicas_and_low_priority_jobs_bring_nothing():
+    at_max = compute_desired_replicas(
+        delayed(30.0), spec(maxReplicas=2, targetQueuePerWorker=4, targetQueueDelaySeconds=5),
+        ScalerState(), now=100.0,
+    )  # fmt: skip
+    assert (at_max.replicas, at_max.reason) == (2, policies.STABLE)
+    low_only = compute_desired_replicas(
+        Observation(4, 2, 2, pods=ready("w0", "w1"), low_queued=4, queue_delay=30.0),
+        spec(targetQueuePerWorker=4, targetQueueDelaySeconds=5),
+        ScalerState(),
+        now=100.0,
+    )
+    assert low_only.replicas == 2
+
+
 # -- scale-up ------------------------------------------------------------------------------------
 
 

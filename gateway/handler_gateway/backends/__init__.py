@@ -330,6 +330,10 @@ class Backend(ABC):
     async def activity(self, endpoints: list[str]) -> dict[str, float | None]: ...
 
     @abstractmethod
+    async def oldest_queued(self, endpoints: list[str]) -> dict[str, float | None]:
+        """When the next normal-priority job to run (the queue's head) was created."""
+
+    @abstractmethod
     async def dead_letters(self, endpoint: str) -> list[str]: ...
 
     # -- handler problems ----------------------------------------------------------------------

@@ -316,6 +316,14 @@ class MemoryBackend(Backend):
             for endpoint in endpoints
         }
 
+    async def oldest_queued(self, endpoints: list[str]) -> dict[str, float | None]:
+        found: dict[str, float | None] = {}
+        for endpoint in endpoints:
+            state = self._state(endpoint)
+            head = state.jobs.get(state.queue[0]) if state and state.queue else None
+            found[endpoint] = head.created_at if head is not None else None
+        return found
+
     async def dead_letters(self, endpoint: str) -> list[str]:
         state = self._state(endpoint)
         return list(state.dead) if state else []

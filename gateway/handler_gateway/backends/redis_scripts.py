@@ -1130,6 +1130,25 @@ class RedisBackend(Backend):
         values = await self.redis.hmget(self._activity_key, endpoints)
         return {e: float(v) if v else None for e, v in zip(endpoints, values, strict=True)}
 
+    async def oldest_queued(self, endpoints: list[str]) -> dict[str, float | None]:
+        """Two round trips for any number of endpoints: the queues' heads, then their records'
+        creation times (a head taken in between still has its record)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for endpoint in endpoints:
+                pipe.lindex(self._k(endpoint, "queue"), 0)
+            heads = await pipe.execute()
+        found: dict[str, float | None] = dict.fromkeys(endpoints)
+        queued = [(e, h) for e, h in zip(endpoints, heads, strict=True) if h]
+        if not queued:
+            return found
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for endpoint, head in queued:
+                pipe.hget(self._k(endpoint, "job", head), "created_at")
+            created = await pipe.execute()
+        for (endpoint, _), value in zip(queued, created, strict=True):
+            found[endpoint] = float(value) if value else None
+        return found
+
     async def dead_letters(self, endpoint: str) -> list[str]:
         return list(await self.redis.lrange(self._k(endpoint, "dlq"), 0, -1))
 

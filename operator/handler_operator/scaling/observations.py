@@ -72,4 +72,5 @@ def observe(figures: dict[str, Any], replicas: int, pods: tuple[PodView, ...]) -
         worker_jobs=figures.get("workerJobs") or {},
         draining=frozenset(w for w, s in states.items() if s == "draining"),
         last_activity=figures.get("lastActivity"),
+        queue_delay=figures.get("queueDelaySeconds", 0.0),
     )

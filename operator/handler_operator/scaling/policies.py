@@ -26,6 +26,7 @@ SCALED_TO_ZERO = "ScaledToZero"
 FIXED = "FixedReplicas"
 WAITING_FOR_CAPACITY = "WaitingForCapacity"
 BUSY_WORKERS = "WorkersBusy"
+QUEUE_DELAY = "QueueDelay"
 
 # The order in which a ReplicaSet deletes pods: unscheduled, then pending, then not ready,
 # then ready. Victims are picked in the same order so that the ReplicaSet agrees with us.
@@ -55,6 +56,7 @@ class Observation:
     worker_jobs: Mapping[str, int] = field(default_factory=dict)  # worker id -> jobs held
     draining: frozenset[str] = frozenset()  # workers the gateway has as draining
     last_activity: float | None = None  # last enqueue/start/finish on the endpoint
+    queue_delay: float = 0.0  # how long the next normal-priority job to run has waited, s
 
 
 @dataclass(frozen=True)
@@ -121,10 +123,23 @@ def _unschedulable(obs: Observation) -> bool:
     )
 
 
+def _delayed(obs: Observation, spec: ScalingSpec, queued: int) -> bool:
+    """The request-delay rule applies: normal jobs wait past targetQueueDelaySeconds, and no
+    worker is on its way (a pending or starting pod is capacity coming: no second scale-up)."""
+    return (
+        spec.targetQueueDelaySeconds is not None
+        and queued > 0
+        and obs.queue_delay > spec.targetQueueDelaySeconds
+        and len(obs.pods) >= obs.replicas
+        and all(pod.phase == "ready" for pod in obs.pods)
+    )
+
+
 def _recommend(
     obs: Observation, spec: ScalingSpec, state: ScalerState, now: float
-) -> tuple[int, str, bool]:
-    """(recommended replicas before stabilization, its message, idle long enough)."""
+) -> tuple[int, str, bool, bool]:
+    """(recommended replicas before stabilization, its message, idle long enough, raised by
+    the queue-delay rule)."""
     queued = max(0, obs.queued - obs.low_queued)  # low-priority jobs bring no worker
     load = queued + obs.in_progress
     needed = load_replicas(queued, obs.in_progress, spec.targetQueuePerWorker)
@@ -134,8 +149,18 @@ def _recommend(
         else ""
     )
     figures = f"{queued} queued + {obs.in_progress} running, {spec.targetQueuePerWorker} per worker"
+    if (
+        load > 0
+        and _delayed(obs, spec, queued)
+        and _clamp(obs.replicas + 1, spec) > max(_clamp(needed, spec), obs.replicas)
+    ):
+        delay = (
+            f"the next job has waited {obs.queue_delay:.0f} s, over targetQueueDelaySeconds="
+            f"{spec.targetQueueDelaySeconds} ({figures})"
+        )
+        return _clamp(obs.replicas + 1, spec), delay + waiting, False, True
     if load > 0:
-        return _clamp(needed, spec), figures + waiting, False
+        return _clamp(needed, spec), figures + waiting, False, False
     since = obs.last_activity if obs.last_activity is not None else state.first_seen
     idle_for = now - since if since is not None else math.inf
     # Messages name fixed times, not durations: a status write only when something changed.
@@ -145,10 +170,11 @@ def _recommend(
             spec.minReplicas,
             f"{idle} (scaleToZeroAfterSeconds={spec.scaleToZeroAfterSeconds}){waiting}",
             True,
+            False,
         )
     # Idle, but not for long: keep one worker warm until scaleToZeroAfterSeconds.
     keep = 1 if obs.replicas > 0 else 0
-    return _clamp(keep, spec), f"{idle}, keeping a warm worker{waiting}", False
+    return _clamp(keep, spec), f"{idle}, keeping a warm worker{waiting}", False, False
 
 
 def _clock(epoch: float | None) -> str:
@@ -193,8 +219,8 @@ def compute_desired_replicas(
         recommended, why, straight = spec.replicas, "replicas fixed by spec.scaling.replicas", True
         reason_up = reason_down = FIXED
     else:
-        recommended, why, straight = _recommend(obs, spec, state, now)
-        reason_up, reason_down = SCALE_UP, SCALE_DOWN
+        recommended, why, straight, delayed = _recommend(obs, spec, state, now)
+        reason_up, reason_down = (QUEUE_DELAY if delayed else SCALE_UP), SCALE_DOWN
 
     window_start = now - spec.scaleDownStabilizationSeconds
     history = tuple((t, r) for t, r in state.recommendations if t > window_start)
@@ -216,7 +242,7 @@ def compute_desired_replicas(
                 unschedulable=_unschedulable(obs),
                 state=state,
             )
-        steady = STABLE if reason_up == SCALE_UP else FIXED
+        steady = FIXED if reason_up == FIXED else STABLE
         return Decision(
             replicas=current,
             desired=current,
