@@ -29,6 +29,7 @@ COUNTERS = (
     "retried",
     "ignoredResults",
     "deadLettered",
+    "workerRefreshes",
 )
 
 # Errors the gateway itself puts on jobs.
@@ -241,6 +242,8 @@ def finish(
         update.update(status=JobStatus.COMPLETED, output=output)
     new = job.model_copy(update=update)
     effects = Effects(release_worker=worker, activity=True)
+    if new.stop_pod:  # the handler asked for a fresh worker: it starts afresh (counted)
+        effects.count("workerRefreshes")
     return _change(job, new, effects, new.status.value.lower())
 
 

@@ -564,8 +564,8 @@ class Gateway:
             if worker.jobs or now - worker.last_seen <= config.lost_after_s
         ]
 
-    def _worker_counts(self, live: list[WorkerRecord]) -> HealthWorkers:
-        counts = HealthWorkers()
+    def _worker_counts(self, live: list[WorkerRecord], counters: dict[str, int]) -> HealthWorkers:
+        counts = HealthWorkers(refreshes=counters.get("workerRefreshes", 0))
         for worker in live:
             setattr(counts, worker.state, getattr(counts, worker.state) + 1)
         return counts
@@ -577,7 +577,7 @@ class Gateway:
         live = self._live_workers(workers, config, self.clock())
         return Health(
             jobs=HealthJobs(**{k: v for k, v in counters.items() if k in HealthJobs.model_fields}),
-            workers=self._worker_counts(live),
+            workers=self._worker_counts(live, counters),
             handlerProblem=await self.problem(endpoint_id),
         )
 
@@ -841,7 +841,7 @@ class Gateway:
                 inProgress=running,
                 lowPriorityQueued=low,
                 load=queued - low + running,
-                workers=self._worker_counts(live),
+                workers=self._worker_counts(live, counters[endpoint_id]),
                 workerStates={worker.id: worker.state for worker in live},
                 workerJobs={worker.id: len(worker.jobs) for worker in live},
                 lastActivity=activity.get(endpoint_id),

@@ -496,6 +496,9 @@ class Condition(BaseModel):
 class QueueStatus(BaseModel):
     inQueue: int = 0
     inProgress: int = 0
+    workerRefreshes: int = Field(
+        0, description="times a worker started afresh because a job asked (refresh_worker)"
+    )
 
 
 class HandlerDeploymentStatus(BaseModel):

@@ -160,6 +160,9 @@ class HealthWorkers(BaseModel):
     idle: int = 0
     running: int = 0
     draining: int = 0
+    refreshes: int = Field(
+        0, description="times a worker started afresh after a job asked (refresh_worker)"
+    )
 
 
 class Health(BaseModel):

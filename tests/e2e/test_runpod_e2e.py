@@ -11,7 +11,7 @@ import requests
 
 from tests.conftest import EXAMPLES
 from tests.e2e.conftest import TOKEN
-from tests.processes import http_json
+from tests.processes import ADMIN_KEY, http_json
 
 
 def test_run_status_output(endpoint, workers):
@@ -126,3 +126,32 @@ def test_a_jobs_s3_config_reaches_the_handler_through_the_real_sdk(endpoint, wor
     assert output["bucket"] == "e2e-outputs" and "s3Config" in output["fields"]
     plain = endpoint.run_sync({"n": 2}, timeout=60)
     assert plain["bucket"] is None and "s3Config" not in plain["fields"]
+
+
+def worker_refreshes(gateway) -> int:
+    _, health = http_json("GET", f"{gateway.url}/admin/v1/queues", key=ADMIN_KEY)
+    return health["endpoints"]["ep"]["workers"]["refreshes"]
+
+
+def test_a_job_that_asks_for_a_fresh_worker_gets_one_in_the_same_process(
+    endpoint, workers, gateway
+):
+    """RunPod's `refresh_worker` in a result: the handler's state is gone for the next job
+    (the runtime starts afresh), the process stays (no container restart), and it is counted."""
+    worker = workers("handlers.fresh_state")
+    first = endpoint.run_sync({}, timeout=60)
+    assert endpoint.run_sync({}, timeout=60)["ran"] == first["ran"] + 1  # state kept
+    asked = endpoint.run_sync({"refresh": True}, timeout=60)
+    assert "refresh_worker" not in asked  # the SDK's flag, not output
+    fresh = endpoint.run_sync({}, timeout=60)
+    assert fresh["ran"] == 1 and fresh["refreshes"] == 1  # a fresh handler module
+    assert fresh["pid"] == first["pid"] and worker.poll() is None  # the same process
+    assert worker_refreshes(gateway) == 1
+
+
+def test_a_module_level_refresh_worker_gives_every_job_a_fresh_worker(endpoint, workers, gateway):
+    workers("handlers.always_fresh")
+    outputs = [endpoint.run_sync({"n": n}, timeout=60) for n in range(3)]
+    assert [o["ran"] for o in outputs] == [1, 1, 1]
+    assert [o["refreshes"] for o in outputs] == [0, 1, 2]
+    assert worker_refreshes(gateway) == 3

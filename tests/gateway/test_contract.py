@@ -408,7 +408,7 @@ async def test_health_and_queue_figures(api):
     await api.client.get(f"/v2/{api.endpoint}/ping/w3", headers=api.worker_headers())
     health = await api.health()
     assert health["jobs"]["inQueue"] == 1 and health["jobs"]["inProgress"] == 2
-    assert health["workers"] == {"idle": 1, "running": 2, "draining": 0}
+    assert health["workers"] == {"idle": 1, "running": 2, "draining": 0, "refreshes": 0}
     response = await api.client.get("/admin/v1/queues", headers=api.admin_headers())
     figures = (await response.json())["endpoints"][api.endpoint]
     assert figures["inQueue"] == 1 and figures["inProgress"] == 2

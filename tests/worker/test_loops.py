@@ -218,6 +218,23 @@ async def test_refresh_worker_ends_the_loop_after_its_job_without_leaving():
     assert ("leave",) not in script.events, "the next process takes jobs under the same name"
 
 
+async def test_a_job_that_asks_for_a_fresh_worker_ends_the_loop_for_a_refresh():
+    """A result's refresh_worker (the SDK's stopPod): nothing more is taken with it, the loop
+    ends without leaving, and says a refresh is due (serve then starts the runtime afresh)."""
+    script = Script(jobs("a", "b"))
+    wanted = []
+
+    async def run(session, config, job, finished):
+        wanted.append(finished(job["id"] == "a"))
+        script.events.append(("start", job["id"]))
+
+    loop = loops.WorkerLoop({}, 1, script.fetch, run, leave=script.leave)
+    await asyncio.wait_for(loop.run(None), 5)
+    assert loop.refresh and wanted == [0]
+    assert [e for e in script.events if e[0] == "start"] == [("start", "a")]
+    assert ("leave",) not in script.events
+
+
 async def test_a_failing_take_backs_off_and_goes_on(monkeypatch):
     monkeypatch.setattr(loops, "ERROR_BACKOFF_S", 0)
     calls = []

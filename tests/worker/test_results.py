@@ -101,7 +101,7 @@ async def test_our_posts_are_the_sdks(recorder, name):
         sdk = list(recorder.requests)
         recorder.requests.clear()
         run = results.runner(rp_http.JOB_DONE_URL, capacity=None)
-        await run(session, config, dict(JOB), lambda: 0)
+        await run(session, config, dict(JOB), lambda refresh: 0)
     assert recorder.requests == sdk
     assert sdk[-1][0] == "/done/job-1"
 
@@ -110,7 +110,7 @@ async def test_chunks_name_the_delivery_they_are_of(recorder):
     """A chunk of a delivery the gateway no longer runs is told apart, as its result is."""
     async with AsyncClientSession() as session:
         run = results.runner(rp_http.JOB_DONE_URL, capacity=None)
-        await run(session, {"handler": streaming}, {**JOB, "delivery": 2}, lambda: 0)
+        await run(session, {"handler": streaming}, {**JOB, "delivery": 2}, lambda refresh: 0)
     posted = [(path, query.get("delivery"), body) for path, query, body in recorder.requests]
     chunks = [("/stream/job-1", "2", {"output": {"chunk": n}}) for n in range(3)]
     assert posted == [*chunks, ("/done/job-1", "2", {"output": []})]
@@ -130,7 +130,7 @@ async def test_a_result_post_carries_the_take_and_returns_what_was_handed_over(
 ):
     async with AsyncClientSession() as session:
         run = results.runner(rp_http.JOB_DONE_URL, capacity)
-        jobs = await run(session, {"handler": plain}, dict(JOB), lambda: take)
+        jobs = await run(session, {"handler": plain}, dict(JOB), lambda refresh: take)
     assert recorder.requests == [("/done/job-1", query, {"output": {"twice": 6}})]
     assert [job["id"] for job in jobs] == handed
 

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(module, "concurrency_modifier", None) is None:  # else it decides, as in the SDK
             capacity = concurrency(os.environ)
             rp_job.JOB_GET_URL = capacity_url(rp_job.JOB_GET_URL, capacity)
-        serve(config, concurrency(os.environ), announce, capacity, channel_enabled(os.environ))
+        if serve(config, concurrency(os.environ), announce, capacity, channel_enabled(os.environ)):
+            refresh()  # does not return
         return 0
 
     import runpod
@@ -114,6 +115,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 SDK_LOOP_ENV = "HANDLER_SDK_LOOP"
+REFRESHES_ENV = "HANDLER_WORKER_REFRESHES"
+
+
+def refresh() -> None:
+    """RunPod's worker refresh: the runtime starts afresh in this process (`exec`: a clean
+    interpreter, the handler imported again, the same pid, so neither the pod's container nor
+    `handlerctl dev` sees an exit), counted in HANDLER_WORKER_REFRESHES."""
+    count = int(os.environ.get(REFRESHES_ENV, "0") or 0) + 1
+    os.environ[REFRESHES_ENV] = str(count)
+    print(f"worker refresh {count}: starting the handler afresh", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "handler_worker", *sys.argv[1:]])
 
 
 def sdk_loop(env: Mapping[str, str]) -> bool:

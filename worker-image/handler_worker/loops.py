@@ -24,10 +24,10 @@ from handler_worker.backoffs import backoff
 log = logging.getLogger("handler_worker")
 
 Fetch = Callable[[Any, int], Awaitable[list[dict[str, Any]] | None]]
-# session, config, job, `finished()` (called once the handler is done: how many jobs to take with
-# the result) -> the jobs handed over with the result
+# session, config, job, `finished(refresh)` (called once the handler is done, with whether it
+# asked for a fresh worker: how many jobs to take with the result) -> the jobs handed over
 Run = Callable[
-    [Any, dict[str, Any], dict[str, Any], Callable[[], int]],
+    [Any, dict[str, Any], dict[str, Any], Callable[[bool], int]],
     Awaitable[list[dict[str, Any]] | None],
 ]
 Stops = Callable[[Any], Awaitable[list[str]]]
@@ -70,6 +70,9 @@ class WorkerLoop:
         self._slot_freed: asyncio.Event | None = None
         self._leaving = False
         self._announced: bool | None = None
+        # A job asked for a fresh worker (its result's refresh_worker, or the module's): the
+        # loop ends after it and `serve` starts the runtime afresh in this process.
+        self.refresh = False
 
     # -- control ---------------------------------------------------------------------------
     def stop(self, leaving: bool = True) -> None:
@@ -184,14 +187,16 @@ class WorkerLoop:
             self.progress.add(job)
         self.tasks[job["id"]] = asyncio.create_task(self._handle(session, job))
 
-    def _finished(self, job: dict[str, Any]) -> int:
+    def _finished(self, job: dict[str, Any], refresh: bool = False) -> int:
         """The handler is done with `job` (its result is about to be posted; the heartbeat names
         it until the post returns, as the SDK's): stop signals no longer reach it (they would
         cancel a post that may carry jobs), and the post asks for one job for its slot, none
         once the loop stops or when the slots shrank below those in use."""
         assert self._stopping is not None
         self._posting.add(job["id"])
-        if self._stopping.is_set() or self.config.get("refresh_worker", False):
+        if refresh or self.config.get("refresh_worker", False):
+            self.refresh = True
+        if self._stopping.is_set() or self.refresh:
             return 0
         return 1 if self._free_slots() >= 0 else 0
 
@@ -200,9 +205,9 @@ class WorkerLoop:
         try:
             finished = functools.partial(self._finished, job)
             handed = await self.run_job(session, self.config, job, finished) or []
-            if self.config.get("refresh_worker", False):
-                # The SDK's per-worker refresh: exit after this job and start afresh (not a
-                # departure: the next process takes jobs under the same name at once).
+            if self.refresh:
+                # RunPod's worker refresh: end after this job and start afresh (not a
+                # departure: the fresh runtime takes jobs under the same name at once).
                 self.stop(leaving=False)
         except asyncio.CancelledError:
             log.info("job %s stopped", job["id"])
@@ -265,11 +270,12 @@ def serve(
     announce_leaving: Callable[[], bool],
     take_capacity: int | None = None,
     channel: bool = True,
-) -> None:
+) -> bool:
     """The production worker: the SDK's fitness checks and heartbeat, then our loop on the
     SDK's HTTP session until SIGTERM (which also tells the gateway the worker leaves).
     `take_capacity`: the cap the gateway keeps for this worker, sent with each take; `channel`:
-    takes and results over the gateway's job channel (HTTP where it has none)."""
+    takes and results over the gateway's job channel (HTTP where it has none). True when it
+    ended because a job asked for a fresh worker (the caller starts the runtime afresh)."""
     from runpod.http_client import AsyncClientSession
     from runpod.serverless.modules import rp_http, rp_job
     from runpod.serverless.modules.rp_fitness import run_fitness_checks
@@ -300,7 +306,8 @@ def serve(
 
     async def main() -> None:
         await run_fitness_checks()
-        heartbeats.start(mirror)  # the SDK's ping loop, in a process that dies with this one
+        # The SDK's ping loop, in a process that dies with this one (or, on a refresh, first).
+        pinger = heartbeats.start(mirror)
         install_signals(loop)
         async with AsyncClientSession() as session:
             try:
@@ -308,6 +315,9 @@ def serve(
             finally:
                 if job_channel is not None:
                     await job_channel.close()
+                if loop.refresh and pinger is not None:
+                    pinger.kill()  # the fresh runtime starts its own
+                    pinger.join(5)
 
     try:
         import uvloop  # libuv's event loop where installed (the worker extra brings it)
@@ -315,3 +325,4 @@ def serve(
         asyncio.run(main())
     else:
         uvloop.run(main())
+    return loop.refresh

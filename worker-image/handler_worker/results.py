@@ -181,10 +181,14 @@ def runner(
     one) with the next jobs `finished()` asks for."""
 
     async def run(
-        session: Any, config: dict[str, Any], job: dict[str, Any], finished: Callable[[], int]
+        session: Any,
+        config: dict[str, Any],
+        job: dict[str, Any],
+        finished: Callable[[bool], int],
     ) -> list[dict[str, Any]]:
         result, is_stream = await job_result(session, config, job)
-        wanted, delivery = finished(), delivery_of(job)
+        # stopPod: the handler asked for a fresh worker after this job (RunPod's refresh).
+        wanted, delivery = finished(bool(result.get("stopPod"))), delivery_of(job)
         url = result_url(done_url, job["id"], is_stream, wanted, capacity, delivery)
         send = None
         if channel is not None and channel.usable():

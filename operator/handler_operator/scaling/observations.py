@@ -55,8 +55,12 @@ def heartbeat_condition(pod: dict[str, Any]) -> str | None:
 
 
 def queue_figures(figures: dict[str, Any]) -> dict[str, int]:
-    """The figures shown in status: jobs queued and in progress."""
-    return {"inQueue": figures.get("inQueue", 0), "inProgress": figures.get("inProgress", 0)}
+    """The figures shown in status: jobs queued and in progress, worker refreshes."""
+    return {
+        "inQueue": figures.get("inQueue", 0),
+        "inProgress": figures.get("inProgress", 0),
+        "workerRefreshes": (figures.get("workers") or {}).get("refreshes", 0),
+    }
 
 
 def observe(figures: dict[str, Any], replicas: int, pods: tuple[PodView, ...]) -> Observation:
