@@ -6,6 +6,8 @@ operations layer decides which transition to apply. Times are unix seconds (floa
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +32,7 @@ COUNTERS = (
     "ignoredResults",
     "deadLettered",
     "workerRefreshes",
+    "retriedOnError",
 )
 
 # Errors the gateway itself puts on jobs.
@@ -82,6 +85,17 @@ class JobRecord(BaseModel):
         return bool(self.extra.get("lowPriority"))
 
     @property
+    def attempt(self) -> int:
+        """The run the job is on: 1, then one more per retry after a handler error."""
+        return len(self.extra.get("attempts") or []) + 1
+
+    @property
+    def retry_at(self) -> float | None:
+        """When a retry waiting (IN_QUEUE, not in the queue yet) joins the queue."""
+        value = self.extra.get("retryAt")
+        return float(value) if value is not None else None
+
+    @property
     def expires_at(self) -> float:
         """When the record may be deleted (terminal records are kept a minimum time)."""
         by_ttl = self.created_at + self.ttl_s
@@ -112,6 +126,8 @@ class Effects:
     activity: bool = False  # record "now" as the endpoint's last activity (scale-to-zero clock)
     dead_letter: bool = False  # append to the endpoint's dead-letter list
     undead_letter: bool = False  # remove from the dead-letter list
+    delay_until: float | None = None  # a retry: into the endpoint's delayed jobs until then
+    undelay: bool = False  # out of the delayed jobs (its retry is due, or it ended)
     counters: dict[str, int] = field(default_factory=dict)
 
     def count(self, name: str, delta: int = 1) -> None:
@@ -149,6 +165,8 @@ def _change(
         effects.count("inQueueLow")
     if old.low_priority and new.status != old.status == JobStatus.IN_QUEUE:
         effects.count("inQueueLow", -1)
+    if old.retry_at is not None and new.status != JobStatus.IN_QUEUE:
+        effects.undelay = True  # a retry that waited ended otherwise (cancelled, expired)
     return Change(new, effects, note)
 
 
@@ -222,7 +240,12 @@ def runs_on(job: JobRecord, worker: str, delivery: int | None = None) -> bool:
 
 
 def finish(
-    job: JobRecord, worker: str, body: dict[str, Any], now: float, delivery: int | None = None
+    job: JobRecord,
+    worker: str,
+    body: dict[str, Any],
+    now: float,
+    delivery: int | None = None,
+    jitter: float = 0.5,
 ) -> Change | None:
     """A worker posted a final result. None when it must be ignored (stale or duplicate):
     `delivery`, echoed by handler_worker, fences off a result of an earlier delivery to the
@@ -244,7 +267,90 @@ def finish(
     effects = Effects(release_worker=worker, activity=True)
     if new.stop_pod:  # the handler asked for a fresh worker: it starts afresh (counted)
         effects.count("workerRefreshes")
+    if new.status == JobStatus.FAILED and retries_on_error(job, body):
+        return _retry_later(job, new, effects, now, jitter)
     return _change(job, new, effects, new.status.value.lower())
+
+
+def error_type(body: dict[str, Any]) -> str:
+    """The exception class of a failed run, as the runpod SDK reports it (`error` is a JSON
+    text with `error_type` "<class 'module.Name'>") or the generic handler does (`output`'s
+    `error_type`); "" for an error the handler returned itself."""
+    output = body.get("output")
+    if isinstance(output, dict) and isinstance(output.get("error_type"), str):
+        return str(output["error_type"])
+    error = body.get("error")
+    info: Any = error
+    if isinstance(error, str):
+        try:
+            info = json.loads(error)
+        except ValueError:
+            return ""
+    found = info.get("error_type") if isinstance(info, dict) else None
+    if not isinstance(found, str):
+        return ""
+    match = re.fullmatch(r"<class '([^']+)'>", found)
+    return match.group(1) if match else found
+
+
+def retries_on_error(job: JobRecord, body: dict[str, Any]) -> bool:
+    """Whether a failed run is retried: the job's retry policy allows another attempt and
+    names this error's type (or any)."""
+    policy = job.extra.get("retryOnError")
+    if not policy or job.attempt >= int(policy.get("maxAttempts", 1)):
+        return False
+    wanted = policy.get("errorTypes")
+    if not wanted:
+        return True
+    found = error_type(body)
+    return bool(found) and (found in wanted or found.rsplit(".", 1)[-1] in wanted)
+
+
+def retry_delay(policy: dict[str, Any], attempt: int, jitter: float) -> float:
+    """The wait before run `attempt + 1`: exponential, capped, its second half jittered
+    (`jitter` in [0, 1))."""
+    base = float(policy.get("backoffSeconds", 1.0)) * 2.0 ** max(0, attempt - 1)
+    delay: float = min(float(policy.get("maxBackoffSeconds", 60.0)), base)
+    return delay / 2 + delay / 2 * jitter
+
+
+def _retry_later(
+    job: JobRecord, failed: JobRecord, effects: Effects, now: float, jitter: float
+) -> Change:
+    """The failed run is kept in `attempts`; the job waits IN_QUEUE (out of the queue) for
+    its next run until its retry is due (the sweeper then queues it: `release_retry`)."""
+    attempts = [
+        *(job.extra.get("attempts") or []),
+        {"attempt": job.attempt, "error": failed.error, "workerId": job.worker_id,
+         "finishedAt": now},
+    ]  # fmt: skip
+    retry_at = now + retry_delay(job.extra["retryOnError"], job.attempt, jitter)
+    new = job.model_copy(
+        update={
+            "status": JobStatus.IN_QUEUE,
+            "worker_id": None,
+            "started_at": None,
+            "heartbeat_at": None,
+            "progress": None,
+            "output": None,
+            "error": None,
+            "stop_pod": failed.stop_pod,
+            "extra": {**job.extra, "attempts": attempts, "retryAt": retry_at},
+        }
+    )
+    effects.delay_until = retry_at
+    effects.count("retriedOnError")
+    return _change(job, new, effects, f"failed; retry {job.attempt + 1} at {retry_at:.3f}")
+
+
+def release_retry(job: JobRecord, now: float) -> Change | None:
+    """A retry whose time came joins the queue (at its tail). None when it no longer waits
+    (cancelled, purged, expired): its delayed entry just goes."""
+    if job.status != JobStatus.IN_QUEUE or job.retry_at is None:
+        return None
+    extra = {k: v for k, v in job.extra.items() if k != "retryAt"}
+    new = job.model_copy(update={"extra": extra})
+    return _change(job, new, Effects(enqueue=True, undelay=True), "retry queued")
 
 
 def progress(
@@ -388,6 +494,8 @@ def requeue(job: JobRecord, now: float, reset_attempts: bool) -> Change | None:
         error=None,
         stream_cursor=0,
         redeliveries=0 if reset_attempts else job.redeliveries,
+        # a fresh start for its retries on error too
+        extra={k: v for k, v in job.extra.items() if k not in ("attempts", "retryAt")},
     )
     effects = Effects(enqueue=True, undead_letter=True)
     effects.count("retried")

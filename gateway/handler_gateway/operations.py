@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -387,6 +388,9 @@ class Gateway:
             extra["lowPriority"] = True
         if request.s3Config is not None:
             extra["s3Config"] = request.s3Config.model_dump()
+        retry = (policy.retryOnError if policy else None) or config.retryOnError
+        if retry is not None:
+            extra["retryOnError"] = retry.model_dump()
         change = jobs.new_job(
             str(uuid.uuid4()),
             endpoint_id,
@@ -734,7 +738,9 @@ class Gateway:
             if chunks:
                 body = {**body, "output": chunks}
         change = await self.backend.update_job(
-            endpoint_id, job_id, lambda j: jobs.finish(j, worker, body, now, delivery)
+            endpoint_id,
+            job_id,
+            lambda j: jobs.finish(j, worker, body, now, delivery, jitter=random.random()),
         )
         if change is None:
             return await self._ignored(endpoint_id, job_id, worker)
@@ -998,6 +1004,14 @@ class Gateway:
                 )
                 if change is not None:
                     changes.append(change)
+            for job_id in await self.backend.due_retries(endpoint_id, now, 100):
+                change = await self.backend.update_job(
+                    endpoint_id, job_id, lambda j: jobs.release_retry(j, now)
+                )
+                if change is not None:
+                    changes.append(change)
+                else:  # cancelled, purged or expired meanwhile
+                    await self.backend.forget_delayed(endpoint_id, job_id)
             await self.backend.forget_expired(endpoint_id, now)
             stale_after = max(lost_after * 2, 60.0)
             for worker in (await self.backend.get_workers(endpoint_id)).values():

@@ -122,6 +122,10 @@ def job_view_dict(job: JobRecord) -> dict[str, Any]:
         "retries": job.redeliveries or None,
         "workerId": job.worker_id,
     }
+    if "attempts" in job.extra:  # retried on error: the runs that failed, the one it is on
+        view["attempt"] = job.attempt
+        view["attempts"] = job.extra["attempts"]
+        view["retryAt"] = job.retry_at
     return {name: value for name, value in view.items() if value is not None}
 
 
@@ -456,6 +460,7 @@ def job_summary(job: JobRecord) -> JobSummary:
         workerId=job.worker_id,
         retries=job.redeliveries or None,
         lowPriority=job.low_priority or None,
+        attempt=job.attempt if "attempts" in job.extra else None,
     )
 
 

@@ -206,6 +206,7 @@ def build_endpoint_registration(
         "heartbeatIntervalSeconds": jobs.heartbeatIntervalSeconds,
         "maxQueued": jobs.maxQueued,
         "maxInputBytes": jobs.maxInputBytes,
+        "retryOnError": jobs.retryOnError.model_dump() if jobs.retryOnError else None,
     }
     return {name: value for name, value in registration.items() if value is not None}
 

@@ -19,7 +19,7 @@ from pydantic import (
 )
 
 from handler_protocol.ids import endpoint_id
-from handler_protocol.models import RateLimit
+from handler_protocol.models import RateLimit, RetryOnError
 
 GROUP = "handlerops.dev"
 VERSION = "v1alpha1"
@@ -345,6 +345,11 @@ class JobsSpec(_Spec):
         le=1024**3,
         description="Largest /run or /runsync request body in bytes; larger ones get 413 "
         "(unset: the gateway's own limit).",
+    )
+    retryOnError: RetryOnError | None = Field(
+        None,
+        description="Retries of jobs whose handler failed (opt-in): attempts, exponential "
+        "backoff with jitter, which exception types. A job's policy.retryOnError overrides it.",
     )
 
 

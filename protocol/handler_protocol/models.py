@@ -9,13 +9,31 @@ from __future__ import annotations
 import hashlib
 import re
 from functools import cached_property
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The bounds of a job's times, as an endpoint's (`EndpointConfig`): 7 days running, 30 days alive.
 MAX_EXECUTION_MS = 7 * 86400 * 1000
 MAX_TTL_MS = 30 * 86400 * 1000
+
+
+class RetryOnError(BaseModel):
+    """Retries of jobs whose handler failed (ours, opt-in; lost workers are redelivered
+    anyway): up to `maxAttempts` runs in all, the n-th retry after
+    min(maxBackoffSeconds, backoffSeconds × 2^(n-1)), half of it jittered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    maxAttempts: int = Field(..., ge=2, le=20, description="runs in all, the first included")
+    backoffSeconds: float = Field(1.0, ge=0, le=3600, description="before the first retry")
+    maxBackoffSeconds: float = Field(60.0, ge=0, le=86400, description="the longest wait")
+    errorTypes: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        None,
+        max_length=50,
+        description="exception class names to retry (e.g. OutOfMemoryError or "
+        "torch.cuda.OutOfMemoryError); none: every handler error",
+    )
 
 
 class Policy(BaseModel):
@@ -31,6 +49,9 @@ class Policy(BaseModel):
         None, ge=1000, le=MAX_TTL_MS, description="lifetime of the job from submission, ms"
     )
     lowPriority: bool = False
+    retryOnError: RetryOnError | None = Field(
+        None, description="ours: retries of this job when its handler fails (over the endpoint's)"
+    )
 
 
 class S3Config(BaseModel):
@@ -106,6 +127,11 @@ class JobView(BaseModel):
     retries: int | None = None
     workerId: str | None = None
     handlerProblem: HandlerProblem | None = None
+    attempt: int | None = Field(None, description="ours: the run it is on, when retried on error")
+    attempts: list[dict[str, Any]] | None = Field(
+        None, description="ours: the failed runs before (error, workerId, finishedAt)"
+    )
+    retryAt: float | None = Field(None, description="ours: when a retry waiting joins the queue")
 
 
 class JobSummary(BaseModel):
@@ -119,6 +145,7 @@ class JobSummary(BaseModel):
     workerId: str | None = None
     retries: int | None = None
     lowPriority: bool | None = None
+    attempt: int | None = Field(None, description="the run it is on, when retried on error")
 
 
 class JobList(BaseModel):
@@ -239,6 +266,9 @@ class EndpointConfig(BaseModel):
         default_factory=list, max_length=10_000, description="keys scoped to this endpoint"
     )
     rateLimit: RateLimit | None = Field(None, description="per caller; none: unlimited")
+    retryOnError: RetryOnError | None = Field(
+        None, description="retries of jobs whose handler fails; none: a handler error is final"
+    )
     executionTimeoutSeconds: float = Field(600, ge=1, le=7 * 86400)
     ttlSeconds: float = Field(86400, ge=10, le=30 * 86400)
     maxRetries: int = Field(2, ge=0, le=100)

@@ -11,7 +11,7 @@ import requests
 
 from tests.conftest import EXAMPLES
 from tests.e2e.conftest import TOKEN
-from tests.processes import ADMIN_KEY, http_json
+from tests.processes import ADMIN_KEY, CLIENT_KEY, http_json
 
 
 def test_run_status_output(endpoint, workers):
@@ -155,3 +155,20 @@ def test_a_module_level_refresh_worker_gives_every_job_a_fresh_worker(endpoint, 
     assert [o["ran"] for o in outputs] == [1, 1, 1]
     assert [o["refreshes"] for o in outputs] == [0, 1, 2]
     assert worker_refreshes(gateway) == 3
+
+
+def test_a_job_whose_handler_failed_is_retried_when_its_policy_says_so(endpoint, workers, gateway):
+    """The SDK reports the exception's type; the job's retryOnError names it: it runs again
+    and completes, its failed run shown in status."""
+    workers("handlers.flaky")
+    retry = {"maxAttempts": 2, "backoffSeconds": 0, "errorTypes": ["TimeoutError"]}
+    job = endpoint.run({"input": {"n": 1}, "policy": {"retryOnError": retry}})
+    assert job.output(timeout=60) == {"ok": True}
+    _, view = http_json("GET", f"{gateway.url}/v2/ep/status/{job.job_id}", key=CLIENT_KEY)
+    assert view["status"] == "COMPLETED" and view["attempt"] == 2
+    assert "TimeoutError" in view["attempts"][0]["error"]
+    once = endpoint.run({"n": 2})  # no policy: a handler error is final
+    deadline = time.monotonic() + 60
+    while once.status() not in ("FAILED", "COMPLETED") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert once.status() == "FAILED"

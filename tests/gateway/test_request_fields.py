@@ -67,6 +67,15 @@ async def acts_low_priority(api):
     assert (await api.take())["id"] == normal  # a normal job first, though queued after
 
 
+async def acts_retry_on_error(api):
+    retry = {"maxAttempts": 2, "backoffSeconds": 0}
+    job_id = await submit(api, {"input": 1, "policy": {"retryOnError": retry}})
+    taken = await api.take()
+    await api.done("w1", taken["id"], {"error": "boom"})
+    view = await api.status(job_id)
+    assert view["status"] == "IN_QUEUE" and view["attempt"] == 2  # runs again
+
+
 EFFECTS = {
     "input": acts_input,
     "webhook": acts_webhook,
@@ -75,6 +84,7 @@ EFFECTS = {
     "policy.executionTimeout": acts_execution_timeout,
     "policy.ttl": acts_ttl,
     "policy.lowPriority": acts_low_priority,
+    "policy.retryOnError": acts_retry_on_error,
 }
 
 

@@ -594,6 +594,16 @@ def test_the_gateway_is_told_who_may_call_and_how_often():
     assert "old" * 8 not in config.model_dump_json()
 
 
+def test_the_gateway_is_told_the_endpoints_retries_on_error():
+    retry = {"maxAttempts": 3, "backoffSeconds": 2, "errorTypes": ["OutOfMemoryError"]}
+    hd = hd_with({"handler": {"module": "handler"}, "jobs": {"retryOnError": retry}})
+    config = EndpointConfig(**builders.build_endpoint_registration(hd, "t" * 20))
+    assert config.retryOnError.maxAttempts == 3
+    assert config.retryOnError.errorTypes == ["OutOfMemoryError"]
+    plain = hd_with({"handler": {"module": "handler"}})
+    assert "retryOnError" not in builders.build_endpoint_registration(plain, "t" * 20)
+
+
 def secret(name: str, data: dict[str, str], label: str = "endpoint") -> dict:
     labels = {builders.CLIENT_KEYS_LABEL: label}
     encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}

@@ -336,6 +336,15 @@ class Backend(ABC):
     @abstractmethod
     async def dead_letters(self, endpoint: str) -> list[str]: ...
 
+    # -- retries on error ----------------------------------------------------------------------
+    @abstractmethod
+    async def due_retries(self, endpoint: str, now: float, limit: int) -> list[str]:
+        """Up to `limit` retries waiting whose time has come, soonest first."""
+
+    @abstractmethod
+    async def forget_delayed(self, endpoint: str, job_id: str) -> None:
+        """Drop a delayed entry whose job no longer waits (ended otherwise)."""
+
     # -- handler problems ----------------------------------------------------------------------
     @abstractmethod
     async def set_problem(self, endpoint: str, problem: HandlerProblem | None) -> None:

@@ -43,6 +43,7 @@ class _EndpointState:
         self.dead: list[str] = []
         self.activity: float | None = None
         self.problem: HandlerProblem | None = None
+        self.delayed: dict[str, float] = {}  # retries waiting: job id -> when due
 
     def queue_of(self, job: JobRecord) -> deque[str]:
         return self.low_queue if job.low_priority else self.queue
@@ -88,6 +89,10 @@ class MemoryBackend(Backend):
     def _apply(self, state: _EndpointState, old: JobRecord | None, change: Change) -> None:
         job, effects = change.job, change.effects
         state.jobs[job.id] = job
+        if effects.delay_until is not None:
+            state.delayed[job.id] = effects.delay_until
+        if effects.undelay:
+            state.delayed.pop(job.id, None)
         if job.status == JobStatus.IN_PROGRESS:
             state.active.add(job.id)
         else:
@@ -195,7 +200,28 @@ class MemoryBackend(Backend):
             if change is not None:
                 self._apply(state, job, change)
                 changes.append(change)
+        for job_id in list(state.delayed) if state else []:
+            job = state.jobs.get(job_id)
+            change = transition(job) if job is not None else None
+            state.delayed.pop(job_id, None)
+            if change is not None:
+                self._apply(state, job, change)
+                changes.append(change)
         return changes
+
+    async def due_retries(self, endpoint: str, now: float, limit: int) -> list[str]:
+        state = self._state(endpoint)
+        due = (
+            sorted((at, job_id) for job_id, at in state.delayed.items() if at <= now)
+            if state
+            else []
+        )
+        return [job_id for _, job_id in due[:limit]]
+
+    async def forget_delayed(self, endpoint: str, job_id: str) -> None:
+        state = self._state(endpoint)
+        if state is not None:
+            state.delayed.pop(job_id, None)
 
     # -- streams -----------------------------------------------------------------------------
     async def append_chunk(self, endpoint: str, job_id: str, chunk: Any, expire_at: float) -> None:

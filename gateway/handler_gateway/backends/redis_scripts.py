@@ -122,7 +122,7 @@ return {taken, wait}
 # A new job also goes into the endpoint's jobs by creation time (the listing's index, trimmed to
 # the longest ttl). KEYS: job, input, chunks, queue, active, counters,
 # activity, dead letters, released worker's jobs, assigned worker's jobs, stopped worker's stops,
-# the endpoint's jobs by creation time.
+# the endpoint's jobs by creation time, its delayed jobs (retries waiting, by due time).
 # ARGV: expected revision, effects (JSON), the fields (a JSON object of each field's JSON).
 APPLY_FUNCTION = (
     LISTENING_FUNCTION
@@ -184,6 +184,8 @@ if e.assign then redis.call('SADD', KEYS[10], id) end
 if e.stop then redis.call('HSET', KEYS[11], id, '0') end
 if e.dead then redis.call('RPUSH', KEYS[8], id) end
 if e.undead then redis.call('LREM', KEYS[8], 0, id) end
+if e.delay then redis.call('ZADD', KEYS[13], e.delay, id) end
+if e.undelay then redis.call('ZREM', KEYS[13], id) end
 if e.message and listening(e.notify, e.listeners) then
   redis.call('PUBLISH', e.notify, e.message)
 end
@@ -258,13 +260,13 @@ return out
 end
 """
 APPLY = APPLY_FUNCTION + "return apply(KEYS, ARGV)"
-# APPLY for several changes (each its 12 keys and 3 arguments, in turn); the replies in order.
+# APPLY for several changes (each its 13 keys and 3 arguments, in turn); the replies in order.
 APPLY_MANY = (
     APPLY_FUNCTION
     + """
 local replies = {}
 for i = 0, #ARGV / 3 - 1 do
-  replies[i + 1] = apply({unpack(KEYS, 12 * i + 1, 12 * i + 12)}, {unpack(ARGV, 3 * i + 1, 3 * i + 3)})
+  replies[i + 1] = apply({unpack(KEYS, 13 * i + 1, 13 * i + 13)}, {unpack(ARGV, 3 * i + 1, 3 * i + 3)})
 end
 return replies
 """
@@ -302,9 +304,9 @@ CREATE_TAKE = (
     APPLY_FUNCTION
     + TAKE_FUNCTION
     + """
-local applied = apply({unpack(KEYS, 1, 12)}, {unpack(ARGV, 1, 3)})
+local applied = apply({unpack(KEYS, 1, 13)}, {unpack(ARGV, 1, 3)})
 if applied[1] ~= 1 then return {applied} end
-return {applied, take({unpack(KEYS, 13, 21)}, {unpack(ARGV, 4, 18)})}
+return {applied, take({unpack(KEYS, 14, 22)}, {unpack(ARGV, 4, 18)})}
 """
 )
 
@@ -551,9 +553,12 @@ class RedisBackend(Backend):
             ("stop", effects.stop_worker),
             ("dead", effects.dead_letter),
             ("undead", effects.undead_letter),
+            ("undelay", effects.undelay),
         ):
             if value:
                 out[key] = True
+        if effects.delay_until is not None:
+            out["delay"] = repr(effects.delay_until)
         return out
 
     def _apply_call(
@@ -576,6 +581,7 @@ class RedisBackend(Backend):
             base + "wjobs:" + (effects.assign_worker or ""),
             base + "stops:" + (effects.stop_worker or ""),
             base + "recent",
+            base + "delayed",
         ]
         fields = record_fields(job)
         if not expected:  # a new hash: a field left out reads as its default, null
@@ -940,7 +946,21 @@ class RedisBackend(Backend):
                     if change is not None:
                         changes.append(change)
                     await self.redis.lrem(queue, 1, job_id)
+        for job_id in await self.redis.zrange(self._k(endpoint, "delayed"), 0, -1):
+            change = await self.update_job(endpoint, job_id, transition)  # its entry goes too
+            if change is not None:
+                changes.append(change)
+            else:
+                await self.forget_delayed(endpoint, job_id)
         return changes
+
+    async def due_retries(self, endpoint: str, now: float, limit: int) -> list[str]:
+        return list(
+            await self.redis.zrangebyscore(self._k(endpoint, "delayed"), "-inf", now, 0, limit)
+        )
+
+    async def forget_delayed(self, endpoint: str, job_id: str) -> None:
+        await self.redis.zrem(self._k(endpoint, "delayed"), job_id)
 
     # -- older layouts -------------------------------------------------------------------------
     async def _ensure_schema(self) -> None:
