@@ -86,6 +86,17 @@ def test_with_a_gateway_calls_run_on_the_endpoints_workers(served):
     assert asyncio.run(scaler.scale.aio(2)) == 6
 
 
+def test_an_instance_is_built_once_per_worker_and_reused_by_later_calls(served):
+    models = importlib.import_module("app.models")
+    remote.configure(url=served.url, api_key=served.key, namespace="default")
+    model = models.Loaded("weights-v1")
+    seen = [model.where() for _ in range(20)]
+    by_worker = {}
+    for worker, builds in seen:
+        by_worker.setdefault(worker, set()).add(builds)
+    assert by_worker and all(builds == {1} for builds in by_worker.values()), seen
+
+
 def test_a_new_endpoint_in_the_project_is_served_without_a_restart(served, project):
     tasks_module = project / "app" / "more.py"
     tasks_module.write_text(

@@ -179,7 +179,60 @@ REGISTRY = {"multiply": multiply, "Model": Model}
 )
 def test_registry_json_mode(job_input, expected):
     output = run(job_input, create_handler(REGISTRY, allow_pickled=False))
-    assert output == {"success": True, "json_result": expected}
+    assert {k: v for k, v in output.items() if k != "instance"} == {
+        "success": True,
+        "json_result": expected,
+    }
+    assert output.get("instance") == ("built" if "constructor_args" in job_input else None)
+
+
+class Counted:
+    """Its __init__ counts its calls (as a model load would show in the logs)."""
+
+    built = 0
+
+    def __init__(self, name):
+        Counted.built += 1
+        self.name, self.calls = name, 0
+
+    def call(self):
+        self.calls += 1
+        return [self.name, self.calls]
+
+
+def class_call(name: str) -> dict:
+    return {
+        "function_name": "Counted",
+        "serialization_format": "json",
+        "constructor_args": [name],
+        "method_name": "call",
+    }
+
+
+@pytest.mark.parametrize(("limit", "built"), [(None, 1), ("0", 100)], ids=["kept", "cache-off"])
+def test_a_hundred_method_calls_build_one_instance_per_worker(monkeypatch, limit, built):
+    if limit is None:
+        monkeypatch.delenv("HANDLER_INSTANCES", raising=False)
+    else:
+        monkeypatch.setenv("HANDLER_INSTANCES", limit)
+    Counted.built = 0
+    handler = create_handler({"Counted": Counted}, allow_pickled=False)
+    outputs = [run(class_call("a"), handler) for _ in range(100)]
+    assert Counted.built == built
+    assert outputs[-1]["json_result"] == ["a", 100 if limit is None else 1]  # its state lives on
+    assert [o["instance"] for o in outputs[:2]] == (
+        ["built", "reused"] if limit is None else ["built", "built"]
+    )
+
+
+def test_instances_are_kept_per_constructor_arguments_least_recently_used_first(monkeypatch):
+    monkeypatch.setenv("HANDLER_INSTANCES", "2")
+    Counted.built = 0
+    handler = create_handler({"Counted": Counted}, allow_pickled=False)
+    for name in ("a", "b", "a", "c", "a", "b"):
+        run(class_call(name), handler)
+    # a, b built; a reused; c built (b evicted: least recently used); a reused; b built again
+    assert Counted.built == 4
 
 
 def test_registry_only_endpoint_refuses_pickled_functions():

@@ -3,7 +3,8 @@
 Input (`GenericRequest`): `function` (base64 cloudpickle of a function or class) or
 `function_name` (looked up in a registry), `args`/`kwargs`, for classes `constructor_args`/
 `constructor_kwargs` + `method_name`. `serialization_format: "json"` takes plain JSON arguments
-and returns `json_result`. Output: `{"success": true, "result": <b64>}` or
+and returns `json_result`. Output: `{"success": true, "result": <b64>}` (a class call adds
+`"instance": "built" | "reused"`: instances are kept per worker, `Instances`) or
 `{"success": false, "error", "error_type", "traceback"}`. Source code strings are never executed.
 Trust model: whoever can submit jobs to the endpoint can run code on its workers (as in
 tetra-rp/flash); keep the endpoint's client API key private.
@@ -11,10 +12,13 @@ tetra-rp/flash); keep the endpoint's client API key private.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import os
 import re
 import traceback
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -115,16 +119,74 @@ def resolve_target(
     return target
 
 
-async def execute(request: GenericRequest, target: Any) -> Any:
+INSTANCES_ENV = "HANDLER_INSTANCES"
+DEFAULT_INSTANCES = 8
+
+
+def instance_limit(env: Mapping[str, str] | None = None) -> int:
+    """How many class instances a worker keeps (HANDLER_INSTANCES, default 8; 0: none, every
+    call builds its own)."""
+    raw = (os.environ if env is None else env).get(INSTANCES_ENV, "")
+    try:
+        return max(0, int(raw)) if raw.strip() else DEFAULT_INSTANCES
+    except ValueError:
+        return DEFAULT_INSTANCES
+
+
+class Instances:
+    """The `@remote` class instances a worker keeps, least recently used dropped first: one per
+    class and constructor arguments, built by its first call (its `__init__`: the model loaded
+    once) and reused by the calls after it, on this worker, until the worker ends."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.built = 0
+        self._kept: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+
+    def get(self, key: tuple[str, str, str], build: Callable[[], Any]) -> tuple[Any, bool]:
+        """(the instance, whether this call built it)."""
+        if key in self._kept:
+            self._kept.move_to_end(key)
+            return self._kept[key], False
+        instance = build()
+        self.built += 1
+        if self.limit:
+            self._kept[key] = instance
+            while len(self._kept) > self.limit:
+                self._kept.popitem(last=False)
+        return instance, True
+
+
+def instance_key(request: GenericRequest) -> tuple[str, str, str]:
+    """Which instance a class call reuses: the class (registered name, or its pickled code's
+    digest) and its constructor arguments as sent."""
+    target = request.function_name or hashlib.sha256((request.function or "").encode()).hexdigest()
+    arguments = json.dumps(
+        [request.constructor_args, request.constructor_kwargs], sort_keys=True, default=str
+    )
+    return target, request.serialization_format, arguments
+
+
+async def execute(
+    request: GenericRequest, target: Any, instances: Instances | None = None
+) -> tuple[Any, bool | None]:
+    """The call's result, and for a class call whether it built its instance (None: a
+    function)."""
     fmt = request.serialization_format
     args = _decode_values(request.args, "args", fmt)
     kwargs = _decode_mapping(request.kwargs, "kwargs", fmt)
     kind = request.execution_type or ("class" if isinstance(target, type) else "function")
+    built: bool | None = None
     if kind == "class":
-        instance = target(
-            *_decode_values(request.constructor_args, "constructor_args", fmt),
-            **_decode_mapping(request.constructor_kwargs, "constructor_kwargs", fmt),
-        )
+
+        def build() -> Any:
+            return target(
+                *_decode_values(request.constructor_args, "constructor_args", fmt),
+                **_decode_mapping(request.constructor_kwargs, "constructor_kwargs", fmt),
+            )
+
+        instances = instances if instances is not None else Instances(0)
+        instance, built = instances.get(instance_key(request), build)
         call = getattr(instance, request.method_name, None)
         if call is None or not callable(call):
             raise GenericRequestError(
@@ -135,7 +197,7 @@ async def execute(request: GenericRequest, target: Any) -> Any:
     result = call(*args, **kwargs)
     if inspect.isawaitable(result):
         result = await result
-    return result
+    return result, built
 
 
 def _failure(exc: BaseException, with_traceback: bool) -> dict[str, Any]:
@@ -152,6 +214,7 @@ def create_handler(
 ) -> Callable[[dict[str, Any]], Any]:
     """A runpod handler that runs registered or cloudpickled callables (see module doc)."""
     functions = dict(registry or {})
+    instances = Instances(instance_limit())
 
     async def handler(job: dict[str, Any]) -> dict[str, Any]:
         raw = job.get("input")
@@ -162,15 +225,18 @@ def create_handler(
         except (GenericRequestError, PayloadError) as exc:
             return _failure(exc, with_traceback=False)
         try:
-            result = await execute(request, target)
+            result, built = await execute(request, target, instances)
         except (GenericRequestError, PayloadError) as exc:
             return _failure(exc, with_traceback=False)
         except Exception as exc:  # the user's function failed: report with its traceback
             return _failure(exc, with_traceback=True)
+        # A class call says whether its instance was built for it (first call on this worker,
+        # or rebuilt after an eviction or on another worker) or reused.
+        shown = {} if built is None else {"instance": "built" if built else "reused"}
         if request.serialization_format == "json":
-            return {"success": True, "json_result": result}
+            return {"success": True, "json_result": result, **shown}
         try:
-            return {"success": True, "result": serialization.encode(result)}
+            return {"success": True, "result": serialization.encode(result), **shown}
         except PayloadError as exc:
             return _failure(exc, with_traceback=False)
 

@@ -162,8 +162,9 @@ def _remote_class(cls: type, meta: RemoteOptions) -> type:
 
 
 class RemoteInstance:
-    """`Model(...)` with a gateway configured: each method call is a job (a fresh instance on
-    the worker, built from the same constructor arguments)."""
+    """`Model(...)` with a gateway configured: each method call is a job carrying the
+    constructor arguments; a worker builds the instance on its first call and reuses it for
+    the calls after (`handler_worker.generic.Instances`), so `__init__` runs once per worker."""
 
     def __init__(self, name: str, endpoint: str, config: RemoteConfig, args: tuple, kwargs: dict):
         self._name, self._endpoint, self._config = name, endpoint, config
