@@ -841,9 +841,8 @@ def build(
             highlight=False,
             soft_wrap=True,
         )
-    first = next(iter(manifest["endpoints"]))
     out.print(
-        f"try it: handlerctl dev {project} -f {target / 'deploy' / (first + '.yaml')} -p {target}",
+        f"try it: handlerctl dev {project}  (every endpoint, on one local gateway)",
         highlight=False,
         soft_wrap=True,
     )

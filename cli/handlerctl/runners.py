@@ -673,6 +673,8 @@ class EndpointRunner:
                 env[var["name"]] = name
             elif var["name"] == "RUNPOD_AI_API_KEY":
                 env[var["name"]] = self.token
+            elif var["name"] == "HANDLER_REMOTE_API_KEY":  # registered with every endpoint
+                env[var["name"]] = self.dev.api_key
             else:
                 env[var["name"]] = var["value"]
         for var in self.target.hd.spec.env:  # user env: plain values (no Secrets locally)

@@ -94,6 +94,10 @@ def worker_token(
 # A Secret labelled so holds client keys: "endpoint" ones reach the endpoints naming it in
 # spec.access, "namespace" ones every endpoint of its namespace. The operator watches them.
 CLIENT_KEYS_LABEL = f"{GROUP}/client-keys"
+# Each namespace's key for calls between its endpoints (`@remote` inside a worker): a
+# namespace-scoped client key, made by the operator, given to every worker pod.
+CALLS_SECRET, CALLS_KEY = "handler-calls", "key"
+MANAGER = "handler-operator"
 MIN_CLIENT_KEY = 16  # characters: a short value (a user name, "true") is no key
 GENERIC_HANDLER = "handler_worker.generic"
 
@@ -276,6 +280,21 @@ KEEP_ANNOTATIONS = {
 }
 
 
+def build_calls_secret(namespace: str, key: str) -> dict[str, Any]:
+    """The namespace's calls key (see CALLS_SECRET): a namespace-scoped client key Secret."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": CALLS_SECRET,
+            "namespace": namespace,
+            "labels": {CLIENT_KEYS_LABEL: "namespace", "app.kubernetes.io/managed-by": MANAGER},
+        },
+        "type": "Opaque",
+        "data": {CALLS_KEY: base64.b64encode(key.encode()).decode()},
+    }
+
+
 def build_kept_secret_write(
     namespace: str,
     name: str,
@@ -343,6 +362,15 @@ def runtime_env(hd: HandlerDeployment, settings: OperatorSettings) -> list[dict[
         {"name": "RUNPOD_ENDPOINT_ID", "value": hd.endpoint_id},
         {"name": "RUNPOD_PING_INTERVAL", "value": str(jobs.heartbeatIntervalSeconds * 1000)},
         {"name": "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "value": "true"},
+        # `@remote` calls from this worker to its namespace's other endpoints: the gateway and
+        # the namespace's calls key (a Secret the operator makes, a namespace-scoped key).
+        {"name": "HANDLER_REMOTE_URL", "value": settings.gateway_url},
+        {
+            "name": "HANDLER_REMOTE_API_KEY",
+            "valueFrom": {
+                "secretKeyRef": {"name": CALLS_SECRET, "key": CALLS_KEY, "optional": True}
+            },
+        },
     ]
     return env
 

@@ -9,12 +9,13 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Collection
+from secrets import token_urlsafe
 from typing import Any
 
 from pydantic import ValidationError
 
 from handler_operator import builders
-from handler_operator.clients import KubeApi
+from handler_operator.clients import Conflict, KubeApi
 from handler_operator.models import GROUP, VERSION, HandlerDeployment
 from handler_operator.settings import OperatorSettings
 from handler_protocol.clients import GatewayAdmin
@@ -49,6 +50,8 @@ class Registrar:
                 return []
             status = live.get("status") or {}
             secrets = await self.kube.list("v1", "Secret", namespace, builders.CLIENT_KEYS_LABEL)
+            if not any(s["metadata"]["name"] == builders.CALLS_SECRET for s in secrets):
+                secrets.append(await self._make_calls_key(namespace))
             keys, problems = builders.build_client_keys(hd, secrets)
             rotation = hd.spec.access.workerTokenRotation
             retiring = [
@@ -72,6 +75,17 @@ class Registrar:
                     HD_API, "HandlerDeployment", namespace, name, [], fields
                 )
             return problems
+
+    async def _make_calls_key(self, namespace: str) -> dict[str, Any]:
+        """The namespace's key for calls between its endpoints (`@remote` inside a worker;
+        every worker pod reads it): made once, when the namespace has none (a deleted one is
+        made again, with a new value)."""
+        body = builders.build_calls_secret(namespace, token_urlsafe(30))
+        try:
+            return await self.kube.create(body)
+        except Conflict:  # made meanwhile (another registration of the namespace)
+            found = await self.kube.get("v1", "Secret", namespace, builders.CALLS_SECRET)
+            return found or body
 
     async def register_namespace(self, namespace: str) -> None:
         """Every registered endpoint of the namespace again (a key Secret there changed: its

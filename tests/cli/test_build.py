@@ -37,7 +37,7 @@ def test_manifest_matches_the_golden_file(built):
     _, out, stdout = built
     manifest = json.loads((out / projects.MANIFEST).read_text())
     assert manifest == json.loads((GOLDEN / "handler_manifest.json").read_text())
-    assert "endpoint cpu-tasks: add, shout, where" in stdout
+    assert "endpoint cpu-tasks: add, chain, shout, where" in stdout
     assert "try it: handlerctl dev" in stdout
 
 
@@ -93,8 +93,9 @@ def test_generated_handler_serves_only_the_registered_functions(built):
     )  # fmt: skip
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert last["output"]["success"] is False
-    assert "'not_remote' is not registered (available: ['add', 'shout', 'where'])" in json.dumps(
-        last
+    assert (
+        "'not_remote' is not registered (available: ['add', 'chain', 'shout', 'where'])"
+        in json.dumps(last)
     )
 
 

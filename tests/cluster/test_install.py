@@ -714,7 +714,11 @@ def test_keys_of_a_labelled_secret_reach_their_endpoint_and_rotate(installation,
         ns,
     )
     kubectl("wait", "--for=condition=Ready", "hd/scoped", "-n", ns, "--timeout=60s")
-    assert hd(kubectl, ns, "scoped")["status"]["clientKeys"] == [f"{ns}/team-keys/ci"]
+    # the named key, and the namespace's calls key the operator made
+    assert hd(kubectl, ns, "scoped")["status"]["clientKeys"] == [
+        f"{ns}/team-keys/ci",
+        f"{ns}/handler-calls/key",
+    ]
     health = f"{installation.gateway.url}/v2/{ns}--scoped/health"
     assert status_of(health, first) == 200
     kubectl.apply(secret(second), ns)

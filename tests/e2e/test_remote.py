@@ -12,7 +12,7 @@ import pytest
 
 from handler_worker import remote
 from tests.conftest import FIXTURES
-from tests.processes import DevProcess
+from tests.processes import DevProcess, http_json
 
 
 @pytest.fixture
@@ -95,6 +95,21 @@ def test_an_instance_is_built_once_per_worker_and_reused_by_later_calls(served):
     for worker, builds in seen:
         by_worker.setdefault(worker, set()).add(builds)
     assert by_worker and all(builds == {1} for builds in by_worker.values()), seen
+
+
+def test_a_worker_calls_another_endpoint_through_the_gateway_and_never_back_into_its_chain(
+    served,
+):
+    """A function on cpu-tasks calls a class on gpu-models (another resource config): the job
+    goes through the gateway to gpu-models' own worker; its call back to cpu-tasks (already in
+    the chain) runs in-process there, so the chain cannot wait on itself."""
+    tasks = importlib.import_module("app.tasks")
+    remote.configure(url=served.url, api_key=served.key, namespace="default")
+    caller, callee, called_back = tasks.chain()
+    assert caller.startswith("cpu-tasks-") and callee.startswith("gpu-models-"), caller
+    assert called_back == callee  # in-process on the gpu-models worker
+    _, health = http_json("GET", f"{served.url}/v2/default--gpu-models/health", key=served.key)
+    assert health["jobs"]["completed"] >= 1  # gpu-models' queue had the job
 
 
 def test_a_new_endpoint_in_the_project_is_served_without_a_restart(served, project):

@@ -59,6 +59,10 @@ def ping_status(cluster, token: str) -> int:
     return call("GET", url, key=token)[0]
 
 
+# The namespace's key for calls between its endpoints, which the operator makes (a namespace key).
+CALLS_KEY_ID = f"{NS}/handler-calls/key"
+
+
 def test_named_and_namespace_keys_reach_the_endpoint_and_rotate_without_touching_it(
     cluster, operator
 ):
@@ -67,7 +71,7 @@ def test_named_and_namespace_keys_reach_the_endpoint_and_rotate_without_touching
     wait_for(
         lambda: (
             (hd(cluster, NS, "hello").get("status") or {}).get("clientKeys")
-            == ["default/team-keys/ci"]
+            == ["default/team-keys/ci", CALLS_KEY_ID]
         ),
         message="the key registered",
     )
@@ -82,7 +86,7 @@ def test_named_and_namespace_keys_reach_the_endpoint_and_rotate_without_touching
     put_secret(cluster, "everyone", {"k": "namespace-key-0123456789"}, scope="namespace")
     wait_for(lambda: run_status(cluster, "namespace-key-0123456789") == 200, message="ns key")
     status = hd(cluster, NS, "hello")["status"]
-    assert status["clientKeys"] == ["default/team-keys/ci", "default/everyone/k"]
+    assert status["clientKeys"] == ["default/team-keys/ci", CALLS_KEY_ID, "default/everyone/k"]
     # The gateway holds digests only.
     code, summary = call(
         "GET", f"{cluster.gateway_url}/admin/v1/endpoints/{ENDPOINT}", key=ADMIN_KEY

@@ -191,7 +191,8 @@ def test_operator_restart_makes_no_duplicates_and_no_spurious_writes(cluster):
     assert (
         {kind: len(cluster.objects(kind)) for kind in objects}
         == objects
-        == {"deployments": 3, "secrets": 3, "serviceaccounts": 3}
+        # a worker token per CR, and the namespace's one calls key (made once, kept)
+        == {"deployments": 3, "secrets": 4, "serviceaccounts": 3}
     )
 
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from handler_worker import serialization
+from handler_worker import chains, serialization
 from handler_worker.serialization import PayloadError
 
 MAX_PAYLOAD_ENV = "HANDLER_GENERIC_MAX_PAYLOAD_BYTES"
@@ -49,6 +49,11 @@ class GenericRequest(BaseModel):
     constructor_kwargs: dict[str, Any] = Field(default_factory=dict)
     method_name: str = "__call__"
     serialization_format: Literal["cloudpickle", "json"] = "cloudpickle"
+    call_chain: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description="ours: the endpoints whose jobs called this one (no call goes back to them)",
+    )
 
 
 class GenericRequestError(ValueError):
@@ -225,7 +230,8 @@ def create_handler(
         except (GenericRequestError, PayloadError) as exc:
             return _failure(exc, with_traceback=False)
         try:
-            result, built = await execute(request, target, instances)
+            with chains.running_in(request.call_chain):
+                result, built = await execute(request, target, instances)
         except (GenericRequestError, PayloadError) as exc:
             return _failure(exc, with_traceback=False)
         except Exception as exc:  # the user's function failed: report with its traceback

@@ -19,8 +19,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from handler_protocol.ids import endpoint_id, endpoint_name
+from handler_protocol.ids import endpoint_id, endpoint_name, namespace_of
 from handler_protocol.statuses import TERMINAL
+from handler_worker import chains
 from handler_worker.endpoints import REMOTE_OPTIONS
 from handler_worker.generic import build_named_request, decode_result
 
@@ -68,16 +69,35 @@ def configure(
         _config.timeout = timeout
 
 
-def active_config(env: Mapping[str, str] | None = None) -> RemoteConfig | None:
-    """Where calls go, or None to run in-process (always None inside a worker)."""
+def active_config(
+    env: Mapping[str, str] | None = None, endpoint: str | None = None
+) -> RemoteConfig | None:
+    """Where a call of `endpoint`'s object goes, or None to run it in-process.
+
+    Inside a worker: in-process for its own endpoint, for an endpoint already in the job's
+    call chain (no cycle can wait on itself), or without the gateway credential the operator
+    gives the pod (HANDLER_REMOTE_URL, HANDLER_REMOTE_API_KEY); else through the gateway to
+    that endpoint, in the worker's namespace, with its own workers and resources."""
     env = os.environ if env is None else env
     if env.get("RUNPOD_WEBHOOK_GET_JOB"):
-        return None
+        return _from_worker(env, endpoint)
     url = _config.url or env.get("HANDLER_REMOTE_URL") or env.get("HANDLERCTL_URL", "")
     if not url:
         return None
     key = _config.api_key or env.get("HANDLER_REMOTE_API_KEY") or env.get("HANDLERCTL_API_KEY", "")
     namespace = env.get("HANDLER_REMOTE_NAMESPACE") or _config.namespace
+    return RemoteConfig(url.rstrip("/"), key, namespace, _config.timeout)
+
+
+def _from_worker(env: Mapping[str, str], endpoint: str | None) -> RemoteConfig | None:
+    url, key = env.get("HANDLER_REMOTE_URL", ""), env.get("HANDLER_REMOTE_API_KEY", "")
+    own = env.get("RUNPOD_ENDPOINT_ID", "")
+    namespace = namespace_of(own) or "default"
+    if endpoint is None or not url or not key:
+        return None
+    target = endpoint_id(namespace, endpoint)
+    if target == own or target in chains.CALL_CHAIN.get():
+        return None
     return RemoteConfig(url.rstrip("/"), key, namespace, _config.timeout)
 
 
@@ -121,12 +141,13 @@ class RemoteFunction:
         self._is_async = inspect.iscoroutinefunction(function)
 
     def _request(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        return build_named_request(self.__remote_wrapped__.__name__, args, kwargs)
+        request = build_named_request(self.__remote_wrapped__.__name__, args, kwargs)
+        return {**request, "call_chain": chains.current()}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._is_async:
             return self.aio(*args, **kwargs)
-        config = active_config()
+        config = active_config(endpoint=self.__remote__.endpoint)
         if config is None:
             return self.__remote_wrapped__(*args, **kwargs)
         return _run_sync(
@@ -134,7 +155,7 @@ class RemoteFunction:
         )
 
     async def aio(self, *args: Any, **kwargs: Any) -> Any:
-        config = active_config()
+        config = active_config(endpoint=self.__remote__.endpoint)
         if config is None:
             result = self.__remote_wrapped__(*args, **kwargs)
             return await result if inspect.isawaitable(result) else result
@@ -149,7 +170,7 @@ def _remote_class(cls: type, meta: RemoteOptions) -> type:
         __remote__ = meta
 
         def __new__(klass, *args: Any, **kwargs: Any) -> Any:
-            config = active_config()
+            config = active_config(endpoint=meta.endpoint)
             if config is None:
                 return cls(*args, **kwargs)
             return RemoteInstance(cls.__name__, meta.endpoint, config, args, kwargs)
@@ -182,7 +203,10 @@ class RemoteMethod:
 
     def _request(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         instance = self.instance
-        return build_named_request(instance._name, args, kwargs, instance._constructor, self.method)
+        request = build_named_request(
+            instance._name, args, kwargs, instance._constructor, self.method
+        )
+        return {**request, "call_chain": chains.current()}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         instance = self.instance
