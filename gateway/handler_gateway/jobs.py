@@ -33,6 +33,7 @@ COUNTERS = (
     "deadLettered",
     "workerRefreshes",
     "retriedOnError",
+    "retryWaiting",
 )
 
 # Errors the gateway itself puts on jobs.
@@ -167,6 +168,8 @@ def _change(
         effects.count("inQueueLow", -1)
     if old.retry_at is not None and new.status != JobStatus.IN_QUEUE:
         effects.undelay = True  # a retry that waited ended otherwise (cancelled, expired)
+    if effects.undelay and not old.low_priority:
+        effects.count("retryWaiting", -1)  # queued, but no worker could take it meanwhile
     return Change(new, effects, note)
 
 
@@ -340,14 +343,16 @@ def _retry_later(
     )
     effects.delay_until = retry_at
     effects.count("retriedOnError")
+    if not job.low_priority:  # (low-priority ones bring no worker anyway)
+        effects.count("retryWaiting")
     return _change(job, new, effects, f"failed; retry {job.attempt + 1} at {retry_at:.3f}")
 
 
 def release_retry(job: JobRecord, now: float) -> Change | None:
     """A retry whose time came joins the queue (at its tail). None when it no longer waits
     (cancelled, purged, expired): its delayed entry just goes."""
-    if job.status != JobStatus.IN_QUEUE or job.retry_at is None:
-        return None
+    if job.status != JobStatus.IN_QUEUE or job.retry_at is None or job.retry_at > now:
+        return None  # no longer waiting, or waiting again for a later retry
     extra = {k: v for k, v in job.extra.items() if k != "retryAt"}
     new = job.model_copy(update={"extra": extra})
     return _change(job, new, Effects(enqueue=True, undelay=True), "retry queued")

@@ -841,12 +841,14 @@ class Gateway:
             live = self._live_workers(await self.backend.get_workers(endpoint_id), config, now)
             queued = counters[endpoint_id].get("inQueue", 0)
             low = min(queued, max(0, counters[endpoint_id].get("inQueueLow", 0)))
+            waiting = min(queued - low, max(0, counters[endpoint_id].get("retryWaiting", 0)))
             running = counters[endpoint_id].get("inProgress", 0)
             figures[endpoint_id] = QueueFigures(
                 inQueue=queued,
                 inProgress=running,
                 lowPriorityQueued=low,
-                load=queued - low + running,
+                retriesWaiting=waiting,
+                load=queued - low - waiting + running,
                 workers=self._worker_counts(live, counters[endpoint_id]),
                 workerStates={worker.id: worker.state for worker in live},
                 workerJobs={worker.id: len(worker.jobs) for worker in live},
@@ -1010,8 +1012,10 @@ class Gateway:
                 )
                 if change is not None:
                     changes.append(change)
-                else:  # cancelled, purged or expired meanwhile
-                    await self.backend.forget_delayed(endpoint_id, job_id)
+                    continue
+                job = await self.backend.get_job(endpoint_id, job_id)
+                if job is None or job.status != JobStatus.IN_QUEUE or job.retry_at is None:
+                    await self.backend.forget_delayed(endpoint_id, job_id)  # ended meanwhile
             await self.backend.forget_expired(endpoint_id, now)
             stale_after = max(lost_after * 2, 60.0)
             for worker in (await self.backend.get_workers(endpoint_id)).values():

@@ -356,9 +356,15 @@ class QueueFigures(BaseModel):
     lowPriorityQueued: int = Field(
         0, description="queued low-priority jobs (in inQueue too): no reason to scale up alone"
     )
+    retriesWaiting: int = Field(
+        0,
+        description="queued jobs (in inQueue too) waiting out a retry backoff: no worker can "
+        "take them yet, so they bring none",
+    )
     load: int = Field(
         0,
-        description="inQueue - lowPriorityQueued + inProgress: what the autoscalers scale on",
+        description="inQueue - lowPriorityQueued - retriesWaiting + inProgress: what the "
+        "autoscalers scale on",
     )
     workers: HealthWorkers
     workerStates: dict[str, str] = Field(description="worker id -> idle | running | draining")

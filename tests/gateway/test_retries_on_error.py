@@ -32,6 +32,11 @@ async def queued(api) -> list[str]:
     return await api.gateway.backend.queued_job_ids(api.endpoint, 10)
 
 
+async def figures(api) -> dict:
+    response = await api.client.get("/admin/v1/queues", headers=api.admin_headers())
+    return (await response.json())["endpoints"][api.endpoint]
+
+
 async def submit(api, retry: dict | None = RETRY, **policy) -> str:
     extra = {"policy": {"retryOnError": retry, **policy}} if retry else {}
     return await api.run({"n": 1}, **extra)
@@ -50,11 +55,15 @@ async def test_a_failed_run_waits_its_backoff_then_runs_again_and_completes(api,
     assert view["status"] == "IN_QUEUE" and view["attempt"] == 2
     assert view["attempts"][0]["attempt"] == 1 and "bad input" in view["attempts"][0]["error"]
     assert T0 + 5 <= view["retryAt"] <= T0 + 10  # 10 s, its second half jittered
+    waiting = await figures(api)  # queued, but no worker could take it: it brings none
+    assert (waiting["inQueue"], waiting["retriesWaiting"], waiting["load"]) == (1, 1, 0)
     clock[0] = T0 + 4
     await api.gateway.sweep()
     assert await queued(api) == []  # not due yet: no worker can get it
     clock[0] = T0 + 10.5
     await api.gateway.sweep()
+    released = await figures(api)
+    assert (released["inQueue"], released["retriesWaiting"], released["load"]) == (1, 0, 1)
     taken = await api.take("w2")
     assert taken["id"] == job_id
     await api.done("w2", job_id, {"output": {"ok": True}})
@@ -148,3 +157,17 @@ async def test_a_manual_retry_starts_the_attempts_afresh(api, clock):
 def test_the_backoff_doubles_to_its_cap_with_half_of_it_jittered(attempt, jitter, expected):
     delay = jobs.retry_delay(RETRY, attempt, jitter)
     assert delay == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_retry_is_released_only_when_due_and_only_once():
+    """The sweeper's transition: a retry waiting for a later time (a sweep that read an older
+    list) is left alone; a released one is no longer waiting."""
+    job = jobs.JobRecord(
+        id="j", endpoint="ep", created_at=T0, execution_timeout_s=60, ttl_s=3600, max_retries=1,
+        extra={"retryOnError": RETRY, "attempts": [{"attempt": 1}], "retryAt": T0 + 10},
+    )  # fmt: skip
+    assert jobs.release_retry(job, T0 + 5) is None
+    released = jobs.release_retry(job, T0 + 10)
+    assert released is not None and released.effects.enqueue and released.effects.undelay
+    assert jobs.release_retry(released.job, T0 + 11) is None
+    assert released.effects.counters == {"retryWaiting": -1}

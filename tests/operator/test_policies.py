@@ -95,6 +95,19 @@ def test_a_long_wait_adds_a_worker_only_when_none_is_on_its_way(
         assert "waited 12 s, over targetQueueDelaySeconds=10" in decision.message
 
 
+def test_retries_waiting_out_their_backoff_bring_no_worker():
+    """Queued, but no worker can take them until their retry is due: like low-priority jobs,
+    they scale nothing up (and keep nothing up)."""
+    decision = compute_desired_replicas(
+        Observation(3, 0, 0, retry_waiting=3, last_activity=99.0), spec(), ScalerState(), 100.0
+    )
+    assert decision.desired == 0
+    mixed = compute_desired_replicas(
+        Observation(5, 0, 0, retry_waiting=3, last_activity=99.0), spec(), ScalerState(), 100.0
+    )
+    assert mixed.desired == 2
+
+
 def test_the_depth_rule_wins_when_it_asks_for_more():
     decision = compute_desired_replicas(
         delayed(30.0, queued=20, running=2),

@@ -230,9 +230,20 @@ async def test_a_job_that_asks_for_a_fresh_worker_ends_the_loop_for_a_refresh():
 
     loop = loops.WorkerLoop({}, 1, script.fetch, run, leave=script.leave)
     await asyncio.wait_for(loop.run(None), 5)
-    assert loop.refresh and wanted == [0]
+    assert loop.refresh and wanted == [0] and not loop.leaving  # serve starts it afresh
     assert [e for e in script.events if e[0] == "start"] == [("start", "a")]
     assert ("leave",) not in script.events
+
+
+async def test_a_refresh_asked_after_a_signal_does_not_restart_a_leaving_worker():
+    script = Script(jobs("a"), hold=True)
+    loop = loops.WorkerLoop({"refresh_worker": True}, 1, script.fetch, script.run)
+    running = asyncio.create_task(loop.run(None))
+    await settle()
+    loop.stop()  # SIGTERM: the pod goes away
+    script.release.set()
+    await asyncio.wait_for(running, 5)
+    assert loop.refresh and loop.leaving  # serve returns False: no exec
 
 
 async def test_a_failing_take_backs_off_and_goes_on(monkeypatch):

@@ -83,6 +83,11 @@ class WorkerLoop:
             self._leaving = leaving
             self._stopping.set()
 
+    @property
+    def leaving(self) -> bool:
+        """The loop ended (or ends) on a signal: the worker goes away."""
+        return self._leaving
+
     async def _announce(self) -> bool:
         if self._announced is None:
             self._announced = bool(
@@ -325,4 +330,5 @@ def serve(
         asyncio.run(main())
     else:
         uvloop.run(main())
-    return loop.refresh
+    # Not after a signal: the pod is going away (a fresh runtime would take jobs it cannot run).
+    return loop.refresh and not loop.leaving

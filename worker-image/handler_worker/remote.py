@@ -150,9 +150,9 @@ class RemoteFunction:
         config = active_config(endpoint=self.__remote__.endpoint)
         if config is None:
             return self.__remote_wrapped__(*args, **kwargs)
-        return _run_sync(
-            lambda: submit(config, self.__remote__.endpoint, self._request(args, kwargs))
-        )
+        # Built here, not in _run_sync's thread: the call chain is a context variable.
+        request = self._request(args, kwargs)
+        return _run_sync(lambda: submit(config, self.__remote__.endpoint, request))
 
     async def aio(self, *args: Any, **kwargs: Any) -> Any:
         config = active_config(endpoint=self.__remote__.endpoint)
@@ -173,7 +173,7 @@ def _remote_class(cls: type, meta: RemoteOptions) -> type:
             config = active_config(endpoint=meta.endpoint)
             if config is None:
                 return cls(*args, **kwargs)
-            return RemoteInstance(cls.__name__, meta.endpoint, config, args, kwargs)
+            return RemoteInstance(cls.__name__, meta.endpoint, config, args, kwargs, cls)
 
     Remote.__name__ = cls.__name__
     Remote.__qualname__ = cls.__qualname__
@@ -185,11 +185,35 @@ def _remote_class(cls: type, meta: RemoteOptions) -> type:
 class RemoteInstance:
     """`Model(...)` with a gateway configured: each method call is a job carrying the
     constructor arguments; a worker builds the instance on its first call and reuses it for
-    the calls after (`handler_worker.generic.Instances`), so `__init__` runs once per worker."""
+    the calls after (`handler_worker.generic.Instances`), so `__init__` runs once per worker.
+    Inside a worker, where each call goes is decided at the call (the job it is made in may
+    have its endpoint in the chain: then it runs on a local instance)."""
 
-    def __init__(self, name: str, endpoint: str, config: RemoteConfig, args: tuple, kwargs: dict):
+    def __init__(
+        self,
+        name: str,
+        endpoint: str,
+        config: RemoteConfig,
+        args: tuple,
+        kwargs: dict,
+        cls: type | None = None,
+    ):
         self._name, self._endpoint, self._config = name, endpoint, config
         self._constructor = (args, kwargs)
+        self._cls, self._local = cls, None
+
+    def _route(self) -> RemoteConfig | None:
+        """This call's gateway, or None to run it on a local instance."""
+        if self._cls is None or not os.environ.get("RUNPOD_WEBHOOK_GET_JOB"):
+            return self._config
+        return active_config(endpoint=self._endpoint)
+
+    def _local_instance(self) -> Any:
+        if self._local is None:
+            assert self._cls is not None
+            args, kwargs = self._constructor
+            self._local = self._cls(*args, **kwargs)
+        return self._local
 
     def __getattr__(self, method: str) -> RemoteMethod:
         if method.startswith("_"):
@@ -210,12 +234,19 @@ class RemoteMethod:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         instance = self.instance
+        config = instance._route()
+        if config is None:
+            return getattr(instance._local_instance(), self.method)(*args, **kwargs)
         request = self._request(args, kwargs)
-        return _run_sync(lambda: submit(instance._config, instance._endpoint, request))
+        return _run_sync(lambda: submit(config, instance._endpoint, request))
 
     async def aio(self, *args: Any, **kwargs: Any) -> Any:
         instance = self.instance
-        return await submit(instance._config, instance._endpoint, self._request(args, kwargs))
+        config = instance._route()
+        if config is None:
+            result = getattr(instance._local_instance(), self.method)(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+        return await submit(config, instance._endpoint, self._request(args, kwargs))
 
 
 def _run_sync(factory: Callable[[], Any]) -> Any:

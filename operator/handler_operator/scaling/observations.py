@@ -77,4 +77,5 @@ def observe(figures: dict[str, Any], replicas: int, pods: tuple[PodView, ...]) -
         draining=frozenset(w for w, s in states.items() if s == "draining"),
         last_activity=figures.get("lastActivity"),
         queue_delay=figures.get("queueDelaySeconds", 0.0),
+        retry_waiting=figures.get("retriesWaiting", 0),
     )

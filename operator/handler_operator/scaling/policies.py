@@ -57,6 +57,7 @@ class Observation:
     draining: frozenset[str] = frozenset()  # workers the gateway has as draining
     last_activity: float | None = None  # last enqueue/start/finish on the endpoint
     queue_delay: float = 0.0  # how long the next normal-priority job to run has waited, s
+    retry_waiting: int = 0  # of `queued`, retries waiting out their backoff: they bring no worker
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ def _recommend(
 ) -> tuple[int, str, bool, bool]:
     """(recommended replicas before stabilization, its message, idle long enough, raised by
     the queue-delay rule)."""
-    queued = max(0, obs.queued - obs.low_queued)  # low-priority jobs bring no worker
+    # Low-priority jobs and retries waiting out their backoff bring no worker.
+    queued = max(0, obs.queued - obs.low_queued - obs.retry_waiting)
     load = queued + obs.in_progress
     needed = load_replicas(queued, obs.in_progress, spec.targetQueuePerWorker)
     waiting = (
