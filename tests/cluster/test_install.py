@@ -565,7 +565,9 @@ def test_an_operator_restart_mid_reconcile_converges_without_duplicates(installa
     assert sorted(d["metadata"]["name"] for d in deployments) == names
     assert sorted(len(pods(kubectl, ns, n)) for n in names) == [1] * len(names)
     secrets = [s["metadata"]["name"] for s in kubectl.get("secrets", namespace=ns)["items"]]
-    assert sorted(secrets) == sorted(token_secret_name(kubectl, ns, n) for n in names)
+    # a worker token per HandlerDeployment, and the namespace's one calls key
+    expected = [token_secret_name(kubectl, ns, n) for n in names] + ["handler-calls"]
+    assert sorted(secrets) == sorted(expected)
 
 
 def test_a_spec_change_rolls_out_new_workers_and_stops_the_old_ones_gracefully(
