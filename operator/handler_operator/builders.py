@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from handler_operator.models import GROUP, HandlerDeployment
-from handler_operator.settings import OperatorSettings
+from handler_operator.settings import FIELD_MANAGER, OperatorSettings
 from handler_protocol.models import digest
 from handler_protocol.urls import worker_webhook_env
 
@@ -97,7 +97,6 @@ CLIENT_KEYS_LABEL = f"{GROUP}/client-keys"
 # Each namespace's key for calls between its endpoints (`@remote` inside a worker): a
 # namespace-scoped client key, made by the operator, given to every worker pod.
 CALLS_SECRET, CALLS_KEY = "handler-calls", "key"
-MANAGER = "handler-operator"
 MIN_CLIENT_KEY = 16  # characters: a short value (a user name, "true") is no key
 GENERIC_HANDLER = "handler_worker.generic"
 
@@ -288,7 +287,10 @@ def build_calls_secret(namespace: str, key: str) -> dict[str, Any]:
         "metadata": {
             "name": CALLS_SECRET,
             "namespace": namespace,
-            "labels": {CLIENT_KEYS_LABEL: "namespace", "app.kubernetes.io/managed-by": MANAGER},
+            "labels": {
+                CLIENT_KEYS_LABEL: "namespace",
+                "app.kubernetes.io/managed-by": FIELD_MANAGER,
+            },
         },
         "type": "Opaque",
         "data": {CALLS_KEY: base64.b64encode(key.encode()).decode()},

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -336,12 +337,18 @@ async def reconcile(
             RECONCILES.labels(outcome).inc()
 
 
+def registered_endpoint(body: Mapping[str, Any]) -> str:
+    """A HandlerDeployment's gateway endpoint: as its status records it, else as it would be."""
+    meta = body["metadata"]
+    return (body.get("status") or {}).get("endpointId") or endpoint_id(
+        meta.get("namespace") or "default", meta["name"]
+    )
+
+
 @kopf.on.delete(*HD)
 async def finalize(body: kopf.Body, memo: kopf.Memo, logger: Any, retry: int, **_: Any) -> None:
     """Drain (wait for the queue to empty, bounded) or purge, then deregister the endpoint."""
-    endpoint = (body.get("status") or {}).get("endpointId") or endpoint_id(
-        body.metadata.namespace, body.metadata.name
-    )
+    endpoint = registered_endpoint(body)
     settings: OperatorSettings = memo.settings
     policy = body.metadata.annotations.get(ON_DELETE_ANNOTATION)
     purge = policy == "purge" or (policy is None and settings.purge_on_delete)
@@ -426,10 +433,7 @@ async def _tell_gateway(
     memo: kopf.Memo, owner: dict[str, Any], problem: tuple[str, str] | None
 ) -> None:
     """The gateway tells clients waiting on the endpoint's queued jobs why they wait."""
-    meta = owner["metadata"]
-    endpoint = (owner.get("status") or {}).get("endpointId") or endpoint_id(
-        meta.get("namespace", "default"), meta["name"]
-    )
+    endpoint = registered_endpoint(owner)
     reason, message = problem if problem is not None else (None, "")
     try:
         await memo.gateway.report_problem(endpoint, reason, message)

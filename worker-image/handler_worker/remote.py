@@ -91,7 +91,7 @@ def active_config(
 
 def _from_worker(env: Mapping[str, str], endpoint: str | None) -> RemoteConfig | None:
     url, key = env.get("HANDLER_REMOTE_URL", ""), env.get("HANDLER_REMOTE_API_KEY", "")
-    own = env.get("RUNPOD_ENDPOINT_ID", "")
+    own = chains.own_endpoint(env)
     namespace = namespace_of(own) or "default"
     if endpoint is None or not url or not key:
         return None
